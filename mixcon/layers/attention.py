@@ -1,0 +1,63 @@
+"""Grouped-query softmax attention through SDPA, optional RoPE, with a KV cache."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def rope_cos_sin(position_ids: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype):
+    """cos, sin of shape (batch, 1, time, head_dim) for positions (batch, time).
+
+    Computed on the fly rather than stored as a buffer: a non-persistent buffer comes back as
+    garbage when transformers loads on the meta device, and this costs a few µs."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=position_ids.device, dtype=torch.float32) / head_dim))
+    freqs = position_ids.float()[..., None] * inv_freq  # (b, T, hd/2)
+    emb = torch.cat([freqs, freqs], dim=-1)
+    return emb.cos().to(dtype)[:, None], emb.sin().to(dtype)[:, None]
+
+
+def _rotate_half(x):
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat([-x2, x1], dim=-1)
+
+
+def apply_rope(x, cos, sin):
+    return x * cos + _rotate_half(x) * sin
+
+
+class MixConAttention(nn.Module):
+    def __init__(self, config, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.head_dim = config.head_dim
+        self.dropout = config.attention_dropout
+        h = config.hidden_size
+        self.q_proj = nn.Linear(h, self.num_heads * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(h, self.num_kv_heads * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(h, self.num_kv_heads * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, h, bias=False)
+
+    def forward(self, x, attn_mask=None, rope=None, past_key_values=None):
+        """x (b, T, hidden); attn_mask: bool (b, 1, T, past + T) or None (plain causal);
+        rope: (cos, sin) or None; past_key_values: the model's cache or None."""
+        b, T, _ = x.shape
+        q = self.q_proj(x).view(b, T, self.num_heads, self.head_dim).transpose(1, 2)  # (b, H, T, hd)
+        k = self.k_proj(x).view(b, T, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (b, KV, T, hd)
+        v = self.v_proj(x).view(b, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        if past_key_values is not None:
+            k, v = past_key_values.update(k, v, self.layer_idx)  # (b, KV, past + T, hd)
+        if self.num_kv_heads != self.num_heads:
+            rep = self.num_heads // self.num_kv_heads
+            k = k.repeat_interleave(rep, dim=1)
+            v = v.repeat_interleave(rep, dim=1)
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=attn_mask, is_causal=attn_mask is None and T > 1,
+            dropout_p=self.dropout if self.training else 0.0,
+        )  # (b, H, T, hd)
+        return self.o_proj(out.transpose(1, 2).reshape(b, T, self.num_heads * self.head_dim))

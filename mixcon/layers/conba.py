@@ -1,0 +1,187 @@
+"""The Conba mixer (docs/conba.md, steps 1–7): Mamba's selective SSM plus a delayed state,
+dynamic state scaling, an adaptive output-feedback controller and training noise."""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..ops.conba import ConbaState, conba_scan, conba_step, empty_state
+from ..ops.conv import causal_conv1d, causal_conv1d_step
+from .norm import RMSNorm
+
+
+def _inv_softplus(y: float) -> float:
+    return math.log(math.expm1(y))
+
+
+def _logit(p: float) -> float:
+    return math.log(p / (1.0 - p))
+
+
+class _TorchInit:
+    """The subset of initialisers `reset_ssm_parameters` uses, on plain torch."""
+
+    uniform_ = staticmethod(nn.init.uniform_)
+    constant_ = staticmethod(nn.init.constant_)
+    ones_ = staticmethod(nn.init.ones_)
+    zeros_ = staticmethod(nn.init.zeros_)
+
+    @staticmethod
+    def copy_(tensor, other):
+        with torch.no_grad():
+            return tensor.copy_(other)
+
+
+class ConbaMixer(nn.Module):
+    """Parameter names follow Mamba/Jamba (in_proj, conv1d, x_proj, dt_proj, A_log, D, out_proj)
+    so that their weights map one to one; the SwiGLU selection network is sel_gate/sel_value/sel_out."""
+
+    def __init__(self, config, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.hidden_size = config.hidden_size
+        self.d_inner = d = config.d_inner
+        self.d_state = N = config.d_state
+        self.d_conv = config.d_conv
+        self.dt_rank = R = config.dt_rank
+        self.group_size = G = config.control_group
+        self.n_groups = ng = d // G
+        self.tau = config.delay
+        self.state_scaling = config.state_scaling
+        self.control = config.control
+        self.k_max = config.k_max
+        self.process_noise = config.process_noise
+        self.observation_noise = config.observation_noise
+        self.selection = config.selection
+        self.backend = config.conba_backend
+        self.n_sel = R + 2 * N + (ng if self.state_scaling else 0)  # δ, B, C and a (one per group)
+
+        self.in_proj = nn.Linear(config.hidden_size, 2 * d, bias=config.proj_bias)
+        self.conv1d = nn.Conv1d(d, d, config.d_conv, groups=d, padding=config.d_conv - 1, bias=config.conv_bias)
+        if self.selection == "swiglu":
+            S = config.selection_hidden
+            self.sel_gate = nn.Linear(d, S, bias=False)
+            self.sel_value = nn.Linear(d, S, bias=False)
+            self.sel_out = nn.Linear(S, self.n_sel, bias=False)
+        else:
+            self.x_proj = nn.Linear(d, self.n_sel, bias=False)
+        self.dt_proj = nn.Linear(R, d, bias=True)
+        if config.ssm_norm:
+            self.dt_layernorm = RMSNorm(R, eps=config.rms_norm_eps)
+            self.b_layernorm = RMSNorm(N, eps=config.rms_norm_eps)
+            self.c_layernorm = RMSNorm(N, eps=config.rms_norm_eps)
+        self.ssm_norm = config.ssm_norm
+        self.A_log = nn.Parameter(torch.log(torch.arange(1, N + 1, dtype=torch.float32)).repeat(d, 1))
+        self.D = nn.Parameter(torch.ones(d))
+        if self.state_scaling:
+            self.alpha_bias = nn.Parameter(torch.full((ng,), 6.9))  # α ≈ 0.999 at start
+        if self.tau > 0:
+            self.rho_raw = nn.Parameter(torch.full((ng,), -9.0))
+        if self.control:
+            self.eta_raw = nn.Parameter(torch.full((ng,), _inv_softplus(1e-2)))
+            self.lam_raw = nn.Parameter(torch.full((ng,), _logit(0.05)))
+            self.k0 = nn.Parameter(torch.zeros(ng))
+            self.w_r = nn.Parameter(torch.ones(d))
+        self.out_proj = nn.Linear(d, config.hidden_size, bias=config.proj_bias)
+        self._dt_init = (config.dt_min, config.dt_max, config.dt_init_floor)
+
+    @torch.no_grad()
+    def reset_ssm_parameters(self, init=None):
+        """Mamba's initialisation of dt_proj (Δ log-uniform in [dt_min, dt_max]), A_log, D and
+        the control parameters (docs/conba.md, steps 4–6). ``init`` is a namespace of in-place
+        initialisers (transformers.initialization, which skips tensors loaded from a checkpoint);
+        plain torch when None."""
+        init = init or _TorchInit
+        dt_min, dt_max, floor = self._dt_init
+        std = self.dt_rank ** -0.5
+        init.uniform_(self.dt_proj.weight, -std, std)
+        dt = torch.exp(torch.rand(self.d_inner) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min))
+        dt = dt.clamp(min=floor)
+        init.copy_(self.dt_proj.bias, dt + torch.log(-torch.expm1(-dt)))  # inverse softplus
+        init.copy_(self.A_log, torch.log(torch.arange(1, self.d_state + 1, dtype=torch.float32)).repeat(self.d_inner, 1))
+        init.ones_(self.D)
+        if self.state_scaling:
+            init.constant_(self.alpha_bias, 6.9)
+        if self.tau > 0:
+            init.constant_(self.rho_raw, -9.0)
+        if self.control:
+            init.constant_(self.eta_raw, _inv_softplus(1e-2))
+            init.constant_(self.lam_raw, _logit(0.05))
+            init.zeros_(self.k0)
+            init.ones_(self.w_r)
+
+    # ------------------------------------------------------------------ helpers
+    def empty_state(self, batch: int, device) -> tuple[torch.Tensor, ConbaState]:
+        conv_state = torch.zeros(batch, self.d_inner, self.d_conv - 1, device=device, dtype=self.conv1d.weight.dtype)
+        k0 = self.k0 if self.control else None
+        return conv_state, empty_state(batch, self.d_inner, self.d_state, self.tau, self.group_size, k0, device)
+
+    def _scan_params(self, u: torch.Tensor):
+        """Selection network (step 3), Δ projection (4) and the mechanisms' parameters (5, 6)."""
+        if self.selection == "swiglu":
+            q = self.sel_out(F.silu(self.sel_gate(u)) * self.sel_value(u))  # (..., R + 2N [+ ng])
+        else:
+            q = self.x_proj(u)
+        sizes = [self.dt_rank, self.d_state, self.d_state] + ([self.n_groups] if self.state_scaling else [])
+        parts = torch.split(q, sizes, dim=-1)
+        dt, B, C = parts[:3]
+        if self.ssm_norm:
+            dt, B, C = self.dt_layernorm(dt), self.b_layernorm(B), self.c_layernorm(C)
+        p = dict(
+            delta=F.linear(dt, self.dt_proj.weight),  # bias and softplus are applied inside the scan
+            A=-torch.exp(self.A_log.float()),
+            B=B, C=C, D=self.D, delta_bias=self.dt_proj.bias, delta_softplus=True,
+            group_size=self.group_size, k_max=self.k_max,
+        )
+        if self.state_scaling:
+            p["alpha"] = torch.sigmoid(parts[3].float() + self.alpha_bias.float())
+        if self.tau > 0:
+            p["rho"], p["tau"] = torch.sigmoid(self.rho_raw.float()), self.tau
+        if self.control:
+            p.update(k0=self.k0, eta=F.softplus(self.eta_raw.float()), lam=torch.sigmoid(self.lam_raw.float()),
+                     w_r=self.w_r)
+        if self.training and (self.process_noise > 0 or self.observation_noise > 0):
+            # a fresh key per forward, drawn from torch's RNG so runs are reproducible under manual_seed
+            p.update(sigma_w=self.process_noise, sigma_v=self.observation_noise,
+                     seed=int(torch.randint(0, 2**31 - 1, (1,)).item()))
+        return p
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None, state=None):
+        """x (b, T, hidden); mask (b, T) with 1 = token, 0 = padding, or None;
+        state: None (no cache) or a dict {"conv": (b, d_inner, d_conv − 1), "ssm": ConbaState}
+        that is read and replaced by the state after this chunk."""
+        b, T, _ = x.shape
+        u, z = self.in_proj(x).chunk(2, dim=-1)  # (b, T, d_inner) each
+        if mask is not None:
+            u = u * mask[..., None].to(u.dtype)  # padded positions are zeroed before the conv
+        weight = self.conv1d.weight[:, 0, :]  # (d_inner, d_conv)
+        if state is not None and T == 1 and state.get("ssm") is not None:
+            return self._step(u[:, 0], z[:, 0], weight, mask, state)[:, None]
+        conv_state = state.get("conv") if state is not None else None
+        u, conv_final = causal_conv1d(u, weight, self.conv1d.bias, initial_state=conv_state, activation="silu",
+                                      return_final_state=True)
+        p = self._scan_params(u)
+        init = state.get("ssm") if state is not None else None
+        out = conba_scan(u, z=z, initial_state=init, return_final_state=state is not None, mask=mask,
+                         backend=self.backend, **p)
+        if state is not None:
+            y, final = out
+            state["conv"], state["ssm"] = conv_final, final
+        else:
+            y = out
+        return self.out_proj(y)
+
+    def _step(self, u, z, weight, mask, state):
+        """One token with the cache: rolling conv state, then `conba_step` (state updated in place)."""
+        m = mask[:, 0] if mask is not None else None
+        # u is already zeroed where padded: the conv window shifts in a zero, as in the full scan
+        u = causal_conv1d_step(state["conv"], u, weight, self.conv1d.bias, activation="silu")
+        p = self._scan_params(u)
+        y = conba_step(state["ssm"], u, z=z, mask=m, backend=self.backend, **p)
+        return self.out_proj(y)

@@ -1,0 +1,91 @@
+"""MixConCache: attention K/V (growing) beside Conba decode states (constant size).
+
+A subclass of transformers' `Cache` built from one `DynamicLayer` per layer (stable across
+transformers 5.x); the Conba states live in this object's own fields so that `generate()`,
+beam search and left-padded batches work without the hybrid-cache API that keeps changing.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers.cache_utils import Cache, DynamicLayer
+
+from ..ops.conba import ConbaState
+
+
+class MixConCache(Cache):
+    is_compileable = False
+
+    def __init__(self, config, **kwargs):
+        n = config.num_hidden_layers
+        super().__init__(layers=[DynamicLayer() for _ in range(n)])
+        self.layers_block_type = list(config.layers_block_type)
+        # per Conba layer: {"conv": (b, d_inner, d_conv − 1), "ssm": ConbaState} once filled
+        self.conba_states: list = [{} if kind == "conba" else None for kind in self.layers_block_type]
+        self._seen_tokens = 0  # also counts tokens for models without attention layers
+
+    # ------------------------------------------------------------------ lengths
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self._seen_tokens
+
+    def get_max_length(self, layer_idx=None) -> int:
+        return -1
+
+    def has_previous_state(self, layer_idx=None, state_idx=None) -> bool:
+        return self._seen_tokens > 0
+
+    # ------------------------------------------------------------------ batch ops
+    def _attention_layers(self):
+        for kind, layer in zip(self.layers_block_type, self.layers):
+            if kind == "attention" and getattr(layer, "is_initialized", False) and layer.keys is not None:
+                yield layer
+
+    def _map_states(self, fn):
+        for st in self.conba_states:
+            if st:
+                st["conv"] = fn(st["conv"])
+                st["ssm"] = ConbaState(*(fn(x) for x in st["ssm"]))
+
+    def reorder_cache(self, beam_idx: torch.LongTensor):
+        for layer in self._attention_layers():
+            idx = beam_idx.to(layer.keys.device)
+            layer.keys, layer.values = layer.keys.index_select(0, idx), layer.values.index_select(0, idx)
+        self._map_states(lambda x: x.index_select(0, beam_idx.to(x.device)))
+
+    def batch_select_indices(self, indices: torch.Tensor):
+        for layer in self._attention_layers():
+            layer.keys, layer.values = layer.keys[indices, ...], layer.values[indices, ...]
+        self._map_states(lambda x: x[indices.to(x.device), ...])
+
+    def batch_repeat_interleave(self, repeats: int):
+        for layer in self._attention_layers():
+            layer.keys = layer.keys.repeat_interleave(repeats, dim=0)
+            layer.values = layer.values.repeat_interleave(repeats, dim=0)
+        self._map_states(lambda x: x.repeat_interleave(repeats, dim=0))
+
+    def crop(self, tokens_to_remove: int):
+        raise NotImplementedError(
+            "MixConCache cannot be cropped: a Conba state cannot be rewound (assisted generation and "
+            "cache cropping are not supported for recurrent layers)")
+
+    def reset(self):
+        for layer in self.layers:
+            layer.reset()
+        self.conba_states = [{} if kind == "conba" else None for kind in self.layers_block_type]
+        self._seen_tokens = 0
+
+    # ------------------------------------------------------------------ size
+    def nbytes(self) -> int:
+        """Bytes held: attention K/V plus Conba conv windows and states."""
+        total = 0
+        for layer in self._attention_layers():
+            total += layer.keys.numel() * layer.keys.element_size() + layer.values.numel() * layer.values.element_size()
+        for st in self.conba_states:
+            if st:
+                total += st["conv"].numel() * st["conv"].element_size()
+                total += sum(x.numel() * x.element_size() for x in st["ssm"])
+        return total
+
+    def attention_nbytes(self) -> int:
+        return sum(l.keys.numel() * l.keys.element_size() + l.values.numel() * l.values.element_size()
+                   for l in self._attention_layers())

@@ -1,0 +1,267 @@
+"""MixCon configuration and the block builder (docs/architecture.md).
+
+`resolve_layout` is the one place that decides which layer is attention or Conba and which
+FFN is dense or MoE; the config stores its result as ``layers_block_type`` / ``layers_ffn_type``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+from transformers import PretrainedConfig
+
+SELECTIONS = ("swiglu", "linear")
+MOE_IMPLS = ("auto", "grouped", "loop")
+CONBA_BACKENDS = ("auto", "ref", "triton")
+MAX_DELAY = 4
+
+
+def parse_ratio(attn_ratio: str, layers_per_block: int) -> tuple[int, int]:
+    """'a:c' → (a, c) with a + c == layers_per_block, else ValueError."""
+    try:
+        a_str, c_str = str(attn_ratio).split(":")
+        a, c = int(a_str), int(c_str)
+    except ValueError:
+        raise ValueError(f"attn_ratio={attn_ratio!r} must be 'a:c' with two non-negative integers, e.g. '2:6'")
+    if a < 0 or c < 0 or a + c != layers_per_block:
+        raise ValueError(
+            f"attn_ratio={attn_ratio!r} must have a + c == layers_per_block={layers_per_block} "
+            f"and a, c >= 0 (e.g. '{min(2, layers_per_block)}:{layers_per_block - min(2, layers_per_block)}')"
+        )
+    return a, c
+
+
+def default_pattern(n_attn: int, layers_per_block: int) -> str:
+    """Attention at offsets floor((j + 0.5) · L / a), j = 0..a−1; Conba elsewhere."""
+    offsets = {math.floor((j + 0.5) * layers_per_block / n_attn) for j in range(n_attn)}
+    return "".join("a" if i in offsets else "c" for i in range(layers_per_block))
+
+
+def resolve_layout(
+    n_blocks: int,
+    layers_per_block: int,
+    attn_ratio: str,
+    layer_pattern: Optional[str],
+    moe_every: int,
+    moe_offset: int,
+) -> tuple[list[str], list[str]]:
+    """The per-layer lists: (["attention" | "conba"] * n, ["mlp" | "moe"] * n)."""
+    for name, v in (("n_blocks", n_blocks), ("layers_per_block", layers_per_block)):
+        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+            raise ValueError(f"{name}={v!r} must be an integer >= 1")
+    if layer_pattern is not None:
+        if len(layer_pattern) != layers_per_block or set(layer_pattern) - {"a", "c"}:
+            raise ValueError(
+                f"layer_pattern={layer_pattern!r} must be {layers_per_block} letters (one per layer of a "
+                "block), each 'a' (attention) or 'c' (Conba)"
+            )
+        pattern = layer_pattern
+    else:
+        a, _ = parse_ratio(attn_ratio, layers_per_block)
+        pattern = default_pattern(a, layers_per_block)
+    if not isinstance(moe_every, int) or moe_every < 0:
+        raise ValueError(f"moe_every={moe_every!r} must be an integer >= 0 (0 = no MoE layers)")
+    if moe_every > 0 and not (isinstance(moe_offset, int) and 0 <= moe_offset < moe_every):
+        raise ValueError(f"moe_offset={moe_offset!r} must be an integer in [0, moe_every={moe_every})")
+    n = n_blocks * layers_per_block
+    block = ["attention" if ch == "a" else "conba" for ch in pattern] * n_blocks
+    ffn = ["moe" if moe_every > 0 and i % moe_every == moe_offset else "mlp" for i in range(n)]
+    return block, ffn
+
+
+class MixConConfig(PretrainedConfig):
+    r"""Configuration of a MixCon model (docs/architecture.md, docs/conba.md).
+
+    Layout: ``n_blocks`` blocks of ``layers_per_block`` layers; ``attn_ratio`` "a:c" (or an explicit
+    ``layer_pattern`` of 'a'/'c' letters per block) places attention and Conba mixers; layer i has an
+    MoE FFN when ``i % moe_every == moe_offset`` (``moe_every = 0``: no MoE). The resolved lists are
+    ``layers_block_type`` and ``layers_ffn_type``.
+
+    Special cases: Jamba = ``attn_ratio="1:7"``, Conba mechanisms off, ``ssm_norm=True``,
+    ``moe_renormalize=False``; Mamba-1 = ``"0:8"``, ``moe_every=0``; Mixtral = ``"8:0"``.
+    """
+
+    model_type = "mixcon"
+    keys_to_ignore_at_inference = ["past_key_values"]
+
+    def __init__(
+        self,
+        vocab_size: int = 32000,
+        hidden_size: int = 1024,
+        intermediate_size: int = 2816,  # SwiGLU width of the dense MLP and of each expert
+        n_blocks: int = 4,
+        layers_per_block: int = 8,
+        attn_ratio: str = "2:6",  # attention : Conba layers per block
+        layer_pattern: Optional[str] = None,  # explicit per-block layout, overrides attn_ratio
+        moe_every: int = 2,
+        moe_offset: int = 1,
+        num_experts: int = 16,
+        experts_per_token: int = 2,
+        moe_renormalize: bool = True,  # renormalise the top-K weights (Mixtral) or not (Jamba)
+        moe_impl: str = "auto",  # grouped matrix products, or the reference loop over experts
+        router_aux_loss_coef: float = 0.001,  # Switch load-balancing loss
+        router_z_loss_coef: float = 0.001,  # router z-loss
+        router_jitter_noise: float = 0.0,  # multiplicative jitter on router inputs in training
+        num_attention_heads: int = 16,
+        num_key_value_heads: int = 4,
+        head_dim: Optional[int] = None,
+        use_rope: bool = False,  # Jamba-style NoPE by default: Conba carries position
+        rope_theta: float = 10000.0,
+        attention_dropout: float = 0.0,
+        max_position_embeddings: int = 8192,
+        d_state: int = 16,  # N
+        d_conv: int = 4,
+        expand: int = 2,
+        dt_rank="auto",  # R = ceil(hidden_size / 16)
+        selection: str = "swiglu",  # selection network: "swiglu" (MixCon) or "linear" (Mamba)
+        selection_hidden="auto",  # S = 2 (R + 2N)
+        ssm_norm: bool = False,  # RMSNorm on δ, B, C (Jamba)
+        conv_bias: bool = True,
+        proj_bias: bool = False,
+        control_group: int = 8,  # G: channels sharing one control gain
+        delay: int = 2,  # τ, 0 = off
+        state_scaling: bool = True,
+        control: bool = True,
+        k_max: float = 1.0,
+        process_noise: float = 0.0,  # σ_w, training only
+        observation_noise: float = 0.0,  # σ_v, training only
+        dt_min: float = 1e-3,
+        dt_max: float = 0.1,
+        dt_init_floor: float = 1e-4,
+        conba_backend: str = "auto",
+        rms_norm_eps: float = 1e-6,
+        initializer_range: float = 0.02,
+        tie_word_embeddings: bool = False,
+        use_cache: bool = True,
+        pad_token_id: Optional[int] = 0,
+        bos_token_id: Optional[int] = 1,
+        eos_token_id: Optional[int] = 2,
+        layers_block_type=None,  # derived; accepted (and checked) when a saved config is loaded
+        layers_ffn_type=None,
+        **kwargs,
+    ):
+        self.vocab_size = vocab_size
+        self.hidden_size = hidden_size
+        self.intermediate_size = intermediate_size
+        self.n_blocks = n_blocks
+        self.layers_per_block = layers_per_block
+        self.attn_ratio = attn_ratio
+        self.layer_pattern = layer_pattern
+        self.moe_every = moe_every
+        self.moe_offset = moe_offset
+        self.num_experts = num_experts
+        self.experts_per_token = experts_per_token
+        self.moe_renormalize = moe_renormalize
+        self.moe_impl = moe_impl
+        self.router_aux_loss_coef = router_aux_loss_coef
+        self.router_z_loss_coef = router_z_loss_coef
+        self.router_jitter_noise = router_jitter_noise
+        self.num_attention_heads = num_attention_heads
+        self.num_key_value_heads = num_key_value_heads
+        self.head_dim = head_dim if head_dim is not None else (
+            hidden_size // num_attention_heads if num_attention_heads else None)
+        self.use_rope = use_rope
+        self.rope_theta = rope_theta
+        self.attention_dropout = attention_dropout
+        self.max_position_embeddings = max_position_embeddings
+        self.d_state = d_state
+        self.d_conv = d_conv
+        self.expand = expand
+        self.dt_rank = math.ceil(hidden_size / 16) if dt_rank == "auto" else dt_rank
+        self.selection = selection
+        self.selection_hidden = (
+            2 * (self.dt_rank + 2 * d_state) if selection_hidden == "auto" else selection_hidden
+        )
+        self.ssm_norm = ssm_norm
+        self.conv_bias = conv_bias
+        self.proj_bias = proj_bias
+        self.control_group = control_group
+        self.delay = delay
+        self.state_scaling = state_scaling
+        self.control = control
+        self.k_max = k_max
+        self.process_noise = process_noise
+        self.observation_noise = observation_noise
+        self.dt_min = dt_min
+        self.dt_max = dt_max
+        self.dt_init_floor = dt_init_floor
+        self.conba_backend = conba_backend
+        self.rms_norm_eps = rms_norm_eps
+        self.initializer_range = initializer_range
+        self.tie_word_embeddings = tie_word_embeddings
+        self.use_cache = use_cache
+        self.pad_token_id = pad_token_id
+        self.bos_token_id = bos_token_id
+        self.eos_token_id = eos_token_id
+        self.output_router_logits = kwargs.pop("output_router_logits", False)
+        self._validate()
+        block, ffn = resolve_layout(n_blocks, layers_per_block, attn_ratio, layer_pattern, moe_every, moe_offset)
+        for name, given, derived in (("layers_block_type", layers_block_type, block),
+                                     ("layers_ffn_type", layers_ffn_type, ffn)):
+            if given is not None and list(given) != derived:
+                raise ValueError(f"{name}={given!r} disagrees with the layout the config's fields give: {derived}")
+        self.layers_block_type = block
+        self.layers_ffn_type = ffn
+        if layer_pattern is not None:  # keep attn_ratio truthful when a pattern overrides it
+            self.attn_ratio = f"{layer_pattern.count('a')}:{layer_pattern.count('c')}"
+        self.num_hidden_layers = n_blocks * layers_per_block
+        super().__init__(
+            tie_word_embeddings=tie_word_embeddings, pad_token_id=pad_token_id, bos_token_id=bos_token_id,
+            eos_token_id=eos_token_id, **kwargs,
+        )
+
+    # ---------------------------------------------------------------- validation
+    def _validate(self):
+        def positive_int(name):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ValueError(f"{name}={v!r} must be an integer >= 1")
+
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_experts", "d_state", "d_conv",
+                     "expand", "max_position_embeddings", "control_group", "dt_rank", "selection_hidden"):
+            positive_int(name)
+        if not 1 <= self.experts_per_token <= self.num_experts:
+            raise ValueError(
+                f"experts_per_token={self.experts_per_token!r} must be in [1, num_experts={self.num_experts}]")
+        if self.num_attention_heads is not None and (self.num_attention_heads < 1 or self.num_key_value_heads < 1
+                                                     or self.num_attention_heads % self.num_key_value_heads):
+            raise ValueError(
+                f"num_attention_heads={self.num_attention_heads} must be a positive multiple of "
+                f"num_key_value_heads={self.num_key_value_heads}")
+        if self.head_dim is None or self.head_dim < 1 or (self.use_rope and self.head_dim % 2):
+            raise ValueError(f"head_dim={self.head_dim!r} must be a positive integer (even when use_rope=True)")
+        d_inner = self.expand * self.hidden_size
+        if d_inner % self.control_group:
+            raise ValueError(
+                f"control_group={self.control_group} must divide d_inner = expand * hidden_size = {d_inner}")
+        if not isinstance(self.delay, int) or not 0 <= self.delay <= MAX_DELAY:
+            raise ValueError(f"delay={self.delay!r} must be an integer in [0, {MAX_DELAY}] (0 = off)")
+        for name, allowed in (("selection", SELECTIONS), ("moe_impl", MOE_IMPLS), ("conba_backend", CONBA_BACKENDS)):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name}={getattr(self, name)!r} must be one of {allowed}")
+        if not self.k_max > 0:
+            raise ValueError(f"k_max={self.k_max!r} must be > 0")
+        for name in ("process_noise", "observation_noise", "router_aux_loss_coef", "router_z_loss_coef",
+                     "router_jitter_noise", "attention_dropout"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name}={getattr(self, name)!r} must be >= 0")
+        if not 0 < self.dt_min <= self.dt_max:
+            raise ValueError(f"dt_min={self.dt_min}, dt_max={self.dt_max} must satisfy 0 < dt_min <= dt_max")
+
+    # ---------------------------------------------------------------- derived
+    @property
+    def d_inner(self) -> int:
+        return self.expand * self.hidden_size
+
+    def layout_summary(self) -> str:
+        """One line per block: the block's letters (a/c) with MoE layers upper-cased."""
+        lines = []
+        L = self.layers_per_block
+        for blk in range(self.n_blocks):
+            s = ""
+            for i in range(blk * L, (blk + 1) * L):
+                ch = "a" if self.layers_block_type[i] == "attention" else "c"
+                s += ch.upper() if self.layers_ffn_type[i] == "moe" else ch
+            lines.append(f"block {blk}: {s}")
+        return "\n".join(lines) + "\n(a = attention, c = Conba; upper case = MoE FFN)"

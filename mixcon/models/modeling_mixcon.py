@@ -1,0 +1,311 @@
+"""MixCon as a transformers model: MixConModel and MixConForCausalLM (docs/architecture.md).
+
+Imports are absolute (``mixcon.…``) on purpose: `save_pretrained` copies this file next to the
+weights for ``trust_remote_code`` loading, and the copy then imports the installed package.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import GenerationMixin, PreTrainedModel
+from transformers.modeling_outputs import MoeCausalLMOutputWithPast, MoeModelOutputWithPast
+
+try:
+    from transformers.modeling_layers import GradientCheckpointingLayer
+except ImportError:  # pragma: no cover - older transformers
+    GradientCheckpointingLayer = nn.Module
+
+try:
+    from transformers import initialization as hf_init  # guards tensors loaded from a checkpoint
+except ImportError:  # pragma: no cover
+    hf_init = None
+
+from mixcon.layers.attention import MixConAttention, rope_cos_sin
+from mixcon.layers.conba import ConbaMixer
+from mixcon.layers.mlp import SwiGLUMLP
+from mixcon.layers.moe import MoEExperts, SparseMoE
+from mixcon.layers.norm import RMSNorm
+from mixcon.models.cache import MixConCache
+from mixcon.models.configuration_mixcon import MixConConfig
+from mixcon.ops.moe import load_balancing_loss, router_z_loss
+
+
+class MixConDecoderLayer(GradientCheckpointingLayer):
+    """x + mixer(norm(x)); x + ffn(norm(x)), mixer ∈ {attention, conba}, ffn ∈ {mlp, moe}."""
+
+    def __init__(self, config: MixConConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.mixer_type = config.layers_block_type[layer_idx]
+        self.ffn_type = config.layers_ffn_type[layer_idx]
+        self.input_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        if self.mixer_type == "attention":
+            self.mixer = MixConAttention(config, layer_idx)
+        else:
+            self.mixer = ConbaMixer(config, layer_idx)
+        self.pre_ff_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        if self.ffn_type == "moe":
+            self.feed_forward = SparseMoE(config)
+        else:
+            self.feed_forward = SwiGLUMLP(config.hidden_size, config.intermediate_size)
+
+    def forward(self, hidden_states, attn_mask=None, seq_mask=None, rope=None, past_key_values=None, **kwargs):
+        residual = hidden_states
+        h = self.input_layernorm(hidden_states)
+        if self.mixer_type == "attention":
+            h = self.mixer(h, attn_mask=attn_mask, rope=rope, past_key_values=past_key_values)
+        else:
+            state = past_key_values.conba_states[self.layer_idx] if past_key_values is not None else None
+            h = self.mixer(h, mask=seq_mask, state=state)
+        hidden_states = residual + h
+        residual = hidden_states
+        h = self.pre_ff_layernorm(hidden_states)
+        router_logits = None
+        if self.ffn_type == "moe":
+            h, router_logits = self.feed_forward(h)
+        else:
+            h = self.feed_forward(h)
+        return residual + h, router_logits
+
+
+class MixConPreTrainedModel(PreTrainedModel):
+    config_class = MixConConfig
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["MixConDecoderLayer"]
+    _skip_keys_device_placement = ["past_key_values"]
+    _supports_sdpa = True
+    _is_stateful = True  # a recurrent state cannot be rewound: no assisted generation
+
+    @classmethod
+    def _supports_default_dynamic_cache(cls) -> bool:
+        return False  # forward builds its own MixConCache
+
+    def _init_weights(self, module):
+        init = hf_init if hf_init is not None else _torch_init
+        std = self.config.initializer_range
+        if isinstance(module, (nn.Linear, nn.Conv1d)):
+            init.normal_(module.weight, mean=0.0, std=std)
+            if module.bias is not None:
+                init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            init.normal_(module.weight, mean=0.0, std=std)
+        elif isinstance(module, RMSNorm):
+            init.ones_(module.weight)
+        elif isinstance(module, MoEExperts):
+            init.normal_(module.gate_up_proj, mean=0.0, std=std)
+            init.normal_(module.down_proj, mean=0.0, std=std)
+        elif isinstance(module, ConbaMixer):
+            module.reset_ssm_parameters(hf_init)
+
+
+class _torch_init:  # fallback namespace when transformers.initialization is absent
+    normal_ = staticmethod(nn.init.normal_)
+    zeros_ = staticmethod(nn.init.zeros_)
+    ones_ = staticmethod(nn.init.ones_)
+
+
+def _check_inputs(config, input_ids, inputs_embeds, attention_mask, past_length):
+    """Bad input raises a ValueError naming what was given and what is allowed, before any kernel."""
+    if (input_ids is None) == (inputs_embeds is None):
+        raise ValueError("pass exactly one of input_ids or inputs_embeds")
+    if input_ids is not None:
+        if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be a (batch, time) tensor, got {getattr(input_ids, 'shape', type(input_ids))}")
+        if input_ids.is_floating_point() or input_ids.is_complex() or input_ids.dtype == torch.bool:
+            raise ValueError(f"input_ids must be an integer tensor (torch.long), got dtype {input_ids.dtype}")
+        if input_ids.numel():
+            lo, hi = int(input_ids.min()), int(input_ids.max())
+            if lo < 0 or hi >= config.vocab_size:
+                raise ValueError(
+                    f"input_ids contain {lo if lo < 0 else hi}, outside the vocabulary [0, {config.vocab_size})")
+        b, T = input_ids.shape
+    else:
+        if inputs_embeds.dim() != 3 or inputs_embeds.shape[-1] != config.hidden_size:
+            raise ValueError(
+                f"inputs_embeds has shape {tuple(inputs_embeds.shape)}, expected (batch, time, {config.hidden_size})")
+        if not inputs_embeds.is_floating_point():
+            raise ValueError(f"inputs_embeds must be floating point, got {inputs_embeds.dtype}")
+        b, T = inputs_embeds.shape[:2]
+    if attention_mask is not None:
+        allowed = {(b, past_length + T)} | ({(b, T)} if past_length == 0 else set())
+        if attention_mask.dim() != 2 or tuple(attention_mask.shape) not in allowed:
+            raise ValueError(
+                f"attention_mask has shape {tuple(attention_mask.shape)}, expected (batch, past + time) = "
+                f"{(b, past_length + T)} (a 2-D mask of 1 for tokens and 0 for padding)")
+        if attention_mask.is_floating_point() and not torch.all((attention_mask == 0) | (attention_mask == 1)):
+            raise ValueError("attention_mask must hold only 0 (padding) and 1 (token)")
+    if config.use_rope and past_length + T > config.max_position_embeddings:
+        raise ValueError(
+            f"context of {past_length + T} tokens exceeds max_position_embeddings={config.max_position_embeddings} "
+            "(RoPE is on); raise max_position_embeddings or shorten the input")
+    return b, T
+
+
+def build_attention_mask(mask2d: Optional[torch.Tensor], T: int, past: int, device) -> Optional[torch.Tensor]:
+    """Bool (b, 1, T, past + T) mask, True = may attend, or None when plain `is_causal` is exact.
+
+    A query at a padded position whose every key is masked would give NaN in SDPA; it is let attend
+    to itself (its output is never read by a real token, whose mask excludes padded keys)."""
+    if mask2d is None and (past == 0 or T == 1):
+        return None
+    q_pos = past + torch.arange(T, device=device)
+    k_pos = torch.arange(past + T, device=device)
+    allowed = (k_pos[None, :] <= q_pos[:, None])[None, None]  # (1, 1, T, past + T)
+    if mask2d is not None:
+        allowed = allowed & mask2d.bool()[:, None, None, :]
+        diag = (k_pos[None, :] == q_pos[:, None])[None, None]
+        allowed = allowed | (diag & ~allowed.any(-1, keepdim=True))
+    return allowed
+
+
+class MixConModel(MixConPreTrainedModel):
+    def __init__(self, config: MixConConfig):
+        super().__init__(config)
+        self.padding_idx = config.pad_token_id
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList([MixConDecoderLayer(config, i) for i in range(config.num_hidden_layers)])
+        self.final_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.gradient_checkpointing = False
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.embed_tokens
+
+    def set_input_embeddings(self, value):
+        self.embed_tokens = value
+
+    def forward(
+        self,
+        input_ids: Optional[torch.LongTensor] = None,
+        attention_mask: Optional[torch.Tensor] = None,
+        position_ids: Optional[torch.LongTensor] = None,
+        past_key_values: Optional[MixConCache] = None,
+        inputs_embeds: Optional[torch.Tensor] = None,
+        use_cache: Optional[bool] = None,
+        output_hidden_states: Optional[bool] = None,
+        **kwargs,
+    ) -> MoeModelOutputWithPast:
+        use_cache = self.config.use_cache if use_cache is None else use_cache
+        if self.gradient_checkpointing and self.training:
+            use_cache = False
+        if past_key_values is not None and not isinstance(past_key_values, MixConCache):
+            if past_key_values.get_seq_length() > 0:
+                raise ValueError(
+                    f"past_key_values is a non-empty {type(past_key_values).__name__}; MixCon needs a MixConCache "
+                    "(it holds the Conba states beside the attention K/V)")
+            past_key_values = None  # an empty foreign cache (e.g. built by generate) is replaced
+        if use_cache and past_key_values is None:
+            past_key_values = MixConCache(self.config)
+        past = past_key_values.get_seq_length() if past_key_values is not None else 0
+        b, T = _check_inputs(self.config, input_ids, inputs_embeds, attention_mask, past)
+        if inputs_embeds is None:
+            inputs_embeds = self.embed_tokens(input_ids)
+        device = inputs_embeds.device
+
+        # Masks: None wherever there is no padding, so the fast paths (is_causal, no-mask scans) apply.
+        mask2d = attention_mask
+        if mask2d is not None and bool(mask2d.all()):
+            mask2d = None
+        seq_mask = mask2d[:, -T:] if mask2d is not None else None
+        attn_mask = build_attention_mask(mask2d, T, past, device)
+        rope = None
+        if self.config.use_rope:
+            if position_ids is None:
+                if attention_mask is not None:
+                    position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -T:]
+                else:
+                    position_ids = torch.arange(past, past + T, device=device)[None].expand(b, T)
+            rope = rope_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta, inputs_embeds.dtype)
+
+        hidden_states = inputs_embeds
+        all_hidden = () if output_hidden_states else None
+        router_logits = ()
+        for layer in self.layers:
+            if output_hidden_states:
+                all_hidden += (hidden_states,)
+            hidden_states, logits = layer(hidden_states, attn_mask=attn_mask, seq_mask=seq_mask, rope=rope,
+                                          past_key_values=past_key_values if use_cache else None)
+            if logits is not None:
+                router_logits += (logits,)
+        hidden_states = self.final_layernorm(hidden_states)
+        if output_hidden_states:
+            all_hidden += (hidden_states,)
+        if use_cache:
+            past_key_values._seen_tokens += T
+        return MoeModelOutputWithPast(
+            last_hidden_state=hidden_states,
+            past_key_values=past_key_values if use_cache else None,
+            hidden_states=all_hidden,
+            router_logits=router_logits,
+        )
+
+
+class MixConForCausalLM(MixConPreTrainedModel, GenerationMixin):
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+
+    def __init__(self, config: MixConConfig):
+        super().__init__(config)
+        self.model = MixConModel(config)
+        self.vocab_size = config.vocab_size
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.model.embed_tokens
+
+    def set_input_embeddings(self, value):
+        self.model.embed_tokens = value
+
+    def get_output_embeddings(self):
+        return self.lm_head
+
+    def set_output_embeddings(self, new_embeddings):
+        self.lm_head = new_embeddings
+
+    def forward(
+        self,
+        input_ids: Optional[torch.LongTensor] = None,
+        attention_mask: Optional[torch.Tensor] = None,
+        position_ids: Optional[torch.LongTensor] = None,
+        past_key_values: Optional[MixConCache] = None,
+        inputs_embeds: Optional[torch.Tensor] = None,
+        labels: Optional[torch.LongTensor] = None,
+        use_cache: Optional[bool] = None,
+        output_hidden_states: Optional[bool] = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        **kwargs,
+    ) -> MoeCausalLMOutputWithPast:
+        """Returns logits, the loss (next-token cross-entropy, plus the router losses in training),
+        ``aux_loss`` = router_aux_loss_coef · Switch loss + router_z_loss_coef · z-loss over
+        non-padded tokens (None without MoE layers) and the per-MoE-layer router logits."""
+        out = self.model(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+            past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache,
+            output_hidden_states=output_hidden_states,
+        )
+        hidden = out.last_hidden_state
+        keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+        logits = self.lm_head(hidden[:, keep, :])
+        aux_loss = None
+        if out.router_logits:
+            T = hidden.shape[1]
+            token_mask = attention_mask[:, -T:].reshape(-1) if attention_mask is not None else None
+            aux_loss = (self.config.router_aux_loss_coef
+                        * load_balancing_loss(out.router_logits, self.config.experts_per_token, token_mask)
+                        + self.config.router_z_loss_coef * router_z_loss(out.router_logits, token_mask))
+        loss = None
+        if labels is not None:
+            shift_logits = logits[:, :-1, :].float() if logits.shape[1] == labels.shape[1] else logits.float()
+            loss = F.cross_entropy(shift_logits.reshape(-1, shift_logits.shape[-1]),
+                                   labels[:, 1:].reshape(-1).to(logits.device), ignore_index=-100)
+            if aux_loss is not None and self.training:
+                loss = loss + aux_loss.to(loss.device)
+        return MoeCausalLMOutputWithPast(
+            loss=loss, aux_loss=aux_loss, logits=logits, past_key_values=out.past_key_values,
+            hidden_states=out.hidden_states, router_logits=out.router_logits,
+        )

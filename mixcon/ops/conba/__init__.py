@@ -1,0 +1,192 @@
+"""Conba's selective scan with control (docs/conba.md, step 6): the public op API.
+
+`conba_scan` runs a whole sequence, `conba_step` one decode token. Both dispatch to a
+backend: ``"ref"`` (the pure-PyTorch loop in `naive.py`, the oracle and the CPU path),
+``"triton"`` (the fused kernels in `fused_recurrent.py`), or ``"auto"`` (Triton on a CUDA
+device when it is importable, the reference otherwise).
+
+With none of the extras given (alpha, rho/tau, k0/eta/lam/w_r, noise, mask) `conba_scan` is
+exactly Mamba-1's selective scan, in time-major layout.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from typing import Optional
+
+import torch
+
+from .naive import ConbaState, conba_scan_ref, conba_step_ref, empty_state
+
+__all__ = ["ConbaState", "conba_scan", "conba_step", "empty_state", "conba_scan_ref", "conba_step_ref"]
+
+BACKENDS = ("auto", "ref", "triton")
+MAX_DELAY = 4
+
+
+def _triton_available() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    if backend not in BACKENDS:
+        raise ValueError(f"backend={backend!r} is not one of {BACKENDS}")
+    if backend == "auto":
+        return "triton" if device.type == "cuda" and _triton_available() else "ref"
+    return backend
+
+
+def _check(name, x, shape, allow_none=True):
+    if x is None:
+        if allow_none:
+            return
+        raise ValueError(f"{name} is required")
+    if not isinstance(x, torch.Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if tuple(x.shape) != tuple(shape):
+        raise ValueError(f"{name} has shape {tuple(x.shape)}, expected {tuple(shape)}")
+    if not (x.is_floating_point() or name == "mask"):
+        raise ValueError(f"{name} must be a floating tensor, got {x.dtype}")
+
+
+def _validate(u, delta, A, B, C, D, z, delta_bias, alpha, rho, tau, k0, eta, lam, w_r, group_size,
+              mask, initial_state, lead):
+    """Shared argument checks; ``lead`` is (batch, T) for a scan and (batch,) for a step."""
+    if u.dim() != len(lead) + 1:
+        raise ValueError(f"u must have {len(lead) + 1} dims {(*('batch', 'time')[:len(lead)], 'd_inner')}, got {tuple(u.shape)}")
+    d = u.shape[-1]
+    if A.dim() != 2 or A.shape[0] != d:
+        raise ValueError(f"A has shape {tuple(A.shape)}, expected (d_inner={d}, N)")
+    n = A.shape[1]
+    if not isinstance(group_size, int) or group_size < 1 or d % group_size != 0:
+        raise ValueError(f"group_size={group_size!r} must be a positive int dividing d_inner={d}")
+    if not isinstance(tau, int) or not 0 <= tau <= MAX_DELAY:
+        raise ValueError(f"tau={tau!r} must be an int in [0, {MAX_DELAY}]")
+    ng = d // group_size
+    _check("u", u, (*lead, d), allow_none=False)
+    _check("delta", delta, (*lead, d), allow_none=False)
+    _check("B", B, (*lead, n), allow_none=False)
+    _check("C", C, (*lead, n), allow_none=False)
+    _check("z", z, (*lead, d))
+    _check("alpha", alpha, (*lead, ng))
+    for name, x in (("D", D), ("delta_bias", delta_bias), ("w_r", w_r)):
+        _check(name, x, (d,))
+    for name, x in (("rho", rho), ("k0", k0), ("eta", eta), ("lam", lam)):
+        _check(name, x, (ng,))
+    if tau > 0 and rho is None:
+        raise ValueError("tau > 0 needs rho (shape (d_inner // group_size,)); pass tau=0 for no delay")
+    if mask is not None:
+        _check("mask", mask, lead)
+    if initial_state is not None:
+        b = lead[0]
+        expected = ConbaState((b, d, n), (b, tau, d, n), (b, ng), (b, d))
+        if not isinstance(initial_state, tuple) or len(initial_state) != 4:
+            raise ValueError("the state must be a ConbaState(h, delay, k, e)")
+        for field, x, shape in zip(ConbaState._fields, initial_state, expected):
+            if tuple(x.shape) != tuple(shape):
+                raise ValueError(f"state.{field} has shape {tuple(x.shape)}, expected {tuple(shape)}")
+
+
+def conba_scan(
+    u: torch.Tensor,
+    delta: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    D: Optional[torch.Tensor] = None,
+    z: Optional[torch.Tensor] = None,
+    delta_bias: Optional[torch.Tensor] = None,
+    delta_softplus: bool = False,
+    alpha: Optional[torch.Tensor] = None,
+    rho: Optional[torch.Tensor] = None,
+    tau: int = 0,
+    k0: Optional[torch.Tensor] = None,
+    eta: Optional[torch.Tensor] = None,
+    lam: Optional[torch.Tensor] = None,
+    w_r: Optional[torch.Tensor] = None,
+    k_max: float = 1.0,
+    group_size: int = 8,
+    sigma_w: float = 0.0,
+    sigma_v: float = 0.0,
+    seed: int = 0,
+    initial_state: Optional[ConbaState] = None,
+    return_final_state: bool = False,
+    backend: str = "auto",
+    mask: Optional[torch.Tensor] = None,
+):
+    """Conba's selective scan over a whole sequence.
+
+    Args:
+        u, delta, z: (batch, time, d_inner). B, C: (batch, time, N). A: (d_inner, N), negative.
+        D, delta_bias, w_r: (d_inner,). alpha: (batch, time, d_inner // group_size), in (0, 1].
+        rho, k0, eta, lam: (d_inner // group_size,), already in their ranges (rho, lam in [0, 1),
+            eta ≥ 0). Control is on when ``k0`` or ``eta`` is given; the delay when ``tau > 0``.
+        sigma_w, sigma_v: process / observation noise scales (0 = off), keyed by ``seed``.
+        mask: optional (batch, time), 1 for a real token, 0 for padding: padded steps are skipped.
+        initial_state: a `ConbaState` to start from (default: the empty state with k = k0).
+    Returns:
+        y (batch, time, d_inner) in u's dtype — gated by silu(z) when z is given — and, with
+        ``return_final_state``, the final `ConbaState` (float32).
+
+    Example::
+
+        y = conba_scan(u, delta, A, B, C, D, z, delta_bias=b_dt, delta_softplus=True)
+    """
+    if not isinstance(u, torch.Tensor) or u.dim() != 3:
+        raise ValueError(f"u must be a (batch, time, d_inner) tensor, got {getattr(u, 'shape', type(u))}")
+    _validate(u, delta, A, B, C, D, z, delta_bias, alpha, rho, tau, k0, eta, lam, w_r, group_size,
+              mask, initial_state, tuple(u.shape[:2]))
+    kwargs = dict(D=D, z=z, delta_bias=delta_bias, delta_softplus=delta_softplus, alpha=alpha, rho=rho,
+                  tau=tau, k0=k0, eta=eta, lam=lam, w_r=w_r, k_max=k_max, group_size=group_size,
+                  sigma_w=sigma_w, sigma_v=sigma_v, seed=seed, initial_state=initial_state,
+                  return_final_state=return_final_state, mask=mask)
+    if resolve_backend(backend, u.device) == "triton":
+        from .fused_recurrent import conba_scan_triton
+
+        return conba_scan_triton(u, delta, A, B, C, **kwargs)
+    return conba_scan_ref(u, delta, A, B, C, **kwargs)
+
+
+def conba_step(
+    state: ConbaState,
+    u: torch.Tensor,
+    delta: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    D: Optional[torch.Tensor] = None,
+    z: Optional[torch.Tensor] = None,
+    delta_bias: Optional[torch.Tensor] = None,
+    delta_softplus: bool = False,
+    alpha: Optional[torch.Tensor] = None,
+    rho: Optional[torch.Tensor] = None,
+    tau: int = 0,
+    k0: Optional[torch.Tensor] = None,
+    eta: Optional[torch.Tensor] = None,
+    lam: Optional[torch.Tensor] = None,
+    w_r: Optional[torch.Tensor] = None,
+    k_max: float = 1.0,
+    group_size: int = 8,
+    sigma_w: float = 0.0,
+    sigma_v: float = 0.0,
+    seed: int = 0,
+    backend: str = "auto",
+    mask: Optional[torch.Tensor] = None,
+    t: int = 0,
+):
+    """One decode step of Conba: the per-token arguments of `conba_scan` without the time axis
+    (u, delta, z: (batch, d_inner); B, C: (batch, N); alpha: (batch, d_inner // G); mask: (batch,)).
+    Updates ``state`` in place and returns y (batch, d_inner). ``t`` is the time index that keys
+    the noise."""
+    if not isinstance(u, torch.Tensor) or u.dim() != 2:
+        raise ValueError(f"u must be a (batch, d_inner) tensor, got {getattr(u, 'shape', type(u))}")
+    _validate(u, delta, A, B, C, D, z, delta_bias, alpha, rho, tau, k0, eta, lam, w_r, group_size,
+              mask, state, (u.shape[0],))
+    kwargs = dict(D=D, z=z, delta_bias=delta_bias, delta_softplus=delta_softplus, alpha=alpha, rho=rho,
+                  tau=tau, k0=k0, eta=eta, lam=lam, w_r=w_r, k_max=k_max, group_size=group_size,
+                  sigma_w=sigma_w, sigma_v=sigma_v, seed=seed, mask=mask, t=t)
+    if resolve_backend(backend, u.device) == "triton":
+        from .fused_recurrent import conba_step_triton
+
+        return conba_step_triton(state, u, delta, A, B, C, **kwargs)
+    return conba_step_ref(state, u, delta, A, B, C, **kwargs)

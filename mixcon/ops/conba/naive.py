@@ -1,0 +1,178 @@
+"""Reference Conba scan and decode step: docs/conba.md, step 6, written as a loop over time.
+
+This file is the oracle for every fused kernel and the CPU path of the model. It favours
+plain, checkable code over speed. Everything in the recurrence is computed in float32
+whatever the input dtype (docs/conba.md: "Every quantity in step 6 accumulates in float32").
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple, Optional
+
+import torch
+import torch.nn.functional as F
+
+from .noise import conba_noise
+
+
+class ConbaState(NamedTuple):
+    """Decode state of one Conba scan (docs/conba.md, "Decode state"); all float32.
+
+    h:     (batch, d_inner, N)         the latest state h_t
+    delay: (batch, tau, d_inner, N)    delay[:, j] = h_{t-j} for j = 0..tau-1 (delay[:, 0] == h)
+    k:     (batch, d_inner // G)       the control gain k_{t+1} for the next step
+    e:     (batch, d_inner)            the tracking error e_t of the latest step
+    """
+
+    h: torch.Tensor
+    delay: torch.Tensor
+    k: torch.Tensor
+    e: torch.Tensor
+
+
+def empty_state(batch, d_inner, d_state, tau=0, group_size=8, k0=None, device=None) -> ConbaState:
+    """The state before the first token: h = 0, delay line 0, k = k_0, e = 0."""
+    n_groups = d_inner // group_size
+    h = torch.zeros(batch, d_inner, d_state, dtype=torch.float32, device=device)
+    delay = torch.zeros(batch, tau, d_inner, d_state, dtype=torch.float32, device=device)
+    if k0 is None:
+        k = torch.zeros(batch, n_groups, dtype=torch.float32, device=device)
+    else:
+        k = k0.detach().float().to(device).expand(batch, n_groups).clone()
+    e = torch.zeros(batch, d_inner, dtype=torch.float32, device=device)
+    return ConbaState(h, delay, k, e)
+
+
+def _per_channel(x: torch.Tensor, group_size: int) -> torch.Tensor:
+    """(..., n_groups) → (..., d_inner): each group's value repeated over its G channels."""
+    return x.repeat_interleave(group_size, dim=-1)
+
+
+def _one_step(
+    h, delay, k, e,  # state before the step (float32)
+    u_t, dt_t, B_t, C_t,  # (b, d), (b, d) after bias/softplus, (b, N), (b, N); float32
+    A, D, alpha_t, rho, tau, control, eta, lam, w_r, k_max, group_size,
+    sigma_w, sigma_v, seed, t, mask_t,
+):
+    """One step of docs/conba.md (6). Returns (y_t, h, delay, k, e) after the step."""
+    dA = torch.exp(dt_t[:, :, None] * A[None])  # Ā_t (b, d, N)
+    if control:
+        # ũ_t = u_t − k_t[g] · tanh(e_{t−1}): output feedback through a saturating actuator
+        u_ctl = u_t - _per_channel(k, group_size) * torch.tanh(e)
+    else:
+        u_ctl = u_t
+    h_new = dA * h
+    if tau > 0:
+        rho_c = _per_channel(rho.float(), group_size)[None, :, None]
+        h_new = (1.0 - rho_c) * h_new + rho_c * delay[:, tau - 1]  # delay[:, tau-1] = h_{t-τ}
+    if alpha_t is not None:
+        h_new = _per_channel(alpha_t, group_size)[:, :, None] * h_new
+    h_new = h_new + (dt_t * u_ctl)[:, :, None] * B_t[:, None, :]
+    xi = zeta = None
+    if sigma_w > 0.0 or sigma_v > 0.0:
+        xi, zeta = conba_noise(seed, u_t.shape[0], t, u_t.shape[1], A.shape[1], device=u_t.device)
+    if sigma_w > 0.0:
+        h_new = h_new + sigma_w * xi
+    y = (h_new * C_t[:, None, :]).sum(-1)
+    if D is not None:
+        y = y + D.float() * u_t
+    if sigma_v > 0.0:
+        y = y + sigma_v * zeta  # the error below sees the noisy measurement
+    if control:
+        e_new = y - w_r * u_t
+        G = group_size
+        e_grp = e_new.view(e_new.shape[0], -1, G)
+        err_rms = torch.sqrt((e_grp * e_grp).sum(-1) + 1e-12) / math.sqrt(G)
+        k_new = torch.clamp((1.0 - lam) * k + eta * err_rms, 0.0, k_max)
+    else:
+        e_new, k_new = e, k
+    delay_new = torch.cat([h_new[:, None], delay[:, :-1]], dim=1) if tau > 0 else delay
+    if mask_t is not None:
+        # A padded step leaves h, the delay line, k and e exactly as they were; its output is 0.
+        m = mask_t.to(torch.bool)
+        h_new = torch.where(m[:, None, None], h_new, h)
+        if tau > 0:
+            delay_new = torch.where(m[:, None, None, None], delay_new, delay)
+        if control:
+            e_new = torch.where(m[:, None], e_new, e)
+            k_new = torch.where(m[:, None], k_new, k)
+        y = torch.where(m[:, None], y, torch.zeros_like(y))
+    return y, h_new, delay_new, k_new, e_new
+
+
+def _prepare(delta, delta_bias, delta_softplus, A, eta, lam, w_r, k0, d_inner, n_groups, device):
+    dt = delta.float()
+    if delta_bias is not None:
+        dt = dt + delta_bias.float()
+    if delta_softplus:
+        dt = F.softplus(dt)
+    control = eta is not None or k0 is not None
+    zeros_g = torch.zeros(n_groups, dtype=torch.float32, device=device)
+    eta_f = eta.float() if eta is not None else zeros_g
+    lam_f = lam.float() if lam is not None else zeros_g
+    w_r_f = w_r.float() if w_r is not None else torch.ones(d_inner, dtype=torch.float32, device=device)
+    return dt, A.float(), control, eta_f, lam_f, w_r_f
+
+
+def conba_scan_ref(
+    u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
+    alpha=None, rho=None, tau=0, k0=None, eta=None, lam=None, w_r=None, k_max=1.0,
+    group_size=8, sigma_w=0.0, sigma_v=0.0, seed=0, initial_state: Optional[ConbaState] = None,
+    return_final_state=False, mask=None,
+):
+    """Reference Conba scan. Shapes as in `mixcon.ops.conba.conba_scan`; returns y (b, T, d)
+    in u's dtype, and the final `ConbaState` when ``return_final_state``."""
+    b, T, d = u.shape
+    n_groups = d // group_size
+    dt, A32, control, eta_f, lam_f, w_r_f = _prepare(
+        delta, delta_bias, delta_softplus, A, eta, lam, w_r, k0, d, n_groups, u.device
+    )
+    if initial_state is None:
+        initial_state = empty_state(b, d, A.shape[1], tau, group_size, k0 if control else None, u.device)
+    h, delay, k, e = (s.float() for s in initial_state)
+    u32, B32, C32 = u.float(), B.float(), C.float()
+    alpha32 = alpha.float() if alpha is not None else None
+    ys = []
+    for t in range(T):
+        y, h, delay, k, e = _one_step(
+            h, delay, k, e, u32[:, t], dt[:, t], B32[:, t], C32[:, t], A32, D,
+            alpha32[:, t] if alpha32 is not None else None, rho, tau, control, eta_f, lam_f,
+            w_r_f, k_max, group_size, sigma_w, sigma_v, seed, t,
+            mask[:, t] if mask is not None else None,
+        )
+        ys.append(y)
+    y = torch.stack(ys, dim=1) if ys else u32.new_zeros(b, 0, d)  # (b, T, d)
+    if z is not None:
+        y = y * F.silu(z.float())
+    y = y.to(u.dtype)
+    if return_final_state:
+        return y, ConbaState(h, delay, k, e)
+    return y
+
+
+def conba_step_ref(
+    state: ConbaState, u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
+    alpha=None, rho=None, tau=0, k0=None, eta=None, lam=None, w_r=None, k_max=1.0,
+    group_size=8, sigma_w=0.0, sigma_v=0.0, seed=0, mask=None, t=0,
+):
+    """One decode step. u, delta, z: (b, d); B, C: (b, N); alpha: (b, d // G); mask: (b,).
+    Updates ``state`` in place and returns y (b, d) in u's dtype. ``t`` keys the noise."""
+    b, d = u.shape
+    n_groups = d // group_size
+    dt, A32, control, eta_f, lam_f, w_r_f = _prepare(
+        delta, delta_bias, delta_softplus, A, eta, lam, w_r, k0, d, n_groups, u.device
+    )
+    y, h, delay, k, e = _one_step(
+        state.h.float(), state.delay.float(), state.k.float(), state.e.float(),
+        u.float(), dt, B.float(), C.float(), A32, D,
+        alpha.float() if alpha is not None else None, rho, tau, control, eta_f, lam_f, w_r_f,
+        k_max, group_size, sigma_w, sigma_v, seed, t, mask,
+    )
+    state.h.copy_(h)
+    state.delay.copy_(delay)
+    state.k.copy_(k)
+    state.e.copy_(e)
+    if z is not None:
+        y = y * F.silu(z.float())
+    return y.to(u.dtype)

@@ -1,0 +1,98 @@
+"""Mixture-of-Experts routing, dispatch and losses as pure functions (docs/architecture.md).
+
+Experts are stacked weights: gate_up (E, 2F, D) with the gate in the first F rows, down (E, D, F),
+the layout of transformers' Mixtral and Jamba, so checkpoints map one to one.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+
+_grouped_mm = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
+
+
+def route(router_logits: torch.Tensor, top_k: int, renormalize: bool = True):
+    """softmax → top-K (→ renormalise). Returns (weights (T, K) float32, indices (T, K))."""
+    probs = torch.softmax(router_logits.float(), dim=-1)
+    weights, indices = torch.topk(probs, top_k, dim=-1)
+    if renormalize:
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+    return weights, indices
+
+
+def _expert_ffn(x, gate_up_e, down_e):
+    gate, up = F.linear(x, gate_up_e).chunk(2, dim=-1)
+    return F.linear(F.silu(gate) * up, down_e)
+
+
+def moe_loop(x, gate_up, down, weights, indices):
+    """The reference: for each expert, its tokens through its SwiGLU, weighted, summed. x (T, D)."""
+    out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
+    for e in range(gate_up.shape[0]):
+        tok, slot = torch.where(indices == e)
+        if tok.numel() == 0:
+            continue
+        y = _expert_ffn(x[tok], gate_up[e], down[e])
+        out.index_add_(0, tok, y.float() * weights[tok, slot, None])
+    return out.to(x.dtype)
+
+
+def moe_grouped(x, gate_up, down, weights, indices):
+    """Dropless grouped dispatch: (token, k) pairs sorted by expert, every expert's slice run in one
+    grouped matrix product (torch's grouped_mm on CUDA in bf16, else a loop over non-empty experts
+    only, so at batch 1 only the K chosen experts' weights are read), un-permuted, and the K copies of
+    each token summed in float32 in a fixed order (deterministic, unlike index_add_)."""
+    T, K = indices.shape
+    E = gate_up.shape[0]
+    flat = indices.reshape(-1)  # (T·K,)
+    order = torch.argsort(flat, stable=True)
+    xs = x[order // K]  # (T·K, D) grouped by expert
+    counts = torch.bincount(flat, minlength=E)
+    if _grouped_mm is not None and x.is_cuda and x.dtype == torch.bfloat16:
+        offs = torch.cumsum(counts, 0).to(torch.int32)
+        gu = _grouped_mm(xs, gate_up.transpose(1, 2), offs=offs)  # (T·K, 2F)
+        g, u = gu.chunk(2, dim=-1)
+        ys = _grouped_mm(F.silu(g) * u, down.transpose(1, 2), offs=offs)  # (T·K, D)
+    else:
+        ys = torch.empty_like(xs)
+        start = 0
+        for e, n in enumerate(counts.tolist()):
+            if n:
+                ys[start:start + n] = _expert_ffn(xs[start:start + n], gate_up[e], down[e])
+            start += n
+    out = torch.empty_like(ys, dtype=torch.float32)
+    out[order] = ys.float()
+    out = (out.view(T, K, -1) * weights[..., None]).sum(dim=1)
+    return out.to(x.dtype)
+
+
+def _masked_mean(x: torch.Tensor, mask: Optional[torch.Tensor], dim=0):
+    if mask is None:
+        return x.mean(dim)
+    m = mask.to(x.dtype).reshape(mask.shape + (1,) * (x.dim() - mask.dim()))
+    return (x * m).sum(dim) / m.sum(dim).clamp(min=1)
+
+
+def load_balancing_loss(router_logits: Sequence[torch.Tensor], top_k: int, mask: Optional[torch.Tensor] = None):
+    """Switch loss over all MoE layers' logits (each (tokens, E)); ``mask`` (tokens,) drops padding.
+    L = E · Σ_e f_e P_e summed over the K choices, = K at perfect balance."""
+    logits = torch.cat(list(router_logits), dim=0).float()
+    n_layers = len(router_logits)
+    m = mask.reshape(-1).repeat(n_layers) if mask is not None else None
+    E = logits.shape[-1]
+    probs = torch.softmax(logits, dim=-1)
+    _, idx = torch.topk(probs, top_k, dim=-1)
+    assign = F.one_hot(idx, E).float()  # (tokens, K, E)
+    f = _masked_mean(assign, m)  # (K, E)
+    P = _masked_mean(probs, m)  # (E,)
+    return E * (f * P[None]).sum()
+
+
+def router_z_loss(router_logits: Sequence[torch.Tensor], mask: Optional[torch.Tensor] = None):
+    """mean over non-padded tokens (and layers) of logsumexp(logits)²."""
+    logits = torch.cat(list(router_logits), dim=0).float()
+    m = mask.reshape(-1).repeat(len(router_logits)) if mask is not None else None
+    return _masked_mean(torch.logsumexp(logits, dim=-1) ** 2, m)
