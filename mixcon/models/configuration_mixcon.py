@@ -45,8 +45,10 @@ def resolve_layout(
     layer_pattern: Optional[str],
     moe_every: int,
     moe_offset: int,
+    has_ffn: bool = True,
 ) -> tuple[list[str], list[str]]:
-    """The per-layer lists: (["attention" | "conba"] * n, ["mlp" | "moe"] * n)."""
+    """The per-layer lists: (["attention" | "conba"] * n, ["mlp" | "moe" | "none"] * n).
+    ``has_ffn=False`` (intermediate_size = 0) gives mixer-only layers, as in a Mamba-1 LM."""
     for name, v in (("n_blocks", n_blocks), ("layers_per_block", layers_per_block)):
         if not isinstance(v, int) or isinstance(v, bool) or v < 1:
             raise ValueError(f"{name}={v!r} must be an integer >= 1")
@@ -66,6 +68,10 @@ def resolve_layout(
         raise ValueError(f"moe_offset={moe_offset!r} must be an integer in [0, moe_every={moe_every})")
     n = n_blocks * layers_per_block
     block = ["attention" if ch == "a" else "conba" for ch in pattern] * n_blocks
+    if not has_ffn:
+        if moe_every:
+            raise ValueError(f"moe_every={moe_every} needs intermediate_size > 0 (experts are SwiGLU MLPs)")
+        return block, ["none"] * n
     ffn = ["moe" if moe_every > 0 and i % moe_every == moe_offset else "mlp" for i in range(n)]
     return block, ffn
 
@@ -89,7 +95,7 @@ class MixConConfig(PretrainedConfig):
         self,
         vocab_size: int = 32000,
         hidden_size: int = 1024,
-        intermediate_size: int = 2816,  # SwiGLU width of the dense MLP and of each expert
+        intermediate_size: int = 2816,  # SwiGLU width of the dense MLP and of each expert; 0 = no FFN
         n_blocks: int = 4,
         layers_per_block: int = 8,
         attn_ratio: str = "2:6",  # attention : Conba layers per block
@@ -196,7 +202,8 @@ class MixConConfig(PretrainedConfig):
         self.eos_token_id = eos_token_id
         self.output_router_logits = kwargs.pop("output_router_logits", False)
         self._validate()
-        block, ffn = resolve_layout(n_blocks, layers_per_block, attn_ratio, layer_pattern, moe_every, moe_offset)
+        block, ffn = resolve_layout(n_blocks, layers_per_block, attn_ratio, layer_pattern, moe_every, moe_offset,
+                                    has_ffn=intermediate_size > 0)
         for name, given, derived in (("layers_block_type", layers_block_type, block),
                                      ("layers_ffn_type", layers_ffn_type, ffn)):
             if given is not None and list(given) != derived:
@@ -218,7 +225,9 @@ class MixConConfig(PretrainedConfig):
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise ValueError(f"{name}={v!r} must be an integer >= 1")
 
-        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_experts", "d_state", "d_conv",
+        if not isinstance(self.intermediate_size, int) or self.intermediate_size < 0:
+            raise ValueError(f"intermediate_size={self.intermediate_size!r} must be an integer >= 0 (0 = no FFN)")
+        for name in ("vocab_size", "hidden_size", "num_experts", "d_state", "d_conv",
                      "expand", "max_position_embeddings", "control_group", "dt_rank", "selection_hidden"):
             positive_int(name)
         if not 1 <= self.experts_per_token <= self.num_experts:

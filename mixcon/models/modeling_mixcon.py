@@ -47,10 +47,11 @@ class MixConDecoderLayer(GradientCheckpointingLayer):
             self.mixer = MixConAttention(config, layer_idx)
         else:
             self.mixer = ConbaMixer(config, layer_idx)
-        self.pre_ff_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        if self.ffn_type != "none":
+            self.pre_ff_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         if self.ffn_type == "moe":
             self.feed_forward = SparseMoE(config)
-        else:
+        elif self.ffn_type == "mlp":
             self.feed_forward = SwiGLUMLP(config.hidden_size, config.intermediate_size)
 
     def forward(self, hidden_states, attn_mask=None, seq_mask=None, rope=None, past_key_values=None, **kwargs):
@@ -62,6 +63,8 @@ class MixConDecoderLayer(GradientCheckpointingLayer):
             state = past_key_values.conba_states[self.layer_idx] if past_key_values is not None else None
             h = self.mixer(h, mask=seq_mask, state=state)
         hidden_states = residual + h
+        if self.ffn_type == "none":  # mixer-only layer (a Mamba-1 LM)
+            return hidden_states, None
         residual = hidden_states
         h = self.pre_ff_layernorm(hidden_states)
         router_logits = None

@@ -39,7 +39,7 @@ def empty_state(batch, d_inner, d_state, tau=0, group_size=8, k0=None, device=No
     if k0 is None:
         k = torch.zeros(batch, n_groups, dtype=torch.float32, device=device)
     else:
-        k = k0.detach().float().to(device).expand(batch, n_groups).clone()
+        k = k0.float().to(device).expand(batch, n_groups).clone()  # keeps k0 in the graph
     e = torch.zeros(batch, d_inner, dtype=torch.float32, device=device)
     return ConbaState(h, delay, k, e)
 

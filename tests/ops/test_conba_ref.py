@@ -1,0 +1,157 @@
+"""The reference Conba scan against the spec's reductions (docs/conba.md, "Reductions")."""
+
+import pytest
+import torch
+
+from helpers import conba_inputs, mamba_selective_scan_ref, rel_rms
+from mixcon.ops.conba import ConbaState, conba_scan, conba_step, empty_state
+from mixcon.ops.conba.noise import conba_noise
+
+MECHANISMS = [(), ("scaling",), ("delay",), ("control",), ("noise",), "all"]
+
+
+def test_mamba_reduction_matches_mamba_ssm_reference():
+    ref = mamba_selective_scan_ref()
+    if ref is None:
+        pytest.skip("mamba_ssm is not installed (pip install --no-deps mamba-ssm, see README)")
+    x = conba_inputs(b=3, T=29, d=24, n=5, mechanisms=())
+    y = conba_scan(**x, backend="ref")
+    t = lambda a: a.transpose(1, 2).contiguous()
+    y_ref = ref(t(x["u"]), t(x["delta"]), x["A"], t(x["B"]), t(x["C"]), x["D"], t(x["z"]),
+                x["delta_bias"], delta_softplus=True)
+    assert rel_rms(y, t(y_ref)) < 1e-6
+    # without D, z and bias too, and without softplus
+    y = conba_scan(x["u"], x["delta"].abs(), x["A"], x["B"], x["C"], backend="ref")
+    y_ref = ref(t(x["u"]), t(x["delta"].abs()), x["A"], t(x["B"]), t(x["C"]))
+    assert rel_rms(y, t(y_ref)) < 1e-6
+
+
+def _final_state_close(s1, s2, tol=1e-5):
+    for f, a, b in zip(ConbaState._fields, s1, s2):
+        assert a.shape == b.shape, f
+        if a.numel() == 0:
+            continue
+        assert rel_rms(a, b) < tol or (a - b).abs().max() < 1e-6, f
+
+
+@pytest.mark.parametrize("mech", MECHANISMS, ids=lambda m: "+".join(m) if m != "all" else "all")
+def test_step_by_step_equals_scan(mech):
+    x = conba_inputs(mechanisms=mech)
+    y, final = conba_scan(**x, return_final_state=True, backend="ref")
+    b, T, d = x["u"].shape
+    per_token = {k: x[k] for k in ("u", "delta", "B", "C", "z", "alpha") if k in x}
+    rest = {k: v for k, v in x.items() if k not in per_token}
+    state = empty_state(b, d, x["A"].shape[1], x.get("tau", 0), x["group_size"], x.get("k0"))
+    ys = [conba_step(state, **{k: v[:, t] for k, v in per_token.items()}, **rest, t=t, backend="ref")
+          for t in range(T)]
+    assert rel_rms(torch.stack(ys, 1), y) < 1e-6
+    _final_state_close(state, final)
+
+
+@pytest.mark.parametrize("mech", MECHANISMS[:-2] + ["all"], ids=str)
+def test_split_scan_with_initial_state_equals_one_scan(mech):
+    x = conba_inputs(T=21, mechanisms=[m for m in ("scaling", "delay", "control")] if mech == "all" else mech)
+    y, final = conba_scan(**x, return_final_state=True, backend="ref")
+    seq = ("u", "delta", "B", "C", "z", "alpha")
+    cut = 8
+    first = {k: (v[:, :cut] if k in seq else v) for k, v in x.items()}
+    second = {k: (v[:, cut:] if k in seq else v) for k, v in x.items()}
+    y1, s1 = conba_scan(**first, return_final_state=True, backend="ref")
+    y2, s2 = conba_scan(**second, initial_state=s1, return_final_state=True, backend="ref")
+    assert rel_rms(torch.cat([y1, y2], 1), y) < 1e-6
+    _final_state_close(s2, final)
+
+
+def test_mechanisms_are_noops_at_neutral_values_and_change_output_when_on():
+    base = conba_inputs(mechanisms=())
+    y0 = conba_scan(**base, backend="ref")
+    b, T, d = base["u"].shape
+    ng = d // base["group_size"]
+    neutral = {
+        "scaling": dict(alpha=torch.ones(b, T, ng)),
+        "delay": dict(rho=torch.zeros(ng), tau=3),
+        "control": dict(k0=torch.zeros(ng), eta=torch.zeros(ng), lam=torch.rand(ng), w_r=torch.randn(d)),
+        "noise": dict(sigma_w=0.0, sigma_v=0.0, seed=7),
+    }
+    on = conba_inputs(mechanisms="all")
+    active = {
+        "scaling": dict(alpha=on["alpha"]),
+        "delay": dict(rho=on["rho"], tau=2),
+        "control": {k: on[k] for k in ("k0", "eta", "lam", "w_r", "k_max")},
+        "noise": dict(sigma_w=0.05, sigma_v=0.05, seed=1),
+    }
+    for name in neutral:
+        assert torch.equal(conba_scan(**{**base, **neutral[name]}, backend="ref"), y0), name
+        y_on = conba_scan(**{**base, **active[name]}, backend="ref")
+        assert rel_rms(y_on, y0) > 1e-3, f"{name} on did not change the output"
+
+
+def test_control_gain_adapts_within_bounds():
+    x = conba_inputs(T=40, mechanisms=("control",))
+    _, final = conba_scan(**x, return_final_state=True, backend="ref")
+    assert (final.k >= 0).all() and (final.k <= x["k_max"] + 1e-6).all()
+    assert not torch.allclose(final.k, x["k0"].expand_as(final.k))  # the law moved the gain
+    assert final.e.abs().sum() > 0
+
+
+def test_padded_steps_are_skipped_exactly():
+    """A left-padded sequence gives the same outputs on its tokens and the same final state."""
+    x = conba_inputs(b=2, T=15, mechanisms="all")
+    x.pop("sigma_w"), x.pop("sigma_v")
+    pad = 4
+    seq = ("u", "delta", "B", "C", "z", "alpha")
+    y, final = conba_scan(**x, return_final_state=True, backend="ref")
+    padded = {k: (torch.cat([torch.randn_like(v[:, :pad]), v], 1) if k in seq else v) for k, v in x.items()}
+    mask = torch.ones(2, 15 + pad)
+    mask[:, :pad] = 0
+    yp, fp = conba_scan(**padded, mask=mask, return_final_state=True, backend="ref")
+    assert torch.all(yp[:, :pad] == 0)
+    assert rel_rms(yp[:, pad:], y) < 1e-6
+    _final_state_close(fp, final)
+    # padding in the middle leaves the state as it was across the gap
+    mid = mask.clone()
+    mid[:, :pad] = 1
+    mid[0, 10:12] = 0
+    _, s_mid = conba_scan(**padded, mask=mid, return_final_state=True, backend="ref")
+    _, s_all = conba_scan(**padded, return_final_state=True, backend="ref")
+    assert not torch.allclose(s_mid.h[0], s_all.h[0]) and torch.allclose(s_mid.h[1], s_all.h[1])
+
+
+def test_noise_is_keyed_and_standard_normal():
+    xi, zeta = conba_noise(seed=3, batch=4, t=5, d_inner=256, d_state=16)
+    xi2, zeta2 = conba_noise(seed=3, batch=4, t=5, d_inner=256, d_state=16)
+    assert torch.equal(xi, xi2) and torch.equal(zeta, zeta2)
+    xi3, _ = conba_noise(seed=4, batch=4, t=5, d_inner=256, d_state=16)
+    xi4, _ = conba_noise(seed=3, batch=4, t=6, d_inner=256, d_state=16)
+    assert not torch.allclose(xi, xi3) and not torch.allclose(xi, xi4)
+    assert not torch.allclose(xi[0], xi[1])
+    allz = torch.cat([xi.flatten(), zeta.flatten()])
+    assert abs(allz.mean().item()) < 0.03 and abs(allz.std().item() - 1) < 0.03
+    # decorrelated streams: process noise vs observation noise of the same channel
+    assert abs(torch.corrcoef(torch.stack([xi[..., 0].flatten(), zeta.flatten()]))[0, 1]) < 0.1
+
+
+def test_gradients_flow_to_every_input():
+    x = conba_inputs(T=9, mechanisms=("scaling", "delay", "control"))
+    grads = [k for k, v in x.items() if isinstance(v, torch.Tensor)]
+    for k in grads:
+        x[k] = x[k].clone().requires_grad_(True)
+    y = conba_scan(**x, backend="ref")
+    (y * torch.randn_like(y)).sum().backward()
+    for k in grads:
+        assert x[k].grad is not None and torch.isfinite(x[k].grad).all() and x[k].grad.abs().sum() > 0, k
+
+
+@pytest.mark.parametrize("bad, msg", [
+    (dict(B=torch.randn(2, 13, 5)), "B has shape"),
+    (dict(group_size=5), "group_size"),
+    (dict(tau=5, rho=torch.rand(2)), "tau"),
+    (dict(tau=2), "needs rho"),
+    (dict(alpha=torch.rand(2, 13, 3)), "alpha has shape"),
+    (dict(backend="cuda"), "backend"),
+])
+def test_bad_arguments_raise_value_error(bad, msg):
+    x = conba_inputs(mechanisms=())
+    x.update(bad)
+    with pytest.raises(ValueError, match=msg):
+        conba_scan(**x)
