@@ -15,6 +15,11 @@ from ..ops.conv import causal_conv1d, causal_conv1d_step
 from .norm import RMSNorm
 
 
+def _acc(x: torch.Tensor) -> torch.Tensor:
+    """float32, or float64 for float64 tensors: the scan's accumulation dtype (docs/conba.md, step 6)."""
+    return x if x.dtype == torch.float64 else x.float()
+
+
 def _inv_softplus(y: float) -> float:
     return math.log(math.expm1(y))
 
@@ -134,16 +139,16 @@ class ConbaMixer(nn.Module):
             dt, B, C = self.dt_layernorm(dt), self.b_layernorm(B), self.c_layernorm(C)
         p = dict(
             delta=F.linear(dt, self.dt_proj.weight),  # bias and softplus are applied inside the scan
-            A=-torch.exp(self.A_log.float()),
+            A=-torch.exp(_acc(self.A_log)),
             B=B, C=C, D=self.D, delta_bias=self.dt_proj.bias, delta_softplus=True,
             group_size=self.group_size, k_max=self.k_max,
         )
         if self.state_scaling:
-            p["alpha"] = torch.sigmoid(parts[3].float() + self.alpha_bias.float())
+            p["alpha"] = torch.sigmoid(_acc(parts[3]) + _acc(self.alpha_bias))
         if self.tau > 0:
-            p["rho"], p["tau"] = torch.sigmoid(self.rho_raw.float()), self.tau
+            p["rho"], p["tau"] = torch.sigmoid(_acc(self.rho_raw)), self.tau
         if self.control:
-            p.update(k0=self.k0, eta=F.softplus(self.eta_raw.float()), lam=torch.sigmoid(self.lam_raw.float()),
+            p.update(k0=self.k0, eta=F.softplus(_acc(self.eta_raw)), lam=torch.sigmoid(_acc(self.lam_raw)),
                      w_r=self.w_r)
         if self.training and (self.process_noise > 0 or self.observation_noise > 0):
             # a fresh key per forward, drawn from torch's RNG so runs are reproducible under manual_seed

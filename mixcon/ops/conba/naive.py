@@ -2,7 +2,8 @@
 
 This file is the oracle for every fused kernel and the CPU path of the model. It favours
 plain, checkable code over speed. Everything in the recurrence is computed in float32
-whatever the input dtype (docs/conba.md: "Every quantity in step 6 accumulates in float32").
+whatever the input dtype (docs/conba.md: "Every quantity in step 6 accumulates in float32"),
+or in float64 for float64 inputs, so that the reference is a float64 oracle for tests.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from .noise import conba_noise
 
 
 class ConbaState(NamedTuple):
-    """Decode state of one Conba scan (docs/conba.md, "Decode state"); all float32.
+    """Decode state of one Conba scan (docs/conba.md, "Decode state"); float32 (float64 for float64 inputs).
 
     h:     (batch, d_inner, N)         the latest state h_t
     delay: (batch, tau, d_inner, N)    delay[:, j] = h_{t-j} for j = 0..tau-1 (delay[:, 0] == h)
@@ -31,17 +32,23 @@ class ConbaState(NamedTuple):
     e: torch.Tensor
 
 
-def empty_state(batch, d_inner, d_state, tau=0, group_size=8, k0=None, device=None) -> ConbaState:
+def empty_state(batch, d_inner, d_state, tau=0, group_size=8, k0=None, device=None,
+                dtype=torch.float32) -> ConbaState:
     """The state before the first token: h = 0, delay line 0, k = k_0, e = 0."""
     n_groups = d_inner // group_size
-    h = torch.zeros(batch, d_inner, d_state, dtype=torch.float32, device=device)
-    delay = torch.zeros(batch, tau, d_inner, d_state, dtype=torch.float32, device=device)
+    h = torch.zeros(batch, d_inner, d_state, dtype=dtype, device=device)
+    delay = torch.zeros(batch, tau, d_inner, d_state, dtype=dtype, device=device)
     if k0 is None:
-        k = torch.zeros(batch, n_groups, dtype=torch.float32, device=device)
+        k = torch.zeros(batch, n_groups, dtype=dtype, device=device)
     else:
-        k = k0.float().to(device).expand(batch, n_groups).clone()  # keeps k0 in the graph
-    e = torch.zeros(batch, d_inner, dtype=torch.float32, device=device)
+        k = k0.to(device=device, dtype=dtype).expand(batch, n_groups).clone()  # keeps k0 in the graph
+    e = torch.zeros(batch, d_inner, dtype=dtype, device=device)
     return ConbaState(h, delay, k, e)
+
+
+def acc_dtype(x: torch.Tensor) -> torch.dtype:
+    """float32, or float64 for float64 inputs (so the reference can serve as a float64 oracle)."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
 def _per_channel(x: torch.Tensor, group_size: int) -> torch.Tensor:
@@ -64,7 +71,7 @@ def _one_step(
         u_ctl = u_t
     h_new = dA * h
     if tau > 0:
-        rho_c = _per_channel(rho.float(), group_size)[None, :, None]
+        rho_c = _per_channel(rho.to(h.dtype), group_size)[None, :, None]
         h_new = (1.0 - rho_c) * h_new + rho_c * delay[:, tau - 1]  # delay[:, tau-1] = h_{t-τ}
     if alpha_t is not None:
         h_new = _per_channel(alpha_t, group_size)[:, :, None] * h_new
@@ -73,12 +80,12 @@ def _one_step(
     if sigma_w > 0.0 or sigma_v > 0.0:
         xi, zeta = conba_noise(seed, u_t.shape[0], t, u_t.shape[1], A.shape[1], device=u_t.device)
     if sigma_w > 0.0:
-        h_new = h_new + sigma_w * xi
+        h_new = h_new + sigma_w * xi.to(h.dtype)
     y = (h_new * C_t[:, None, :]).sum(-1)
     if D is not None:
-        y = y + D.float() * u_t
+        y = y + D.to(h.dtype) * u_t
     if sigma_v > 0.0:
-        y = y + sigma_v * zeta  # the error below sees the noisy measurement
+        y = y + sigma_v * zeta.to(h.dtype)  # the error below sees the noisy measurement
     if control:
         e_new = y - w_r * u_t
         G = group_size
@@ -101,18 +108,18 @@ def _one_step(
     return y, h_new, delay_new, k_new, e_new
 
 
-def _prepare(delta, delta_bias, delta_softplus, A, eta, lam, w_r, k0, d_inner, n_groups, device):
-    dt = delta.float()
+def _prepare(delta, delta_bias, delta_softplus, A, eta, lam, w_r, k0, d_inner, n_groups, device, acc):
+    dt = delta.to(acc)
     if delta_bias is not None:
-        dt = dt + delta_bias.float()
+        dt = dt + delta_bias.to(acc)
     if delta_softplus:
         dt = F.softplus(dt)
     control = eta is not None or k0 is not None
-    zeros_g = torch.zeros(n_groups, dtype=torch.float32, device=device)
-    eta_f = eta.float() if eta is not None else zeros_g
-    lam_f = lam.float() if lam is not None else zeros_g
-    w_r_f = w_r.float() if w_r is not None else torch.ones(d_inner, dtype=torch.float32, device=device)
-    return dt, A.float(), control, eta_f, lam_f, w_r_f
+    zeros_g = torch.zeros(n_groups, dtype=acc, device=device)
+    eta_f = eta.to(acc) if eta is not None else zeros_g
+    lam_f = lam.to(acc) if lam is not None else zeros_g
+    w_r_f = w_r.to(acc) if w_r is not None else torch.ones(d_inner, dtype=acc, device=device)
+    return dt, A.to(acc), control, eta_f, lam_f, w_r_f
 
 
 def conba_scan_ref(
@@ -125,14 +132,15 @@ def conba_scan_ref(
     in u's dtype, and the final `ConbaState` when ``return_final_state``."""
     b, T, d = u.shape
     n_groups = d // group_size
+    acc = acc_dtype(u)
     dt, A32, control, eta_f, lam_f, w_r_f = _prepare(
-        delta, delta_bias, delta_softplus, A, eta, lam, w_r, k0, d, n_groups, u.device
+        delta, delta_bias, delta_softplus, A, eta, lam, w_r, k0, d, n_groups, u.device, acc
     )
     if initial_state is None:
-        initial_state = empty_state(b, d, A.shape[1], tau, group_size, k0 if control else None, u.device)
-    h, delay, k, e = (s.float() for s in initial_state)
-    u32, B32, C32 = u.float(), B.float(), C.float()
-    alpha32 = alpha.float() if alpha is not None else None
+        initial_state = empty_state(b, d, A.shape[1], tau, group_size, k0 if control else None, u.device, acc)
+    h, delay, k, e = (s.to(acc) for s in initial_state)
+    u32, B32, C32 = u.to(acc), B.to(acc), C.to(acc)
+    alpha32 = alpha.to(acc) if alpha is not None else None
     ys = []
     for t in range(T):
         y, h, delay, k, e = _one_step(
@@ -144,7 +152,7 @@ def conba_scan_ref(
         ys.append(y)
     y = torch.stack(ys, dim=1) if ys else u32.new_zeros(b, 0, d)  # (b, T, d)
     if z is not None:
-        y = y * F.silu(z.float())
+        y = y * F.silu(z.to(acc))
     y = y.to(u.dtype)
     if return_final_state:
         return y, ConbaState(h, delay, k, e)
@@ -160,13 +168,14 @@ def conba_step_ref(
     Updates ``state`` in place and returns y (b, d) in u's dtype. ``t`` keys the noise."""
     b, d = u.shape
     n_groups = d // group_size
+    acc = acc_dtype(u)
     dt, A32, control, eta_f, lam_f, w_r_f = _prepare(
-        delta, delta_bias, delta_softplus, A, eta, lam, w_r, k0, d, n_groups, u.device
+        delta, delta_bias, delta_softplus, A, eta, lam, w_r, k0, d, n_groups, u.device, acc
     )
     y, h, delay, k, e = _one_step(
-        state.h.float(), state.delay.float(), state.k.float(), state.e.float(),
-        u.float(), dt, B.float(), C.float(), A32, D,
-        alpha.float() if alpha is not None else None, rho, tau, control, eta_f, lam_f, w_r_f,
+        state.h.to(acc), state.delay.to(acc), state.k.to(acc), state.e.to(acc),
+        u.to(acc), dt, B.to(acc), C.to(acc), A32, D,
+        alpha.to(acc) if alpha is not None else None, rho, tau, control, eta_f, lam_f, w_r_f,
         k_max, group_size, sigma_w, sigma_v, seed, t, mask,
     )
     state.h.copy_(h)
@@ -174,5 +183,5 @@ def conba_step_ref(
     state.k.copy_(k)
     state.e.copy_(e)
     if z is not None:
-        y = y * F.silu(z.float())
+        y = y * F.silu(z.to(acc))
     return y.to(u.dtype)
