@@ -215,12 +215,18 @@ def test_save_and_load_in_process_keeps_weights(tmp_path):
 
 def test_device_map_auto_places_whole_layers(tmp_path):
     pytest.importorskip("accelerate")
+    from accelerate import infer_auto_device_map
     from transformers import AutoModelForCausalLM
 
     model = make_model()
+    size = sum(p.numel() * p.element_size() for p in model.parameters())
+    # three devices that each hold a third: the split falls between decoder layers, never inside one
+    dm = infer_auto_device_map(model, max_memory={0: size // 3, 1: size // 3, "cpu": 10 * size},
+                               no_split_module_classes=model._no_split_modules)
+    assert len(set(dm.values())) == 3
+    assert all(k.count(".") <= 2 for k in dm if k.startswith("model.layers."))
     model.save_pretrained(tmp_path)
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path, device_map="auto").eval()
-    assert hasattr(loaded, "hf_device_map")
     ids = torch.randint(3, 100, (1, 6))
     with torch.no_grad():
         assert torch.allclose(loaded(ids).logits, model(ids).logits, atol=1e-5)
