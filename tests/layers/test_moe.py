@@ -1,0 +1,96 @@
+import pytest
+import torch
+
+from helpers import randomize_, rel_rms, tiny_config
+from mixcon import MixConForCausalLM
+from mixcon.layers.moe import SparseMoE
+from mixcon.ops.moe import load_balancing_loss, moe_grouped, moe_loop, route, router_z_loss
+
+
+def _experts(E=6, D=16, F=24, T=40, K=2, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(T, D, generator=g)
+    gate_up = torch.randn(E, 2 * F, D, generator=g) * 0.3
+    down = torch.randn(E, D, F, generator=g) * 0.3
+    logits = torch.randn(T, E, generator=g)
+    logits[:, 0] -= 100  # expert 0 receives no token
+    return x, gate_up, down, logits
+
+
+@pytest.mark.parametrize("renorm", [True, False])
+def test_grouped_matches_loop_forward_and_gradients_with_empty_experts(renorm):
+    x, gate_up, down, logits = _experts()
+    w, idx = route(logits, 2, renorm)
+    assert not (idx == 0).any()
+    ins = [t.clone().requires_grad_(True) for t in (x, gate_up, down, logits)]
+    outs = []
+    for fn, (xx, gu, dn, lg) in ((moe_loop, ins), (moe_grouped, [t.detach().clone().requires_grad_(True) for t in ins])):
+        ww, ii = route(lg, 2, renorm)
+        y = fn(xx, gu, dn, ww, ii)
+        (y * torch.linspace(-1, 1, y.numel()).view_as(y)).sum().backward()
+        outs.append((y.detach(), [t.grad for t in (xx, gu, dn, lg)]))
+    (y1, g1), (y2, g2) = outs
+    assert rel_rms(y2, y1) < 1e-6
+    for a, b in zip(g2, g1):
+        assert rel_rms(a, b) < 1e-6
+    assert g1[1][0].abs().sum() == 0 and g2[1][0].abs().sum() == 0  # the idle expert gets no gradient
+
+
+def test_moe_block_matches_transformers_mixtral_block():
+    from transformers import MixtralConfig
+    from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
+
+    xc = MixtralConfig(hidden_size=16, intermediate_size=24, num_local_experts=6, num_experts_per_tok=2)
+    ref = MixtralSparseMoeBlock(xc).eval()
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.normal_(0, 0.3)
+    for impl in ("loop", "grouped"):
+        ours = SparseMoE(tiny_config(hidden_size=16, intermediate_size=24, num_experts=6, experts_per_token=2,
+                                     moe_impl=impl)).eval()
+        ours.router.weight.data.copy_(ref.gate.weight)
+        ours.experts.gate_up_proj.data.copy_(ref.experts.gate_up_proj)
+        ours.experts.down_proj.data.copy_(ref.experts.down_proj)
+        x = torch.randn(3, 7, 16)
+        with torch.no_grad():
+            y, logits = ours(x)
+            assert torch.allclose(logits, ref.gate(x.view(-1, 16))[0], atol=1e-6)
+            assert rel_rms(y, ref(x)) < 1e-6
+        assert ours.last_expert_load.sum() == 3 * 7 * 2
+
+
+def test_switch_loss_is_k_at_perfect_balance_and_larger_when_collapsed():
+    E, K = 8, 2
+    balanced = torch.zeros(64, E)  # uniform probabilities; top-K ties broken evenly below
+    balanced[torch.arange(64), torch.arange(64) % E] = 1e-3
+    balanced[torch.arange(64), (torch.arange(64) + 1) % E] = 1e-3
+    assert abs(load_balancing_loss([balanced], K).item() - K) < 1e-2
+    collapsed = torch.zeros(64, E)
+    collapsed[:, :2] = 10.0
+    assert load_balancing_loss([collapsed], K).item() > 3 * K
+    assert router_z_loss([collapsed]).item() > router_z_loss([balanced]).item()
+
+
+def test_aux_loss_unchanged_by_padding():
+    torch.manual_seed(0)
+    model = randomize_(MixConForCausalLM(tiny_config())).eval()
+    V = model.config.vocab_size
+    a = torch.randint(3, V, (1, 9))
+    b = torch.randint(3, V, (1, 6))
+    with torch.no_grad():
+        la, lb = model(a).aux_loss, model(b).aux_loss
+        ids = torch.cat([a, torch.cat([torch.randint(3, V, (1, 3)), b], 1)])  # b left-padded with junk
+        mask = torch.ones_like(ids)
+        mask[1, :3] = 0
+        both = model(ids, attention_mask=mask)
+        ids2 = ids.clone()
+        ids2[1, :3] = torch.randint(3, V, (3,))
+        both2 = model(ids2, attention_mask=mask)
+    assert torch.allclose(both.aux_loss, both2.aux_loss, atol=1e-6)  # padded content does not count
+    # and the pair's loss is the loss of the 15 real tokens, computed from the unpadded runs
+    logits = [torch.cat([x, y]) for x, y in zip(model(a).router_logits, model(b).router_logits)]
+    c = model.config
+    expected = (c.router_aux_loss_coef * load_balancing_loss(logits, c.experts_per_token)
+                + c.router_z_loss_coef * router_z_loss(logits))
+    assert torch.allclose(both.aux_loss, expected, atol=1e-5)
+    assert not torch.allclose(la, lb)
