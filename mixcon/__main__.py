@@ -1,0 +1,3 @@
+from mixcon.cli import main
+
+main()

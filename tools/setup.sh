@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Install mixcon (and with "dev" the test tools and the mamba-ssm/causal-conv1d test oracles).
+#   bash tools/setup.sh        # the package
+#   bash tools/setup.sh dev    # + pytest, triton, accelerate, mamba-ssm reference (CPU build)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+# A torch already installed is kept (a CUDA build on a GPU box); otherwise the CPU build:
+# a bare `pip install torch` may pull a multi-GB CUDA build.
+if ! $PY -c "import torch" 2>/dev/null; then
+  $PY -m pip install -q "torch==2.13.0" || $PY -m pip install -q "torch>=2.6" --index-url https://download.pytorch.org/whl/cpu
+fi
+if [ "${1:-}" = "dev" ]; then
+  $PY -m pip install -q -e ".[dev]"
+  # mamba_ssm's selective_scan_ref is the oracle of the Mamba reduction test. Without a GPU its
+  # CUDA extension is skipped; the tests import the pure-PyTorch reference defensively.
+  if ! $PY -c "import importlib.util,sys; sys.exit(importlib.util.find_spec('mamba_ssm') is None)"; then
+    MAMBA_FORCE_BUILD=TRUE MAMBA_SKIP_CUDA_BUILD=TRUE \
+      $PY -m pip install -q --no-deps --no-build-isolation mamba-ssm || echo "mamba-ssm not installed: its oracle tests will skip"
+  fi
+else
+  $PY -m pip install -q -e .
+fi
