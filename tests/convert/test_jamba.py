@@ -17,7 +17,7 @@ from mixcon.convert import from_jamba  # noqa: E402
 def tiny_jamba(**kw):
     cfg = dict(vocab_size=97, hidden_size=32, intermediate_size=40, num_hidden_layers=8, num_attention_heads=4,
                num_key_value_heads=2, num_experts=4, num_experts_per_tok=2, mamba_d_state=4, mamba_expand=2,
-               pad_token_id=0)
+               pad_token_id=0, use_mamba_kernels=False)  # 5.0 needs the flag on CPU; later 5.x ignore it
     cfg.update(kw)
     torch.manual_seed(0)
     return randomize_(JambaForCausalLM(JambaConfig(**cfg)), scale=0.2).eval()

@@ -103,6 +103,7 @@ def test_every_config_file_builds_with_the_expected_parameter_count(path):
     c = MixConConfig(**kw)
     with torch.device("meta"):
         model = MixConForCausalLM(c)
+    model.tie_weights()  # transformers 5.0 does not tie inside post_init on the meta device
     n = sum(p.numel() for p in model.parameters())
     assert n == expected_parameters(c)
 

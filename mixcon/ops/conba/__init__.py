@@ -25,7 +25,9 @@ MAX_DELAY = 4
 
 
 def _triton_available() -> bool:
-    return importlib.util.find_spec("triton") is not None
+    """Triton importable and the fused kernels present."""
+    return (importlib.util.find_spec("triton") is not None
+            and importlib.util.find_spec(__name__ + ".fused_recurrent") is not None)
 
 
 def resolve_backend(backend: str, device: torch.device) -> str:
@@ -33,6 +35,8 @@ def resolve_backend(backend: str, device: torch.device) -> str:
         raise ValueError(f"backend={backend!r} is not one of {BACKENDS}")
     if backend == "auto":
         return "triton" if device.type == "cuda" and _triton_available() else "ref"
+    if backend == "triton" and not _triton_available():
+        raise ValueError("backend='triton' needs the triton package and mixcon's fused Conba kernels; use 'ref'")
     return backend
 
 
