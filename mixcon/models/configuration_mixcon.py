@@ -274,3 +274,20 @@ class MixConConfig(PretrainedConfig):
                 s += ch.upper() if self.layers_ffn_type[i] == "moe" else ch
             lines.append(f"block {blk}: {s}")
         return "\n".join(lines) + "\n(a = attention, c = Conba; upper case = MoE FFN)"
+
+
+def active_parameters(config: "MixConConfig") -> int:
+    """Parameters one token passes through (the K chosen experts of each MoE layer), counted on the
+    meta device without allocating."""
+    import torch
+
+    from mixcon.models.modeling_mixcon import MixConForCausalLM
+
+    with torch.device("meta"):
+        model = MixConForCausalLM(config)
+    total = sum(p.numel() for p in model.parameters())
+    if config.tie_word_embeddings and model.lm_head.weight is not model.model.embed_tokens.weight:
+        total -= model.lm_head.weight.numel()
+    per_expert = 3 * config.hidden_size * config.intermediate_size
+    inactive = config.layers_ffn_type.count("moe") * (config.num_experts - config.experts_per_token) * per_expert
+    return total - inactive
