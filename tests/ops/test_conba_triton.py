@@ -1,0 +1,212 @@
+"""The fused Triton Conba kernels against the reference (docs/conba.md, "Kernel contract").
+
+On CPU these run through Triton's interpreter (TRITON_INTERPRET=1, set in conftest.py), so the
+shapes are small; they are chosen odd on purpose: T not a multiple of the checkpoint chunk,
+d_inner not a multiple of the channel block, N not a power of two, some groups padded.
+Every tensor the kernels allocate is pre-filled with NaN, so an element a kernel forgets to
+write shows up as NaN.
+"""
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from helpers import conba_inputs, rel_rms  # noqa: E402
+from mixcon.ops.conba import ConbaState, conba_scan, conba_step, empty_state, resolve_backend  # noqa: E402
+from mixcon.ops.conba import fused_recurrent as fr  # noqa: E402
+
+SEQ = ("u", "delta", "B", "C", "z", "alpha", "mask")
+MECHANISMS = ["none", "scaling", "delay", "control", "noise", "all"]
+
+
+@pytest.fixture(autouse=True)
+def _nan_prefilled_outputs(monkeypatch):
+    """torch.empty inside the kernel module returns NaN-filled tensors."""
+    real_empty = torch.empty
+
+    def nan_empty(*size, **kw):
+        t = real_empty(*size, **kw)
+        return t.fill_(float("nan")) if t.is_floating_point() else t
+
+    monkeypatch.setattr(fr.torch, "empty", nan_empty)
+    yield
+
+
+def _inputs(mech, b=2, T=13, d=24, n=5, G=8, dtype=torch.float32, tau=None, seed=0):
+    m = "all" if mech == "all" else (() if mech == "none" else (mech,))
+    x = conba_inputs(b=b, T=T, d=d, n=n, G=G, dtype=dtype, mechanisms=m, seed=seed)
+    if tau is not None:
+        x["tau"] = tau
+    g = torch.Generator().manual_seed(seed + 1)
+    x["mask"] = (torch.rand(b, T, generator=g) > 0.2).float()
+    x["mask"][0, :3] = 0  # a left-padded row
+    return x
+
+
+def _init_state(x, seed=0):
+    b, T, d = x["u"].shape
+    n, tau, ng = x["A"].shape[1], x.get("tau", 0), d // x["group_size"]
+    g = torch.Generator().manual_seed(seed + 2)
+    r = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
+    return ConbaState(r(b, d, n), r(b, tau, d, n), torch.rand(b, ng, generator=g) * 0.5, r(b, d) * 0.3)
+
+
+def _run(x, backend, init=None, chunk=4, seed=0):
+    """Output, final state and the gradient of every floating input of a random loss."""
+    x = {k: (v.detach().clone().requires_grad_(k != "mask") if isinstance(v, torch.Tensor) else v)
+         for k, v in x.items()}
+    st = None if init is None else ConbaState(*(s.detach().clone().requires_grad_(True) for s in init))
+    if backend == "ref":
+        y, fin = conba_scan(**x, initial_state=st, return_final_state=True, backend="ref")
+    else:
+        y, fin = fr.conba_scan_triton(**x, initial_state=st, return_final_state=True, chunk_size=chunk)
+    g = torch.Generator().manual_seed(seed + 3)
+    loss = (y.float() * torch.randn(y.shape, generator=g)).sum()
+    loss = loss + sum((s.float() * torch.randn(s.shape, generator=g)).sum() for s in fin)
+    loss.backward()
+    grads = {k: v.grad for k, v in x.items() if isinstance(v, torch.Tensor) and k != "mask"}
+    if st is not None:
+        grads.update({"state." + f: s.grad for f, s in zip(ConbaState._fields, st)})
+    return y, fin, grads
+
+
+def _compare(x, tol, init=None, chunk=4):
+    """Kernel vs the reference run on the same inputs. In float32 both are also measured against
+    the reference in float64 (the oracle): the kernel must be within ``tol`` of it, or no worse than
+    twice the float32 reference's own error where a reduction is ill-conditioned (the gradients
+    of λ and η sum many terms of both signs)."""
+    y_r, fin_r, g_r = _run(x, "ref", init)
+    y_t, fin_t, g_t = _run(x, "triton", init, chunk)
+    oracle = None
+    if x["u"].dtype == torch.float32:
+        x64 = {k: (v.double() if isinstance(v, torch.Tensor) and k != "mask" else v) for k, v in x.items()}
+        oracle = _run(x64, "ref", None if init is None else ConbaState(*(s.double() for s in init)))
+
+    def close(name, got, ref, o=None):
+        if o is None:
+            err = rel_rms(got, ref)
+            assert err <= tol, f"{name}: {err:.2e} > {tol:g}"
+            return
+        err, err_ref = rel_rms(got, o), rel_rms(ref, o)
+        assert err <= max(tol, 2 * err_ref), f"{name}: {err:.2e} from the float64 oracle (fp32 reference {err_ref:.2e})"
+
+    assert not torch.isnan(y_t).any()
+    close("y", y_t, y_r, None if oracle is None else oracle[0])
+    for i, (f, a, b) in enumerate(zip(ConbaState._fields, fin_t, fin_r)):
+        if b.numel() and (a - b).abs().max() > 1e-6:
+            close(f"final state.{f}", a, b, None if oracle is None else oracle[1][i])
+    assert g_r.keys() == g_t.keys()
+    for k in g_r:
+        if g_r[k] is None:
+            assert g_t[k] is None or g_t[k].abs().max() == 0, k
+            continue
+        assert g_t[k] is not None, f"no gradient for {k}"
+        if g_r[k].numel() == 0:
+            continue
+        assert not torch.isnan(g_t[k]).any(), k
+        assert g_r[k].abs().max() > 0, f"{k}: the reference gradient is zero; the test would be vacuous"
+        close(f"d/d{k}", g_t[k], g_r[k], None if oracle is None else oracle[2][k])
+
+
+@pytest.mark.parametrize("mech", MECHANISMS)
+def test_forward_backward_fp32_each_mechanism(mech):
+    x = _inputs(mech)
+    _compare(x, 1e-5, init=_init_state(x))
+
+
+def test_without_initial_state_all_mechanisms_k0_gradient():
+    x = _inputs("all", T=11)
+    _compare(x, 1e-5)  # k0 is a leaf here: its gradient comes through the initial gain
+
+
+@pytest.mark.parametrize("tau,G", [(1, 8), (3, 4), (4, 6)])
+def test_delay_lengths_and_group_sizes(tau, G):
+    x = _inputs("all", T=10, d=4 * G, tau=tau, G=G)
+    _compare(x, 1e-5, init=_init_state(x), chunk=3)
+
+
+def test_bf16_inputs():
+    x = _inputs("all", dtype=torch.bfloat16, T=12)
+    # the kernel and the reference both read bf16 and accumulate in float32; outputs and
+    # gradients are rounded to bf16
+    _compare(x, 1e-2, init=_init_state(x))
+
+
+def test_longer_sequence_several_chunks():
+    x = _inputs("all", b=1, T=37, d=40, n=16)
+    _compare(x, 1e-5, chunk=16)
+
+
+def test_no_grad_forward_and_no_mask():
+    x = _inputs("all")
+    del x["mask"]
+    with torch.no_grad():
+        y_r, s_r = conba_scan(**x, return_final_state=True, backend="ref")
+        y_t, s_t = conba_scan(**x, return_final_state=True, backend="triton")
+    assert rel_rms(y_t, y_r) <= 1e-5
+    for a, b in zip(s_t, s_r):
+        assert b.numel() == 0 or rel_rms(a, b) <= 1e-5
+
+
+@pytest.mark.parametrize("mech", ["none", "all"])
+def test_decode_steps_equal_scan(mech):
+    x = _inputs(mech, T=9)
+    y, fin = conba_scan(**x, return_final_state=True, backend="ref")
+    b, T, d = x["u"].shape
+    per = {k: x[k] for k in SEQ if k in x}
+    rest = {k: v for k, v in x.items() if k not in per}
+    state = empty_state(b, d, x["A"].shape[1], x.get("tau", 0), x["group_size"], x.get("k0"))
+    with torch.no_grad():
+        ys = [conba_step(state, **{k: v[:, t] for k, v in per.items()}, **rest, t=t, backend="triton")
+              for t in range(T)]
+    assert rel_rms(torch.stack(ys, 1), y) <= 1e-5
+    for f, a, b in zip(ConbaState._fields, state, fin):
+        assert b.numel() == 0 or rel_rms(a, b) <= 1e-5 or (a - b).abs().max() < 1e-6, f
+
+
+def test_split_scan_with_state_equals_one_scan():
+    x = _inputs("all", T=12)
+    x["sigma_w"] = x["sigma_v"] = 0.0  # noise is keyed by the time index inside one call
+    with torch.no_grad():
+        y, fin = conba_scan(**x, return_final_state=True, backend="triton")
+        first = {k: (v[:, :5] if k in SEQ else v) for k, v in x.items()}
+        second = {k: (v[:, 5:] if k in SEQ else v) for k, v in x.items()}
+        y1, s1 = conba_scan(**first, return_final_state=True, backend="triton")
+        y2, s2 = conba_scan(**second, initial_state=s1, return_final_state=True, backend="triton")
+    assert rel_rms(torch.cat([y1, y2], 1), y) <= 1e-5
+    assert rel_rms(s2.h, fin.h) <= 1e-5
+
+
+def test_auto_backend_is_reference_on_cpu():
+    assert resolve_backend("auto", torch.device("cpu")) == "ref"
+    assert resolve_backend("triton", torch.device("cpu")) == "triton"
+    with pytest.raises(ValueError, match="backend"):
+        resolve_backend("cuda", torch.device("cpu"))
+
+
+def test_model_with_triton_backend_matches_reference():
+    from helpers import randomize_, tiny_config
+    from mixcon import MixConForCausalLM
+
+    torch.manual_seed(0)
+    cfg = tiny_config(conba_backend="ref")
+    model = randomize_(MixConForCausalLM(cfg), scale=0.1).eval()  # well-conditioned in fp32
+    ids = torch.randint(0, cfg.vocab_size, (2, 7))
+    mask = torch.ones(2, 7, dtype=torch.long)
+    mask[1, :2] = 0
+    with torch.no_grad():
+        ref = model(ids, attention_mask=mask).logits
+        for m in model.modules():
+            if hasattr(m, "backend"):
+                m.backend = "triton"
+        fused = model(ids, attention_mask=mask).logits
+    assert rel_rms(fused[mask.bool()], ref[mask.bool()]) <= 1e-5
+
+
+@pytest.mark.gpu
+def test_gpu_kernels_match_reference():
+    x = {k: (v.cuda() if isinstance(v, torch.Tensor) else v) for k, v in _inputs("all", T=300, d=256, n=16).items()}
+    y_r = conba_scan(**x, backend="ref")
+    y_t = conba_scan(**x, backend="triton")
+    assert rel_rms(y_t, y_r) <= 1e-5
