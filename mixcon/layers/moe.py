@@ -29,9 +29,12 @@ class SparseMoE(nn.Module):
         """x (b, T, D) → (y (b, T, D), router_logits (b·T, E))."""
         b, T, D = x.shape
         h = x.reshape(-1, D)
+        r = h
         if self.training and self.jitter > 0:
-            h = h * torch.empty_like(h).uniform_(1.0 - self.jitter, 1.0 + self.jitter)
-        logits = self.router(h)  # (b·T, E)
+            # multiplicative jitter on the router's input only (Switch Transformer): routing is
+            # explored, the experts see the clean activations
+            r = h * torch.empty_like(h).uniform_(1.0 - self.jitter, 1.0 + self.jitter)
+        logits = self.router(r)  # (b·T, E)
         weights, indices = route(logits, self.top_k, self.renormalize)
         fn = moe_loop if self.impl == "loop" else moe_grouped
         y = fn(h, self.experts.gate_up_proj, self.experts.down_proj, weights, indices)

@@ -40,6 +40,20 @@ def moe_loop(x, gate_up, down, weights, indices):
     return out.to(x.dtype)
 
 
+def moe_gather(x, gate_up, down, weights, indices):
+    """Decoding path for a handful of tokens: gather the chosen experts' weights per (token, k) and
+    run them as a batched product. Reads exactly the T·K chosen experts' weights (K at batch 1) and
+    never synchronises with the host, so it can be captured in a CUDA graph."""
+    T, K = indices.shape
+    flat = indices.reshape(-1)  # (T·K,)
+    xs = x.repeat_interleave(K, dim=0)[:, None, :]  # (T·K, 1, D)
+    gu = torch.bmm(xs, gate_up[flat].transpose(1, 2))  # (T·K, 1, 2F)
+    g, u = gu.chunk(2, dim=-1)
+    ys = torch.bmm(F.silu(g) * u, down[flat].transpose(1, 2))[:, 0]  # (T·K, D)
+    out = (ys.float().view(T, K, -1) * weights[..., None]).sum(dim=1)
+    return out.to(x.dtype)
+
+
 def moe_grouped(x, gate_up, down, weights, indices):
     """Dropless grouped dispatch: (token, k) pairs sorted by expert, every expert's slice run in one
     grouped matrix product (torch's grouped_mm on CUDA in bf16, else a loop over non-empty experts
@@ -47,6 +61,8 @@ def moe_grouped(x, gate_up, down, weights, indices):
     each token summed in float32 in a fixed order (deterministic, unlike index_add_)."""
     T, K = indices.shape
     E = gate_up.shape[0]
+    if T * K <= E // 2:  # decoding: reading the chosen experts beats touching all of them
+        return moe_gather(x, gate_up, down, weights, indices)
     flat = indices.reshape(-1)  # (T·K,)
     order = torch.argsort(flat, stable=True)
     xs = x[order // K]  # (T·K, D) grouped by expert

@@ -95,3 +95,56 @@ def test_aux_loss_unchanged_by_padding():
                 + c.router_z_loss_coef * router_z_loss(logits))
     assert torch.allclose(both.aux_loss, expected, atol=1e-5)
     assert not torch.allclose(la, lb)
+
+
+@pytest.mark.parametrize("T", [1, 3])
+def test_decode_gather_path_matches_loop_and_reads_only_chosen_experts(T):
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    x, gate_up, down, logits = _experts(E=16, T=T)
+    w, idx = route(logits, 2)
+    ins = [t.clone().requires_grad_(True) for t in (x, gate_up, down)]
+    y_ref = moe_loop(*ins, w, idx)
+
+    seen = []
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            for a in args:
+                if isinstance(a, torch.Tensor) and a.shape == gate_up.shape:
+                    seen.append(func.__name__)
+            return func(*args, **(kwargs or {}))
+
+    args = [t.detach() for t in ins]
+    with Record():
+        y = moe_grouped(*args, w, idx)
+    assert rel_rms(y, y_ref) < 1e-6
+    # the stacked expert weights are only indexed (T·K rows), never read whole by a product
+    assert seen and all(name.startswith("index") for name in seen), seen
+    y2 = moe_grouped(*ins, w, idx)
+    (y2 * torch.linspace(-1, 1, y2.numel()).view_as(y2)).sum().backward()
+    touched = (ins[1].grad.flatten(1).abs().sum(1) > 0).nonzero().flatten().tolist()
+    assert touched == sorted(set(idx.flatten().tolist()))
+
+
+def test_router_jitter_only_in_training_and_only_on_the_router():
+    cfg = tiny_config(router_jitter_noise=0.5)
+    moe = SparseMoE(cfg)
+    torch.nn.init.normal_(moe.router.weight)
+    for p in (moe.experts.gate_up_proj, moe.experts.down_proj):
+        torch.nn.init.normal_(p, std=0.1)
+    x = torch.randn(2, 5, cfg.hidden_size)
+    moe.eval()
+    y1, l1 = moe(x)
+    y2, l2 = moe(x)
+    assert torch.equal(l1, l2) and torch.equal(y1, y2)
+    moe.train()
+    _, l3 = moe(x)
+    assert not torch.allclose(l3, l1)
+    # the experts saw clean inputs: re-running them with the jittered routing gives the same output
+    torch.manual_seed(1)
+    y4, l4 = moe(x)
+    w, idx = route(l4, cfg.experts_per_token, cfg.moe_renormalize)
+    expect = moe_loop(x.reshape(-1, cfg.hidden_size), moe.experts.gate_up_proj, moe.experts.down_proj, w, idx)
+    assert rel_rms(y4.reshape(-1, cfg.hidden_size), expect) < 1e-6
+    assert moe.last_expert_load.sum() == x.shape[0] * x.shape[1] * cfg.experts_per_token
