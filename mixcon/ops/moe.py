@@ -73,12 +73,12 @@ def moe_grouped(x, gate_up, down, weights, indices):
         g, u = gu.chunk(2, dim=-1)
         ys = _grouped_mm(F.silu(g) * u, down.transpose(1, 2), offs=offs)  # (T·K, D)
     else:
-        ys = torch.empty_like(xs)
-        start = 0
+        parts, start = [], 0  # concatenated, not written into slices: no copy chain in the backward
         for e, n in enumerate(counts.tolist()):
             if n:
-                ys[start:start + n] = _expert_ffn(xs[start:start + n], gate_up[e], down[e])
+                parts.append(_expert_ffn(xs[start:start + n], gate_up[e], down[e]))
             start += n
+        ys = torch.cat(parts)
     out = torch.empty_like(ys, dtype=torch.float32)
     out[order] = ys.float()
     out = (out.view(T, K, -1) * weights[..., None]).sum(dim=1)

@@ -1,0 +1,252 @@
+"""Benchmark of the fused Conba kernels (issue: fused Conba kernels, "Performance").
+
+One run prints one table: forward, backward and decode step of `conba_scan`/`conba_step`
+(backend "triton", every mechanism on, bf16 inputs, fp32 state) for each batch, T and d_inner,
+beside, in the same process:
+  - the pure-PyTorch reference (only at small T: it is a Python loop),
+  - mamba_ssm's Triton kernels when importable: `mamba_chunk_scan_combined` (Mamba-2 SSD prefill,
+    d_inner split into 64-wide heads, one B/C group, N = 16) and `selective_state_update` (decode,
+    Mamba-1 layout at the same (batch, d_inner, N)),
+  - SDPA causal attention at the same T (d_model = d_inner / 2, 128-wide heads, forward),
+  - the floors: bytes moved ÷ copy bandwidth measured in this run, and exp(Δ·A) count ÷ the SFU
+    rate (16 ex2 per clock per SM; ``--sm-clock-ghz``), whichever is larger.
+
+Usage (GPU):  python tools/bench_conba.py --out eval/results/conba
+Smoke test on CPU through Triton's interpreter (tiny shapes, no timings worth reading):
+              TRITON_INTERPRET=1 python tools/bench_conba.py --smoke
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+import types
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+from mixcon.ops.conba import conba_scan, conba_step, empty_state  # noqa: E402
+
+
+def git_rev() -> str:
+    try:
+        return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True,
+                                       cwd=os.path.dirname(__file__)).strip()
+    except Exception:
+        return "unknown"
+
+
+def header(args, device) -> dict:
+    import triton
+
+    import transformers
+
+    return dict(rev=git_rev(), date=time.strftime("%Y-%m-%d %H:%M"),
+                device=torch.cuda.get_device_name() if device.type == "cuda" else "cpu (Triton interpreter)",
+                torch=torch.__version__, triton=triton.__version__, transformers=transformers.__version__,
+                cuda=torch.version.cuda, dtype=str(args.dtype), N=args.d_state, command=" ".join(sys.argv))
+
+
+def timeit(fn, device, warmup=3, reps=10) -> float:
+    """Median seconds per call."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(reps):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end) / 1e3)
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+    times.sort()
+    return times[len(times) // 2]
+
+
+def copy_bandwidth(device, nbytes=2 << 30) -> float:
+    """Bytes per second of a device-to-device copy (read + write counted)."""
+    n = nbytes // 4 if device.type == "cuda" else (64 << 20) // 4
+    src = torch.empty(n, device=device, dtype=torch.float32)
+    dst = torch.empty_like(src)
+    t = timeit(lambda: dst.copy_(src), device)
+    return 2 * n * 4 / t
+
+
+def conba_inputs(b, T, d, n, G, dtype, device, requires_grad=False):
+    g = torch.Generator(device="cpu").manual_seed(0)
+    r = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
+    ng = d // G
+    x = dict(
+        u=r(b, T, d).to(device, dtype), delta=(r(b, T, d) * 0.5).to(device, dtype),
+        A=-(torch.rand(d, n, generator=g) + 0.5).to(device), B=r(b, T, n).to(device, dtype),
+        C=r(b, T, n).to(device, dtype), D=r(d).to(device), z=r(b, T, d).to(device, dtype),
+        delta_bias=(r(d) * 0.3 - 3.0).to(device), delta_softplus=True, group_size=G,
+        alpha=torch.sigmoid(r(b, T, ng) + 4).to(device, dtype), rho=torch.full((ng,), 0.01, device=device), tau=2,
+        k0=torch.full((ng,), 0.1, device=device), eta=torch.full((ng,), 0.01, device=device),
+        lam=torch.full((ng,), 0.05, device=device), w_r=torch.ones(d, device=device), k_max=1.0,
+    )
+    if requires_grad:
+        for k in ("u", "delta", "B", "C", "z", "alpha", "A", "D"):
+            x[k].requires_grad_(True)
+    return x
+
+
+def mamba_baselines():
+    """(mamba_chunk_scan_combined, selective_state_update) or Nones; the CUDA extension is stubbed."""
+    sys.modules.setdefault("selective_scan_cuda", types.ModuleType("selective_scan_cuda"))
+    out = [None, None]
+    try:
+        from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined
+
+        out[0] = mamba_chunk_scan_combined
+    except Exception as e:  # pragma: no cover - depends on the machine
+        print(f"# mamba_chunk_scan_combined unavailable: {type(e).__name__}: {e}")
+    try:
+        from mamba_ssm.ops.triton.selective_state_update import selective_state_update
+
+        out[1] = selective_state_update
+    except Exception as e:  # pragma: no cover
+        print(f"# selective_state_update unavailable: {type(e).__name__}: {e}")
+    return out
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--batch", type=int, nargs="+", default=[1, 8, 32])
+    ap.add_argument("--seqlen", type=int, nargs="+", default=[2048 * 2 ** i for i in range(7)])  # 2K..128K
+    ap.add_argument("--d-inner", type=int, nargs="+", default=[4096, 8192])
+    ap.add_argument("--d-state", type=int, default=16)
+    ap.add_argument("--group-size", type=int, default=8)
+    ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    ap.add_argument("--ref-max-T", type=int, default=2048, help="run the Python-loop reference up to this T")
+    ap.add_argument("--max-gib", type=float, default=40.0, help="skip points whose inputs exceed this")
+    ap.add_argument("--sm-clock-ghz", type=float, default=1.755, help="for the SFU floor (H100 SXM boost)")
+    ap.add_argument("--no-backward", action="store_true")
+    ap.add_argument("--out", default=None, help="folder for results.csv, results.json and the plot")
+    ap.add_argument("--smoke", action="store_true", help="tiny shapes on CPU (Triton interpreter)")
+    args = ap.parse_args(argv)
+    args.dtype = getattr(torch, args.dtype)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if args.smoke:
+        args.batch, args.seqlen, args.d_inner, args.ref_max_T = [1, 2], [16], [64], 16
+    elif device.type != "cuda":
+        sys.exit("bench_conba needs a CUDA GPU (or --smoke with TRITON_INTERPRET=1 on CPU)")
+    meta = header(args, device)
+    for k, v in meta.items():
+        print(f"# {k}: {v}")
+    bw = copy_bandwidth(device)
+    sm = torch.cuda.get_device_properties(0).multi_processor_count if device.type == "cuda" else 1
+    sfu_rate = 16 * sm * args.sm_clock_ghz * 1e9  # ex2 per second
+    print(f"# copy bandwidth {bw / 1e9:.0f} GB/s; SFU rate {sfu_rate / 1e12:.2f} Tex2/s ({sm} SMs)")
+    chunk_scan, state_update = mamba_baselines()
+    esize = torch.finfo(args.dtype).bits // 8
+    rows = []
+    cols = ["d_inner", "batch", "T", "fwd_ms", "ns_per_step", "GBps", "floor_ms", "bwd_ms", "bwd_over_fwd",
+            "ref_fwd_ms", "mamba2_ssd_fwd_ms", "sdpa_fwd_ms", "step_us", "mamba_step_us"]
+    print("\t".join(cols))
+    for d in args.d_inner:
+        for b in args.batch:
+            for T in args.seqlen:
+                in_bytes = b * T * (4 * d + 2 * args.d_state + d // args.group_size) * esize
+                if in_bytes * (3 if not args.no_backward else 1) > args.max_gib * 2**30:
+                    continue
+                row = dict(d_inner=d, batch=b, T=T)
+                x = conba_inputs(b, T, d, args.d_state, args.group_size, args.dtype, device)
+                with torch.no_grad():
+                    t = timeit(lambda: conba_scan(**x, backend="triton"), device)
+                moved = b * T * (4 * d + 2 * args.d_state + d // args.group_size) * esize  # u δ z y, B C, α
+                floor = max(moved / bw, b * T * d * args.d_state / sfu_rate)
+                row.update(fwd_ms=t * 1e3, ns_per_step=t / T * 1e9, GBps=moved / t / 1e9, floor_ms=floor * 1e3)
+                if not args.no_backward:
+                    xg = conba_inputs(b, T, d, args.d_state, args.group_size, args.dtype, device, requires_grad=True)
+                    y = conba_scan(**xg, backend="triton")
+                    gy = torch.randn_like(y)
+                    leaves = [v for v in xg.values() if isinstance(v, torch.Tensor) and v.requires_grad]
+                    tb = timeit(lambda: torch.autograd.grad(y, leaves, gy, retain_graph=True), device, 1, 5)
+                    row.update(bwd_ms=tb * 1e3, bwd_over_fwd=tb / t)
+                    del xg, y, gy, leaves
+                if T <= args.ref_max_T:
+                    with torch.no_grad():
+                        row["ref_fwd_ms"] = timeit(lambda: conba_scan(**x, backend="ref"), device, 1, 3) * 1e3
+                if chunk_scan is not None and device.type == "cuda":
+                    hd = 64
+                    xs = x["u"].view(b, T, d // hd, hd)
+                    dts = F.softplus(x["delta"][..., ::hd].float()).to(args.dtype).contiguous()
+                    A2 = -torch.rand(d // hd, device=device) - 0.5
+                    B2, C2 = x["B"][:, :, None], x["C"][:, :, None]
+                    row["mamba2_ssd_fwd_ms"] = timeit(lambda: chunk_scan(xs, dts, A2, B2, C2, chunk_size=256),
+                                                      device) * 1e3
+                if device.type == "cuda":
+                    dm = d // 2
+                    h = max(1, dm // 128)
+                    q = torch.randn(b, h, T, 128, device=device, dtype=args.dtype)
+                    try:
+                        row["sdpa_fwd_ms"] = timeit(lambda: F.scaled_dot_product_attention(q, q, q, is_causal=True),
+                                                    device) * 1e3
+                    except torch.OutOfMemoryError:
+                        pass
+                    del q
+                if T == args.seqlen[0]:  # the decode step does not depend on T
+                    s = {k: (v[:, 0] if k in ("u", "delta", "B", "C", "z", "alpha") else v) for k, v in x.items()}
+                    state = empty_state(b, d, args.d_state, 2, args.group_size, x["k0"], device)
+                    with torch.no_grad():
+                        row["step_us"] = timeit(lambda: conba_step(state, **s, backend="triton"), device) * 1e6
+                    if state_update is not None and device.type == "cuda":
+                        st = torch.zeros(b, d, args.d_state, device=device, dtype=torch.float32)
+                        row["mamba_step_us"] = timeit(lambda: state_update(
+                            st, s["u"], s["delta"], x["A"], s["B"], s["C"], x["D"], z=s["z"],
+                            dt_bias=x["delta_bias"], dt_softplus=True), device) * 1e6
+                del x
+                rows.append(row)
+                print("\t".join(f"{row[c]:.4g}" if isinstance(row.get(c), float) else str(row.get(c, "")) for c in cols),
+                      flush=True)
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+    if args.out:
+        os.makedirs(args.out, exist_ok=True)
+        with open(os.path.join(args.out, "results.csv"), "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=cols)
+            w.writeheader()
+            w.writerows(rows)
+        with open(os.path.join(args.out, "results.json"), "w") as f:
+            json.dump(dict(meta=meta, copy_GBps=bw / 1e9, sfu_Tex2ps=sfu_rate / 1e12, rows=rows), f, indent=1)
+        plot(rows, os.path.join(args.out, "ns_per_step.png"), meta)
+        print(f"# wrote {args.out}/results.csv, results.json, ns_per_step.png")
+
+
+def plot(rows, path, meta):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    keys = sorted({(r["d_inner"], r["batch"]) for r in rows})
+    for d, b in keys:
+        pts = [(r["T"], r["ns_per_step"]) for r in rows if r["d_inner"] == d and r["batch"] == b]
+        ax.plot(*zip(*pts), marker="o", label=f"Conba fwd d={d} b={b}")
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("sequence length T")
+    ax.set_ylabel("ns per time step")
+    ax.set_title(f"Conba fused scan, {meta['device']}, {meta['dtype']}", fontsize=9)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+if __name__ == "__main__":
+    main()
