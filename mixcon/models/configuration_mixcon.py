@@ -291,3 +291,19 @@ def active_parameters(config: "MixConConfig") -> int:
     per_expert = 3 * config.hidden_size * config.intermediate_size
     inactive = config.layers_ffn_type.count("moe") * (config.num_experts - config.experts_per_token) * per_expert
     return total - inactive
+
+
+def cache_nbytes(config: "MixConConfig", context: int, batch: int = 1, dtype=None) -> dict:
+    """Bytes of a `MixConCache` after ``context`` tokens, computed from the config alone (no model):
+    ``{"attention": K/V bytes, "conba": conv windows + float32 states, "total": ...}``.
+    ``dtype`` is the model's dtype (K/V and conv windows; default bfloat16); Conba states are float32."""
+    import torch
+
+    esize = torch.finfo(dtype or torch.bfloat16).bits // 8
+    n_attn = config.layers_block_type.count("attention")
+    n_conba = len(config.layers_block_type) - n_attn
+    attn = n_attn * 2 * config.num_key_value_heads * config.head_dim * context * batch * esize if n_attn else 0
+    d, n = config.d_inner, config.d_state
+    per_layer = d * (config.d_conv - 1) * esize + 4 * (d * n * (1 + config.delay) + d // config.control_group + d)
+    conba = n_conba * per_layer * batch
+    return {"attention": attn, "conba": conba, "total": attn + conba}

@@ -230,3 +230,19 @@ def test_device_map_auto_places_whole_layers(tmp_path):
     ids = torch.randint(3, 100, (1, 6))
     with torch.no_grad():
         assert torch.allclose(loaded(ids).logits, model(ids).logits, atol=1e-5)
+
+
+@pytest.mark.parametrize("ratio", ["1:3", "4:0", "0:4"])
+def test_cache_nbytes_from_config_equals_the_cache_held(ratio):
+    from mixcon.models.cache import MixConCache
+    from mixcon.models.configuration_mixcon import cache_nbytes
+
+    cfg = tiny_config(attn_ratio=ratio, delay=3)
+    model = MixConForCausalLM(cfg).eval()
+    cache = MixConCache(cfg)
+    with torch.no_grad():
+        model(torch.randint(3, cfg.vocab_size, (2, 11)), past_key_values=cache, use_cache=True)
+        model(torch.randint(3, cfg.vocab_size, (2, 1)), past_key_values=cache, use_cache=True)
+    expected = cache_nbytes(cfg, 12, batch=2, dtype=torch.float32)
+    assert cache.nbytes() == expected["total"]
+    assert cache.attention_nbytes() == expected["attention"]
