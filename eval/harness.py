@@ -30,7 +30,7 @@ if ROOT not in sys.path:
 
 import torch  # noqa: E402
 
-import mixcon  # noqa: E402,F401  (registers the Auto classes)
+import mixcon  # noqa: E402,F401  (importing registers the Auto classes)
 
 try:
     from lm_eval.api.registry import register_model

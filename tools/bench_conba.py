@@ -21,67 +21,16 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import math
 import os
-import subprocess
 import sys
-import time
 import types
 
 import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+from mixcon.benchmark import copy_bandwidth, header, timeit  # noqa: E402
 from mixcon.ops.conba import conba_scan, conba_step, empty_state  # noqa: E402
-
-
-def git_rev() -> str:
-    try:
-        return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True,
-                                       cwd=os.path.dirname(__file__)).strip()
-    except Exception:
-        return "unknown"
-
-
-def header(args, device) -> dict:
-    import triton
-
-    import transformers
-
-    return dict(rev=git_rev(), date=time.strftime("%Y-%m-%d %H:%M"),
-                device=torch.cuda.get_device_name() if device.type == "cuda" else "cpu (Triton interpreter)",
-                torch=torch.__version__, triton=triton.__version__, transformers=transformers.__version__,
-                cuda=torch.version.cuda, dtype=str(args.dtype), N=args.d_state, command=" ".join(sys.argv))
-
-
-def timeit(fn, device, warmup=3, reps=10) -> float:
-    """Median seconds per call."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(reps):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            torch.cuda.synchronize()
-            times.append(start.elapsed_time(end) / 1e3)
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t0)
-    times.sort()
-    return times[len(times) // 2]
-
-
-def copy_bandwidth(device, nbytes=2 << 30) -> float:
-    """Bytes per second of a device-to-device copy (read + write counted)."""
-    n = nbytes // 4 if device.type == "cuda" else (64 << 20) // 4
-    src = torch.empty(n, device=device, dtype=torch.float32)
-    dst = torch.empty_like(src)
-    t = timeit(lambda: dst.copy_(src), device)
-    return 2 * n * 4 / t
 
 
 def conba_inputs(b, T, d, n, G, dtype, device, requires_grad=False):
@@ -143,7 +92,7 @@ def main(argv=None):
         args.batch, args.seqlen, args.d_inner, args.ref_max_T = [1, 2], [16], [64], 16
     elif device.type != "cuda":
         sys.exit("bench_conba needs a CUDA GPU (or --smoke with TRITON_INTERPRET=1 on CPU)")
-    meta = header(args, device)
+    meta = header(device, dtype=str(args.dtype), N=args.d_state)
     for k, v in meta.items():
         print(f"# {k}: {v}")
     bw = copy_bandwidth(device)

@@ -28,8 +28,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-sys.path.insert(0, os.path.dirname(__file__))
-from bench_conba import copy_bandwidth, git_rev, timeit  # noqa: E402
+from mixcon.benchmark import copy_bandwidth, header, timeit  # noqa: E402
 from mixcon.ops.moe import moe_grouped, moe_loop, route  # noqa: E402
 
 
@@ -52,11 +51,7 @@ def main(argv=None):
     elif device.type != "cuda":
         sys.exit("bench_moe needs a CUDA GPU (or --smoke)")
     E, K, D, Fh = args.experts, args.top_k, args.hidden, args.ffn
-    import transformers
-
-    meta = dict(rev=git_rev(), device=torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
-                torch=torch.__version__, transformers=transformers.__version__, dtype=str(dtype),
-                shape=f"D={D} F={Fh} E={E} K={K}", command=" ".join(sys.argv))
+    meta = header(device, dtype=str(dtype), shape=f"D={D} F={Fh} E={E} K={K}")
     for k, v in meta.items():
         print(f"# {k}: {v}")
     bw = copy_bandwidth(device)

@@ -1,0 +1,65 @@
+"""Shared pieces of the benchmarks in tools/ and eval/: the run header (git revision, device,
+versions), a median timer with CUDA events, and the device's copy bandwidth measured in-process."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+
+import torch
+
+
+def git_rev() -> str:
+    try:
+        return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True,
+                                       cwd=os.path.dirname(os.path.abspath(__file__))).strip()
+    except Exception:
+        return "unknown"
+
+
+def header(device, **extra) -> dict:
+    """Git revision, date, device and library versions, plus ``extra`` (dtype, shapes, ...)."""
+    import transformers
+
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    return dict(rev=git_rev(), date=time.strftime("%Y-%m-%d %H:%M"),
+                device=torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+                torch=torch.__version__, triton=triton_version, transformers=transformers.__version__,
+                cuda=torch.version.cuda, **extra, command=" ".join(sys.argv))
+
+
+def timeit(fn, device, warmup=3, reps=10) -> float:
+    """Median seconds per call."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(reps):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end) / 1e3)
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+    times.sort()
+    return times[len(times) // 2]
+
+
+def copy_bandwidth(device, nbytes=2 << 30) -> float:
+    """Bytes per second of a device-to-device copy (read + write counted)."""
+    n = nbytes // 4 if device.type == "cuda" else (64 << 20) // 4
+    src = torch.empty(n, device=device, dtype=torch.float32)
+    dst = torch.empty_like(src)
+    t = timeit(lambda: dst.copy_(src), device)
+    return 2 * n * 4 / t
