@@ -21,7 +21,6 @@ Writes results.csv, results.json and throughput.png (tokens/s vs context, one li
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import os
 import sys
@@ -33,7 +32,7 @@ from tqdm import tqdm
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 sys.path.insert(0, ROOT)
 from mixcon import MixConCache, MixConConfig, MixConForCausalLM  # noqa: E402
-from mixcon.benchmark import copy_bandwidth, header  # noqa: E402
+from mixcon.benchmark import copy_bandwidth, header, save_results  # noqa: E402
 from mixcon.models.configuration_mixcon import active_parameters  # noqa: E402
 
 MODELS = ("mixcon", "jamba-shaped", "mixtral-shaped", "hf-mixtral")
@@ -186,13 +185,7 @@ def main(argv=None):
     cols = ["model", "batch", "context", "status", "prefill_tok_s", "decode_tok_s", "decode_roofline_tok_s",
             "peak_GiB", "cache_MiB"]
     if args.out:
-        os.makedirs(args.out, exist_ok=True)
-        with open(os.path.join(args.out, "results.csv"), "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=cols)
-            w.writeheader()
-            w.writerows(rows)
-        json.dump(dict(meta=meta, copy_GBps=bw / 1e9, rows=rows), open(os.path.join(args.out, "results.json"), "w"),
-                  indent=1)
+        save_results(args.out, rows, cols, meta, copy_GBps=bw / 1e9)
         plot(rows, os.path.join(args.out, "throughput.png"), meta)
         print(f"# wrote {args.out}")
     return rows

@@ -63,3 +63,23 @@ def copy_bandwidth(device, nbytes=2 << 30) -> float:
     dst = torch.empty_like(src)
     t = timeit(lambda: dst.copy_(src), device)
     return 2 * n * 4 / t
+
+
+def print_row(row: dict, cols) -> None:
+    """One tab-separated table row (floats to 4 significant digits, blanks for missing)."""
+    print("\t".join(f"{row[c]:.4g}" if isinstance(row.get(c), float) else str(row.get(c, "")) for c in cols),
+          flush=True)
+
+
+def save_results(out_dir: str, rows, cols, meta: dict, **extra) -> None:
+    """results.csv (the table) and results.json (the header, ``extra`` and the rows) in ``out_dir``."""
+    import csv
+    import json
+
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, "results.csv"), "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=cols, extrasaction="ignore")
+        w.writeheader()
+        w.writerows(rows)
+    with open(os.path.join(out_dir, "results.json"), "w") as f:
+        json.dump(dict(meta=meta, **extra, rows=rows), f, indent=1)

@@ -19,8 +19,6 @@ Smoke test on CPU through Triton's interpreter (tiny shapes, no timings worth re
 from __future__ import annotations
 
 import argparse
-import csv
-import json
 import os
 import sys
 import types
@@ -29,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from mixcon.benchmark import copy_bandwidth, header, timeit  # noqa: E402
+from mixcon.benchmark import copy_bandwidth, header, print_row, save_results, timeit  # noqa: E402
 from mixcon.ops.conba import conba_scan, conba_step, empty_state  # noqa: E402
 
 
@@ -159,18 +157,11 @@ def main(argv=None):
                             dt_bias=x["delta_bias"], dt_softplus=True), device) * 1e6
                 del x
                 rows.append(row)
-                print("\t".join(f"{row[c]:.4g}" if isinstance(row.get(c), float) else str(row.get(c, "")) for c in cols),
-                      flush=True)
+                print_row(row, cols)
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
     if args.out:
-        os.makedirs(args.out, exist_ok=True)
-        with open(os.path.join(args.out, "results.csv"), "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=cols)
-            w.writeheader()
-            w.writerows(rows)
-        with open(os.path.join(args.out, "results.json"), "w") as f:
-            json.dump(dict(meta=meta, copy_GBps=bw / 1e9, sfu_Tex2ps=sfu_rate / 1e12, rows=rows), f, indent=1)
+        save_results(args.out, rows, cols, meta, copy_GBps=bw / 1e9, sfu_Tex2ps=sfu_rate / 1e12)
         plot(rows, os.path.join(args.out, "ns_per_step.png"), meta)
         print(f"# wrote {args.out}/results.csv, results.json, ns_per_step.png")
 

@@ -19,8 +19,6 @@ Smoke test on CPU (tiny width): python tools/bench_moe.py --smoke
 from __future__ import annotations
 
 import argparse
-import csv
-import json
 import os
 import sys
 
@@ -28,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from mixcon.benchmark import copy_bandwidth, header, timeit  # noqa: E402
+from mixcon.benchmark import copy_bandwidth, header, print_row, save_results, timeit  # noqa: E402
 from mixcon.ops.moe import moe_grouped, moe_loop, route  # noqa: E402
 
 
@@ -96,16 +94,9 @@ def main(argv=None):
             floor = n_read * 3 * D * Fh * esize / (bw / 2)  # copy bw counts read + write
             row.update(moe_fwd_us=tf * 1e6, k_experts_floor_us=floor * 1e6, fwd_over_floor=tf / floor)
         rows.append(row)
-        print("\t".join(f"{row[c]:.4g}" if isinstance(row.get(c), float) else str(row.get(c, "")) for c in cols),
-              flush=True)
+        print_row(row, cols)
     if args.out:
-        os.makedirs(args.out, exist_ok=True)
-        with open(os.path.join(args.out, "results.csv"), "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=cols)
-            w.writeheader()
-            w.writerows(rows)
-        with open(os.path.join(args.out, "results.json"), "w") as f:
-            json.dump(dict(meta=meta, copy_GBps=bw / 1e9, rows=rows), f, indent=1)
+        save_results(args.out, rows, cols, meta, copy_GBps=bw / 1e9)
         import matplotlib
 
         matplotlib.use("Agg")

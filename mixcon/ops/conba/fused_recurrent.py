@@ -26,8 +26,6 @@ interpreter on CPU, where the tests check it against the reference.
 
 from __future__ import annotations
 
-import math
-
 import torch
 import triton
 import triton.language as tl
@@ -123,6 +121,56 @@ def _load_step(u_ptr, dl_ptr, z_ptr, B_ptr, C_ptr, al_ptr, m_ptr, t, T,
     else:
         m = (ch * 0 + t) < T
     return u, dl, z, Bv, Cv, a, m
+
+
+@triton.jit
+def _tile(pid_b, pid_g, N, NG, seed_key, G: tl.constexpr, GP: tl.constexpr, BG: tl.constexpr, NP: tl.constexpr):
+    """Indices and masks of one program's tile: groups [pid_g·BG, +BG) of batch row pid_b.
+    Channels are ``ch`` [BG, GP]; the state tile [NP, BG, GP] indexes (d, N) through ``sidx``."""
+    offs_n = tl.arange(0, NP)
+    offs_g = pid_g * BG + tl.arange(0, BG)
+    offs_j = tl.arange(0, GP)
+    nmask = offs_n < N
+    gmask = offs_g < NG
+    cmask = gmask[:, None] & (offs_j[None, :] < G)
+    ch = offs_g[:, None] * G + offs_j[None, :]
+    smask = nmask[:, None, None] & cmask[None, :, :]
+    sidx = ch[None, :, :] * N + offs_n[:, None, None]
+    lane_w = (ch[None, :, :] * (N + 1) + offs_n[:, None, None]).to(tl.uint32)  # noise lanes, see noise.py
+    lane_v = (ch * (N + 1) + N).to(tl.uint32)
+    kb = _mix32(seed_key.to(tl.uint32, bitcast=True) ^ pid_b.to(tl.uint32))
+    return offs_n, offs_g, nmask, gmask, cmask, ch, smask, sidx, lane_w, lane_v, kb
+
+
+@triton.jit
+def _load_line(base, sd, sidx, smask, TAU: tl.constexpr, NP: tl.constexpr, BG: tl.constexpr, GP: tl.constexpr):
+    """The delay line's τ entries (zeros beyond τ) from a (τ, d, N) slab at ``base``."""
+    D0 = tl.zeros([NP, BG, GP], tl.float32)
+    D1 = tl.zeros([NP, BG, GP], tl.float32)
+    D2 = tl.zeros([NP, BG, GP], tl.float32)
+    D3 = tl.zeros([NP, BG, GP], tl.float32)
+    if TAU > 0:
+        D0 = tl.load(base + sidx, mask=smask, other=0.0)
+    if TAU > 1:
+        D1 = tl.load(base + sd + sidx, mask=smask, other=0.0)
+    if TAU > 2:
+        D2 = tl.load(base + 2 * sd + sidx, mask=smask, other=0.0)
+    if TAU > 3:
+        D3 = tl.load(base + 3 * sd + sidx, mask=smask, other=0.0)
+    return D0, D1, D2, D3
+
+
+@triton.jit
+def _store_line(base, sd, sidx, smask, D0, D1, D2, D3, TAU: tl.constexpr):
+    """Store the delay line's τ entries to a (τ, d, N) slab at ``base``."""
+    if TAU > 0:
+        tl.store(base + sidx, D0, mask=smask)
+    if TAU > 1:
+        tl.store(base + sd + sidx, D1, mask=smask)
+    if TAU > 2:
+        tl.store(base + 2 * sd + sidx, D2, mask=smask)
+    if TAU > 3:
+        tl.store(base + 3 * sd + sidx, D3, mask=smask)
 
 
 @triton.jit
@@ -223,18 +271,8 @@ def _conba_fwd_kernel(
 ):
     pid_b = tl.program_id(0)
     pid_g = tl.program_id(1)
-    offs_n = tl.arange(0, NP)
-    offs_g = pid_g * BG + tl.arange(0, BG)
-    offs_j = tl.arange(0, GP)
-    nmask = offs_n < N
-    gmask = offs_g < NG
-    cmask = gmask[:, None] & (offs_j[None, :] < G)
-    ch = offs_g[:, None] * G + offs_j[None, :]  # [BG, GP] channel index
-    smask = nmask[:, None, None] & cmask[None, :, :]
-    sidx = ch[None, :, :] * N + offs_n[:, None, None]  # [NP, BG, GP] index into (d, N)
-    lane_w = (ch[None, :, :] * (N + 1) + offs_n[:, None, None]).to(tl.uint32)
-    lane_v = (ch * (N + 1) + N).to(tl.uint32)
-    kb = _mix32(seed_key.to(tl.uint32, bitcast=True) ^ pid_b.to(tl.uint32))
+    offs_n, offs_g, nmask, gmask, cmask, ch, smask, sidx, lane_w, lane_v, kb = _tile(
+        pid_b, pid_g, N, NG, seed_key, G, GP, BG, NP)
 
     A, bias, Dp, wr, rho, eta, lam = _load_params(
         A_ptr, bias_ptr, D_ptr, wr_ptr, rho_ptr, eta_ptr, lam_ptr, sidx, smask, ch, cmask, offs_g, gmask,
@@ -242,19 +280,7 @@ def _conba_fwd_kernel(
 
     sd = d * N
     h = tl.load(h0_ptr + pid_b * sd + sidx, mask=smask, other=0.0)
-    D0 = tl.zeros([NP, BG, GP], tl.float32)
-    D1 = tl.zeros([NP, BG, GP], tl.float32)
-    D2 = tl.zeros([NP, BG, GP], tl.float32)
-    D3 = tl.zeros([NP, BG, GP], tl.float32)
-    dl_base = dl0_ptr + pid_b * TAU * sd
-    if TAU > 0:
-        D0 = tl.load(dl_base + sidx, mask=smask, other=0.0)
-    if TAU > 1:
-        D1 = tl.load(dl_base + sd + sidx, mask=smask, other=0.0)
-    if TAU > 2:
-        D2 = tl.load(dl_base + 2 * sd + sidx, mask=smask, other=0.0)
-    if TAU > 3:
-        D3 = tl.load(dl_base + 3 * sd + sidx, mask=smask, other=0.0)
+    D0, D1, D2, D3 = _load_line(dl0_ptr + pid_b * TAU * sd, sd, sidx, smask, TAU, NP, BG, GP)
     if CONTROL:
         k = tl.load(k0_ptr + pid_b * NG + offs_g, mask=gmask, other=0.0)
         e = tl.load(e0_ptr + pid_b * d + ch, mask=cmask, other=0.0)
@@ -281,15 +307,7 @@ def _conba_fwd_kernel(
             c = t // CHUNK
             ck_s = (pid_b * n_chunks + c) * sd
             tl.store(ck_h_ptr + ck_s + sidx, h, mask=smask & is_ck)
-            ck_d = (pid_b * n_chunks + c) * TAU * sd
-            if TAU > 0:
-                tl.store(ck_dl_ptr + ck_d + sidx, D0, mask=smask & is_ck)
-            if TAU > 1:
-                tl.store(ck_dl_ptr + ck_d + sd + sidx, D1, mask=smask & is_ck)
-            if TAU > 2:
-                tl.store(ck_dl_ptr + ck_d + 2 * sd + sidx, D2, mask=smask & is_ck)
-            if TAU > 3:
-                tl.store(ck_dl_ptr + ck_d + 3 * sd + sidx, D3, mask=smask & is_ck)
+            _store_line(ck_dl_ptr + (pid_b * n_chunks + c) * TAU * sd, sd, sidx, smask & is_ck, D0, D1, D2, D3, TAU)
             if CONTROL:
                 tl.store(ck_k_ptr + (pid_b * n_chunks + c) * NG + offs_g, k, mask=gmask & is_ck)
                 tl.store(ck_e_ptr + (pid_b * n_chunks + c) * d + ch, e, mask=cmask & is_ck)
@@ -307,15 +325,7 @@ def _conba_fwd_kernel(
         u, dl, z, Bv, Cv, a, m = u_n, dl_n, z_n, B_n, C_n, a_n, m_n
 
     tl.store(hT_ptr + pid_b * sd + sidx, h, mask=smask)
-    dT_base = dlT_ptr + pid_b * TAU * sd
-    if TAU > 0:
-        tl.store(dT_base + sidx, D0, mask=smask)
-    if TAU > 1:
-        tl.store(dT_base + sd + sidx, D1, mask=smask)
-    if TAU > 2:
-        tl.store(dT_base + 2 * sd + sidx, D2, mask=smask)
-    if TAU > 3:
-        tl.store(dT_base + 3 * sd + sidx, D3, mask=smask)
+    _store_line(dlT_ptr + pid_b * TAU * sd, sd, sidx, smask, D0, D1, D2, D3, TAU)
     if CONTROL:
         tl.store(kT_ptr + pid_b * NG + offs_g, k, mask=gmask)
         tl.store(eT_ptr + pid_b * d + ch, e, mask=cmask)
@@ -344,18 +354,8 @@ def _conba_bwd_kernel(
 ):
     pid_b = tl.program_id(0)
     pid_g = tl.program_id(1)
-    offs_n = tl.arange(0, NP)
-    offs_g = pid_g * BG + tl.arange(0, BG)
-    offs_j = tl.arange(0, GP)
-    nmask = offs_n < N
-    gmask = offs_g < NG
-    cmask = gmask[:, None] & (offs_j[None, :] < G)
-    ch = offs_g[:, None] * G + offs_j[None, :]
-    smask = nmask[:, None, None] & cmask[None, :, :]
-    sidx = ch[None, :, :] * N + offs_n[:, None, None]
-    lane_w = (ch[None, :, :] * (N + 1) + offs_n[:, None, None]).to(tl.uint32)
-    lane_v = (ch * (N + 1) + N).to(tl.uint32)
-    kb = _mix32(seed_key.to(tl.uint32, bitcast=True) ^ pid_b.to(tl.uint32))
+    offs_n, offs_g, nmask, gmask, cmask, ch, smask, sidx, lane_w, lane_v, kb = _tile(
+        pid_b, pid_g, N, NG, seed_key, G, GP, BG, NP)
     sd = d * N
 
     A, bias, Dp, wr, rho, eta, lam = _load_params(
@@ -372,15 +372,7 @@ def _conba_bwd_kernel(
     ge = tl.zeros([BG, GP], tl.float32)
     if HAS_GFINAL:
         gh = tl.load(ghT_ptr + pid_b * sd + sidx, mask=smask, other=0.0)
-        gdT = gdlT_ptr + pid_b * TAU * sd
-        if TAU > 0:
-            gD0 = tl.load(gdT + sidx, mask=smask, other=0.0)
-        if TAU > 1:
-            gD1 = tl.load(gdT + sd + sidx, mask=smask, other=0.0)
-        if TAU > 2:
-            gD2 = tl.load(gdT + 2 * sd + sidx, mask=smask, other=0.0)
-        if TAU > 3:
-            gD3 = tl.load(gdT + 3 * sd + sidx, mask=smask, other=0.0)
+        gD0, gD1, gD2, gD3 = _load_line(gdlT_ptr + pid_b * TAU * sd, sd, sidx, smask, TAU, NP, BG, GP)
         if CONTROL:
             gk = tl.load(gkT_ptr + pid_b * NG + offs_g, mask=gmask, other=0.0)
             ge = tl.load(geT_ptr + pid_b * d + ch, mask=cmask, other=0.0)
@@ -412,19 +404,7 @@ def _conba_bwd_kernel(
         # --- recompute the chunk's forward from its checkpoint, keeping the pre-step states
         ck_s = (pid_b * n_chunks + c) * sd
         h = tl.load(ck_h_ptr + ck_s + sidx, mask=smask, other=0.0)
-        D0 = tl.zeros([NP, BG, GP], tl.float32)
-        D1 = tl.zeros([NP, BG, GP], tl.float32)
-        D2 = tl.zeros([NP, BG, GP], tl.float32)
-        D3 = tl.zeros([NP, BG, GP], tl.float32)
-        ck_d = ck_dl_ptr + (pid_b * n_chunks + c) * TAU * sd
-        if TAU > 0:
-            D0 = tl.load(ck_d + sidx, mask=smask, other=0.0)
-        if TAU > 1:
-            D1 = tl.load(ck_d + sd + sidx, mask=smask, other=0.0)
-        if TAU > 2:
-            D2 = tl.load(ck_d + 2 * sd + sidx, mask=smask, other=0.0)
-        if TAU > 3:
-            D3 = tl.load(ck_d + 3 * sd + sidx, mask=smask, other=0.0)
+        D0, D1, D2, D3 = _load_line(ck_dl_ptr + (pid_b * n_chunks + c) * TAU * sd, sd, sidx, smask, TAU, NP, BG, GP)
         if CONTROL:
             k = tl.load(ck_k_ptr + (pid_b * n_chunks + c) * NG + offs_g, mask=gmask, other=0.0)
             e = tl.load(ck_e_ptr + (pid_b * n_chunks + c) * d + ch, mask=cmask, other=0.0)
@@ -598,15 +578,7 @@ def _conba_bwd_kernel(
         tl.debug_barrier()
 
     tl.store(gh0_ptr + pid_b * sd + sidx, gh, mask=smask)
-    g0 = gdl0_ptr + pid_b * TAU * sd
-    if TAU > 0:
-        tl.store(g0 + sidx, gD0, mask=smask)
-    if TAU > 1:
-        tl.store(g0 + sd + sidx, gD1, mask=smask)
-    if TAU > 2:
-        tl.store(g0 + 2 * sd + sidx, gD2, mask=smask)
-    if TAU > 3:
-        tl.store(g0 + 3 * sd + sidx, gD3, mask=smask)
+    _store_line(gdl0_ptr + pid_b * TAU * sd, sd, sidx, smask, gD0, gD1, gD2, gD3, TAU)
     if CONTROL:
         tl.store(gk0_ptr + pid_b * NG + offs_g, gk, mask=gmask)
         tl.store(ge0_ptr + pid_b * d + ch, ge, mask=cmask)
@@ -636,18 +608,8 @@ def _conba_step_kernel(
 ):
     pid_b = tl.program_id(0)
     pid_g = tl.program_id(1)
-    offs_n = tl.arange(0, NP)
-    offs_g = pid_g * BG + tl.arange(0, BG)
-    offs_j = tl.arange(0, GP)
-    nmask = offs_n < N
-    gmask = offs_g < NG
-    cmask = gmask[:, None] & (offs_j[None, :] < G)
-    ch = offs_g[:, None] * G + offs_j[None, :]
-    smask = nmask[:, None, None] & cmask[None, :, :]
-    sidx = ch[None, :, :] * N + offs_n[:, None, None]
-    lane_w = (ch[None, :, :] * (N + 1) + offs_n[:, None, None]).to(tl.uint32)
-    lane_v = (ch * (N + 1) + N).to(tl.uint32)
-    kb = _mix32(seed_key.to(tl.uint32, bitcast=True) ^ pid_b.to(tl.uint32))
+    offs_n, offs_g, nmask, gmask, cmask, ch, smask, sidx, lane_w, lane_v, kb = _tile(
+        pid_b, pid_g, N, NG, seed_key, G, GP, BG, NP)
     key = _mix32(kb ^ t_idx.to(tl.uint32))
     sd = d * N
     A, bias, Dp, wr, rho, eta, lam = _load_params(
@@ -658,19 +620,8 @@ def _conba_step_kernel(
                                         m_ptr + pid_b, 0, 1, 0, 0, 0, 0, 0, 0,
                                         ch, cmask, offs_n, nmask, offs_g, gmask, HAS_Z, HAS_ALPHA, HAS_MASK)
     h = tl.load(h_ptr + pid_b * sd + sidx, mask=smask, other=0.0)
-    D0 = tl.zeros([NP, BG, GP], tl.float32)
-    D1 = tl.zeros([NP, BG, GP], tl.float32)
-    D2 = tl.zeros([NP, BG, GP], tl.float32)
-    D3 = tl.zeros([NP, BG, GP], tl.float32)
     base = dls_ptr + pid_b * TAU * sd
-    if TAU > 0:
-        D0 = tl.load(base + sidx, mask=smask, other=0.0)
-    if TAU > 1:
-        D1 = tl.load(base + sd + sidx, mask=smask, other=0.0)
-    if TAU > 2:
-        D2 = tl.load(base + 2 * sd + sidx, mask=smask, other=0.0)
-    if TAU > 3:
-        D3 = tl.load(base + 3 * sd + sidx, mask=smask, other=0.0)
+    D0, D1, D2, D3 = _load_line(base, sd, sidx, smask, TAU, NP, BG, GP)
     k = tl.zeros([BG], tl.float32)
     e = tl.zeros([BG, GP], tl.float32)
     if CONTROL:
@@ -682,14 +633,7 @@ def _conba_step_kernel(
         G, TAU, CONTROL, HAS_ALPHA, HAS_BIAS, SOFTPLUS, HAS_D, HAS_Z, NOISE_W, NOISE_V)
     tl.store(y_ptr + pid_b * s_y_b + ch, y.to(y_ptr.dtype.element_ty), mask=cmask)
     tl.store(h_ptr + pid_b * sd + sidx, h, mask=smask)
-    if TAU > 0:
-        tl.store(base + sidx, D0, mask=smask)
-    if TAU > 1:
-        tl.store(base + sd + sidx, D1, mask=smask)
-    if TAU > 2:
-        tl.store(base + 2 * sd + sidx, D2, mask=smask)
-    if TAU > 3:
-        tl.store(base + 3 * sd + sidx, D3, mask=smask)
+    _store_line(base, sd, sidx, smask, D0, D1, D2, D3, TAU)
     if CONTROL:
         tl.store(k_ptr + pid_b * NG + offs_g, k, mask=gmask)
         tl.store(e_ptr + pid_b * d + ch, e, mask=cmask)
