@@ -30,7 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .naive import ConbaState
+from .naive import ConbaState, conba_step_ref
 from .noise import SEED_SALT, M32
 
 DEFAULT_CHUNK = 64
@@ -174,6 +174,32 @@ def _store_line(base, sd, sidx, smask, D0, D1, D2, D3, TAU: tl.constexpr):
 
 
 @triton.jit
+def _load_state(h_ptr, line_ptr, k_ptr, e_ptr, row, sd, NG, d, sidx, smask, offs_g, gmask, ch, cmask,
+                TAU: tl.constexpr, CONTROL: tl.constexpr, NP: tl.constexpr, BG: tl.constexpr, GP: tl.constexpr):
+    """Row ``row`` of a state stored as h (rows, d, N), delay line (rows, τ, d, N), k (rows, ng) and
+    e (rows, d) — a ConbaState, a checkpoint or a state gradient; k and e are 0 without control."""
+    h = tl.load(h_ptr + row * sd + sidx, mask=smask, other=0.0)
+    D0, D1, D2, D3 = _load_line(line_ptr + row * TAU * sd, sd, sidx, smask, TAU, NP, BG, GP)
+    k = tl.zeros([BG], tl.float32)
+    e = tl.zeros([BG, GP], tl.float32)
+    if CONTROL:
+        k = tl.load(k_ptr + row * NG + offs_g, mask=gmask, other=0.0)
+        e = tl.load(e_ptr + row * d + ch, mask=cmask, other=0.0)
+    return h, D0, D1, D2, D3, k, e
+
+
+@triton.jit
+def _store_state(h_ptr, line_ptr, k_ptr, e_ptr, row, sd, NG, d, h, D0, D1, D2, D3, k, e,
+                 sidx, smask, offs_g, gmask, ch, cmask, TAU: tl.constexpr, CONTROL: tl.constexpr):
+    """Store a state in the layout `_load_state` reads."""
+    tl.store(h_ptr + row * sd + sidx, h, mask=smask)
+    _store_line(line_ptr + row * TAU * sd, sd, sidx, smask, D0, D1, D2, D3, TAU)
+    if CONTROL:
+        tl.store(k_ptr + row * NG + offs_g, k, mask=gmask)
+        tl.store(e_ptr + row * d + ch, e, mask=cmask)
+
+
+@triton.jit
 def _load_params(A_ptr, bias_ptr, D_ptr, wr_ptr, rho_ptr, eta_ptr, lam_ptr, sidx, smask, ch, cmask, offs_g, gmask,
                  BG: tl.constexpr, GP: tl.constexpr, TAU: tl.constexpr, CONTROL: tl.constexpr,
                  HAS_BIAS: tl.constexpr, HAS_D: tl.constexpr):
@@ -279,14 +305,8 @@ def _conba_fwd_kernel(
         BG, GP, TAU, CONTROL, HAS_BIAS, HAS_D)
 
     sd = d * N
-    h = tl.load(h0_ptr + pid_b * sd + sidx, mask=smask, other=0.0)
-    D0, D1, D2, D3 = _load_line(dl0_ptr + pid_b * TAU * sd, sd, sidx, smask, TAU, NP, BG, GP)
-    if CONTROL:
-        k = tl.load(k0_ptr + pid_b * NG + offs_g, mask=gmask, other=0.0)
-        e = tl.load(e0_ptr + pid_b * d + ch, mask=cmask, other=0.0)
-    else:
-        k = tl.zeros([BG], tl.float32)
-        e = tl.zeros([BG, GP], tl.float32)
+    h, D0, D1, D2, D3, k, e = _load_state(h0_ptr, dl0_ptr, k0_ptr, e0_ptr, pid_b, sd, NG, d, sidx, smask,
+                                          offs_g, gmask, ch, cmask, TAU, CONTROL, NP, BG, GP)
 
     u_b = u_ptr + pid_b * s_u_b
     dl_b = dl_ptr + pid_b * s_dl_b
@@ -304,13 +324,9 @@ def _conba_fwd_kernel(
     for t in range(0, T):
         if SAVE:
             is_ck = (t % CHUNK) == 0
-            c = t // CHUNK
-            ck_s = (pid_b * n_chunks + c) * sd
-            tl.store(ck_h_ptr + ck_s + sidx, h, mask=smask & is_ck)
-            _store_line(ck_dl_ptr + (pid_b * n_chunks + c) * TAU * sd, sd, sidx, smask & is_ck, D0, D1, D2, D3, TAU)
-            if CONTROL:
-                tl.store(ck_k_ptr + (pid_b * n_chunks + c) * NG + offs_g, k, mask=gmask & is_ck)
-                tl.store(ck_e_ptr + (pid_b * n_chunks + c) * d + ch, e, mask=cmask & is_ck)
+            _store_state(ck_h_ptr, ck_dl_ptr, ck_k_ptr, ck_e_ptr, pid_b * n_chunks + t // CHUNK, sd, NG, d,
+                         h, D0, D1, D2, D3, k, e, sidx, smask & is_ck, offs_g, gmask & is_ck, ch, cmask & is_ck,
+                         TAU, CONTROL)
         # issue the next step's loads before this step's dependency chain
         u_n, dl_n, z_n, B_n, C_n, a_n, m_n = _load_step(u_b, dl_b, z_b, B_b, C_b, al_b, m_b, t + 1, T,
                                                         s_u_t, s_dl_t, s_z_t, s_B_t, s_C_t, s_al_t,
@@ -324,11 +340,8 @@ def _conba_fwd_kernel(
         tl.store(y_b + t * s_u_t + ch, y.to(y_ptr.dtype.element_ty), mask=cmask)
         u, dl, z, Bv, Cv, a, m = u_n, dl_n, z_n, B_n, C_n, a_n, m_n
 
-    tl.store(hT_ptr + pid_b * sd + sidx, h, mask=smask)
-    _store_line(dlT_ptr + pid_b * TAU * sd, sd, sidx, smask, D0, D1, D2, D3, TAU)
-    if CONTROL:
-        tl.store(kT_ptr + pid_b * NG + offs_g, k, mask=gmask)
-        tl.store(eT_ptr + pid_b * d + ch, e, mask=cmask)
+    _store_state(hT_ptr, dlT_ptr, kT_ptr, eT_ptr, pid_b, sd, NG, d, h, D0, D1, D2, D3, k, e,
+                 sidx, smask, offs_g, gmask, ch, cmask, TAU, CONTROL)
 
 
 # ---------------------------------------------------------------------------------- backward
@@ -371,11 +384,8 @@ def _conba_bwd_kernel(
     gk = tl.zeros([BG], tl.float32)
     ge = tl.zeros([BG, GP], tl.float32)
     if HAS_GFINAL:
-        gh = tl.load(ghT_ptr + pid_b * sd + sidx, mask=smask, other=0.0)
-        gD0, gD1, gD2, gD3 = _load_line(gdlT_ptr + pid_b * TAU * sd, sd, sidx, smask, TAU, NP, BG, GP)
-        if CONTROL:
-            gk = tl.load(gkT_ptr + pid_b * NG + offs_g, mask=gmask, other=0.0)
-            ge = tl.load(geT_ptr + pid_b * d + ch, mask=cmask, other=0.0)
+        gh, gD0, gD1, gD2, gD3, gk, ge = _load_state(ghT_ptr, gdlT_ptr, gkT_ptr, geT_ptr, pid_b, sd, NG, d, sidx,
+                                                     smask, offs_g, gmask, ch, cmask, TAU, CONTROL, NP, BG, GP)
     # parameter accumulators
     gA = tl.zeros([NP, BG, GP], tl.float32)
     gbias = tl.zeros([BG, GP], tl.float32)
@@ -402,15 +412,8 @@ def _conba_bwd_kernel(
         t0 = c * CHUNK
         t1 = tl.minimum(t0 + CHUNK, T)
         # --- recompute the chunk's forward from its checkpoint, keeping the pre-step states
-        ck_s = (pid_b * n_chunks + c) * sd
-        h = tl.load(ck_h_ptr + ck_s + sidx, mask=smask, other=0.0)
-        D0, D1, D2, D3 = _load_line(ck_dl_ptr + (pid_b * n_chunks + c) * TAU * sd, sd, sidx, smask, TAU, NP, BG, GP)
-        if CONTROL:
-            k = tl.load(ck_k_ptr + (pid_b * n_chunks + c) * NG + offs_g, mask=gmask, other=0.0)
-            e = tl.load(ck_e_ptr + (pid_b * n_chunks + c) * d + ch, mask=cmask, other=0.0)
-        else:
-            k = tl.zeros([BG], tl.float32)
-            e = tl.zeros([BG, GP], tl.float32)
+        h, D0, D1, D2, D3, k, e = _load_state(ck_h_ptr, ck_dl_ptr, ck_k_ptr, ck_e_ptr, pid_b * n_chunks + c, sd,
+                                              NG, d, sidx, smask, offs_g, gmask, ch, cmask, TAU, CONTROL, NP, BG, GP)
         for t in range(t0, t1):
             s = t - t0
             tl.store(sc_h + s * sd + sidx, h, mask=smask)
@@ -577,11 +580,9 @@ def _conba_bwd_kernel(
             tl.store(gC_ptr + part, gC_t, mask=nmask)
         tl.debug_barrier()
 
-    tl.store(gh0_ptr + pid_b * sd + sidx, gh, mask=smask)
-    _store_line(gdl0_ptr + pid_b * TAU * sd, sd, sidx, smask, gD0, gD1, gD2, gD3, TAU)
+    _store_state(gh0_ptr, gdl0_ptr, gk0_ptr, ge0_ptr, pid_b, sd, NG, d, gh, gD0, gD1, gD2, gD3, gk, ge,
+                 sidx, smask, offs_g, gmask, ch, cmask, TAU, CONTROL)
     if CONTROL:
-        tl.store(gk0_ptr + pid_b * NG + offs_g, gk, mask=gmask)
-        tl.store(ge0_ptr + pid_b * d + ch, ge, mask=cmask)
         tl.store(gwr_ptr + pid_b * d + ch, gwr, mask=cmask)
         tl.store(geta_ptr + pid_b * NG + offs_g, geta, mask=gmask)
         tl.store(glam_ptr + pid_b * NG + offs_g, glam, mask=gmask)
@@ -619,24 +620,15 @@ def _conba_step_kernel(
                                         B_ptr + pid_b * s_B_b, C_ptr + pid_b * s_C_b, al_ptr + pid_b * s_al_b,
                                         m_ptr + pid_b, 0, 1, 0, 0, 0, 0, 0, 0,
                                         ch, cmask, offs_n, nmask, offs_g, gmask, HAS_Z, HAS_ALPHA, HAS_MASK)
-    h = tl.load(h_ptr + pid_b * sd + sidx, mask=smask, other=0.0)
-    base = dls_ptr + pid_b * TAU * sd
-    D0, D1, D2, D3 = _load_line(base, sd, sidx, smask, TAU, NP, BG, GP)
-    k = tl.zeros([BG], tl.float32)
-    e = tl.zeros([BG, GP], tl.float32)
-    if CONTROL:
-        k = tl.load(k_ptr + pid_b * NG + offs_g, mask=gmask, other=0.0)
-        e = tl.load(e_ptr + pid_b * d + ch, mask=cmask, other=0.0)
+    h, D0, D1, D2, D3, k, e = _load_state(h_ptr, dls_ptr, k_ptr, e_ptr, pid_b, sd, NG, d, sidx, smask,
+                                          offs_g, gmask, ch, cmask, TAU, CONTROL, NP, BG, GP)
     y, h, D0, D1, D2, D3, k, e = _fwd_step(
         h, D0, D1, D2, D3, k, e, u, dl, z, Bv, Cv, a, m,
         A, bias, Dp, wr, rho, eta, lam, k_max, sigma_w, sigma_v, key, lane_w, lane_v, smask, cmask,
         G, TAU, CONTROL, HAS_ALPHA, HAS_BIAS, SOFTPLUS, HAS_D, HAS_Z, NOISE_W, NOISE_V)
     tl.store(y_ptr + pid_b * s_y_b + ch, y.to(y_ptr.dtype.element_ty), mask=cmask)
-    tl.store(h_ptr + pid_b * sd + sidx, h, mask=smask)
-    _store_line(base, sd, sidx, smask, D0, D1, D2, D3, TAU)
-    if CONTROL:
-        tl.store(k_ptr + pid_b * NG + offs_g, k, mask=gmask)
-        tl.store(e_ptr + pid_b * d + ch, e, mask=cmask)
+    _store_state(h_ptr, dls_ptr, k_ptr, e_ptr, pid_b, sd, NG, d, h, D0, D1, D2, D3, k, e,
+                 sidx, smask, offs_g, gmask, ch, cmask, TAU, CONTROL)
 
 
 # ---------------------------------------------------------------------------------- Python side
@@ -858,8 +850,6 @@ def conba_step_triton(
     """The fused decode step: updates ``state`` (float32) in place and returns y (batch, d_inner).
     No host synchronisation and fixed shapes, so it can be captured in a CUDA graph (with a fixed
     ``t``, which only keys the noise). Under autograd it falls back to the reference step."""
-    from .naive import conba_step_ref
-
     kw = dict(D=D, z=z, delta_bias=delta_bias, delta_softplus=delta_softplus, alpha=alpha, rho=rho, tau=tau,
               k0=k0, eta=eta, lam=lam, w_r=w_r, k_max=k_max, group_size=group_size, sigma_w=sigma_w,
               sigma_v=sigma_v, seed=seed, mask=mask, t=t)
