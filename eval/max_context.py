@@ -25,7 +25,7 @@ sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from throughput import MODELS, build, measure, variants  # noqa: E402
 
-from mixcon.benchmark import header  # noqa: E402
+from mixcon.benchmark import header, parse_run_args  # noqa: E402
 from mixcon.models.configuration_mixcon import cache_nbytes  # noqa: E402
 
 
@@ -78,12 +78,7 @@ def main(argv=None):
     ap.add_argument("--chunk", type=int, default=8192)
     ap.add_argument("--resolution", type=int, default=8192)
     ap.add_argument("--cap", type=int, default=4 * 2**20)
-    ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
-    ap.add_argument("--out", default=None)
-    ap.add_argument("--smoke", action="store_true")
-    args = ap.parse_args(argv)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = getattr(torch, args.dtype)
+    args, device, dtype = parse_run_args(ap, argv, "tiny sizes on CPU (predicted numbers only)")
     if args.smoke:
         dtype = torch.float32
     elif device.type != "cuda":

@@ -32,7 +32,7 @@ from tqdm import tqdm
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 sys.path.insert(0, ROOT)
 from mixcon import MixConCache, MixConConfig, MixConForCausalLM  # noqa: E402
-from mixcon.benchmark import copy_bandwidth, header, save_results  # noqa: E402
+from mixcon.benchmark import copy_bandwidth, header, parse_run_args, save_results  # noqa: E402
 from mixcon.models.configuration_mixcon import active_parameters  # noqa: E402
 
 MODELS = ("mixcon", "jamba-shaped", "mixtral-shaped", "hf-mixtral")
@@ -136,12 +136,7 @@ def main(argv=None):
     ap.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
     ap.add_argument("--chunk", type=int, default=8192, help="prefill chunk (tokens)")
     ap.add_argument("--decode-tokens", type=int, default=32)
-    ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
-    ap.add_argument("--out", default=None)
-    ap.add_argument("--smoke", action="store_true", help="tiny sizes on CPU")
-    args = ap.parse_args(argv)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = getattr(torch, args.dtype)
+    args, device, dtype = parse_run_args(ap, argv, "tiny sizes on CPU")
     if args.smoke:
         args.contexts, args.batch, args.chunk, args.decode_tokens, dtype = [64, 128], [1, 2], 48, 4, torch.float32
     elif device.type != "cuda":

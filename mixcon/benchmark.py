@@ -83,3 +83,15 @@ def save_results(out_dir: str, rows, cols, meta: dict, **extra) -> None:
         w.writerows(rows)
     with open(os.path.join(out_dir, "results.json"), "w") as f:
         json.dump(dict(meta=meta, **extra, rows=rows), f, indent=1)
+
+
+def parse_run_args(ap, argv, smoke_help: str):
+    """Add the options every benchmark shares (--dtype, --out, --smoke), parse, and return
+    (args, device, dtype); ``args.dtype`` becomes the torch dtype."""
+    ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    ap.add_argument("--out", default=None, help="folder for the results (CSV, JSON, plot)")
+    ap.add_argument("--smoke", action="store_true", help=smoke_help)
+    args = ap.parse_args(argv)
+    args.dtype = getattr(torch, args.dtype)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return args, device, args.dtype

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from mixcon.benchmark import copy_bandwidth, header, print_row, save_results, timeit  # noqa: E402
+from mixcon.benchmark import copy_bandwidth, header, parse_run_args, print_row, save_results, timeit  # noqa: E402
 from mixcon.ops.conba import conba_scan, conba_step, empty_state  # noqa: E402
 
 
@@ -76,16 +76,11 @@ def main(argv=None):
     ap.add_argument("--d-inner", type=int, nargs="+", default=[4096, 8192])
     ap.add_argument("--d-state", type=int, default=16)
     ap.add_argument("--group-size", type=int, default=8)
-    ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     ap.add_argument("--ref-max-T", type=int, default=2048, help="run the Python-loop reference up to this T")
     ap.add_argument("--max-gib", type=float, default=40.0, help="skip points whose inputs exceed this")
     ap.add_argument("--sm-clock-ghz", type=float, default=1.755, help="for the SFU floor (H100 SXM boost)")
     ap.add_argument("--no-backward", action="store_true")
-    ap.add_argument("--out", default=None, help="folder for results.csv, results.json and the plot")
-    ap.add_argument("--smoke", action="store_true", help="tiny shapes on CPU (Triton interpreter)")
-    args = ap.parse_args(argv)
-    args.dtype = getattr(torch, args.dtype)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    args, device, _ = parse_run_args(ap, argv, "tiny shapes on CPU (Triton interpreter)")
     if args.smoke:
         args.batch, args.seqlen, args.d_inner, args.ref_max_T = [1, 2], [16], [64], 16
     elif device.type != "cuda":

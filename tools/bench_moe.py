@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from mixcon.benchmark import copy_bandwidth, header, print_row, save_results, timeit  # noqa: E402
+from mixcon.benchmark import copy_bandwidth, header, parse_run_args, print_row, save_results, timeit  # noqa: E402
 from mixcon.ops.moe import moe_grouped, moe_loop, route  # noqa: E402
 
 
@@ -37,13 +37,8 @@ def main(argv=None):
     ap.add_argument("--experts", type=int, default=16)
     ap.add_argument("--top-k", type=int, default=2)
     ap.add_argument("--tokens", type=int, nargs="+", default=[4 ** i for i in range(9)])  # 1 .. 64K
-    ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     ap.add_argument("--loop-max-tokens", type=int, default=1 << 16)
-    ap.add_argument("--out", default=None)
-    ap.add_argument("--smoke", action="store_true", help="tiny sizes on CPU")
-    args = ap.parse_args(argv)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = getattr(torch, args.dtype)
+    args, device, dtype = parse_run_args(ap, argv, "tiny sizes on CPU")
     if args.smoke:
         args.hidden, args.ffn, args.tokens, dtype = 64, 96, [1, 16, 256], torch.float32
     elif device.type != "cuda":
