@@ -13,6 +13,7 @@ model generates a continuation of a prompt.
 """
 
 import argparse
+import dataclasses
 import glob
 import os
 import sys
@@ -79,7 +80,7 @@ def main(argv=None):
         from mixcon.train.loop import build_model
 
         tok = AutoTokenizer.from_pretrained(r.tokenizer)
-        model = build_model(r, len(tok))
+        model = build_model(dataclasses.replace(r, init_from=None), len(tok))  # weights come from the checkpoint
         ck = torch.load(os.path.join(r.out_dir, "checkpoint.pt"), map_location="cpu", weights_only=False)
         model.load_state_dict(ck["model"])
         model.eval()

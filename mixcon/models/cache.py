@@ -21,7 +21,18 @@ class MixConCache(Cache):
         super().__init__(layers=[DynamicLayer() for _ in range(n)])
         self.layers_block_type = list(config.layers_block_type)
         # per Conba layer: {"conv": (b, d_inner, d_conv − 1), "ssm": ConbaState} once filled
+        self.layers_mod_type = list(getattr(config, "layers_mod_type", ["none"] * n))
+        self._init_states()
+
+    def _init_states(self):
+        # per Conba layer: {"conv": (b, d_inner, d_conv − 1), "ssm": ConbaState} once filled
         self.conba_states: list = [{} if kind == "conba" else None for kind in self.layers_block_type]
+        # per spatial (sparse all-MLP) layer: {"v": (b, n, width) normalised gate inputs, "pos": (b, n)
+        # their positions (−1 = padding), "route": (b, width) learned expert per feature, once decided}
+        self.spatial_states: list = [{} if kind == "spatial" else None for kind in self.layers_block_type]
+        # per Mixture-of-Depths-routed attention layer: (b, n) positions of the cached keys, −1 where a
+        # slot holds no token (the row did not select one); its K/V hold only the selected tokens
+        self.key_positions: list = [None] * len(self.layers_block_type)
         self._seen_tokens = 0  # also counts tokens for models without attention layers
 
     # ------------------------------------------------------------------ lengths
@@ -37,7 +48,7 @@ class MixConCache(Cache):
     # ------------------------------------------------------------------ batch ops
     def _attention_layers(self):
         for kind, layer in zip(self.layers_block_type, self.layers):
-            if kind == "attention" and getattr(layer, "is_initialized", False) and layer.keys is not None:
+            if kind in ("attention", "mom") and getattr(layer, "is_initialized", False) and layer.keys is not None:
                 yield layer
 
     def _map_states(self, fn):
@@ -45,6 +56,11 @@ class MixConCache(Cache):
             if st:
                 st["conv"] = fn(st["conv"])
                 st["ssm"] = ConbaState(*(fn(x) for x in st["ssm"]))
+        for st in self.spatial_states:
+            if st:
+                for k in list(st):
+                    st[k] = fn(st[k])
+        self.key_positions = [fn(x) if x is not None else None for x in self.key_positions]
 
     def reorder_cache(self, beam_idx: torch.LongTensor):
         for layer in self._attention_layers():
@@ -71,20 +87,20 @@ class MixConCache(Cache):
     def reset(self):
         for layer in self.layers:
             layer.reset()
-        self.conba_states = [{} if kind == "conba" else None for kind in self.layers_block_type]
-        self._seen_tokens = 0
+        self._init_states()
 
     # ------------------------------------------------------------------ size
     def nbytes(self) -> int:
-        """Bytes held: attention K/V plus Conba conv windows and states."""
-        total = 0
-        for layer in self._attention_layers():
-            total += layer.keys.numel() * layer.keys.element_size() + layer.values.numel() * layer.values.element_size()
+        """Bytes held: attention K/V, Conba conv windows and states, spatial histories, MoD key positions."""
+        nb = lambda x: x.numel() * x.element_size()
+        total = self.attention_nbytes()
         for st in self.conba_states:
             if st:
-                total += st["conv"].numel() * st["conv"].element_size()
-                total += sum(x.numel() * x.element_size() for x in st["ssm"])
-        return total
+                total += nb(st["conv"]) + sum(nb(x) for x in st["ssm"])
+        for st in self.spatial_states:
+            if st:
+                total += sum(nb(x) for x in st.values())
+        return total + sum(nb(x) for x in self.key_positions if x is not None)
 
     def attention_nbytes(self) -> int:
         return sum(l.keys.numel() * l.keys.element_size() + l.values.numel() * l.values.element_size()

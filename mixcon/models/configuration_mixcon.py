@@ -14,7 +14,12 @@ from transformers import PretrainedConfig
 SELECTIONS = ("swiglu", "linear")
 MOE_IMPLS = ("auto", "grouped", "loop")
 CONBA_BACKENDS = ("auto", "ref", "triton")
+MOD_DECISIONS = ("router", "predictor")
+SPATIAL_ROUTINGS = ("deterministic", "learned")
 MAX_DELAY = 4
+# layer_pattern letters → mixer kinds: softmax attention, Conba, the sparse all-MLP's spatial (token-mixing)
+# sMoE, and one round of a Mixture-of-Modules block
+MIXER_LETTERS = {"a": "attention", "c": "conba", "s": "spatial", "m": "mom"}
 
 
 def parse_ratio(attn_ratio: str, layers_per_block: int) -> tuple[int, int]:
@@ -46,17 +51,21 @@ def resolve_layout(
     moe_every: int,
     moe_offset: int,
     has_ffn: bool = True,
+    dense_layers: int = 0,
 ) -> tuple[list[str], list[str]]:
-    """The per-layer lists: (["attention" | "conba"] * n, ["mlp" | "moe" | "none"] * n).
-    ``has_ffn=False`` (intermediate_size = 0) gives mixer-only layers, as in a Mamba-1 LM."""
+    """The per-layer lists: (["attention" | "conba" | "spatial" | "mom"] * n, ["mlp" | "moe" | "none"] * n).
+    ``has_ffn=False`` (intermediate_size = 0) gives mixer-only layers, as in a Mamba-1 LM. The first
+    ``dense_layers`` layers keep a dense MLP (the sparse all-MLP's N1 dense blocks). A MoM round
+    ("m") carries its own pool of FFN modules, so its FFN entry is "none"."""
     for name, v in (("n_blocks", n_blocks), ("layers_per_block", layers_per_block)):
         if not isinstance(v, int) or isinstance(v, bool) or v < 1:
             raise ValueError(f"{name}={v!r} must be an integer >= 1")
     if layer_pattern is not None:
-        if len(layer_pattern) != layers_per_block or set(layer_pattern) - {"a", "c"}:
+        if len(layer_pattern) != layers_per_block or set(layer_pattern) - set(MIXER_LETTERS):
             raise ValueError(
                 f"layer_pattern={layer_pattern!r} must be {layers_per_block} letters (one per layer of a "
-                "block), each 'a' (attention) or 'c' (Conba)"
+                "block), each 'a' (attention), 'c' (Conba), 's' (sparse all-MLP spatial mixer) or "
+                "'m' (a Mixture-of-Modules round)"
             )
         pattern = layer_pattern
     else:
@@ -67,13 +76,43 @@ def resolve_layout(
     if moe_every > 0 and not (isinstance(moe_offset, int) and 0 <= moe_offset < moe_every):
         raise ValueError(f"moe_offset={moe_offset!r} must be an integer in [0, moe_every={moe_every})")
     n = n_blocks * layers_per_block
-    block = ["attention" if ch == "a" else "conba" for ch in pattern] * n_blocks
+    if not isinstance(dense_layers, int) or not 0 <= dense_layers <= n:
+        raise ValueError(f"dense_layers={dense_layers!r} must be an integer in [0, {n}] (the number of layers)")
+    block = [MIXER_LETTERS[ch] for ch in pattern] * n_blocks
     if not has_ffn:
         if moe_every:
             raise ValueError(f"moe_every={moe_every} needs intermediate_size > 0 (experts are SwiGLU MLPs)")
+        if "mom" in block:
+            raise ValueError("a Mixture-of-Modules round ('m') needs intermediate_size > 0 (its FFN modules)")
         return block, ["none"] * n
-    ffn = ["moe" if moe_every > 0 and i % moe_every == moe_offset else "mlp" for i in range(n)]
+    ffn = ["none" if block[i] == "mom" else
+           "moe" if moe_every > 0 and i >= dense_layers and i % moe_every == moe_offset else "mlp"
+           for i in range(n)]
     return block, ffn
+
+
+def resolve_mod_layers(block: list[str], ffn: list[str], mod_every: int, mod_offset: int) -> list[str]:
+    """Mixture-of-Depths routing per layer: "layer" (an attention layer: mixer and FFN are skipped
+    together), "ffn" (a Conba or spatial layer: only its FFN is routed — skipping a recurrent or
+    token-mixing layer would break its state), or "none"."""
+    if not isinstance(mod_every, int) or isinstance(mod_every, bool) or mod_every < 0:
+        raise ValueError(f"mod_every={mod_every!r} must be an integer >= 0 (0 = no Mixture-of-Depths)")
+    if mod_every == 0:
+        return ["none"] * len(block)
+    if not (isinstance(mod_offset, int) and 0 <= mod_offset < mod_every):
+        raise ValueError(f"mod_offset={mod_offset!r} must be an integer in [0, mod_every={mod_every})")
+    out = []
+    for i, (mixer, f) in enumerate(zip(block, ffn)):
+        if i % mod_every != mod_offset or mixer == "mom":
+            out.append("none")
+        elif mixer == "attention":
+            out.append("layer")
+        else:
+            out.append("ffn" if f != "none" else "none")
+    if all(x == "none" for x in out):
+        raise ValueError(f"mod_every={mod_every}, mod_offset={mod_offset} route no layer: Mixture-of-Depths routes "
+                         "attention layers and the FFNs of Conba/spatial layers, never a Conba mixer or a MoM round")
+    return out
 
 
 class MixConConfig(PretrainedConfig):
@@ -136,6 +175,22 @@ class MixConConfig(PretrainedConfig):
         dt_max: float = 0.1,
         dt_init_floor: float = 1e-4,
         conba_backend: str = "auto",
+        dense_layers: int = 0,  # the first N1 layers: dense MLP, one spatial expert (sparse all-MLP)
+        mod_every: int = 0,  # Mixture-of-Depths: route layer i when i % mod_every == mod_offset; 0 = off
+        mod_offset: int = 0,  # (MixCon's MoE FFNs sit at odd layers, so MoD takes the even ones)
+        mod_capacity: float = 0.125,  # share of a sequence's tokens a routed layer processes in training
+        mod_decision: str = "router",  # causal decision at inference: "router" (σ(r) > ½, BCE-trained) or "predictor"
+        mod_aux_loss_coef: float = 0.01,  # BCE of the causal decision against top-k membership
+        mom_attn_modules: int = 4,  # Mixture-of-Modules pool: attention modules
+        mom_ffn_modules: int = 4,  # ... and FFN modules (SKIP is always there besides)
+        mom_top_k: int = 2,  # modules chosen per token, per pool, per round
+        mom_router_hidden: int = 256,  # router MLP d → hidden → modules + 1
+        mom_router_temperature: float = 1.0,
+        mom_aux_loss_coef: float = 0.01,  # Switch balance loss over the MoM routers
+        spatial_experts: int = 4,  # sparse all-MLP sMoE: feature chunks, one causal spatial gating unit each
+        spatial_routing: str = "deterministic",  # chunk i → expert i, or "learned" (leak-free: see layers/spatial.py)
+        spatial_route_prefix: int = 32,  # learned routing: tokens whose features decide the routing
+        spatial_max_len: int = 1024,  # the spatial units' (time × time) weights: the longest context
         rms_norm_eps: float = 1e-6,
         initializer_range: float = 0.02,
         tie_word_embeddings: bool = False,
@@ -145,6 +200,7 @@ class MixConConfig(PretrainedConfig):
         eos_token_id: Optional[int] = 2,
         layers_block_type=None,  # derived; accepted (and checked) when a saved config is loaded
         layers_ffn_type=None,
+        layers_mod_type=None,
         **kwargs,
     ):
         self.vocab_size = vocab_size
@@ -193,6 +249,22 @@ class MixConConfig(PretrainedConfig):
         self.dt_max = dt_max
         self.dt_init_floor = dt_init_floor
         self.conba_backend = conba_backend
+        self.dense_layers = dense_layers
+        self.mod_every = mod_every
+        self.mod_offset = mod_offset
+        self.mod_capacity = mod_capacity
+        self.mod_decision = mod_decision
+        self.mod_aux_loss_coef = mod_aux_loss_coef
+        self.mom_attn_modules = mom_attn_modules
+        self.mom_ffn_modules = mom_ffn_modules
+        self.mom_top_k = mom_top_k
+        self.mom_router_hidden = mom_router_hidden
+        self.mom_router_temperature = mom_router_temperature
+        self.mom_aux_loss_coef = mom_aux_loss_coef
+        self.spatial_experts = spatial_experts
+        self.spatial_routing = spatial_routing
+        self.spatial_route_prefix = spatial_route_prefix
+        self.spatial_max_len = spatial_max_len
         self.rms_norm_eps = rms_norm_eps
         self.initializer_range = initializer_range
         self.tie_word_embeddings = tie_word_embeddings
@@ -203,13 +275,17 @@ class MixConConfig(PretrainedConfig):
         self.output_router_logits = kwargs.pop("output_router_logits", False)
         self._validate()
         block, ffn = resolve_layout(n_blocks, layers_per_block, attn_ratio, layer_pattern, moe_every, moe_offset,
-                                    has_ffn=intermediate_size > 0)
+                                    has_ffn=intermediate_size > 0, dense_layers=dense_layers)
+        mod = resolve_mod_layers(block, ffn, mod_every, mod_offset)
+        self._validate_members(block)
         for name, given, derived in (("layers_block_type", layers_block_type, block),
-                                     ("layers_ffn_type", layers_ffn_type, ffn)):
+                                     ("layers_ffn_type", layers_ffn_type, ffn),
+                                     ("layers_mod_type", layers_mod_type, mod)):
             if given is not None and list(given) != derived:
                 raise ValueError(f"{name}={given!r} disagrees with the layout the config's fields give: {derived}")
         self.layers_block_type = block
         self.layers_ffn_type = ffn
+        self.layers_mod_type = mod
         if layer_pattern is not None:  # keep attn_ratio truthful when a pattern overrides it
             self.attn_ratio = f"{layer_pattern.count('a')}:{layer_pattern.count('c')}"
         self.num_hidden_layers = n_blocks * layers_per_block
@@ -258,22 +334,62 @@ class MixConConfig(PretrainedConfig):
         if not 0 < self.dt_min <= self.dt_max:
             raise ValueError(f"dt_min={self.dt_min}, dt_max={self.dt_max} must satisfy 0 < dt_min <= dt_max")
 
+    def _validate_members(self, block):
+        """Fields of the dynamic-compute members, checked only where the layout uses them."""
+        if any(m != "none" for m in resolve_mod_layers(block, ["mlp"] * len(block), self.mod_every, self.mod_offset)):
+            if not 0 < self.mod_capacity <= 1:
+                raise ValueError(f"mod_capacity={self.mod_capacity!r} must be in (0, 1] (share of tokens processed)")
+            if self.mod_decision not in MOD_DECISIONS:
+                raise ValueError(f"mod_decision={self.mod_decision!r} must be one of {MOD_DECISIONS}")
+            if self.mod_aux_loss_coef < 0:
+                raise ValueError(f"mod_aux_loss_coef={self.mod_aux_loss_coef!r} must be >= 0")
+        if "mom" in block:
+            for name in ("mom_attn_modules", "mom_ffn_modules", "mom_top_k", "mom_router_hidden"):
+                v = getattr(self, name)
+                if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                    raise ValueError(f"{name}={v!r} must be an integer >= 1")
+            if self.mom_top_k > min(self.mom_attn_modules, self.mom_ffn_modules) + 1:
+                raise ValueError(f"mom_top_k={self.mom_top_k} must be <= modules + 1 (SKIP) of each pool "
+                                 f"({self.mom_attn_modules} attention, {self.mom_ffn_modules} FFN)")
+            if not self.mom_router_temperature > 0 or self.mom_aux_loss_coef < 0:
+                raise ValueError(f"mom_router_temperature={self.mom_router_temperature!r} must be > 0 and "
+                                 f"mom_aux_loss_coef={self.mom_aux_loss_coef!r} >= 0")
+        if "spatial" in block:
+            for name in ("spatial_experts", "spatial_route_prefix", "spatial_max_len"):
+                v = getattr(self, name)
+                if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                    raise ValueError(f"{name}={v!r} must be an integer >= 1")
+            if self.spatial_routing not in SPATIAL_ROUTINGS:
+                raise ValueError(f"spatial_routing={self.spatial_routing!r} must be one of {SPATIAL_ROUTINGS}")
+            if self.spatial_width % self.spatial_experts:
+                raise ValueError(f"spatial_experts={self.spatial_experts} must divide the spatial width "
+                                 f"expand * hidden_size = {self.spatial_width}")
+
     # ---------------------------------------------------------------- derived
+    @property
+    def spatial_width(self) -> int:
+        """Width of the spatial gating unit's u and v halves (gMLP's d_ffn / 2)."""
+        return self.expand * self.hidden_size
+
     @property
     def d_inner(self) -> int:
         return self.expand * self.hidden_size
 
     def layout_summary(self) -> str:
-        """One line per block: the block's letters (a/c) with MoE layers upper-cased."""
+        """One line per block: the block's letters (a/c/s/m) with MoE layers upper-cased and
+        Mixture-of-Depths-routed layers marked '*'."""
+        letter = {v: k for k, v in MIXER_LETTERS.items()}
         lines = []
         L = self.layers_per_block
         for blk in range(self.n_blocks):
             s = ""
             for i in range(blk * L, (blk + 1) * L):
-                ch = "a" if self.layers_block_type[i] == "attention" else "c"
-                s += ch.upper() if self.layers_ffn_type[i] == "moe" else ch
+                ch = letter[self.layers_block_type[i]]
+                s += (ch.upper() if self.layers_ffn_type[i] == "moe" else ch) + (
+                    "*" if self.layers_mod_type[i] != "none" else "")
             lines.append(f"block {blk}: {s}")
-        return "\n".join(lines) + "\n(a = attention, c = Conba; upper case = MoE FFN)"
+        return "\n".join(lines) + ("\n(a = attention, c = Conba, s = spatial sMoE, m = MoM round; "
+                                   "upper case = MoE FFN; * = Mixture-of-Depths routed)")
 
 
 def active_parameters(config: "MixConConfig") -> int:

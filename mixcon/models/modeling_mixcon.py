@@ -27,7 +27,10 @@ except ImportError:  # pragma: no cover
 from mixcon.layers.attention import MixConAttention, rope_cos_sin
 from mixcon.layers.conba import ConbaMixer
 from mixcon.layers.mlp import SwiGLUMLP
+from mixcon.layers.mod import DepthRouter, gather_selected, take
 from mixcon.layers.moe import MoEExperts, SparseMoE
+from mixcon.layers.mom import MoMPool, MoMRound
+from mixcon.layers.spatial import SpatialMixer
 from mixcon.layers.norm import RMSNorm
 from mixcon.models.cache import MixConCache
 from mixcon.models.configuration_mixcon import MixConConfig
@@ -35,44 +38,128 @@ from mixcon.ops.moe import load_balancing_loss, router_z_loss
 
 
 class MixConDecoderLayer(GradientCheckpointingLayer):
-    """x + mixer(norm(x)); x + ffn(norm(x)), mixer ∈ {attention, conba}, ffn ∈ {mlp, moe}."""
+    """x + mixer(norm(x)); x + ffn(norm(x)), mixer ∈ {attention, conba, spatial}, ffn ∈ {mlp, moe, none};
+    or one Mixture-of-Modules round (mixer "mom": assembled attention and FFN from the model's pool).
+    With Mixture-of-Depths routing (``layers_mod_type``) only the tokens the router selects pass
+    through the routed part (the whole layer, or the FFN of a Conba/spatial layer)."""
 
     def __init__(self, config: MixConConfig, layer_idx: int):
         super().__init__()
         self.layer_idx = layer_idx
         self.mixer_type = config.layers_block_type[layer_idx]
         self.ffn_type = config.layers_ffn_type[layer_idx]
+        self.mod_type = config.layers_mod_type[layer_idx]
         self.input_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         if self.mixer_type == "attention":
             self.mixer = MixConAttention(config, layer_idx)
-        else:
+        elif self.mixer_type == "conba":
             self.mixer = ConbaMixer(config, layer_idx)
-        if self.ffn_type != "none":
+        elif self.mixer_type == "spatial":
+            self.mixer = SpatialMixer(config, layer_idx)
+        else:
+            self.mixer = MoMRound(config, layer_idx)
+        if self.ffn_type != "none" or self.mixer_type == "mom":
             self.pre_ff_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         if self.ffn_type == "moe":
             self.feed_forward = SparseMoE(config)
         elif self.ffn_type == "mlp":
             self.feed_forward = SwiGLUMLP(config.hidden_size, config.intermediate_size)
+        if self.mod_type != "none":
+            self.depth_router = DepthRouter(config)
 
-    def forward(self, hidden_states, attn_mask=None, seq_mask=None, rope=None, past_key_values=None, **kwargs):
+    def forward(self, hidden_states, attn_mask=None, seq_mask=None, rope=None, past_key_values=None,
+                positions=None, mom_pool=None, **kwargs):
+        """→ (hidden_states, router_logits (b·T, E) or None, their token mask (b·T,) bool or None,
+        auxiliary loss of this layer (MoD BCE / MoM balance, coefficient applied) or None)."""
+        if self.mod_type == "layer":
+            return self._routed_layer(hidden_states, seq_mask, rope, past_key_values, positions)
         residual = hidden_states
         h = self.input_layernorm(hidden_states)
+        if self.mixer_type == "mom":
+            return self._mom_round(hidden_states, h, attn_mask, seq_mask, rope, past_key_values, mom_pool)
         if self.mixer_type == "attention":
             h = self.mixer(h, attn_mask=attn_mask, rope=rope, past_key_values=past_key_values)
-        else:
+        elif self.mixer_type == "conba":
             state = past_key_values.conba_states[self.layer_idx] if past_key_values is not None else None
             h = self.mixer(h, mask=seq_mask, state=state)
+        else:
+            state = past_key_values.spatial_states[self.layer_idx] if past_key_values is not None else None
+            h = self.mixer(h, positions, state=state)
         hidden_states = residual + h
         if self.ffn_type == "none":  # mixer-only layer (a Mamba-1 LM)
-            return hidden_states, None
-        residual = hidden_states
-        h = self.pre_ff_layernorm(hidden_states)
-        router_logits = None
+            return hidden_states, None, None, None
+        if self.mod_type == "ffn":
+            return self._routed_ffn(hidden_states, seq_mask)
+        h, router_logits = self._ffn(self.pre_ff_layernorm(hidden_states))
+        return hidden_states + h, router_logits, None, None
+
+    def _ffn(self, h):
         if self.ffn_type == "moe":
-            h, router_logits = self.feed_forward(h)
-        else:
-            h = self.feed_forward(h)
-        return residual + h, router_logits
+            return self.feed_forward(h)
+        return self.feed_forward(h), None
+
+    def _mom_round(self, residual, h, attn_mask, seq_mask, rope, past_key_values, pool):
+        a, la, ia = self.mixer.attention(h, pool, attn_mask=attn_mask, rope=rope, past_key_values=past_key_values)
+        x = residual + a
+        f, lf, i_f = self.mixer.ffn(self.pre_ff_layernorm(x), pool)
+        self.mixer.last_choices = (ia.detach(), i_f.detach())
+        token_mask = seq_mask.reshape(-1).bool() if seq_mask is not None else None
+        return x + f, None, None, self.mixer.balance_loss(la, lf, token_mask)
+
+    def _scatter_logits(self, logits, idx, valid, b, T):
+        """Router logits of the selected tokens (b·k, E) → (b·T, E) and the mask of real rows."""
+        if logits is None:
+            return None, None
+        E = logits.shape[-1]
+        full = logits.new_zeros(b, T, E).scatter(1, idx[..., None].expand(-1, -1, E), logits.view(b, -1, E))
+        sel = torch.zeros(b, T, dtype=torch.bool, device=idx.device).scatter(1, idx, valid)
+        return full.view(b * T, E), sel.view(-1)
+
+    def _routed_ffn(self, x, seq_mask):
+        """Mixture-of-Depths on the FFN of a Conba/spatial layer: x + σ(r)·ffn(norm(x)) for selected tokens."""
+        b, T, D = x.shape
+        real = seq_mask.bool() if seq_mask is not None else None
+        selected, r, aux = self.depth_router(x, real)
+        idx, valid = gather_selected(selected)
+        if idx.shape[1] == 0:
+            return x, None, None, aux
+        xs = take(x, idx)
+        f, logits = self._ffn(self.pre_ff_layernorm(xs))
+        w = (torch.sigmoid(take(r, idx)) * valid)[..., None].to(x.dtype)
+        out = x.scatter_add(1, idx[..., None].expand(-1, -1, D), f * w)
+        return (out, *self._scatter_logits(logits, idx, valid, b, T), aux)
+
+    def _routed_layer(self, x, seq_mask, rope, cache, positions):
+        """Mixture-of-Depths on a whole attention layer: the selected tokens, in their order and at their
+        positions, attend to the selected tokens before them (the cache keeps only selected keys)."""
+        b, T, D = x.shape
+        real = seq_mask.bool() if seq_mask is not None else None
+        selected, r, aux = self.depth_router(x, real)
+        idx, valid = gather_selected(selected)
+        k = idx.shape[1]
+        if k == 0 and (cache is None or cache.key_positions[self.layer_idx] is None):
+            return x, None, None, aux
+        xs = take(x, idx)
+        qpos = take(positions, idx).masked_fill(~valid, -1)
+        kpos = qpos
+        if cache is not None:
+            prev = cache.key_positions[self.layer_idx]
+            kpos = torch.cat([prev, qpos], 1) if prev is not None else qpos
+            cache.key_positions[self.layer_idx] = kpos
+        if k == 0:  # nothing to process, nothing new cached (the K/V stay as they were)
+            cache.key_positions[self.layer_idx] = kpos
+            return x, None, None, aux
+        allowed = (kpos[:, None, :] >= 0) & (kpos[:, None, :] <= qpos[:, :, None])
+        allowed = allowed | ~valid[:, :, None]  # empty slots attend anywhere; their output is dropped
+        rope_s = (take(rope[0], idx, 2), take(rope[1], idx, 2)) if rope is not None else None
+        a = self.mixer(self.input_layernorm(xs), attn_mask=allowed[:, None], rope=rope_s, past_key_values=cache)
+        delta, logits = a, None
+        if self.ffn_type != "none":
+            f, logits = self._ffn(self.pre_ff_layernorm(xs + a))
+            delta = a + f
+        w = (torch.sigmoid(take(r, idx)) * valid)[..., None].to(x.dtype)
+        out = x.scatter_add(1, idx[..., None].expand(-1, -1, D), delta * w)
+        return (out, *self._scatter_logits(logits, idx, valid, b, T), aux)
 
 
 class MixConPreTrainedModel(PreTrainedModel):
@@ -102,6 +189,14 @@ class MixConPreTrainedModel(PreTrainedModel):
         elif isinstance(module, MoEExperts):
             init.normal_(module.gate_up_proj, mean=0.0, std=std)
             init.normal_(module.down_proj, mean=0.0, std=std)
+        elif isinstance(module, MoMPool):
+            for p in (module.q_proj, module.k_proj, module.v_proj, module.o_proj):
+                init.normal_(p, mean=0.0, std=std)
+        elif isinstance(module, nn.LayerNorm):
+            init.ones_(module.weight)
+            init.zeros_(module.bias)
+        elif isinstance(module, SpatialMixer):
+            module.reset_parameters_(init)
         elif isinstance(module, ConbaMixer):
             module.reset_ssm_parameters(hf_init)
 
@@ -142,6 +237,10 @@ def _check_inputs(config, input_ids, inputs_embeds, attention_mask, past_length)
                 f"{(b, past_length + T)} (a 2-D mask of 1 for tokens and 0 for padding)")
         if attention_mask.is_floating_point() and not torch.all((attention_mask == 0) | (attention_mask == 1)):
             raise ValueError("attention_mask must hold only 0 (padding) and 1 (token)")
+    if "spatial" in config.layers_block_type and past_length + T > config.spatial_max_len:
+        raise ValueError(
+            f"context of {past_length + T} tokens exceeds spatial_max_len={config.spatial_max_len} (the spatial "
+            "gating units' time × time weights); shorten the input or build the model with a larger spatial_max_len")
     if config.use_rope and past_length + T > config.max_position_embeddings:
         raise ValueError(
             f"context of {past_length + T} tokens exceeds max_position_embeddings={config.max_position_embeddings} "
@@ -172,6 +271,8 @@ class MixConModel(MixConPreTrainedModel):
         self.padding_idx = config.pad_token_id
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList([MixConDecoderLayer(config, i) for i in range(config.num_hidden_layers)])
+        # the Mixture-of-Modules pool, shared by every "m" round (passed to them at forward time)
+        self.mom_pool = MoMPool(config) if "mom" in config.layers_block_type else None
         self.final_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.gradient_checkpointing = False
         self.post_init()
@@ -216,36 +317,49 @@ class MixConModel(MixConPreTrainedModel):
             mask2d = None
         seq_mask = mask2d[:, -T:] if mask2d is not None else None
         attn_mask = build_attention_mask(mask2d, T, past, device)
+        # positions in each sequence (left padding excluded; −1 at padded places): RoPE, the spatial
+        # mixers' (time × time) weights and Mixture-of-Depths' causal order use them
+        if position_ids is None:
+            if attention_mask is not None:
+                position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -T:]
+            else:
+                position_ids = torch.arange(past, past + T, device=device)[None].expand(b, T)
+        positions = position_ids.masked_fill(~seq_mask.bool(), -1) if seq_mask is not None else position_ids
         rope = None
         if self.config.use_rope:
-            if position_ids is None:
-                if attention_mask is not None:
-                    position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -T:]
-                else:
-                    position_ids = torch.arange(past, past + T, device=device)[None].expand(b, T)
             rope = rope_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta, inputs_embeds.dtype)
 
         hidden_states = inputs_embeds
         all_hidden = () if output_hidden_states else None
-        router_logits = ()
+        router_logits, router_masks, aux_losses = (), (), []
         for layer in self.layers:
             if output_hidden_states:
                 all_hidden += (hidden_states,)
-            hidden_states, logits = layer(hidden_states, attn_mask=attn_mask, seq_mask=seq_mask, rope=rope,
-                                          past_key_values=past_key_values if use_cache else None)
+            hidden_states, logits, logits_mask, aux = layer(
+                hidden_states, attn_mask=attn_mask, seq_mask=seq_mask, rope=rope,
+                past_key_values=past_key_values if use_cache else None, positions=positions,
+                mom_pool=self.mom_pool)
             if logits is not None:
                 router_logits += (logits,)
+                router_masks += (logits_mask,)
+            if aux is not None:
+                aux_losses.append(aux)
         hidden_states = self.final_layernorm(hidden_states)
         if output_hidden_states:
             all_hidden += (hidden_states,)
         if use_cache:
             past_key_values._seen_tokens += T
-        return MoeModelOutputWithPast(
+        out = MoeModelOutputWithPast(
             last_hidden_state=hidden_states,
             past_key_values=past_key_values if use_cache else None,
             hidden_states=all_hidden,
             router_logits=router_logits,
         )
+        # per MoE layer: None (every token of the layer) or the (b·T,) mask of tokens a Mixture-of-Depths
+        # layer routed through it; and the layers' own auxiliary losses (MoD BCE, MoM balance)
+        out.router_masks = router_masks
+        out.layer_aux_loss = torch.stack(aux_losses).sum() if aux_losses else None
+        return out
 
 
 class MixConForCausalLM(MixConPreTrainedModel, GenerationMixin):
@@ -285,7 +399,9 @@ class MixConForCausalLM(MixConPreTrainedModel, GenerationMixin):
     ) -> MoeCausalLMOutputWithPast:
         """Returns logits, the loss (next-token cross-entropy, plus the router losses in training),
         ``aux_loss`` = router_aux_loss_coef · Switch loss + router_z_loss_coef · z-loss over
-        non-padded tokens (None without MoE layers) and the per-MoE-layer router logits."""
+        non-padded tokens, plus the Mixture-of-Depths decision BCE and the Mixture-of-Modules balance
+        loss (each with its coefficient; None when the model has none) and the per-MoE-layer router
+        logits."""
         out = self.model(
             input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
             past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache,
@@ -297,10 +413,15 @@ class MixConForCausalLM(MixConPreTrainedModel, GenerationMixin):
         aux_loss = None
         if out.router_logits:
             T = hidden.shape[1]
-            token_mask = attention_mask[:, -T:].reshape(-1) if attention_mask is not None else None
+            token_mask = attention_mask[:, -T:].reshape(-1).bool() if attention_mask is not None else None
+            masks = [m if token_mask is None else token_mask if m is None else m & token_mask
+                     for m in getattr(out, "router_masks", [None] * len(out.router_logits))]
             aux_loss = (self.config.router_aux_loss_coef
-                        * load_balancing_loss(out.router_logits, self.config.experts_per_token, token_mask)
-                        + self.config.router_z_loss_coef * router_z_loss(out.router_logits, token_mask))
+                        * load_balancing_loss(out.router_logits, self.config.experts_per_token, masks)
+                        + self.config.router_z_loss_coef * router_z_loss(out.router_logits, masks))
+        layer_aux = getattr(out, "layer_aux_loss", None)
+        if layer_aux is not None:
+            aux_loss = layer_aux if aux_loss is None else aux_loss + layer_aux
         loss = None
         if labels is not None:
             shift_logits = logits[:, :-1, :].float() if logits.shape[1] == labels.shape[1] else logits.float()

@@ -30,13 +30,14 @@ def _expert_ffn(x, gate_up_e, down_e):
 
 def moe_loop(x, gate_up, down, weights, indices):
     """The reference: for each expert, its tokens through its SwiGLU, weighted, summed. x (T, D)."""
-    out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    out = torch.zeros(x.shape, dtype=acc, device=x.device)
     for e in range(gate_up.shape[0]):
         tok, slot = torch.where(indices == e)
         if tok.numel() == 0:
             continue
         y = _expert_ffn(x[tok], gate_up[e], down[e])
-        out.index_add_(0, tok, y.float() * weights[tok, slot, None])
+        out.index_add_(0, tok, y.to(acc) * weights[tok, slot, None].to(acc))
     return out.to(x.dtype)
 
 
@@ -92,12 +93,22 @@ def _masked_mean(x: torch.Tensor, mask: Optional[torch.Tensor], dim=0):
     return (x * m).sum(dim) / m.sum(dim).clamp(min=1)
 
 
-def load_balancing_loss(router_logits: Sequence[torch.Tensor], top_k: int, mask: Optional[torch.Tensor] = None):
-    """Switch loss over all MoE layers' logits (each (tokens, E)); ``mask`` (tokens,) drops padding.
+def _layer_masks(router_logits, mask):
+    """One (tokens,) mask for every layer, a list of per-layer masks (None = all tokens), or None."""
+    if mask is None or isinstance(mask, torch.Tensor):
+        return mask.reshape(-1).repeat(len(router_logits)) if mask is not None else None
+    if all(m is None for m in mask):
+        return None
+    return torch.cat([torch.ones(l.shape[0], dtype=torch.bool, device=l.device) if m is None else m.reshape(-1)
+                      for l, m in zip(router_logits, mask)])
+
+
+def load_balancing_loss(router_logits: Sequence[torch.Tensor], top_k: int, mask=None):
+    """Switch loss over all MoE layers' logits (each (tokens, E)); ``mask`` (tokens,) drops padding,
+    or a list of per-layer masks (None = all tokens; a Mixture-of-Depths layer's selected tokens).
     L = E · Σ_e f_e P_e summed over the K choices, = K at perfect balance."""
     logits = torch.cat(list(router_logits), dim=0).float()
-    n_layers = len(router_logits)
-    m = mask.reshape(-1).repeat(n_layers) if mask is not None else None
+    m = _layer_masks(router_logits, mask)
     E = logits.shape[-1]
     probs = torch.softmax(logits, dim=-1)
     _, idx = torch.topk(probs, top_k, dim=-1)
@@ -107,8 +118,8 @@ def load_balancing_loss(router_logits: Sequence[torch.Tensor], top_k: int, mask:
     return E * (f * P[None]).sum()
 
 
-def router_z_loss(router_logits: Sequence[torch.Tensor], mask: Optional[torch.Tensor] = None):
-    """mean over non-padded tokens (and layers) of logsumexp(logits)²."""
+def router_z_loss(router_logits: Sequence[torch.Tensor], mask=None):
+    """mean over non-padded tokens (and layers) of logsumexp(logits)²; ``mask`` as in load_balancing_loss."""
     logits = torch.cat(list(router_logits), dim=0).float()
-    m = mask.reshape(-1).repeat(len(router_logits)) if mask is not None else None
+    m = _layer_masks(router_logits, mask)
     return _masked_mean(torch.logsumexp(logits, dim=-1) ** 2, m)

@@ -58,7 +58,28 @@ def build_model(r: Recipe, vocab_size: int) -> MixConForCausalLM:
     if kw.get("vocab_size", 0) < vocab_size:
         kw["vocab_size"] = vocab_size  # the tokenizer decides the vocabulary of a new model
     torch.manual_seed(r.seed)
-    return MixConForCausalLM(MixConConfig(**kw))
+    model = MixConForCausalLM(MixConConfig(**kw))
+    if r.init_from:
+        init_model_from(model, r.init_from)
+    return model
+
+
+def init_model_from(model: MixConForCausalLM, path: str) -> None:
+    """Weights from a saved model: the same architecture loads them all; a Mixture-of-Modules model
+    given a dense transformer initialises its pool from the dense layers (`init_pool_from_dense`)."""
+    from mixcon.layers.mom import init_pool_from_dense
+
+    src = MixConForCausalLM.from_pretrained(path)
+    if src.config.vocab_size != model.config.vocab_size:
+        raise ValueError(f"init_from={path!r} has vocab_size {src.config.vocab_size}, the model being trained "
+                         f"{model.config.vocab_size}: use the same tokenizer")
+    if model.model.mom_pool is not None and src.model.mom_pool is None:
+        init_pool_from_dense(model, src)
+        return
+    missing, unexpected = model.load_state_dict(src.state_dict(), strict=False)
+    if missing or unexpected:
+        raise ValueError(f"init_from={path!r} is another architecture: missing {missing[:5]}, unexpected "
+                         f"{unexpected[:5]}; only a MoM model can start from a dense transformer")
 
 
 def parallelize(model, r: Recipe, device):

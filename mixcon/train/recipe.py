@@ -13,6 +13,9 @@ import yaml
 class Recipe:
     model_config: str = "configs/tiny.json"  # a MixCon config.json
     model_overrides: dict = field(default_factory=dict)  # fields of MixConConfig to change
+    # a save_pretrained model (e.g. another run's --export) to start from: the same architecture loads
+    # its weights; a Mixture-of-Modules model from a dense transformer fills its pool (MoM's stage 2)
+    init_from: Optional[str] = None
     tokenizer: str = "runs/tokenizer"  # directory of a tokenizer (tools/train_tokenizer.py)
     data: str = "runs/data"  # directory of prepared shards (tools/prepare_data.py)
     out_dir: str = "runs/train"
