@@ -58,13 +58,13 @@ class MixConLM(HFLM):
 
             kwargs.setdefault("trust_remote_code", True)
             if max_length is None:
-                max_length = AutoConfig.from_pretrained(pretrained, trust_remote_code=True).max_position_embeddings
+                max_length = AutoConfig.from_pretrained(pretrained, trust_remote_code=True).context_limit
             super().__init__(pretrained=pretrained, tokenizer=tokenizer, device=device, max_length=max_length,
                              batch_size=batch_size, **kwargs)
         else:
             if tokenizer is None:
                 raise ValueError("an in-memory model needs its tokenizer: MixConLM(model, tokenizer=tok)")
-            max_length = max_length or pretrained.config.max_position_embeddings
+            max_length = max_length or pretrained.config.context_limit
             super().__init__(pretrained=pretrained, tokenizer=tokenizer, max_length=max_length,
                              batch_size=batch_size, **kwargs)
 

@@ -367,6 +367,14 @@ class MixConConfig(PretrainedConfig):
 
     # ---------------------------------------------------------------- derived
     @property
+    def context_limit(self) -> int:
+        """The longest context the model takes: max_position_embeddings, or spatial_max_len when the
+        layout has spatial (sparse all-MLP) layers and that is shorter."""
+        if "spatial" in self.layers_block_type:
+            return min(self.max_position_embeddings, self.spatial_max_len)
+        return self.max_position_embeddings
+
+    @property
     def spatial_width(self) -> int:
         """Width of the spatial gating unit's u and v halves (gMLP's d_ffn / 2)."""
         return self.expand * self.hidden_size

@@ -79,17 +79,14 @@ def _samples(res, task):
     return res["samples"][task]
 
 
-def test_three_request_kinds_batched_equal_unbatched(saved):
+NAMES = ["mixcon_offline_mc", "mixcon_offline_gen", "mixcon_offline_roll"]
+
+
+def _batched_equals_unbatched(model, tok, tasks):
     from harness import evaluate
 
-    d, model, tok = saved
-    names = ["mixcon_offline_mc", "mixcon_offline_gen", "mixcon_offline_roll"]
-    runs = [evaluate(model, tok, names, include_path=str(d / "tasks"), batch_size=bs, log_samples=True)
+    runs = [evaluate(model, tok, NAMES, include_path=str(tasks), batch_size=bs, log_samples=True)
             for bs in (1, 4)]
-    for name in names:
-        assert name in runs[0]["results"]
-    assert 0.0 <= runs[0]["results"]["mixcon_offline_mc"]["acc,none"] <= 1.0
-    assert runs[0]["results"]["mixcon_offline_roll"]["word_perplexity,none"] > 1.0
     for name in ("mixcon_offline_mc", "mixcon_offline_roll"):
         for s1, s4 in zip(_samples(runs[0], name), _samples(runs[1], name)):
             ll1 = [r[0][0] if isinstance(r[0], (list, tuple)) else r[0] for r in s1["resps"]]
@@ -98,6 +95,33 @@ def test_three_request_kinds_batched_equal_unbatched(saved):
     gen1 = [s["resps"] for s in _samples(runs[0], "mixcon_offline_gen")]
     gen4 = [s["resps"] for s in _samples(runs[1], "mixcon_offline_gen")]
     assert gen1 == gen4  # left-padded batched greedy generation == one prompt at a time
+    return runs
+
+
+@pytest.mark.parametrize("config", ["mod-tiny.json", "mom-tiny.json", "smlp-tiny.json"])
+def test_members_through_the_harness_batched_equal_unbatched(saved, config):
+    from mixcon import MixConConfig, MixConForCausalLM
+
+    d, _, tok = saved
+    kw = json.load(open(os.path.join(ROOT, "configs", config)))
+    kw.pop("model_type")
+    kw.update(vocab_size=len(tok), bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+              pad_token_id=tok.pad_token_id, max_position_embeddings=256)
+    torch.manual_seed(0)
+    model = randomize_(MixConForCausalLM(MixConConfig(**kw)), scale=0.05).eval()
+    runs = _batched_equals_unbatched(model, tok, d / "tasks")
+    assert runs[0]["results"]["mixcon_offline_roll"]["word_perplexity,none"] > 1.0
+
+
+def test_three_request_kinds_batched_equal_unbatched(saved):
+    d, model, tok = saved
+    names = NAMES
+    runs = _batched_equals_unbatched(model, tok, d / "tasks")
+    for name in names:
+        assert name in runs[0]["results"]
+    assert 0.0 <= runs[0]["results"]["mixcon_offline_mc"]["acc,none"] <= 1.0
+    assert runs[0]["results"]["mixcon_offline_roll"]["word_perplexity,none"] > 1.0
+    gen1 = [s["resps"] for s in _samples(runs[0], "mixcon_offline_gen")]
     assert any(r[0][0] for r in gen1)  # something was generated
 
     # one multiple-choice log-likelihood against our own computation

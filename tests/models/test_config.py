@@ -68,11 +68,29 @@ def expected_parameters(c) -> int:
     d, N, R, K = c.expand * h, c.d_state, c.dt_rank, c.d_conv
     ng = d // c.control_group
     total = V * h + (0 if c.tie_word_embeddings else V * h) + h
-    for mixer, ffn in zip(c.layers_block_type, c.layers_ffn_type):
+    hd = c.head_dim
+    attn = 2 * h * c.num_attention_heads * hd + 2 * h * c.num_key_value_heads * hd
+    if "mom" in c.layers_block_type:  # the pool, once
+        total += c.mom_attn_modules * attn + c.mom_ffn_modules * 3 * h * F
+    for i, (mixer, ffn, mod) in enumerate(zip(c.layers_block_type, c.layers_ffn_type, c.layers_mod_type)):
         total += h  # input norm
+        if mod != "none":
+            total += h  # the scalar router
+            if c.mod_decision == "predictor":
+                p = max(8, h // 4)
+                total += h * p + p + p + 1
         if mixer == "attention":
-            hd = c.head_dim
-            total += 2 * h * c.num_attention_heads * hd + 2 * h * c.num_key_value_heads * hd
+            total += attn
+        elif mixer == "mom":  # second norm, two router MLPs
+            rh = c.mom_router_hidden
+            total += h + h * rh + rh * (c.mom_attn_modules + 1) + h * rh + rh * (c.mom_ffn_modules + 1)
+        elif mixer == "spatial":
+            W, L = c.expand * h, c.spatial_max_len
+            E = 1 if i < c.dense_layers else c.spatial_experts
+            total += 2 * h * W + 2 * W + E * L * L + E * L + W * h
+            if E > 1 and c.spatial_routing == "learned":
+                P = min(c.spatial_route_prefix, L)
+                total += P * E + E
         else:
             n_sel = R + 2 * N + (ng if c.state_scaling else 0)
             total += 2 * h * d + (2 * d if c.proj_bias else 0)  # in_proj

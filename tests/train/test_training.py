@@ -133,3 +133,45 @@ def test_two_processes_give_the_loss_of_one_on_the_same_global_batch(tok_and_dat
     assert len(a) == len(b) == 4
     for (_, x), (_, y) in zip(a, b):
         assert abs(x - y) < 1e-4 * abs(x), (a, b)
+
+
+@pytest.mark.parametrize("config", ["mod-tiny.json", "smlp-tiny.json"])
+def test_members_train_export_and_generate(tok_and_data, tmp_path, config):
+    d, _ = tok_and_data
+    res = _run(_recipe(d, tmp_path / "run", model_config=f"{ROOT}/configs/{config}")
+               + ["--export", str(tmp_path / "export")])
+    assert res.returncode == 0, res.stderr[-3000:]
+    losses = [l for _, l in _losses(tmp_path / "run")]
+    assert len(losses) == 4 and all(l == l for l in losses) and losses[-1] < losses[0]
+    _generate_from(tmp_path / "export")
+
+
+def _generate_from(path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True).eval()
+    tok = AutoTokenizer.from_pretrained(path)
+    ids = tok("def f(x):", return_tensors="pt").input_ids
+    with_cache = model.generate(ids, max_new_tokens=5, do_sample=False)
+    assert torch.equal(with_cache, model.generate(ids, max_new_tokens=5, do_sample=False, use_cache=False))
+    return model
+
+
+def test_mom_second_stage_starts_from_a_trained_dense_export(tok_and_data, tmp_path):
+    """MoM's two-stage training through the tool: a dense transformer, exported, fills the pool."""
+    d, _ = tok_and_data
+    dense = _run(_recipe(d, tmp_path / "dense", model_config=f"{ROOT}/configs/dense-tiny.json")
+                 + ["--export", str(tmp_path / "dense-export")])
+    assert dense.returncode == 0, dense.stderr[-3000:]
+    mom = _run(_recipe(d, tmp_path / "mom", model_config=f"{ROOT}/configs/mom-tiny.json", max_steps=2,
+                       init_from=str(tmp_path / "dense-export"), lr=0.0, warmup_steps=1)
+               + ["--export", str(tmp_path / "mom-export")])
+    assert mom.returncode == 0, mom.stderr[-3000:]
+    model = _generate_from(tmp_path / "mom-export")
+    from transformers import AutoModelForCausalLM
+
+    dense_model = AutoModelForCausalLM.from_pretrained(tmp_path / "dense-export")
+    # lr = 0: the exported pool is exactly the dense layers (8 layers → 8 modules, layer j → module j)
+    for j, layer in enumerate(dense_model.model.layers):
+        assert torch.equal(model.model.mom_pool.q_proj[j], layer.mixer.q_proj.weight)
+        assert torch.equal(model.model.mom_pool.ffn.down_proj[j], layer.feed_forward.down_proj.weight)
