@@ -419,15 +419,20 @@ def active_parameters(config: "MixConConfig") -> int:
 
 def cache_nbytes(config: "MixConConfig", context: int, batch: int = 1, dtype=None) -> dict:
     """Bytes of a `MixConCache` after ``context`` tokens, computed from the config alone (no model):
-    ``{"attention": K/V bytes, "conba": conv windows + float32 states, "total": ...}``.
-    ``dtype`` is the model's dtype (K/V and conv windows; default bfloat16); Conba states are float32."""
+    ``{"attention": K/V bytes, "conba": conv windows + float32 states, "spatial": …, "total": ...}``.
+    ``dtype`` is the model's dtype (K/V, conv windows, spatial histories; default bfloat16); Conba states
+    are float32. MoM rounds hold one K/V each; a Mixture-of-Depths-routed attention layer holds only
+    the tokens it selected (plus their int64 positions), so for it this is the upper bound (all selected)."""
     import torch
 
     esize = torch.finfo(dtype or torch.bfloat16).bits // 8
-    n_attn = config.layers_block_type.count("attention")
-    n_conba = len(config.layers_block_type) - n_attn
+    kinds = config.layers_block_type
+    n_attn = kinds.count("attention") + kinds.count("mom")
+    n_conba = kinds.count("conba")
     attn = n_attn * 2 * config.num_key_value_heads * config.head_dim * context * batch * esize if n_attn else 0
+    attn += sum(1 for k, m in zip(kinds, config.layers_mod_type) if m == "layer") * 8 * context * batch
     d, n = config.d_inner, config.d_state
     per_layer = d * (config.d_conv - 1) * esize + 4 * (d * n * (1 + config.delay) + d // config.control_group + d)
     conba = n_conba * per_layer * batch
-    return {"attention": attn, "conba": conba, "total": attn + conba}
+    spatial = kinds.count("spatial") * context * batch * (config.spatial_width * esize + 8)
+    return {"attention": attn, "conba": conba, "spatial": spatial, "total": attn + conba + spatial}

@@ -34,7 +34,7 @@ MEMBERS = {
     "smlp": lambda: member("smlp-tiny.json", spatial_max_len=64),
     "smlp-learned": lambda: member("smlp-tiny.json", spatial_max_len=64, spatial_routing="learned",
                                    spatial_route_prefix=6),
-    "all-kinds": lambda: tiny_config(layer_pattern="masc", mod_every=2, mod_offset=0, use_rope=True,
+    "all-kinds": lambda: tiny_config(layer_pattern="masc", mod_every=2, mod_offset=1, use_rope=True,
                                      spatial_max_len=64, mom_attn_modules=3, mom_ffn_modules=2),
 }
 
@@ -271,3 +271,21 @@ def test_spatial_context_beyond_its_weights_raises():
     model = MixConForCausalLM(member("smlp-tiny.json", spatial_max_len=16))
     with pytest.raises(ValueError, match="spatial_max_len=16"):
         model(torch.randint(3, 100, (1, 17)))
+
+
+@pytest.mark.parametrize("name", ["mom", "smlp", "all-kinds"])
+def test_cache_nbytes_from_config_equals_the_cache_held(name):
+    from mixcon.models.configuration_mixcon import cache_nbytes
+
+    model = build(name, dtype=torch.float32)
+    if name == "all-kinds":  # every token selected by the MoD layers (r = 1): the bound is reached
+        assert "layer" in model.config.layers_mod_type
+        for layer in model.model.layers:
+            if hasattr(layer, "depth_router"):
+                layer.depth_router.router = torch.nn.Linear(model.config.hidden_size, 1)
+                torch.nn.init.zeros_(layer.depth_router.router.weight)
+                torch.nn.init.ones_(layer.depth_router.router.bias)
+    ids = torch.randint(3, model.config.vocab_size, (3, 13))
+    with torch.no_grad():
+        cache = model(ids, use_cache=True).past_key_values
+    assert cache.nbytes() == cache_nbytes(model.config, 13, batch=3, dtype=torch.float32)["total"]
