@@ -95,3 +95,36 @@ def parse_run_args(ap, argv, smoke_help: str):
     args.dtype = getattr(torch, args.dtype)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return args, device, args.dtype
+
+
+def count_flops(fn) -> dict:
+    """Run ``fn()`` and count what it executes: ``matmul`` = FLOPs of matrix products, convolutions
+    and attention (torch.utils.flop_counter's formulas, plus the CPU flash-attention kernels it lacks),
+    ``elementwise`` = output elements of floating-point pointwise ops (one op each: the scans, gates,
+    norms and activations a matmul count misses)."""
+    import torch.utils.flop_counter as fc
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    registry = dict(fc.flop_registry)
+    aten = torch.ops.aten
+    if hasattr(aten, "_scaled_dot_product_flash_attention_for_cpu"):
+        registry[aten._scaled_dot_product_flash_attention_for_cpu] = (
+            lambda q, k, v, *a, out_val=None, **kw: fc.sdpa_flop_count(q.shape, k.shape, v.shape))
+        registry[aten._scaled_dot_product_flash_attention_for_cpu_backward] = (
+            lambda g, q, k, v, *a, out_val=None, **kw: fc.sdpa_backward_flop_count(g.shape, q.shape, k.shape, v.shape))
+    counts = {"matmul": 0, "elementwise": 0}
+
+    class _Counter(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            out = func(*args, **kwargs)
+            packet = func._overloadpacket
+            if packet in registry:
+                counts["matmul"] += int(registry[packet](*args, **kwargs, out_val=out))
+            elif torch.Tag.pointwise in func.tags and isinstance(out, torch.Tensor) and out.is_floating_point():
+                counts["elementwise"] += out.numel()
+            return out
+
+    with _Counter():
+        fn()
+    return counts
