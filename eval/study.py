@@ -37,13 +37,15 @@ from mixcon.train.data import TokenShards  # noqa: E402
 from mixcon.train.loop import build_model, train  # noqa: E402
 from mixcon.train.recipe import load_recipe  # noqa: E402
 
-MEMBERS = {  # name → (config, description)
-    "mixcon": ("configs/tiny.json", "MixCon 1:3, MoE every 2nd layer"),
-    "dense": ("configs/dense-tiny.json", "dense transformer (RoPE)"),
-    "mod": ("configs/mod-tiny.json", "MixCon + Mixture-of-Depths (C = 12.5%)"),
-    "mom": ("configs/mom-tiny.json", "Mixture-of-Modules K2 H4, 8+8 modules"),
-    "mom-2stage": ("configs/mom-tiny.json", "MoM, pool from the trained dense model"),
-    "smlp": ("configs/smlp-tiny.json", "sparse all-MLP, 2 dense + 6 sparse"),
+MEMBERS = {  # name → (config, description, model overrides)
+    "mixcon": ("configs/tiny.json", "MixCon 1:3, MoE every 2nd layer", {}),
+    "dense": ("configs/dense-tiny.json", "dense transformer (RoPE)", {}),
+    "mod": ("configs/mod-tiny.json", "MixCon + Mixture-of-Depths (C = 12.5%), router decision", {}),
+    "mod-predictor": ("configs/mod-tiny.json", "MixCon + Mixture-of-Depths, predictor decision",
+                      {"mod_decision": "predictor"}),
+    "mom": ("configs/mom-tiny.json", "Mixture-of-Modules K2 H4, 8+8 modules", {}),
+    "mom-2stage": ("configs/mom-tiny.json", "MoM, pool from the trained dense model", {}),
+    "smlp": ("configs/smlp-tiny.json", "sparse all-MLP, 2 dense + 6 sparse", {}),
 }
 COLS = ["member", "description", "params_M", "heldout_loss", "heldout_ppl", "train_GFLOP_per_token",
         "infer_MFLOP_per_token", "infer_elementwise_Mop_per_token", "train_tok_per_s", "decode_tok_per_s",
@@ -147,8 +149,9 @@ def main(argv=None):
     order = sorted(args.members, key=lambda m: list(MEMBERS).index(m))  # dense before mom-2stage
     rows, curves = [], {}
     for name in order:
-        config, desc = MEMBERS[name]
-        overrides = dict(model_config=os.path.join(ROOT, config), out_dir=os.path.join(args.runs, name))
+        config, desc, model_overrides = MEMBERS[name]
+        overrides = dict(model_config=os.path.join(ROOT, config), out_dir=os.path.join(args.runs, name),
+                         model_overrides={**base.model_overrides, **model_overrides})
         if name == "mom-2stage":
             overrides["init_from"] = export_dir(dataclasses.replace(base, out_dir=os.path.join(args.runs, "dense")))
         r = dataclasses.replace(base, **overrides)

@@ -34,9 +34,16 @@ class DepthRouter(nn.Module):
         if self.decision == "predictor":
             hidden = max(8, config.hidden_size // 4)
             self.predictor = nn.Sequential(nn.Linear(config.hidden_size, hidden), nn.SiLU(), nn.Linear(hidden, 1))
-        # {"agreement": share of real tokens where the causal decision equals top-k membership,
-        #  "selected": share of real tokens processed}, from the latest forward over more than one token
-        self.last_stats: Optional[dict] = None
+        self._stats: Optional[torch.Tensor] = None  # (agreement, selected), kept on the device (no sync)
+
+    @property
+    def last_stats(self) -> Optional[dict]:
+        """From the latest forward over more than one token: "agreement" = share of real tokens where the
+        causal decision equals top-k membership, "selected" = share of real tokens processed."""
+        if self._stats is None:
+            return None
+        agreement, selected = self._stats.tolist()
+        return {"agreement": agreement, "selected": selected}
 
     def forward(self, x: torch.Tensor, real: Optional[torch.Tensor]):
         """x (b, T, D), real (b, T) bool or None → (selected (b, T) bool, r (b, T) float32, aux loss or None).
@@ -60,8 +67,7 @@ class DepthRouter(nn.Module):
             selected = (causal > 0) & real
         if member is not None:
             n = real.sum().clamp(min=1)
-            self.last_stats = {"agreement": (((causal > 0) == member) & real).sum().item() / n.item(),
-                               "selected": selected.sum().item() / n.item()}
+            self._stats = torch.stack([(((causal > 0) == member) & real).sum(), selected.sum()]).detach() / n
         return selected, r, aux
 
 

@@ -111,8 +111,11 @@ class MixConDecoderLayer(GradientCheckpointingLayer):
         if logits is None:
             return None, None
         E = logits.shape[-1]
-        full = logits.new_zeros(b, T, E).scatter(1, idx[..., None].expand(-1, -1, E), logits.view(b, -1, E))
-        sel = torch.zeros(b, T, dtype=torch.bool, device=idx.device).scatter(1, idx, valid)
+        # empty slots point at position 0 too: add (zeros for them) rather than write, so they never
+        # overwrite a selected token's row
+        vals = logits.view(b, -1, E) * valid[..., None].to(logits.dtype)
+        full = logits.new_zeros(b, T, E).scatter_add(1, idx[..., None].expand(-1, -1, E), vals)
+        sel = torch.zeros(b, T, dtype=torch.long, device=idx.device).scatter_add(1, idx, valid.long()) > 0
         return full.view(b * T, E), sel.view(-1)
 
     def _routed_ffn(self, x, seq_mask):

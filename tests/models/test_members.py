@@ -289,3 +289,27 @@ def test_cache_nbytes_from_config_equals_the_cache_held(name):
     with torch.no_grad():
         cache = model(ids, use_cache=True).past_key_values
     assert cache.nbytes() == cache_nbytes(model.config, 13, batch=3, dtype=torch.float32)["total"]
+
+
+def test_router_logits_of_a_routed_moe_layer_land_on_the_selected_tokens_only():
+    """Rows select different numbers of tokens; the empty slots (pointing at position 0) must not
+    overwrite a selected token's router logits, and the loss mask marks exactly the selected tokens."""
+    cfg = tiny_config(layer_pattern="cccc", mod_every=2, mod_offset=1)  # odd layers: Conba + routed MoE FFN
+    model = randomize_(MixConForCausalLM(cfg), 0.1).eval().double()
+    layer = model.model.layers[1]
+    assert layer.mod_type == "ffn" and layer.ffn_type == "moe"
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(2, 12, cfg.hidden_size, generator=g, dtype=torch.float64)
+    pos = torch.arange(12)[None].expand(2, 12)
+    with torch.no_grad():
+        h = x + layer.mixer(layer.input_layernorm(x))
+        r = layer.depth_router.router(h).squeeze(-1)
+        r[0] = torch.linspace(1.0, -1.0, 12)  # row 0 selects positions 0..5: two empty slots (→ position 0)
+        r[1] = torch.tensor([-1, 1, 1, 1, -1, 1, 1, 1, 1, -1, 1, -1.0])  # row 1 selects 8, not position 0
+        layer.depth_router.router.forward = lambda inp: r[..., None]
+        _, logits, mask, _ = layer(x, positions=pos)
+        expect = layer.feed_forward.router(layer.pre_ff_layernorm(h)).reshape(24, -1)
+    sel = (r > 0).reshape(-1)
+    assert sel[:6].all() and not sel[6:12].any() and sel[12:].sum() == 8
+    assert torch.equal(mask, sel)
+    assert (logits[sel] - expect[sel]).abs().max() < 1e-12 and torch.all(logits[~sel] == 0)
