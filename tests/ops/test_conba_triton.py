@@ -1,7 +1,7 @@
 """The fused Triton Conba kernels against the reference (docs/conba.md, "Kernel contract").
 
-On CPU these run through Triton's interpreter (TRITON_INTERPRET=1, set in conftest.py), so the
-shapes are small; they are chosen odd on purpose: T not a multiple of the checkpoint chunk,
+On CPU these run through Triton's interpreter (TRITON_INTERPRET=1, set in conftest.py); on a
+machine with a CUDA GPU the same tests run the compiled kernels there. The shapes are small; they are chosen odd on purpose: T not a multiple of the checkpoint chunk,
 d_inner not a multiple of the channel block, N not a power of two, some groups padded.
 Every tensor the kernels allocate is pre-filled with NaN, so an element a kernel forgets to
 write shows up as NaN.
@@ -16,6 +16,7 @@ from helpers import conba_inputs, rel_rms  # noqa: E402
 from mixcon.ops.conba import ConbaState, conba_scan, conba_step, empty_state, resolve_backend  # noqa: E402
 from mixcon.ops.conba import fused_recurrent as fr  # noqa: E402
 
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 SEQ = ("u", "delta", "B", "C", "z", "alpha", "mask")
 MECHANISMS = ["none", "scaling", "delay", "control", "noise", "all"]
 
@@ -35,12 +36,13 @@ def _nan_prefilled_outputs(monkeypatch):
 
 def _inputs(mech, b=2, T=13, d=24, n=5, G=8, dtype=torch.float32, tau=None, seed=0):
     m = "all" if mech == "all" else (() if mech == "none" else (mech,))
-    x = conba_inputs(b=b, T=T, d=d, n=n, G=G, dtype=dtype, mechanisms=m, seed=seed)
+    x = conba_inputs(b=b, T=T, d=d, n=n, G=G, dtype=dtype, device=DEVICE, mechanisms=m, seed=seed)
     if tau is not None:
         x["tau"] = tau
     g = torch.Generator().manual_seed(seed + 1)
     x["mask"] = (torch.rand(b, T, generator=g) > 0.2).float()
     x["mask"][0, :3] = 0  # a left-padded row
+    x["mask"] = x["mask"].to(DEVICE)
     return x
 
 
@@ -49,7 +51,8 @@ def _init_state(x, seed=0):
     n, tau, ng = x["A"].shape[1], x.get("tau", 0), d // x["group_size"]
     g = torch.Generator().manual_seed(seed + 2)
     r = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
-    return ConbaState(r(b, d, n), r(b, tau, d, n), torch.rand(b, ng, generator=g) * 0.5, r(b, d) * 0.3)
+    st = ConbaState(r(b, d, n), r(b, tau, d, n), torch.rand(b, ng, generator=g) * 0.5, r(b, d) * 0.3)
+    return ConbaState(*(s.to(DEVICE) for s in st))
 
 
 def _run(x, backend, init=None, chunk=4, seed=0):
@@ -62,8 +65,9 @@ def _run(x, backend, init=None, chunk=4, seed=0):
     else:
         y, fin = fr.conba_scan_triton(**x, initial_state=st, return_final_state=True, chunk_size=chunk)
     g = torch.Generator().manual_seed(seed + 3)
-    loss = (y.float() * torch.randn(y.shape, generator=g)).sum()
-    loss = loss + sum((s.float() * torch.randn(s.shape, generator=g)).sum() for s in fin)
+    w = lambda t: torch.randn(t.shape, generator=g).to(t.device)  # noqa: E731
+    loss = (y.float() * w(y)).sum()
+    loss = loss + sum((s.float() * w(s)).sum() for s in fin)
     loss.backward()
     grads = {k: v.grad for k, v in x.items() if isinstance(v, torch.Tensor) and k != "mask"}
     if st is not None:
@@ -138,6 +142,13 @@ def test_longer_sequence_several_chunks():
     _compare(x, 1e-5, chunk=16)
 
 
+def test_sequence_shorter_than_the_chunk_several_rows():
+    """The backward's per-row scratch holds a whole chunk even when T is shorter (rows past the
+    first were once written out of bounds)."""
+    x = _inputs("all", b=3, T=7)
+    _compare(x, 1e-5, init=_init_state(x), chunk=16)
+
+
 def test_no_grad_forward_and_no_mask():
     x = _inputs("all")
     del x["mask"]
@@ -191,9 +202,9 @@ def test_model_with_triton_backend_matches_reference():
 
     torch.manual_seed(0)
     cfg = tiny_config(conba_backend="ref")
-    model = randomize_(MixConForCausalLM(cfg), scale=0.1).eval()  # well-conditioned in fp32
-    ids = torch.randint(0, cfg.vocab_size, (2, 7))
-    mask = torch.ones(2, 7, dtype=torch.long)
+    model = randomize_(MixConForCausalLM(cfg), scale=0.1).eval().to(DEVICE)  # well-conditioned in fp32
+    ids = torch.randint(0, cfg.vocab_size, (2, 7), device=DEVICE)
+    mask = torch.ones(2, 7, dtype=torch.long, device=DEVICE)
     mask[1, :2] = 0
     with torch.no_grad():
         ref = model(ids, attention_mask=mask).logits
@@ -205,8 +216,28 @@ def test_model_with_triton_backend_matches_reference():
 
 
 @pytest.mark.gpu
-def test_gpu_kernels_match_reference():
-    x = {k: (v.cuda() if isinstance(v, torch.Tensor) else v) for k, v in _inputs("all", T=300, d=256, n=16).items()}
-    y_r = conba_scan(**x, backend="ref")
-    y_t = conba_scan(**x, backend="triton")
-    assert rel_rms(y_t, y_r) <= 1e-5
+def test_gpu_auto_backend_and_realistic_shape_bf16():
+    assert resolve_backend("auto", torch.device("cuda")) == "triton"
+    x = _inputs("all", b=2, T=700, d=512, n=16, dtype=torch.bfloat16)
+    _compare(x, 1e-2, init=_init_state(x))
+
+
+@pytest.mark.gpu
+def test_gpu_batch_offsets_past_int32():
+    """Three rows of 2^30 elements: the last row's offsets pass 2^31 (64-bit batch offsets)."""
+    b, T, d = 3, 2**17, 2**13
+    x = conba_inputs(b=1, T=64, d=d, n=16, G=8, dtype=torch.bfloat16, device=DEVICE, seed=3)
+    x["sigma_w"] = x["sigma_v"] = 0.0
+    g = torch.Generator(device=DEVICE).manual_seed(4)
+    for k in ("u", "delta", "z"):
+        x[k] = (torch.randn(b, T, d, device=DEVICE, generator=g) * (0.5 if k == "delta" else 1.0)).bfloat16()
+    for k in ("B", "C"):
+        x[k] = torch.randn(b, T, 16, device=DEVICE, generator=g).bfloat16()
+    x["alpha"] = torch.sigmoid(torch.randn(b, T, d // 8, device=DEVICE, generator=g) + 2).bfloat16()
+    with torch.no_grad():
+        y = conba_scan(**x, backend="triton")
+        last = {k: (v[2:] if k in SEQ else v) for k, v in x.items()}
+        y_last = conba_scan(**last, backend="triton")
+    assert torch.equal(y[2:], y_last)
+    with pytest.raises(ValueError, match="2\\^31"):
+        conba_scan(**{k: (v.view(1, b * T, -1) if k in SEQ else v) for k, v in x.items()}, backend="triton")

@@ -295,7 +295,7 @@ def _conba_fwd_kernel(
     SOFTPLUS: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_MASK: tl.constexpr,
     NOISE_W: tl.constexpr, NOISE_V: tl.constexpr, SAVE: tl.constexpr,
 ):
-    pid_b = tl.program_id(0)
+    pid_b = tl.program_id(0).to(tl.int64)  # batch offsets (b·T·d, checkpoints) can pass 2^31
     pid_g = tl.program_id(1)
     offs_n, offs_g, nmask, gmask, cmask, ch, smask, sidx, lane_w, lane_v, kb = _tile(
         pid_b, pid_g, N, NG, seed_key, G, GP, BG, NP)
@@ -365,7 +365,7 @@ def _conba_bwd_kernel(
     SOFTPLUS: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_MASK: tl.constexpr,
     NOISE_W: tl.constexpr, NOISE_V: tl.constexpr, HAS_GFINAL: tl.constexpr,
 ):
-    pid_b = tl.program_id(0)
+    pid_b = tl.program_id(0).to(tl.int64)  # batch offsets (b·T·d, checkpoints) can pass 2^31
     pid_g = tl.program_id(1)
     offs_n, offs_g, nmask, gmask, cmask, ch, smask, sidx, lane_w, lane_v, kb = _tile(
         pid_b, pid_g, N, NG, seed_key, G, GP, BG, NP)
@@ -607,7 +607,7 @@ def _conba_step_kernel(
     SOFTPLUS: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_MASK: tl.constexpr,
     NOISE_W: tl.constexpr, NOISE_V: tl.constexpr,
 ):
-    pid_b = tl.program_id(0)
+    pid_b = tl.program_id(0).to(tl.int64)  # batch offsets (b·T·d, checkpoints) can pass 2^31
     pid_g = tl.program_id(1)
     offs_n, offs_g, nmask, gmask, cmask, ch, smask, sidx, lane_w, lane_v, kb = _tile(
         pid_b, pid_g, N, NG, seed_key, G, GP, BG, NP)
@@ -750,7 +750,7 @@ class _ConbaScan(torch.autograd.Function):
         zf = lambda g, *shape: (torch.zeros(*shape, **f32) if g is None else g.float().contiguous())  # noqa: E731
         ghT, gdlT = zf(ghT, b, d, n), zf(gdlT, b, tau, d, n)
         gkT, geT = zf(gkT, b, ng), zf(geT, b, d)
-        chunk = min(cfg.chunk, T)
+        chunk = cfg.chunk  # the kernel strides the per-row scratch by CHUNK, even when T < CHUNK
         sc = (torch.empty(b, chunk, d, n, **f32), torch.empty(b, chunk, d, n, **f32) if tau else dummy,
               torch.empty(b, chunk, ng, **f32) if cfg.control else dummy,
               torch.empty(b, chunk, d, **f32) if cfg.control else dummy)
@@ -828,6 +828,12 @@ def conba_scan_triton(
                chunk=int(chunk_size or DEFAULT_CHUNK), has_D=D is not None, has_bias=delta_bias is not None,
                has_z=z is not None, has_alpha=alpha is not None, has_mask=mask is not None)
     u = u.contiguous()
+    # offsets inside one batch row are 32-bit (the batch offset is 64-bit)
+    row = max(T * x.stride(1) for x in (u, delta, z, B, C, alpha) if x is not None)
+    if row >= 2**31:
+        raise ValueError(f"conba_scan (triton): one batch row spans {row} elements (T={T} × row stride); "
+                         f"at most 2^31 - 1 are allowed: split the sequence and pass the state on "
+                         f"(the model's chunked prefill does)")
     args = (u, _rows(delta), A.contiguous(), _rows(B), _rows(C), D, _rows(z), delta_bias, _rows(alpha),
             rho, eta, lam, w_r, h0, dl0, k_init, e0, mask)
     needs_grad = torch.is_grad_enabled() and any(isinstance(x, torch.Tensor) and x.requires_grad for x in args)
