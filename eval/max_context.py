@@ -3,9 +3,11 @@ models of eval/throughput.py, as a table:
 
   - predicted: (free memory − weights − prefill workspace) ÷ cache bytes per token, where the
     workspace is measured at a short context and the Conba state (constant) is subtracted first;
-  - measured: the longest context for which a chunked prefill followed by one decode step ran
-    without running out of memory (doubling, then bisection to ``--resolution`` tokens),
-    capped at ``--cap`` (reported as "≥ cap").
+  - measured (by allocation): the longest context whose cache can be held while the model still
+    runs at its end: a real prefill of ``--tail`` tokens, every attention layer's K/V then grown to
+    the context with random values (no quadratic prefill of millions of tokens), a further
+    ``--tail``-token prefill chunk and one decode step through the model. Doubling, then bisection
+    to ``--resolution`` tokens, capped at ``--cap`` (reported as "≥ cap").
 
     python eval/max_context.py --out eval/results/max_context          # GPU
     python eval/max_context.py --smoke                                  # CPU: predicted only
@@ -23,7 +25,7 @@ import torch
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from throughput import MODELS, build, measure, variants  # noqa: E402
+from throughput import MODELS, build, measure, new_cache, variants  # noqa: E402
 
 from mixcon.benchmark import header, parse_run_args  # noqa: E402
 from mixcon.models.configuration_mixcon import cache_nbytes  # noqa: E402
@@ -35,9 +37,41 @@ def per_token_and_fixed(name, cfgs, dtype):
     return two - one, one - (two - one)  # bytes per token, constant bytes (Conba states)
 
 
-def fits(name, model, ctx, chunk, device) -> bool:
+@torch.no_grad()
+def run_at_context(name, model, ctx, tail, device):
+    """Hold a batch-1 cache of ``ctx`` tokens and run the model at its end (see the module doc).
+    Returns the cache (``ctx + 1`` tokens) and the last logits."""
+    if ctx < 2 * tail:
+        raise ValueError(f"context {ctx} must be at least twice the tail ({tail})")
+    vocab = model.config.vocab_size
+    cache = new_cache(name, model)
+    out = model(torch.randint(3, vocab, (1, tail), device=device), past_key_values=cache, use_cache=True,
+                logits_to_keep=1)
+    cache = out.past_key_values
+    grown = ctx - tail
+    for layer in cache.layers:
+        if getattr(layer, "keys", None) is None or layer.keys.numel() == 0:
+            continue
+        for attr in ("keys", "values"):
+            old = getattr(layer, attr)
+            new = torch.empty(*old.shape[:-2], grown, old.shape[-1], device=old.device, dtype=old.dtype)
+            new[..., :tail, :] = old
+            new[..., tail:, :].normal_()
+            setattr(layer, attr, new)
+            del old
+    if hasattr(cache, "_seen_tokens"):  # MixConCache counts tokens itself (Conba layers hold no K/V)
+        if any(p is not None for p in getattr(cache, "key_positions", [])):
+            raise ValueError("max_context does not grow Mixture-of-Depths caches")
+        cache._seen_tokens = grown
+    out = model(torch.randint(3, vocab, (1, tail), device=device), past_key_values=cache, use_cache=True,
+                logits_to_keep=1)
+    out = model(out.logits[:, -1].argmax(-1, keepdim=True), past_key_values=out.past_key_values, use_cache=True)
+    return out.past_key_values, out.logits
+
+
+def fits(name, model, ctx, tail, device) -> bool:
     try:
-        measure(name, model, 1, ctx, chunk, 1, device)
+        run_at_context(name, model, ctx, tail, device)
         return True
     except torch.OutOfMemoryError:
         return False
@@ -77,7 +111,8 @@ def main(argv=None):
     ap.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
     ap.add_argument("--chunk", type=int, default=8192)
     ap.add_argument("--resolution", type=int, default=8192)
-    ap.add_argument("--cap", type=int, default=4 * 2**20)
+    ap.add_argument("--tail", type=int, default=512, help="tokens of the real prefill chunks at both ends")
+    ap.add_argument("--cap", type=int, default=16 * 2**20)
     args, device, dtype = parse_run_args(ap, argv, "tiny sizes on CPU (predicted numbers only)")
     if args.smoke:
         dtype = torch.float32
@@ -105,7 +140,7 @@ def main(argv=None):
         row = dict(model=name, weights_GiB=weights / 2**30, kv_bytes_per_token=per_tok, state_MiB=fixed / 2**20,
                    workspace_GiB=workspace / 2**30, predicted=predicted)
         if device.type == "cuda":
-            measured, capped = search(lambda c: fits(name, model, c, args.chunk, device),
+            measured, capped = search(lambda c: fits(name, model, c, args.tail, device),
                                       max(args.chunk, args.resolution), args.resolution, args.cap)
             row.update(measured=measured, capped=capped)
         rows.append(row)

@@ -136,6 +136,9 @@ def main(argv=None):
     ap.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
     ap.add_argument("--chunk", type=int, default=8192, help="prefill chunk (tokens)")
     ap.add_argument("--decode-tokens", type=int, default=32)
+    ap.add_argument("--time-budget", type=float, default=None,
+                    help="seconds; points not started by then are recorded as skipped (results are saved "
+                         "after every point)")
     args, device, dtype = parse_run_args(ap, argv, "tiny sizes on CPU")
     if args.smoke:
         args.contexts, args.batch, args.chunk, args.decode_tokens, dtype = [64, 128], [1, 2], 48, 4, torch.float32
@@ -153,7 +156,15 @@ def main(argv=None):
     points = [(m, b, c) for m in args.models for b in args.batch for c in args.contexts]
     oom = set()
     model, current = None, None
+    cols = ["model", "batch", "context", "status", "prefill_tok_s", "decode_tok_s", "decode_roofline_tok_s",
+            "peak_GiB", "cache_MiB"]
+    start = time.perf_counter()
     for name, b, ctx in tqdm(points, desc="throughput", unit="point"):
+        if args.time_budget is not None and time.perf_counter() - start > args.time_budget:
+            rows.append(dict(model=name, batch=b, context=ctx, status="skipped (time budget)"))
+            continue
+        if args.out and rows:
+            save_results(args.out, rows, cols, meta, copy_GBps=bw / 1e9)
         if (name, b) in oom:
             rows.append(dict(model=name, batch=b, context=ctx, status="OOM"))
             continue
@@ -177,8 +188,6 @@ def main(argv=None):
         tqdm.write(f"{name:15s} b={b:<3d} ctx={ctx:<7d} prefill {pre:10.0f} tok/s  decode {dec:8.1f} tok/s "
                    f"(roofline {roof:8.1f})  cache {cb / 2**20:9.1f} MiB"
                    + (f"  peak {peak / 2**30:6.2f} GiB" if peak else ""))
-    cols = ["model", "batch", "context", "status", "prefill_tok_s", "decode_tok_s", "decode_roofline_tok_s",
-            "peak_GiB", "cache_MiB"]
     if args.out:
         save_results(args.out, rows, cols, meta, copy_GBps=bw / 1e9)
         plot(rows, os.path.join(args.out, "throughput.png"), meta)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention.bias import causal_lower_right
 
 
 def rope_cos_sin(position_ids: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype):
@@ -27,6 +28,25 @@ def apply_rope(x, cos, sin):
     return x * cos + _rotate_half(x) * sin
 
 
+def attend(q, k, v, attn_mask=None, dropout_p: float = 0.0):
+    """SDPA over grouped-query heads: q (b, H, T, hd), k/v (b, KV, S, hd), S ≥ T the last T keys
+    being the queries' own. attn_mask: bool (b, 1, T, S), or None for plain causal attention.
+
+    Without a mask nothing of size T × S is built and the KV heads are not copied: a decode step
+    or a prefill from an empty cache runs flash attention with ``enable_gqa``; a chunk after a
+    cache uses the lower-right causal bias (query i sees keys ≤ S − T + i). Only an explicit mask
+    (padding) repeats the KV heads for the kernels that take one."""
+    T, S = q.shape[-2], k.shape[-2]
+    rep = q.shape[1] // k.shape[1]
+    if attn_mask is None and (T == 1 or T == S):
+        return F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, dropout_p=dropout_p, enable_gqa=rep > 1)
+    if attn_mask is None:
+        attn_mask = causal_lower_right(T, S)
+    if rep > 1:
+        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p)
+
+
 class MixConAttention(nn.Module):
     def __init__(self, config, layer_idx: int):
         super().__init__()
@@ -42,7 +62,7 @@ class MixConAttention(nn.Module):
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, h, bias=False)
 
     def forward(self, x, attn_mask=None, rope=None, past_key_values=None):
-        """x (b, T, hidden); attn_mask: bool (b, 1, T, past + T) or None (plain causal);
+        """x (b, T, hidden); attn_mask: bool (b, 1, T, past + T) or None (causal, see `attend`);
         rope: (cos, sin) or None; past_key_values: the model's cache or None."""
         b, T, _ = x.shape
         q = self.q_proj(x).view(b, T, self.num_heads, self.head_dim).transpose(1, 2)  # (b, H, T, hd)
@@ -52,12 +72,5 @@ class MixConAttention(nn.Module):
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if past_key_values is not None:
             k, v = past_key_values.update(k, v, self.layer_idx)  # (b, KV, past + T, hd)
-        if self.num_kv_heads != self.num_heads:
-            rep = self.num_heads // self.num_kv_heads
-            k = k.repeat_interleave(rep, dim=1)
-            v = v.repeat_interleave(rep, dim=1)
-        out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=attn_mask, is_causal=attn_mask is None and T > 1,
-            dropout_p=self.dropout if self.training else 0.0,
-        )  # (b, H, T, hd)
+        out = attend(q, k, v, attn_mask, self.dropout if self.training else 0.0)  # (b, H, T, hd)
         return self.o_proj(out.transpose(1, 2).reshape(b, T, self.num_heads * self.head_dim))

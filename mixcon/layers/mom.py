@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..ops.moe import load_balancing_loss, moe_loop
-from .attention import apply_rope
+from .attention import apply_rope, attend
 from .moe import MoEExperts
 
 
@@ -92,10 +92,7 @@ class MoMRound(nn.Module):
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if past_key_values is not None:
             k, v = past_key_values.update(k, v, self.layer_idx)
-        if self.num_kv_heads != self.num_heads:
-            rep = self.num_heads // self.num_kv_heads
-            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-        o = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=attn_mask is None and T > 1)
+        o = attend(q, k, v, attn_mask)
         o = o.transpose(1, 2).reshape(b * T, self.num_heads * self.head_dim)
         real = (idx != self.attn_router.skip).float()
         w_o = w * real / (w * real).sum(-1, keepdim=True).clamp(min=1e-9)  # convex over the non-SKIP picks

@@ -252,11 +252,12 @@ def _check_inputs(config, input_ids, inputs_embeds, attention_mask, past_length)
 
 
 def build_attention_mask(mask2d: Optional[torch.Tensor], T: int, past: int, device) -> Optional[torch.Tensor]:
-    """Bool (b, 1, T, past + T) mask, True = may attend, or None when plain `is_causal` is exact.
+    """Bool (b, 1, T, past + T) mask, True = may attend, or None without padding (causal attention,
+    which `mixcon.layers.attention.attend` runs without building a T × (past + T) mask).
 
     A query at a padded position whose every key is masked would give NaN in SDPA; it is let attend
     to itself (its output is never read by a real token, whose mask excludes padded keys)."""
-    if mask2d is None and (past == 0 or T == 1):
+    if mask2d is None:
         return None
     q_pos = past + torch.arange(T, device=device)
     k_pos = torch.arange(past + T, device=device)

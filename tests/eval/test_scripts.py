@@ -4,6 +4,7 @@ import os
 import sys
 
 import pytest
+import torch
 
 from helpers import ROOT
 
@@ -18,6 +19,22 @@ def test_max_context_search_finds_the_boundary():
         assert not capped and limit - 512 < found <= limit
     found, capped = search(lambda c: True, 1024, 512, 10_000)
     assert capped and found == 8192
+
+
+@pytest.mark.parametrize("name", ["mixcon", "hf-mixtral"])
+def test_max_context_runs_the_model_at_the_end_of_a_grown_cache(name):
+    import throughput
+    from max_context import run_at_context
+
+    cfgs = throughput.variants(throughput.os.path.join(throughput.ROOT, "configs", "mixcon-1b.json"), 4096, smoke=True)
+    model = throughput.build(name, cfgs, torch.device("cpu"), torch.float32)
+    cache, logits = run_at_context(name, model, 300, 64, torch.device("cpu"))
+    assert cache.get_seq_length() == 301 and torch.isfinite(logits).all()
+    kv = [layer.keys.shape[-2] for layer in cache.layers if getattr(layer, "keys", None) is not None
+          and layer.keys.numel()]
+    assert kv and all(n == 301 for n in kv)
+    with pytest.raises(ValueError, match="twice the tail"):
+        run_at_context(name, model, 100, 64, torch.device("cpu"))
 
 
 def test_throughput_smoke_run_consistent_caches(tmp_path):
