@@ -137,8 +137,8 @@ def main(argv=None):
     ap.add_argument("--chunk", type=int, default=8192, help="prefill chunk (tokens)")
     ap.add_argument("--decode-tokens", type=int, default=32)
     ap.add_argument("--time-budget", type=float, default=None,
-                    help="seconds; points not started by then are recorded as skipped (results are saved "
-                         "after every point)")
+                    help="seconds per model; its points not started by then are recorded as skipped "
+                         "(results are saved after every point)")
     args, device, dtype = parse_run_args(ap, argv, "tiny sizes on CPU")
     if args.smoke:
         args.contexts, args.batch, args.chunk, args.decode_tokens, dtype = [64, 128], [1, 2], 48, 4, torch.float32
@@ -158,9 +158,10 @@ def main(argv=None):
     model, current = None, None
     cols = ["model", "batch", "context", "status", "prefill_tok_s", "decode_tok_s", "decode_roofline_tok_s",
             "peak_GiB", "cache_MiB"]
-    start = time.perf_counter()
+    start = {}
     for name, b, ctx in tqdm(points, desc="throughput", unit="point"):
-        if args.time_budget is not None and time.perf_counter() - start > args.time_budget:
+        start.setdefault(name, time.perf_counter())
+        if args.time_budget is not None and time.perf_counter() - start[name] > args.time_budget:
             rows.append(dict(model=name, batch=b, context=ctx, status="skipped (time budget)"))
             continue
         if args.out and rows:

@@ -42,13 +42,13 @@ cat "$LOGS/device.txt"
 
 for s in "$@"; do
   case $s in
-    tests) step tests 180 python3 -m pytest -q -p no:cacheprovider tests/ops/test_conba_triton.py ;;
+    tests) step tests 180 python3 -m pytest -q -p no:cacheprovider ${TEST_ARGS:-tests/ops/test_conba_triton.py} ;;
     conba) step conba 240 python3 tools/bench_conba.py --batch 1 8 32 --seqlen 2048 8192 32768 131072 \
              --d-inner 4096 8192 --out eval/results/conba ;;
     moe) step moe 120 python3 tools/bench_moe.py --out eval/results/moe ;;
-    throughput) step throughput 360 python3 eval/throughput.py --batch 1 8 --decode-tokens 16 --time-budget 300 \
+    throughput) step throughput 330 python3 eval/throughput.py --batch 1 8 --decode-tokens 16 --time-budget 65 \
                   --out eval/results/throughput ;;
-    max_context) step max_context 200 python3 eval/max_context.py --out eval/results/max_context ;;
+    max_context) step max_context 180 python3 eval/max_context.py --out eval/results/max_context ;;
     *) echo "unknown step $s (tests conba moe throughput max_context)"; exit 2 ;;
   esac
 done
