@@ -32,19 +32,23 @@ def attend(q, k, v, attn_mask=None, dropout_p: float = 0.0):
     """SDPA over grouped-query heads: q (b, H, T, hd), k/v (b, KV, S, hd), S ≥ T the last T keys
     being the queries' own. attn_mask: bool (b, 1, T, S), or None for plain causal attention.
 
-    Without a mask nothing of size T × S is built and the KV heads are not copied: a decode step
-    or a prefill from an empty cache runs flash attention with ``enable_gqa``; a chunk after a
-    cache uses the lower-right causal bias (query i sees keys ≤ S − T + i). Only an explicit mask
-    (padding) repeats the KV heads for the kernels that take one."""
+    Nothing of size T × S is built without a mask, and the KV heads are never copied: a decode
+    step or a prefill from an empty cache runs flash attention with ``enable_gqa``; a chunk after
+    a cache uses the lower-right causal bias (query i sees keys ≤ S − T + i), and it and an
+    explicit mask (padding) run once per query head of a KV group (the KV heads as they are)."""
     T, S = q.shape[-2], k.shape[-2]
     rep = q.shape[1] // k.shape[1]
     if attn_mask is None and (T == 1 or T == S):
         return F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, dropout_p=dropout_p, enable_gqa=rep > 1)
     if attn_mask is None:
         attn_mask = causal_lower_right(T, S)
-    if rep > 1:
-        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p)
+    if rep == 1:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p)
+    b, H, _, hd = q.shape
+    qg = q.view(b, H // rep, rep, T, hd)  # query head h reads KV head h // rep
+    out = torch.stack([F.scaled_dot_product_attention(qg[:, :, r], k, v, attn_mask=attn_mask, dropout_p=dropout_p)
+                       for r in range(rep)], dim=2)
+    return out.view(b, H, T, hd)
 
 
 class MixConAttention(nn.Module):

@@ -594,7 +594,7 @@ def _conba_bwd_kernel(
 
 
 # ---------------------------------------------------------------------------------- decode step
-@triton.jit
+@triton.jit(do_not_specialize=["t_idx"])  # t = 1 would otherwise become a constant (and a recompile)
 def _conba_step_kernel(
     u_ptr, dl_ptr, z_ptr, B_ptr, C_ptr, al_ptr, m_ptr, y_ptr,
     A_ptr, bias_ptr, D_ptr, wr_ptr, rho_ptr, eta_ptr, lam_ptr,
@@ -647,14 +647,21 @@ def _seed_key(seed: int) -> int:
     return s - (1 << 32) if s >= (1 << 31) else s
 
 
+# channels per program (whole groups, a power of two) and the cap on warps; tools/tune_conba.py
+# sweeps them on a GPU
+TUNING = dict(channels=32, max_warps=4)
+
+
 def _blocking(d: int, group_size: int, n: int):
-    """(GP, BG, NP, n_blocks, num_warps): about 32 channels (whole groups) per one-warp program."""
+    """(GP, BG, NP, n_blocks, num_warps): about TUNING["channels"] channels (whole groups) per
+    program, one warp per 32 channels."""
     gp = triton.next_power_of_2(group_size)
     ng = d // group_size
-    bg = max(1, min(32 // gp if gp <= 32 else 1, triton.next_power_of_2(ng)))
+    ch = TUNING["channels"]
+    bg = max(1, min(ch // gp if gp <= ch else 1, triton.next_power_of_2(ng)))
     np_ = triton.next_power_of_2(n)
     n_blocks = triton.cdiv(ng, bg)
-    num_warps = max(1, min(4, (bg * gp) // 32))
+    num_warps = max(1, min(TUNING["max_warps"], (bg * gp) // 32))
     return gp, bg, np_, n_blocks, num_warps
 
 
