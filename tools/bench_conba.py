@@ -80,6 +80,8 @@ def main(argv=None):
     ap.add_argument("--max-gib", type=float, default=40.0, help="skip points whose inputs exceed this")
     ap.add_argument("--sm-clock-ghz", type=float, default=1.755, help="for the SFU floor (H100 SXM boost)")
     ap.add_argument("--no-backward", action="store_true")
+    ap.add_argument("--channels", type=int, default=None, help="channels per program (fused_recurrent.TUNING)")
+    ap.add_argument("--max-warps", type=int, default=None, help="warps per program at most (TUNING)")
     ap.add_argument("--sdpa-max-tflop", type=float, default=300.0,
                     help="skip the SDPA baseline where one causal forward exceeds this many TFLOP")
     args, device, _ = parse_run_args(ap, argv, "tiny shapes on CPU (Triton interpreter)")
@@ -87,7 +89,12 @@ def main(argv=None):
         args.batch, args.seqlen, args.d_inner, args.ref_max_T = [1, 2], [16], [64], 16
     elif device.type != "cuda":
         sys.exit("bench_conba needs a CUDA GPU (or --smoke with TRITON_INTERPRET=1 on CPU)")
-    meta = header(device, dtype=str(args.dtype), N=args.d_state)
+    from mixcon.ops.conba import fused_recurrent
+
+    for k in ("channels", "max_warps"):
+        if getattr(args, k) is not None:
+            fused_recurrent.TUNING[k] = getattr(args, k)
+    meta = header(device, dtype=str(args.dtype), N=args.d_state, tuning=dict(fused_recurrent.TUNING))
     for k, v in meta.items():
         print(f"# {k}: {v}")
     bw = copy_bandwidth(device)

@@ -44,13 +44,16 @@ cat "$LOGS/device.txt"
 for s in "$@"; do
   case $s in
     tests) step tests 90 python3 -m pytest -q -p no:cacheprovider ${TEST_ARGS:-tests/ops/test_conba_triton.py} ;;
-    conba) step conba 240 python3 tools/bench_conba.py --batch 1 8 32 --seqlen 2048 8192 32768 131072 \
-             --d-inner 4096 8192 --out eval/results/conba ;;
+    conba) tuned=()  # the fastest program size of a `tune` step run before, if any
+           [ -f eval/results/conba_tuning/best.txt ] && read -r c w < eval/results/conba_tuning/best.txt \
+             && tuned=(--channels "$c" --max-warps "$w")
+           step conba 200 python3 tools/bench_conba.py --batch 1 8 32 --seqlen 2048 8192 32768 131072 \
+             --d-inner 4096 8192 "${tuned[@]}" --out eval/results/conba ;;
     moe) step moe 120 python3 tools/bench_moe.py --out eval/results/moe ;;
     throughput) step throughput 280 python3 eval/throughput.py --batch 1 8 --decode-tokens 16 --time-budget 50 \
                   --out eval/results/throughput ;;
     max_context) step max_context 120 python3 eval/max_context.py --out eval/results/max_context ;;
-    tune) step tune 120 python3 tools/tune_conba.py --out eval/results/conba_tuning ;;
+    tune) step tune 90 python3 tools/tune_conba.py --out eval/results/conba_tuning ;;
     *) echo "unknown step $s (tests conba moe throughput max_context tune)"; exit 2 ;;
   esac
 done
