@@ -73,15 +73,16 @@ def main(argv=None):
     print("\t".join(cols))
     rows = []
     default = dict(fr.TUNING)
-    points = [(m, default["channels"], default["max_warps"]) for m in MECHANISMS]
+    auto = (fr._channels(b, d), default["max_warps"])  # what the kernels pick by themselves here
+    points = [(m, *auto) for m in MECHANISMS]
     points += [(m, c, w) for m, c, w in itertools.product(args.sweep, args.channels, args.max_warps)
-               if (c, w) != (default["channels"], default["max_warps"]) and not (c <= 32 and w > 1)]
+               if (c, w) != auto and not (c <= 32 and w > 1)]
     for mech, ch, warps in points:
         fr.TUNING.update(channels=ch, max_warps=warps)
         x = inputs(b, T, d, n, 8, dtype, device, **MECHANISMS[mech])
         with torch.no_grad():
             t = timeit(lambda: conba_scan(**x, backend="triton"), device)
-        row = dict(mechanisms=mech, channels=ch, max_warps=warps, programs=b * fr._blocking(d, 8, n)[3],
+        row = dict(mechanisms=mech, channels=ch, max_warps=warps, programs=b * fr._blocking(d, 8, n, b)[3],
                    fwd_ms=t * 1e3, ns_per_step=t / T * 1e9)
         rows.append(row)
         print("\t".join(f"{row[c]:.4g}" if isinstance(row[c], float) else str(row[c]) for c in cols), flush=True)

@@ -647,17 +647,27 @@ def _seed_key(seed: int) -> int:
     return s - (1 << 32) if s >= (1 << 31) else s
 
 
-# channels per program (whole groups, a power of two) and the cap on warps; tools/tune_conba.py
-# sweeps them on a GPU
-TUNING = dict(channels=32, max_warps=4)
+# channels per program (whole groups, a power of two; None: by batch, see _channels) and the cap on
+# warps; tools/tune_conba.py sweeps them on a GPU
+TUNING = dict(channels=None, max_warps=4)
 
 
-def _blocking(d: int, group_size: int, n: int):
-    """(GP, BG, NP, n_blocks, num_warps): about TUNING["channels"] channels (whole groups) per
-    program, one warp per 32 channels."""
+def _channels(batch: int, d: int) -> int:
+    """Channels per program. Measured on an H100 (eval/results/conba_tuning, bench_conba): a step
+    is a latency-bound chain, so what helps is several programs per SM; 8-channel one-warp programs
+    run batch 1 at ~530 ns/step against ~760 for 32-channel ones, but once 32-channel programs
+    number 512 or more (batch ≥ 4 at d_inner 4096) they are faster (890 against 1500 ns at batch 8)."""
+    if TUNING["channels"] is not None:
+        return TUNING["channels"]
+    return 32 if batch * d // 32 >= 512 else 8
+
+
+def _blocking(d: int, group_size: int, n: int, batch: int = 1):
+    """(GP, BG, NP, n_blocks, num_warps): whole groups of about `_channels` channels per program,
+    one warp per 32 channels."""
     gp = triton.next_power_of_2(group_size)
     ng = d // group_size
-    ch = TUNING["channels"]
+    ch = _channels(batch, d)
     bg = max(1, min(ch // gp if gp <= ch else 1, triton.next_power_of_2(ng)))
     np_ = triton.next_power_of_2(n)
     n_blocks = triton.cdiv(ng, bg)
@@ -700,7 +710,7 @@ def _launch_fwd(cfg, u, delta, A, B, C, D, z, delta_bias, alpha, rho, eta, lam, 
     n = A.shape[1]
     G, tau = cfg.group_size, cfg.tau
     ng = d // G
-    gp, bg, np_, n_blocks, num_warps = _blocking(d, G, n)
+    gp, bg, np_, n_blocks, num_warps = _blocking(d, G, n, b)
     f32 = dict(device=u.device, dtype=torch.float32)
     y = torch.empty(b, T, d, device=u.device, dtype=u.dtype)
     hT = torch.empty(b, d, n, **f32)
@@ -749,7 +759,7 @@ class _ConbaScan(torch.autograd.Function):
         n = A.shape[1]
         G, tau = cfg.group_size, cfg.tau
         ng = d // G
-        gp, bg, np_, n_blocks, num_warps = _blocking(d, G, n)
+        gp, bg, np_, n_blocks, num_warps = _blocking(d, G, n, b)
         f32 = dict(device=u.device, dtype=torch.float32)
         dummy = torch.empty(1, **f32)
         gy = torch.zeros_like(u) if gy is None else gy.contiguous()
@@ -880,7 +890,7 @@ def conba_step_triton(
         w_r = w_r if w_r is not None else torch.ones(d, **f32)
     # the kernel needs contiguous float32 state; other layouts run on a copy that is written back
     work = [s if (s.dtype == torch.float32 and s.is_contiguous()) else s.float().contiguous() for s in state]
-    gp, bg, np_, n_blocks, num_warps = _blocking(d, group_size, n)
+    gp, bg, np_, n_blocks, num_warps = _blocking(d, group_size, n, b)
     y = torch.empty(b, d, device=u.device, dtype=u.dtype)
     dummy = torch.empty(1, **f32)
     o = lambda x: x if x is not None else dummy  # noqa: E731
