@@ -7,8 +7,8 @@ channels share their gain, and groups never talk to each other, so one program o
 groups and needs no communication but a sum over the group for the gain update.
 
 Layout inside a program: the state is a register tile ``[N, groups, G]`` (state index first),
-so with one warp per program each thread holds a channel's whole state column and the sum over
-N stays inside a thread. The delay line (τ ≤ 4) lives in registers (``D0..D3``), the gain per
+one warp per 32 channels (8 channels per one-warp program at small batch, see `_channels`: a step
+is a latency-bound chain, and more programs per SM measured faster on an H100). The delay line (τ ≤ 4) lives in registers (``D0..D3``), the gain per
 group, the error per channel. The next step's inputs are loaded before the current step's
 arithmetic, so their latency overlaps the dependency chain.
 
