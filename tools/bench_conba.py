@@ -29,6 +29,7 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from mixcon.benchmark import copy_bandwidth, header, parse_run_args, print_row, save_results, timeit  # noqa: E402
 from mixcon.ops.conba import conba_scan, conba_step, empty_state  # noqa: E402
+from mixcon.ops.conba import fused_recurrent  # noqa: E402
 
 
 def conba_inputs(b, T, d, n, G, dtype, device, requires_grad=False):
@@ -89,8 +90,6 @@ def main(argv=None):
         args.batch, args.seqlen, args.d_inner, args.ref_max_T = [1, 2], [16], [64], 16
     elif device.type != "cuda":
         sys.exit("bench_conba needs a CUDA GPU (or --smoke with TRITON_INTERPRET=1 on CPU)")
-    from mixcon.ops.conba import fused_recurrent
-
     for k in ("channels", "max_warps"):
         if getattr(args, k) is not None:
             fused_recurrent.TUNING[k] = getattr(args, k)

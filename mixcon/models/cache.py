@@ -13,6 +13,10 @@ from transformers.cache_utils import Cache, DynamicLayer
 from ..ops.conba import ConbaState
 
 
+def _nbytes(x: torch.Tensor) -> int:
+    return x.numel() * x.element_size()
+
+
 class MixConCache(Cache):
     is_compileable = False
 
@@ -20,8 +24,6 @@ class MixConCache(Cache):
         n = config.num_hidden_layers
         super().__init__(layers=[DynamicLayer() for _ in range(n)])
         self.layers_block_type = list(config.layers_block_type)
-        # per Conba layer: {"conv": (b, d_inner, d_conv − 1), "ssm": ConbaState} once filled
-        self.layers_mod_type = list(getattr(config, "layers_mod_type", ["none"] * n))
         self._init_states()
 
     def _init_states(self):
@@ -92,16 +94,14 @@ class MixConCache(Cache):
     # ------------------------------------------------------------------ size
     def nbytes(self) -> int:
         """Bytes held: attention K/V, Conba conv windows and states, spatial histories, MoD key positions."""
-        nb = lambda x: x.numel() * x.element_size()
         total = self.attention_nbytes()
         for st in self.conba_states:
             if st:
-                total += nb(st["conv"]) + sum(nb(x) for x in st["ssm"])
+                total += _nbytes(st["conv"]) + sum(_nbytes(x) for x in st["ssm"])
         for st in self.spatial_states:
             if st:
-                total += sum(nb(x) for x in st.values())
-        return total + sum(nb(x) for x in self.key_positions if x is not None)
+                total += sum(_nbytes(x) for x in st.values())
+        return total + sum(_nbytes(x) for x in self.key_positions if x is not None)
 
     def attention_nbytes(self) -> int:
-        return sum(l.keys.numel() * l.keys.element_size() + l.values.numel() * l.values.element_size()
-                   for l in self._attention_layers())
+        return sum(_nbytes(layer.keys) + _nbytes(layer.values) for layer in self._attention_layers())

@@ -22,6 +22,11 @@ MAX_DELAY = 4
 MIXER_LETTERS = {"a": "attention", "c": "conba", "s": "spatial", "m": "mom"}
 
 
+def _require_positive_int(name: str, v) -> None:
+    if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+        raise ValueError(f"{name}={v!r} must be an integer >= 1")
+
+
 def parse_ratio(attn_ratio: str, layers_per_block: int) -> tuple[int, int]:
     """'a:c' → (a, c) with a + c == layers_per_block, else ValueError."""
     try:
@@ -58,8 +63,7 @@ def resolve_layout(
     ``dense_layers`` layers keep a dense MLP (the sparse all-MLP's N1 dense blocks). A MoM round
     ("m") carries its own pool of FFN modules, so its FFN entry is "none"."""
     for name, v in (("n_blocks", n_blocks), ("layers_per_block", layers_per_block)):
-        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-            raise ValueError(f"{name}={v!r} must be an integer >= 1")
+        _require_positive_int(name, v)
     if layer_pattern is not None:
         if len(layer_pattern) != layers_per_block or set(layer_pattern) - set(MIXER_LETTERS):
             raise ValueError(
@@ -277,7 +281,7 @@ class MixConConfig(PretrainedConfig):
         block, ffn = resolve_layout(n_blocks, layers_per_block, attn_ratio, layer_pattern, moe_every, moe_offset,
                                     has_ffn=intermediate_size > 0, dense_layers=dense_layers)
         mod = resolve_mod_layers(block, ffn, mod_every, mod_offset)
-        self._validate_members(block)
+        self._validate_members(block, mod)
         for name, given, derived in (("layers_block_type", layers_block_type, block),
                                      ("layers_ffn_type", layers_ffn_type, ffn),
                                      ("layers_mod_type", layers_mod_type, mod)):
@@ -296,16 +300,11 @@ class MixConConfig(PretrainedConfig):
 
     # ---------------------------------------------------------------- validation
     def _validate(self):
-        def positive_int(name):
-            v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-                raise ValueError(f"{name}={v!r} must be an integer >= 1")
-
         if not isinstance(self.intermediate_size, int) or self.intermediate_size < 0:
             raise ValueError(f"intermediate_size={self.intermediate_size!r} must be an integer >= 0 (0 = no FFN)")
         for name in ("vocab_size", "hidden_size", "num_experts", "d_state", "d_conv",
                      "expand", "max_position_embeddings", "control_group", "dt_rank", "selection_hidden"):
-            positive_int(name)
+            _require_positive_int(name, getattr(self, name))
         if not 1 <= self.experts_per_token <= self.num_experts:
             raise ValueError(
                 f"experts_per_token={self.experts_per_token!r} must be in [1, num_experts={self.num_experts}]")
@@ -334,9 +333,9 @@ class MixConConfig(PretrainedConfig):
         if not 0 < self.dt_min <= self.dt_max:
             raise ValueError(f"dt_min={self.dt_min}, dt_max={self.dt_max} must satisfy 0 < dt_min <= dt_max")
 
-    def _validate_members(self, block):
+    def _validate_members(self, block, mod):
         """Fields of the dynamic-compute members, checked only where the layout uses them."""
-        if any(m != "none" for m in resolve_mod_layers(block, ["mlp"] * len(block), self.mod_every, self.mod_offset)):
+        if any(m != "none" for m in mod):
             if not 0 < self.mod_capacity <= 1:
                 raise ValueError(f"mod_capacity={self.mod_capacity!r} must be in (0, 1] (share of tokens processed)")
             if self.mod_decision not in MOD_DECISIONS:
@@ -345,9 +344,7 @@ class MixConConfig(PretrainedConfig):
                 raise ValueError(f"mod_aux_loss_coef={self.mod_aux_loss_coef!r} must be >= 0")
         if "mom" in block:
             for name in ("mom_attn_modules", "mom_ffn_modules", "mom_top_k", "mom_router_hidden"):
-                v = getattr(self, name)
-                if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-                    raise ValueError(f"{name}={v!r} must be an integer >= 1")
+                _require_positive_int(name, getattr(self, name))
             if self.mom_top_k > min(self.mom_attn_modules, self.mom_ffn_modules) + 1:
                 raise ValueError(f"mom_top_k={self.mom_top_k} must be <= modules + 1 (SKIP) of each pool "
                                  f"({self.mom_attn_modules} attention, {self.mom_ffn_modules} FFN)")
@@ -356,9 +353,7 @@ class MixConConfig(PretrainedConfig):
                                  f"mom_aux_loss_coef={self.mom_aux_loss_coef!r} >= 0")
         if "spatial" in block:
             for name in ("spatial_experts", "spatial_route_prefix", "spatial_max_len"):
-                v = getattr(self, name)
-                if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-                    raise ValueError(f"{name}={v!r} must be an integer >= 1")
+                _require_positive_int(name, getattr(self, name))
             if self.spatial_routing not in SPATIAL_ROUTINGS:
                 raise ValueError(f"spatial_routing={self.spatial_routing!r} must be one of {SPATIAL_ROUTINGS}")
             if self.spatial_width % self.spatial_experts:

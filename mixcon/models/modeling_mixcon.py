@@ -150,7 +150,6 @@ class MixConDecoderLayer(GradientCheckpointingLayer):
             kpos = torch.cat([prev, qpos], 1) if prev is not None else qpos
             cache.key_positions[self.layer_idx] = kpos
         if k == 0:  # nothing to process, nothing new cached (the K/V stay as they were)
-            cache.key_positions[self.layer_idx] = kpos
             return x, None, None, aux
         allowed = (kpos[:, None, :] >= 0) & (kpos[:, None, :] <= qpos[:, :, None])
         allowed = allowed | ~valid[:, :, None]  # empty slots attend anywhere; their output is dropped
