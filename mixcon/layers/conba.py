@@ -60,6 +60,7 @@ class ConbaMixer(nn.Module):
         self.state_scaling = config.state_scaling
         self.control = config.control
         self.k_max = config.k_max
+        self.control_period = config.control_period
         self.process_noise = config.process_noise
         self.observation_noise = config.observation_noise
         self.selection = config.selection
@@ -149,7 +150,7 @@ class ConbaMixer(nn.Module):
             p["rho"], p["tau"] = torch.sigmoid(_acc(self.rho_raw)), self.tau
         if self.control:
             p.update(k0=self.k0, eta=F.softplus(_acc(self.eta_raw)), lam=torch.sigmoid(_acc(self.lam_raw)),
-                     w_r=self.w_r)
+                     w_r=self.w_r, control_period=self.control_period)
         if self.training and (self.process_noise > 0 or self.observation_noise > 0):
             # a fresh key per forward, drawn from torch's RNG so runs are reproducible under manual_seed
             p.update(sigma_w=self.process_noise, sigma_v=self.observation_noise,

@@ -173,6 +173,7 @@ class MixConConfig(PretrainedConfig):
         state_scaling: bool = True,
         control: bool = True,
         k_max: float = 1.0,
+        control_period: int = 64,  # P: real steps between two actions of the controller (1 = every step)
         process_noise: float = 0.0,  # σ_w, training only
         observation_noise: float = 0.0,  # σ_v, training only
         dt_min: float = 1e-3,
@@ -247,6 +248,7 @@ class MixConConfig(PretrainedConfig):
         self.state_scaling = state_scaling
         self.control = control
         self.k_max = k_max
+        self.control_period = control_period
         self.process_noise = process_noise
         self.observation_noise = observation_noise
         self.dt_min = dt_min
@@ -303,7 +305,8 @@ class MixConConfig(PretrainedConfig):
         if not isinstance(self.intermediate_size, int) or self.intermediate_size < 0:
             raise ValueError(f"intermediate_size={self.intermediate_size!r} must be an integer >= 0 (0 = no FFN)")
         for name in ("vocab_size", "hidden_size", "num_experts", "d_state", "d_conv",
-                     "expand", "max_position_embeddings", "control_group", "dt_rank", "selection_hidden"):
+                     "expand", "max_position_embeddings", "control_group", "dt_rank", "selection_hidden",
+                     "control_period"):
             _require_positive_int(name, getattr(self, name))
         if not 1 <= self.experts_per_token <= self.num_experts:
             raise ValueError(
@@ -427,7 +430,8 @@ def cache_nbytes(config: "MixConConfig", context: int, batch: int = 1, dtype=Non
     attn = n_attn * 2 * config.num_key_value_heads * config.head_dim * context * batch * esize if n_attn else 0
     attn += sum(1 for k, m in zip(kinds, config.layers_mod_type) if m == "layer") * 8 * context * batch
     d, n = config.d_inner, config.d_state
-    per_layer = d * (config.d_conv - 1) * esize + 4 * (d * n * (1 + config.delay) + d // config.control_group + d)
+    # conv window; float32 h, delay line, gain k and sampled error e; the int64 phase of the control period
+    per_layer = d * (config.d_conv - 1) * esize + 4 * (d * n * (1 + config.delay) + d // config.control_group + d) + 8
     conba = n_conba * per_layer * batch
     spatial = kinds.count("spatial") * context * batch * (config.spatial_width * esize + 8)
     return {"attention": attn, "conba": conba, "spatial": spatial, "total": attn + conba + spatial}

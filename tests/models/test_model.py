@@ -28,8 +28,11 @@ def left_pad(seqs, pad_id=0):
 
 
 LAYOUTS = {
-    "mixcon": {},
-    "rope+all-mechanisms": dict(use_rope=True, delay=3),
+    # control periods that act inside these short sequences (the default, 64, would never sample),
+    # with the prefill/decode split in the middle of a period
+    "mixcon": dict(control_period=4),
+    "mixcon-per-step-control": dict(control_period=1),
+    "rope+all-mechanisms": dict(use_rope=True, delay=3, control_period=3),
     "mamba-like": dict(attn_ratio="0:4", moe_every=0, control=False, delay=0, state_scaling=False, selection="linear"),
     "mixtral-like": dict(attn_ratio="4:0", moe_every=1, moe_offset=0, use_rope=True),
 }

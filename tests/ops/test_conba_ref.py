@@ -8,6 +8,10 @@ from mixcon.ops.conba import ConbaState, conba_scan, conba_step, empty_state
 from mixcon.ops.conba.noise import conba_noise
 
 MECHANISMS = [(), ("scaling",), ("delay",), ("control",), ("noise",), "all"]
+# control periods: 1 = the per-step controller; 4 acts several times in a test sequence; 64 with
+# a sequence long enough to reach two sampling instants (docs/conba.md, step 6)
+PERIODS = [1, 4, 64]
+T_FOR = {1: 13, 4: 21, 64: 150}
 
 
 def test_mamba_reduction_matches_mamba_ssm_reference():
@@ -31,35 +35,74 @@ def _final_state_close(s1, s2, tol=1e-5):
         assert a.shape == b.shape, f
         if a.numel() == 0:
             continue
+        if not a.is_floating_point():  # the phase: an exact count
+            assert torch.equal(a, b), f
+            continue
         assert rel_rms(a, b) < tol or (a - b).abs().max() < 1e-6, f
 
 
+@pytest.mark.parametrize("P", PERIODS)
 @pytest.mark.parametrize("mech", MECHANISMS, ids=lambda m: "+".join(m) if m != "all" else "all")
-def test_step_by_step_equals_scan(mech):
-    x = conba_inputs(mechanisms=mech)
-    y, final = conba_scan(**x, return_final_state=True, backend="ref")
+def test_step_by_step_equals_scan(mech, P):
+    if P > 1 and "control" not in mech and mech != "all":
+        pytest.skip("the period only acts on the controller")
+    x = conba_inputs(T=T_FOR[P], mechanisms=mech)
+    y, final = conba_scan(**x, return_final_state=True, backend="ref", control_period=P)
     b, T, d = x["u"].shape
     per_token = {k: x[k] for k in ("u", "delta", "B", "C", "z", "alpha") if k in x}
     rest = {k: v for k, v in x.items() if k not in per_token}
     state = empty_state(b, d, x["A"].shape[1], x.get("tau", 0), x["group_size"], x.get("k0"))
-    ys = [conba_step(state, **{k: v[:, t] for k, v in per_token.items()}, **rest, t=t, backend="ref")
+    ys = [conba_step(state, **{k: v[:, t] for k, v in per_token.items()}, **rest, t=t, backend="ref",
+                     control_period=P)
           for t in range(T)]
     assert rel_rms(torch.stack(ys, 1), y) < 1e-6
     _final_state_close(state, final)
+    if "control" in mech or mech == "all":
+        assert torch.equal(final.phase, torch.full((b,), T % P))
 
 
+@pytest.mark.parametrize("P", PERIODS)
 @pytest.mark.parametrize("mech", MECHANISMS[:-2] + ["all"], ids=str)
-def test_split_scan_with_initial_state_equals_one_scan(mech):
-    x = conba_inputs(T=21, mechanisms=[m for m in ("scaling", "delay", "control")] if mech == "all" else mech)
-    y, final = conba_scan(**x, return_final_state=True, backend="ref")
+def test_split_scan_with_initial_state_equals_one_scan(mech, P):
+    if P > 1 and mech not in (("control",), "all"):
+        pytest.skip("the period only acts on the controller")
+    x = conba_inputs(T=T_FOR[P], mechanisms=[m for m in ("scaling", "delay", "control")] if mech == "all" else mech)
+    y, final = conba_scan(**x, return_final_state=True, backend="ref", control_period=P)
     seq = ("u", "delta", "B", "C", "z", "alpha")
-    cut = 8
+    cut = {1: 8, 4: 10, 64: 97}[P]  # in the middle of a period for P > 1
     first = {k: (v[:, :cut] if k in seq else v) for k, v in x.items()}
     second = {k: (v[:, cut:] if k in seq else v) for k, v in x.items()}
-    y1, s1 = conba_scan(**first, return_final_state=True, backend="ref")
-    y2, s2 = conba_scan(**second, initial_state=s1, return_final_state=True, backend="ref")
+    y1, s1 = conba_scan(**first, return_final_state=True, backend="ref", control_period=P)
+    if P > 1:
+        assert (s1.phase == cut % P).all() and cut % P != 0
+    y2, s2 = conba_scan(**second, initial_state=s1, return_final_state=True, backend="ref", control_period=P)
     assert rel_rms(torch.cat([y1, y2], 1), y) < 1e-6
     _final_state_close(s2, final)
+
+
+def test_held_signal_follows_the_sampling_instants():
+    """The zero-order hold written out independently: before the first sampling instant f = 0, so
+    the output is the scan without control; at the instant the gain takes one λ-tracking update
+    from that step's error, and the held signal changes the outputs only after it."""
+    x = conba_inputs(T=24, mechanisms=("control",))
+    ctl = {k: x.pop(k) for k in ("k0", "eta", "lam", "w_r", "k_max")}
+    P = 10
+    y_off = conba_scan(**x, backend="ref")
+    y, fin = conba_scan(**x, **ctl, control_period=P, return_final_state=True, backend="ref")
+    assert rel_rms(y[:, :P], y_off[:, :P]) < 1e-7  # f = k0·tanh(0) = 0 until step P has been seen
+    assert rel_rms(y[:, P:], y_off[:, P:]) > 1e-3
+    # the gain after the two sampling instants (steps 10 and 20), from the errors at those steps
+    ungated = {**x, "z": None}
+    y_raw = conba_scan(**ungated, **ctl, control_period=P, backend="ref")  # y before the silu(z) gate
+    G = x["group_size"]
+    k = ctl["k0"].expand(2, -1)
+    for t in (P - 1, 2 * P - 1):
+        e_t = y_raw[:, t] - ctl["w_r"] * x["u"][:, t]
+        rms = (e_t.view(2, -1, G).pow(2).sum(-1) + 1e-12).sqrt() / G ** 0.5
+        k = torch.clamp((1 - ctl["lam"]) * k + ctl["eta"] * rms, 0.0, ctl["k_max"])
+    assert torch.allclose(fin.k, k, atol=1e-6)
+    assert torch.allclose(fin.e, y_raw[:, 2 * P - 1] - ctl["w_r"] * x["u"][:, 2 * P - 1], atol=1e-6)
+    assert torch.equal(fin.phase, torch.full((2,), 24 - 2 * P))
 
 
 def test_mechanisms_are_noops_at_neutral_values_and_change_output_when_on():
@@ -94,17 +137,21 @@ def test_control_gain_adapts_within_bounds():
     assert final.e.abs().sum() > 0
 
 
-def test_padded_steps_are_skipped_exactly():
-    """A left-padded sequence gives the same outputs on its tokens and the same final state."""
-    x = conba_inputs(b=2, T=15, mechanisms="all")
+@pytest.mark.parametrize("P", PERIODS)
+def test_padded_steps_are_skipped_exactly(P):
+    """A left-padded sequence gives the same outputs on its tokens and the same final state
+    (padded steps do not count towards the control period: the sampling instants fall after
+    the same tokens as for the sequence alone)."""
+    T = T_FOR[P] + 2
+    x = conba_inputs(b=2, T=T, mechanisms="all")
     x.pop("sigma_w"), x.pop("sigma_v")
-    pad = 4
+    pad = 4 if P != 4 else 3  # not a multiple of the period
     seq = ("u", "delta", "B", "C", "z", "alpha")
-    y, final = conba_scan(**x, return_final_state=True, backend="ref")
+    y, final = conba_scan(**x, return_final_state=True, backend="ref", control_period=P)
     padded = {k: (torch.cat([torch.randn_like(v[:, :pad]), v], 1) if k in seq else v) for k, v in x.items()}
-    mask = torch.ones(2, 15 + pad)
+    mask = torch.ones(2, T + pad)
     mask[:, :pad] = 0
-    yp, fp = conba_scan(**padded, mask=mask, return_final_state=True, backend="ref")
+    yp, fp = conba_scan(**padded, mask=mask, return_final_state=True, backend="ref", control_period=P)
     assert torch.all(yp[:, :pad] == 0)
     assert rel_rms(yp[:, pad:], y) < 1e-6
     _final_state_close(fp, final)
@@ -112,9 +159,11 @@ def test_padded_steps_are_skipped_exactly():
     mid = mask.clone()
     mid[:, :pad] = 1
     mid[0, 10:12] = 0
-    _, s_mid = conba_scan(**padded, mask=mid, return_final_state=True, backend="ref")
-    _, s_all = conba_scan(**padded, return_final_state=True, backend="ref")
+    _, s_mid = conba_scan(**padded, mask=mid, return_final_state=True, backend="ref", control_period=P)
+    _, s_all = conba_scan(**padded, return_final_state=True, backend="ref", control_period=P)
     assert not torch.allclose(s_mid.h[0], s_all.h[0]) and torch.allclose(s_mid.h[1], s_all.h[1])
+    if P > 1:
+        assert s_mid.phase[0] == (s_all.phase[0] - 2) % P and s_mid.phase[1] == s_all.phase[1]
 
 
 def test_noise_is_keyed_and_standard_normal():
@@ -149,6 +198,8 @@ def test_gradients_flow_to_every_input():
     (dict(tau=2), "needs rho"),
     (dict(alpha=torch.rand(2, 13, 3)), "alpha has shape"),
     (dict(backend="cuda"), "backend"),
+    (dict(control_period=0), "control_period"),
+    (dict(control_period=2.0), "control_period"),
 ])
 def test_bad_arguments_raise_value_error(bad, msg):
     x = conba_inputs(mechanisms=())

@@ -51,7 +51,8 @@ def _init_state(x, seed=0):
     n, tau, ng = x["A"].shape[1], x.get("tau", 0), d // x["group_size"]
     g = torch.Generator().manual_seed(seed + 2)
     r = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
-    st = ConbaState(r(b, d, n), r(b, tau, d, n), torch.rand(b, ng, generator=g) * 0.5, r(b, d) * 0.3)
+    st = ConbaState(r(b, d, n), r(b, tau, d, n), torch.rand(b, ng, generator=g) * 0.5, r(b, d) * 0.3,
+                    torch.zeros(b, dtype=torch.long))  # phase 0: these kernels are the P = 1 controller
     return ConbaState(*(s.to(DEVICE) for s in st))
 
 
@@ -59,7 +60,8 @@ def _run(x, backend, init=None, chunk=4, seed=0):
     """Output, final state and the gradient of every floating input of a random loss."""
     x = {k: (v.detach().clone().requires_grad_(k != "mask") if isinstance(v, torch.Tensor) else v)
          for k, v in x.items()}
-    st = None if init is None else ConbaState(*(s.detach().clone().requires_grad_(True) for s in init))
+    st = None if init is None else ConbaState(
+        *(s.detach().clone().requires_grad_(s.is_floating_point()) for s in init))
     if backend == "ref":
         y, fin = conba_scan(**x, initial_state=st, return_final_state=True, backend="ref")
     else:
@@ -67,11 +69,11 @@ def _run(x, backend, init=None, chunk=4, seed=0):
     g = torch.Generator().manual_seed(seed + 3)
     w = lambda t: torch.randn(t.shape, generator=g).to(t.device)  # noqa: E731
     loss = (y.float() * w(y)).sum()
-    loss = loss + sum((s.float() * w(s)).sum() for s in fin)
+    loss = loss + sum((s * w(s)).sum() for s in fin if s.is_floating_point())
     loss.backward()
     grads = {k: v.grad for k, v in x.items() if isinstance(v, torch.Tensor) and k != "mask"}
     if st is not None:
-        grads.update({"state." + f: s.grad for f, s in zip(ConbaState._fields, st)})
+        grads.update({"state." + f: s.grad for f, s in zip(ConbaState._fields, st) if s.is_floating_point()})
     return y, fin, grads
 
 
@@ -86,7 +88,8 @@ def _compare(x, tol, init=None, chunk=4):
     oracle = None
     if x["u"].dtype == torch.float32:
         x64 = {k: (v.double() if isinstance(v, torch.Tensor) and k != "mask" else v) for k, v in x.items()}
-        oracle = _run(x64, "ref", None if init is None else ConbaState(*(s.double() for s in init)))
+        oracle = _run(x64, "ref", None if init is None else ConbaState(
+            *(s.double() if s.is_floating_point() else s for s in init)))
 
     def close(name, got, ref, o=None):
         if o is None:

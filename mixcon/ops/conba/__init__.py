@@ -54,8 +54,11 @@ def _check(name, x, shape, allow_none=True):
 
 
 def _validate(u, delta, A, B, C, D, z, delta_bias, alpha, rho, tau, k0, eta, lam, w_r, group_size,
-              mask, initial_state, lead):
+              mask, initial_state, lead, control_period=1):
     """Shared argument checks; ``lead`` is (batch, T) for a scan and (batch,) for a step."""
+    if isinstance(control_period, bool) or not isinstance(control_period, int) or control_period < 1:
+        raise ValueError(f"control_period={control_period!r} must be an int >= 1 (real steps between two "
+                         f"actions of the controller; 1 = act every step)")
     if u.dim() != len(lead) + 1:
         raise ValueError(f"u must have {len(lead) + 1} dims {(*('batch', 'time')[:len(lead)], 'd_inner')}, got {tuple(u.shape)}")
     d = u.shape[-1]
@@ -83,9 +86,12 @@ def _validate(u, delta, A, B, C, D, z, delta_bias, alpha, rho, tau, k0, eta, lam
         _check("mask", mask, lead)
     if initial_state is not None:
         b = lead[0]
-        expected = ConbaState((b, d, n), (b, tau, d, n), (b, ng), (b, d))
-        if not isinstance(initial_state, tuple) or len(initial_state) != 4:
-            raise ValueError("the state must be a ConbaState(h, delay, k, e)")
+        expected = ConbaState((b, d, n), (b, tau, d, n), (b, ng), (b, d), (b,))
+        if not isinstance(initial_state, tuple) or len(initial_state) != len(ConbaState._fields):
+            raise ValueError("the state must be a ConbaState(h, delay, k, e, phase)")
+        if initial_state.phase.is_floating_point():
+            raise ValueError(f"state.phase must be an integer tensor (real steps since the last sampling "
+                             f"instant), got {initial_state.phase.dtype}")
         for field, x, shape in zip(ConbaState._fields, initial_state, expected):
             if tuple(x.shape) != tuple(shape):
                 raise ValueError(f"state.{field} has shape {tuple(x.shape)}, expected {tuple(shape)}")
@@ -117,6 +123,7 @@ def conba_scan(
     return_final_state: bool = False,
     backend: str = "auto",
     mask: Optional[torch.Tensor] = None,
+    control_period: int = 1,
 ):
     """Conba's selective scan over a whole sequence.
 
@@ -127,6 +134,8 @@ def conba_scan(
             eta ≥ 0). Control is on when ``k0`` or ``eta`` is given; the delay when ``tau > 0``.
         sigma_w, sigma_v: process / observation noise scales (0 = off), keyed by ``seed``.
         mask: optional (batch, time), 1 for a real token, 0 for padding: padded steps are skipped.
+        control_period: P, real steps between two sampling instants of the controller (it holds
+            its signal in between); 1 = the per-step controller.
         initial_state: a `ConbaState` to start from (default: the empty state with k = k0).
     Returns:
         y (batch, time, d_inner) in u's dtype — gated by silu(z) when z is given — and, with
@@ -139,11 +148,15 @@ def conba_scan(
     if not isinstance(u, torch.Tensor) or u.dim() != 3:
         raise ValueError(f"u must be a (batch, time, d_inner) tensor, got {getattr(u, 'shape', type(u))}")
     _validate(u, delta, A, B, C, D, z, delta_bias, alpha, rho, tau, k0, eta, lam, w_r, group_size,
-              mask, initial_state, tuple(u.shape[:2]))
+              mask, initial_state, tuple(u.shape[:2]), control_period)
     kwargs = dict(D=D, z=z, delta_bias=delta_bias, delta_softplus=delta_softplus, alpha=alpha, rho=rho,
                   tau=tau, k0=k0, eta=eta, lam=lam, w_r=w_r, k_max=k_max, group_size=group_size,
                   sigma_w=sigma_w, sigma_v=sigma_v, seed=seed, initial_state=initial_state,
                   return_final_state=return_final_state, mask=mask)
+    control = k0 is not None or eta is not None
+    if control and control_period > 1:
+        # the held signal: the per-step kernels below implement P = 1 only
+        return conba_scan_ref(u, delta, A, B, C, **kwargs, control_period=control_period)
     if resolve_backend(backend, u.device) == "triton":
         from .fused_recurrent import conba_scan_triton
 
@@ -177,18 +190,23 @@ def conba_step(
     backend: str = "auto",
     mask: Optional[torch.Tensor] = None,
     t: int = 0,
+    control_period: int = 1,
 ):
     """One decode step of Conba: the per-token arguments of `conba_scan` without the time axis
     (u, delta, z: (batch, d_inner); B, C: (batch, N); alpha: (batch, d_inner // G); mask: (batch,)).
     Updates ``state`` in place and returns y (batch, d_inner). ``t`` is the time index that keys
-    the noise."""
+    the noise; ``control_period`` as in `conba_scan` (the state's phase says where in the period
+    this token falls)."""
     if not isinstance(u, torch.Tensor) or u.dim() != 2:
         raise ValueError(f"u must be a (batch, d_inner) tensor, got {getattr(u, 'shape', type(u))}")
     _validate(u, delta, A, B, C, D, z, delta_bias, alpha, rho, tau, k0, eta, lam, w_r, group_size,
-              mask, state, (u.shape[0],))
+              mask, state, (u.shape[0],), control_period)
     kwargs = dict(D=D, z=z, delta_bias=delta_bias, delta_softplus=delta_softplus, alpha=alpha, rho=rho,
                   tau=tau, k0=k0, eta=eta, lam=lam, w_r=w_r, k_max=k_max, group_size=group_size,
                   sigma_w=sigma_w, sigma_v=sigma_v, seed=seed, mask=mask, t=t)
+    control = k0 is not None or eta is not None
+    if control and control_period > 1:
+        return conba_step_ref(state, u, delta, A, B, C, **kwargs, control_period=control_period)
     if resolve_backend(backend, u.device) == "triton":
         from .fused_recurrent import conba_step_triton
 

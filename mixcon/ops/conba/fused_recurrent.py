@@ -828,12 +828,17 @@ def conba_scan_triton(
         dl0 = torch.zeros(b, tau, d, n, **f32)
         k_init = k0.float().expand(b, ng) if (control and k0 is not None) else torch.zeros(b, ng, **f32)
         e0 = torch.zeros(b, d, **f32)
+        phase = torch.zeros(b, dtype=torch.long, device=u.device)
     else:
-        h0, dl0, k_init, e0 = (s.float() for s in initial_state)
+        h0, dl0, k_init, e0 = (s.float() for s in initial_state[:4])
+        phase = initial_state.phase
+    # these kernels are the per-step controller (P = 1): every real step is a sampling instant, so
+    # the phase stays 0 (and without control it passes through)
+    phase = phase.clone()
     h0, dl0, k_init, e0 = (s.contiguous() for s in (h0, dl0, k_init, e0))
     if T == 0:
         y = u.new_zeros(b, 0, d)
-        return (y, ConbaState(h0.clone(), dl0.clone(), k_init.clone(), e0.clone())) if return_final_state else y
+        return (y, ConbaState(h0.clone(), dl0.clone(), k_init.clone(), e0.clone(), phase)) if return_final_state else y
     if control:
         eta = eta if eta is not None else torch.zeros(ng, **f32)
         lam = lam if lam is not None else torch.zeros(ng, **f32)
@@ -861,7 +866,7 @@ def conba_scan_triton(
     if not control:  # k and e pass through untouched (and so do their gradients), as in the reference
         kT, eT = k_init, e0
     if return_final_state:
-        return y, ConbaState(hT, dlT, kT, eT)
+        return y, ConbaState(hT, dlT, kT, eT, phase)
     return y
 
 
@@ -889,7 +894,8 @@ def conba_step_triton(
         lam = lam if lam is not None else torch.zeros(ng, **f32)
         w_r = w_r if w_r is not None else torch.ones(d, **f32)
     # the kernel needs contiguous float32 state; other layouts run on a copy that is written back
-    work = [s if (s.dtype == torch.float32 and s.is_contiguous()) else s.float().contiguous() for s in state]
+    # (the phase, state[4], stays 0 at P = 1: the kernel does not touch it)
+    work = [s if (s.dtype == torch.float32 and s.is_contiguous()) else s.float().contiguous() for s in state[:4]]
     gp, bg, np_, n_blocks, num_warps = _blocking(d, group_size, n, b)
     y = torch.empty(b, d, device=u.device, dtype=u.dtype)
     dummy = torch.empty(1, **f32)

@@ -22,19 +22,26 @@ class ConbaState(NamedTuple):
 
     h:     (batch, d_inner, N)         the latest state h_t
     delay: (batch, tau, d_inner, N)    delay[:, j] = h_{t-j} for j = 0..tau-1 (delay[:, 0] == h)
-    k:     (batch, d_inner // G)       the control gain k_{t+1} for the next step
-    e:     (batch, d_inner)            the tracking error e_t of the latest step
+    k:     (batch, d_inner // G)       the control gain set at the last sampling instant
+    e:     (batch, d_inner)            the tracking error sampled at that instant (held signal
+                                       f = k · tanh(e))
+    phase: (batch,) int64              real steps since that instant, 0 … P − 1
+
+    With P = 1 (the per-step controller) every real step is a sampling instant: k is k_{t+1},
+    e is e_t of the latest step and the phase stays 0. Without control k, e and the phase pass
+    through untouched.
     """
 
     h: torch.Tensor
     delay: torch.Tensor
     k: torch.Tensor
     e: torch.Tensor
+    phase: torch.Tensor
 
 
 def empty_state(batch, d_inner, d_state, tau=0, group_size=8, k0=None, device=None,
                 dtype=torch.float32) -> ConbaState:
-    """The state before the first token: h = 0, delay line 0, k = k_0, e = 0."""
+    """The state before the first token: h = 0, delay line 0, k = k_0, e = 0, phase 0."""
     n_groups = d_inner // group_size
     h = torch.zeros(batch, d_inner, d_state, dtype=dtype, device=device)
     delay = torch.zeros(batch, tau, d_inner, d_state, dtype=dtype, device=device)
@@ -43,7 +50,8 @@ def empty_state(batch, d_inner, d_state, tau=0, group_size=8, k0=None, device=No
     else:
         k = k0.to(device=device, dtype=dtype).expand(batch, n_groups).clone()  # keeps k0 in the graph
     e = torch.zeros(batch, d_inner, dtype=dtype, device=device)
-    return ConbaState(h, delay, k, e)
+    phase = torch.zeros(batch, dtype=torch.long, device=device)
+    return ConbaState(h, delay, k, e, phase)
 
 
 def acc_dtype(x: torch.Tensor) -> torch.dtype:
@@ -57,15 +65,16 @@ def _per_channel(x: torch.Tensor, group_size: int) -> torch.Tensor:
 
 
 def _one_step(
-    h, delay, k, e,  # state before the step (float32)
+    h, delay, k, e, phase,  # state before the step (float32; phase int64)
     u_t, dt_t, B_t, C_t,  # (b, d), (b, d) after bias/softplus, (b, N), (b, N); float32
     A, D, alpha_t, rho, tau, control, eta, lam, w_r, k_max, group_size,
-    sigma_w, sigma_v, seed, t, mask_t,
+    sigma_w, sigma_v, seed, t, mask_t, control_period=1,
 ):
-    """One step of docs/conba.md (6). Returns (y_t, h, delay, k, e) after the step."""
+    """One step of docs/conba.md (6). Returns (y_t, h, delay, k, e, phase) after the step."""
     dA = torch.exp(dt_t[:, :, None] * A[None])  # Ā_t (b, d, N)
     if control:
-        # ũ_t = u_t − k_t[g] · tanh(e_{t−1}): output feedback through a saturating actuator
+        # ũ_t = u_t − f with the held signal f = k[g] · tanh(e) set at the last sampling instant
+        # (with P = 1: k_t · tanh(e_{t−1})): output feedback through a saturating actuator
         u_ctl = u_t - _per_channel(k, group_size) * torch.tanh(e)
     else:
         u_ctl = u_t
@@ -86,26 +95,30 @@ def _one_step(
         y = y + D.to(h.dtype) * u_t
     if sigma_v > 0.0:
         y = y + sigma_v * zeta.to(h.dtype)  # the error below sees the noisy measurement
+    m = mask_t.to(torch.bool) if mask_t is not None else None
     if control:
-        e_new = y - w_r * u_t
+        e_t = y - w_r * u_t  # tracking error, measured every step
         G = group_size
-        e_grp = e_new.view(e_new.shape[0], -1, G)
+        e_grp = e_t.view(e_t.shape[0], -1, G)
         err_rms = torch.sqrt((e_grp * e_grp).sum(-1) + 1e-12) / math.sqrt(G)
-        k_new = torch.clamp((1.0 - lam) * k + eta * err_rms, 0.0, k_max)
+        k_upd = torch.clamp((1.0 - lam) * k + eta * err_rms, 0.0, k_max)
+        # the controller's clock counts real steps; every P-th one is a sampling instant
+        phase_new = phase + (m.long() if m is not None else 1)
+        sample = phase_new == control_period  # (b,); never true on a padded step
+        k_new = torch.where(sample[:, None], k_upd, k)
+        e_new = torch.where(sample[:, None], e_t, e)
+        phase_new = torch.where(sample, torch.zeros_like(phase_new), phase_new)
     else:
-        e_new, k_new = e, k
+        e_new, k_new, phase_new = e, k, phase
     delay_new = torch.cat([h_new[:, None], delay[:, :-1]], dim=1) if tau > 0 else delay
-    if mask_t is not None:
-        # A padded step leaves h, the delay line, k and e exactly as they were; its output is 0.
-        m = mask_t.to(torch.bool)
+    if m is not None:
+        # A padded step leaves h, the delay line, k, e and the phase exactly as they were
+        # (k, e and the phase above already); its output is 0.
         h_new = torch.where(m[:, None, None], h_new, h)
         if tau > 0:
             delay_new = torch.where(m[:, None, None, None], delay_new, delay)
-        if control:
-            e_new = torch.where(m[:, None], e_new, e)
-            k_new = torch.where(m[:, None], k_new, k)
         y = torch.where(m[:, None], y, torch.zeros_like(y))
-    return y, h_new, delay_new, k_new, e_new
+    return y, h_new, delay_new, k_new, e_new, phase_new
 
 
 def _prepare(delta, delta_bias, delta_softplus, A, eta, lam, w_r, k0, d_inner, n_groups, device, acc):
@@ -126,7 +139,7 @@ def conba_scan_ref(
     u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
     alpha=None, rho=None, tau=0, k0=None, eta=None, lam=None, w_r=None, k_max=1.0,
     group_size=8, sigma_w=0.0, sigma_v=0.0, seed=0, initial_state: Optional[ConbaState] = None,
-    return_final_state=False, mask=None,
+    return_final_state=False, mask=None, control_period=1,
 ):
     """Reference Conba scan. Shapes as in `mixcon.ops.conba.conba_scan`; returns y (b, T, d)
     in u's dtype, and the final `ConbaState` when ``return_final_state``."""
@@ -138,16 +151,17 @@ def conba_scan_ref(
     )
     if initial_state is None:
         initial_state = empty_state(b, d, A.shape[1], tau, group_size, k0 if control else None, u.device, acc)
-    h, delay, k, e = (s.to(acc) for s in initial_state)
+    h, delay, k, e = (s.to(acc) for s in initial_state[:4])
+    phase = initial_state.phase
     u32, B32, C32 = u.to(acc), B.to(acc), C.to(acc)
     alpha32 = alpha.to(acc) if alpha is not None else None
     ys = []
     for t in range(T):
-        y, h, delay, k, e = _one_step(
-            h, delay, k, e, u32[:, t], dt[:, t], B32[:, t], C32[:, t], A32, D,
+        y, h, delay, k, e, phase = _one_step(
+            h, delay, k, e, phase, u32[:, t], dt[:, t], B32[:, t], C32[:, t], A32, D,
             alpha32[:, t] if alpha32 is not None else None, rho, tau, control, eta_f, lam_f,
             w_r_f, k_max, group_size, sigma_w, sigma_v, seed, t,
-            mask[:, t] if mask is not None else None,
+            mask[:, t] if mask is not None else None, control_period,
         )
         ys.append(y)
     y = torch.stack(ys, dim=1) if ys else u32.new_zeros(b, 0, d)  # (b, T, d)
@@ -155,14 +169,14 @@ def conba_scan_ref(
         y = y * F.silu(z.to(acc))
     y = y.to(u.dtype)
     if return_final_state:
-        return y, ConbaState(h, delay, k, e)
+        return y, ConbaState(h, delay, k, e, phase)
     return y
 
 
 def conba_step_ref(
     state: ConbaState, u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
     alpha=None, rho=None, tau=0, k0=None, eta=None, lam=None, w_r=None, k_max=1.0,
-    group_size=8, sigma_w=0.0, sigma_v=0.0, seed=0, mask=None, t=0,
+    group_size=8, sigma_w=0.0, sigma_v=0.0, seed=0, mask=None, t=0, control_period=1,
 ):
     """One decode step. u, delta, z: (b, d); B, C: (b, N); alpha: (b, d // G); mask: (b,).
     Updates ``state`` in place and returns y (b, d) in u's dtype. ``t`` keys the noise."""
@@ -172,16 +186,17 @@ def conba_step_ref(
     dt, A32, control, eta_f, lam_f, w_r_f = _prepare(
         delta, delta_bias, delta_softplus, A, eta, lam, w_r, k0, d, n_groups, u.device, acc
     )
-    y, h, delay, k, e = _one_step(
-        state.h.to(acc), state.delay.to(acc), state.k.to(acc), state.e.to(acc),
+    y, h, delay, k, e, phase = _one_step(
+        state.h.to(acc), state.delay.to(acc), state.k.to(acc), state.e.to(acc), state.phase,
         u.to(acc), dt, B.to(acc), C.to(acc), A32, D,
         alpha.to(acc) if alpha is not None else None, rho, tau, control, eta_f, lam_f, w_r_f,
-        k_max, group_size, sigma_w, sigma_v, seed, t, mask,
+        k_max, group_size, sigma_w, sigma_v, seed, t, mask, control_period,
     )
     state.h.copy_(h)
     state.delay.copy_(delay)
     state.k.copy_(k)
     state.e.copy_(e)
+    state.phase.copy_(phase)
     if z is not None:
         y = y * F.silu(z.to(acc))
     return y.to(u.dtype)
