@@ -91,17 +91,33 @@ def _recipe(d, out, **kw):
     return ["--recipe", os.path.join(ROOT, "configs", "train-tiny.yaml")] + [f"{k}={v}" for k, v in base.items()]
 
 
-def test_resume_continues_exactly_and_export_loads(tok_and_data, tmp_path):
+def _rows(out_dir):
+    with open(os.path.join(out_dir, "log.csv")) as f:
+        return list(csv.DictReader(f))
+
+
+def test_kill_while_saving_then_resume_continues_bit_for_bit_and_export_loads(tok_and_data, tmp_path):
+    """SIGKILL in the middle of publishing step 4's checkpoint (shards and JSON written, not yet renamed):
+    step 2's checkpoint stays whole, and --resume from it repeats steps 3-4 with the same losses, bit for
+    bit, Conba's training noise included (its seeds come from torch's RNG, restored from the checkpoint)."""
+    from mixcon.train.checkpoint import list_checkpoints
+
     d, _ = tok_and_data
-    full = _run(_recipe(d, tmp_path / "full", grad_accum=2) + ["--export", str(tmp_path / "export")])
+    kw = dict(grad_accum=2, **{"model_overrides.process_noise": 0.05})
+    full = _run(_recipe(d, tmp_path / "full", **kw) + ["--export", str(tmp_path / "export")])
     assert full.returncode == 0, full.stderr[-3000:]
-    first = _run(_recipe(d, tmp_path / "split", grad_accum=2, max_steps=2))
-    assert first.returncode == 0, first.stderr[-3000:]
-    second = _run(_recipe(d, tmp_path / "split", grad_accum=2) + ["--resume"])
+    killed = _run(_recipe(d, tmp_path / "split", debug_kill_in_save_at_step=4, **kw))
+    assert killed.returncode == -9, (killed.returncode, killed.stderr[-3000:])
+    assert [s for s, _ in list_checkpoints(tmp_path / "split")] == [2]
+    assert os.path.exists(tmp_path / "split" / "checkpoints" / ".tmp-step-00000004" / "trainer_state.json")
+    second = _run(_recipe(d, tmp_path / "split", **kw) + ["--resume"])
     assert second.returncode == 0 and "resumed" in second.stdout, second.stderr[-3000:]
-    a, b = _losses(tmp_path / "full"), _losses(tmp_path / "split")
-    assert [s for s, _ in a] == [s for s, _ in b] == [1, 2, 3, 4]
-    assert all(abs(x - y) < 1e-6 for (_, x), (_, y) in zip(a, b))
+    assert [s for s, _ in list_checkpoints(tmp_path / "split")] == [4]  # the newest only (keep_checkpoints=1)
+    assert not os.path.exists(tmp_path / "split" / "checkpoints" / ".tmp-step-00000004")
+    a, b = _rows(tmp_path / "full"), _rows(tmp_path / "split")
+    assert [r["step"] for r in a] == [r["step"] for r in b] == ["1", "2", "3", "4"]
+    assert [(r["loss"], r["heldout_loss"], r["grad_norm"]) for r in a] == \
+        [(r["loss"], r["heldout_loss"], r["grad_norm"]) for r in b]  # the decimal strings: bit for bit
     assert os.path.exists(tmp_path / "full" / "loss.png")
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -112,11 +128,14 @@ def test_resume_continues_exactly_and_export_loads(tok_and_data, tmp_path):
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tok_and_data, tmp_path):
+    from mixcon.train.checkpoint import latest_checkpoint, model_from_checkpoint, read_trainer_state
+
     d, _ = tok_and_data
     res = _run(_recipe(d, tmp_path, debug_nan_at_step=3))
     assert res.returncode != 0 and "non-finite loss" in (res.stdout + res.stderr)
-    ck = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
-    assert ck["step"] == 2 and all(torch.isfinite(v).all() for v in ck["model"].values())
+    ckpt = latest_checkpoint(tmp_path)
+    assert read_trainer_state(ckpt)["step"] == 2 and ckpt in res.stdout + res.stderr
+    assert all(torch.isfinite(v).all() for v in model_from_checkpoint(ckpt).state_dict().values())
 
 
 @pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
