@@ -189,7 +189,13 @@ def _single_process_warnings():
 def _dcp_load(state: dict, path: str) -> None:
     import torch.distributed.checkpoint as dcp
 
-    _safe_reader(path).read_metadata()  # refuses an unsafe checkpoint here, with a plain ValueError
+    from torch.distributed.checkpoint.metadata import BytesStorageMetadata
+
+    metadata = _safe_reader(path).read_metadata()  # refuses unknown pickled types, before DCP starts
+    pickled = [k for k, md in metadata.state_dict_metadata.items() if isinstance(md, BytesStorageMetadata)]
+    if pickled:  # DCP stores non-tensors with torch.save and loads them with weights_only=False
+        raise UnsafeCheckpointError(f"{path}: items {pickled[:3]} are pickled objects, not tensors; refusing to "
+                                    f"unpickle them (a pickle can run code when loaded)")
     with _single_process_warnings():
         dcp.load(state, storage_reader=_safe_reader(path), planner=_tensor_only_planner(path))
 

@@ -103,7 +103,7 @@ def test_kill_while_saving_then_resume_continues_bit_for_bit_and_export_loads(to
     from mixcon.train.checkpoint import list_checkpoints
 
     d, _ = tok_and_data
-    kw = dict(grad_accum=2, **{"model_overrides.process_noise": 0.05})
+    kw = dict(grad_accum=2, **{"model_overrides.process_noise": 0.05, "model_overrides.observation_noise": 0.05})
     full = _run(_recipe(d, tmp_path / "full", **kw) + ["--export", str(tmp_path / "export")])
     assert full.returncode == 0, full.stderr[-3000:]
     killed = _run(_recipe(d, tmp_path / "split", debug_kill_in_save_at_step=4, **kw))
@@ -194,3 +194,120 @@ def test_mom_second_stage_starts_from_a_trained_dense_export(tok_and_data, tmp_p
     for j, layer in enumerate(dense_model.model.layers):
         assert torch.equal(model.model.mom_pool.q_proj[j], layer.mixer.q_proj.weight)
         assert torch.equal(model.model.mom_pool.ffn.down_proj[j], layer.feed_forward.down_proj.weight)
+
+
+class _Payload:
+    """Unpickling this runs code: it writes a marker file."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (exec, (f"open({self.marker!r}, 'w').write('ran')",))
+
+
+def _tiny_trained(tmp_path):
+    from helpers import tiny_config
+
+    from mixcon import MixConForCausalLM
+    from mixcon.train.checkpoint import save_checkpoint
+    from mixcon.train.recipe import Recipe
+
+    torch.manual_seed(0)
+    model = MixConForCausalLM(tiny_config())
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    ids = torch.randint(3, model.config.vocab_size, (2, 10))
+    model(ids, labels=ids).loss.backward()
+    opt.step()
+    return model, opt, save_checkpoint(str(tmp_path / "run"), model, opt, 1, Recipe(), [])
+
+
+def test_checkpoint_carrying_a_pickled_callable_is_refused(tmp_path):
+    import pickle
+    import shutil
+
+    import torch.distributed.checkpoint as dcp
+
+    from helpers import tiny_config
+
+    from mixcon import MixConForCausalLM
+    from mixcon.train.checkpoint import UnsafeCheckpointError, load_checkpoint, load_model_weights
+
+    model, _, ckpt = _tiny_trained(tmp_path)
+    marker = tmp_path / "payload-ran"
+    fresh = MixConForCausalLM(tiny_config())
+    load_model_weights(ckpt, fresh)  # the untouched checkpoint loads
+    assert all(torch.equal(a, b) for a, b in zip(fresh.state_dict().values(), model.state_dict().values()))
+
+    # 1. DCP's .metadata is a pickle: a callable hidden in it is refused before anything runs
+    with open(os.path.join(ckpt, ".metadata"), "rb") as f:
+        metadata = pickle.load(f)  # our own file: trusted here
+    metadata.planner_data = _Payload(str(marker))
+    with open(os.path.join(ckpt, ".metadata"), "wb") as f:
+        pickle.dump(metadata, f)
+    for load in (lambda: load_model_weights(ckpt, fresh), lambda: load_checkpoint(ckpt, fresh, torch.optim.AdamW(fresh.parameters()))):
+        with pytest.raises(UnsafeCheckpointError, match=r"builtins\.exec.*refusing to unpickle"):
+            load()
+    assert issubclass(UnsafeCheckpointError, ValueError) and not marker.exists()
+
+    # 2. a pickled object stored in place of a weight (DCP writes non-tensors with torch.save)
+    evil = str(tmp_path / "evil")
+    state = {"model": {k: (_Payload(str(marker)) if k == "lm_head.weight" else v)
+                       for k, v in model.state_dict().items()}}
+    dcp.save(state, storage_writer=dcp.FileSystemWriter(evil))
+    shutil.copy(os.path.join(ckpt, "trainer_state.json"), evil)
+    with pytest.raises(UnsafeCheckpointError, match=r"lm_head\.weight.*pickled objects.*refusing"):
+        load_model_weights(evil, fresh)
+    assert not marker.exists()
+
+
+@pytest.mark.slow
+def test_sharded_checkpoint_resumes_on_another_world_size_and_exports(tok_and_data, tmp_path, monkeypatch):
+    """Two FSDP2 processes save sharded checkpoints (each rank its own file, nothing gathered); resuming
+    step 2's checkpoint with two processes gives the uninterrupted run's losses, with one process the
+    same to float rounding; the export reads the model's tensors only."""
+    import importlib.util
+    import shutil
+
+    from torch.distributed.checkpoint import DefaultLoadPlanner
+
+    from mixcon.train.checkpoint import list_checkpoints, model_from_checkpoint, read_trainer_state
+
+    d, _ = tok_and_data
+    kw = dict(parallel="fsdp", keep_checkpoints=2, **{"model_overrides.router_aux_loss_coef": 0.0})
+    full = _run(_recipe(d, tmp_path / "full", **kw), torchrun=2)
+    assert full.returncode == 0, full.stderr[-3000:]
+    (s2, ck2), (s4, ck4) = list_checkpoints(tmp_path / "full")
+    assert (s2, s4) == (2, 4) and read_trainer_state(ck4)["world_size"] == 2
+    shards = [os.path.getsize(os.path.join(ck4, f"__{r}_0.distcp")) for r in (0, 1)]
+    assert max(shards) < 0.75 * sum(shards), shards  # each rank wrote about half of the state
+    for world in (1, 2):
+        run = tmp_path / f"resume{world}"
+        shutil.copytree(tmp_path / "full", run)
+        shutil.rmtree(run / "checkpoints" / os.path.basename(ck4))
+        res = _run(_recipe(d, run, **kw) + ["--resume"], torchrun=world if world > 1 else 0)
+        assert res.returncode == 0 and "resumed" in res.stdout, res.stderr[-3000:]
+        a, b = _losses(tmp_path / "full"), _losses(run)
+        assert [s for s, _ in b] == [1, 2, 3, 4] and a[:2] == b[:2]
+        if world == 2:
+            assert a == b
+        else:  # one process sums the batch in another order
+            assert all(abs(x - y) < 1e-5 * abs(x) for (_, x), (_, y) in zip(a[2:], b[2:])), (a, b)
+
+    read = []
+    original = DefaultLoadPlanner.resolve_tensor
+    monkeypatch.setattr(DefaultLoadPlanner, "resolve_tensor",
+                        lambda self, item: read.append(item.dest_index.fqn) or original(self, item))
+    spec = importlib.util.spec_from_file_location("export_tool", os.path.join(ROOT, "tools", "export.py"))
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    tool.main([str(tmp_path / "full"), str(tmp_path / "export"), "--tokenizer", str(d / "tok")])
+    assert read and all(k.startswith("model.") for k in read)  # no optimizer state was read
+    from transformers import AutoModelForCausalLM
+
+    exported = AutoModelForCausalLM.from_pretrained(tmp_path / "export")
+    reference = model_from_checkpoint(ck4)  # float32
+    assert exported.model.embed_tokens.weight.dtype == torch.bfloat16
+    for k, v in reference.state_dict().items():
+        assert torch.equal(exported.state_dict()[k], v.to(exported.state_dict()[k].dtype)), k
+    _generate_from(tmp_path / "export")
