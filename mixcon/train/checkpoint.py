@@ -250,12 +250,13 @@ def _debug_kill(recipe, step):
 
 
 def load_checkpoint(path: str, model, optimizer) -> dict:
-    """Load a checkpoint (any number of processes, any parallelism) into ``model`` and ``optimizer``
-    in place; restores torch's RNG; returns the trainer state (step, rows, ...). Collective."""
-    from torch.distributed.checkpoint.state_dict import set_state_dict
+    """Load a checkpoint into ``model`` and ``optimizer`` in place, on any number of processes and with
+    any parallelism (DCP reshards: each rank reads the pieces of the stored tensors its shards cover);
+    restores torch's RNG; returns the trainer state (step, rows, ...). Collective under torchrun."""
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
     state = read_trainer_state(path)
-    msd, osd = _empty_state_dicts(model, optimizer)
+    msd, osd = get_state_dict(model, optimizer)  # this run's layout; allocates AdamW's state (a zero-lr step)
     _dcp_load({"model": msd, "optim": osd["state"]}, path)
     groups = state["param_groups"]
     if len(groups) != len(osd["param_groups"]):
@@ -268,14 +269,6 @@ def load_checkpoint(path: str, model, optimizer) -> dict:
     set_state_dict(model, optimizer, model_state_dict=msd, optim_state_dict=osd)
     set_rng_state(state["rng"])
     return state
-
-
-def _empty_state_dicts(model, optimizer):
-    """Model and optimizer state dicts with this run's layout, the optimizer's state allocated
-    (DCP loads into existing tensors)."""
-    from torch.distributed.checkpoint.state_dict import get_state_dict
-
-    return get_state_dict(model, optimizer)  # allocates AdamW's state (a zero-lr step) when empty
 
 
 def unwrap(model):

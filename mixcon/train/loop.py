@@ -199,6 +199,9 @@ def train(r: Recipe, resume: bool = False, progress: bool = True) -> list[dict]:
     os.makedirs(r.out_dir, exist_ok=True)
     rows, start = [], 0
     ckpt_path = latest_checkpoint(r.out_dir) if resume else None
+    if resume and ckpt_path is None and os.path.exists(os.path.join(r.out_dir, "checkpoint.pt")):
+        raise ValueError(f"{r.out_dir}/checkpoint.pt is the old single-file format, which --resume no longer reads "
+                         f"(it is unpickled with code execution); resume with the revision that wrote it")
     if ckpt_path is not None:
         ck = load_checkpoint(ckpt_path, model, optimizer)
         start, rows = ck["step"], ck["rows"]

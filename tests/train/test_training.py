@@ -222,6 +222,7 @@ def _tiny_trained(tmp_path):
     return model, opt, save_checkpoint(str(tmp_path / "run"), model, opt, 1, Recipe(), [])
 
 
+@pytest.mark.filterwarnings("ignore:.*assuming the intent is to save in a single process")
 def test_checkpoint_carrying_a_pickled_callable_is_refused(tmp_path):
     import pickle
     import shutil
