@@ -34,7 +34,7 @@ import shutil
 import torch
 import torch.distributed as dist
 
-from mixcon.train.files import atomic_write_text, publish
+from mixcon.train.files import atomic_write_text, fsync_path, publish
 
 STATE_FILE = "trainer_state.json"
 FORMAT = "mixcon-dcp-1"
@@ -214,7 +214,9 @@ def save_checkpoint(out_dir: str, model, optimizer, step: int, recipe, rows: lis
     name = f"step-{step:08d}"
     tmp, final = os.path.join(root, ".tmp-" + name), os.path.join(root, name)
     if rank == 0:
-        os.makedirs(root, exist_ok=True)
+        if not os.path.isdir(root):
+            os.makedirs(root)
+            fsync_path(os.path.abspath(out_dir))
         shutil.rmtree(tmp, ignore_errors=True)  # left by a run killed while saving
     if world > 1:
         dist.barrier()

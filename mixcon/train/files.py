@@ -13,8 +13,8 @@ def fsync_path(path: str) -> None:
 
 
 def publish(tmp: str, final: str) -> None:
-    """Rename a finished, fsync'ed ``tmp`` (file or directory) to ``final``, then fsync the parent,
-    so that after a crash ``final`` is either absent or complete."""
+    """fsync ``tmp`` (a file's data, a directory's entries: its files must be fsync'ed already), rename it
+    to ``final`` and fsync the parent directory, so that after a crash ``final`` is absent or complete."""
     fsync_path(tmp)
     os.replace(tmp, final)
     fsync_path(os.path.dirname(os.path.abspath(final)))
