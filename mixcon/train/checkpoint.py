@@ -308,6 +308,7 @@ def model_from_checkpoint(path: str, dtype: torch.dtype = torch.float32):
             model = MixConForCausalLM(config)
     finally:
         torch.set_default_dtype(previous)
+    model.tie_weights()  # skipped with the initialisation
     load_model_weights(path, model)
     return model.eval()
 

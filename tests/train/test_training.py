@@ -312,3 +312,25 @@ def test_sharded_checkpoint_resumes_on_another_world_size_and_exports(tok_and_da
     for k, v in reference.state_dict().items():
         assert torch.equal(exported.state_dict()[k], v.to(exported.state_dict()[k].dtype)), k
     _generate_from(tmp_path / "export")
+
+
+@pytest.mark.filterwarnings("ignore:.*assuming the intent is to save in a single process")
+def test_model_from_checkpoint_casts_each_tensor_and_keeps_tied_embeddings(tmp_path):
+    from helpers import tiny_config
+
+    from mixcon import MixConForCausalLM
+    from mixcon.train.checkpoint import model_from_checkpoint, save_checkpoint
+    from mixcon.train.recipe import Recipe
+
+    model = MixConForCausalLM(tiny_config(tie_word_embeddings=True))
+    opt = torch.optim.AdamW(model.parameters())
+    ids = torch.randint(3, model.config.vocab_size, (2, 10))
+    model(ids, labels=ids).loss.backward()
+    opt.step()
+    ckpt = save_checkpoint(str(tmp_path), model, opt, 1, Recipe(), [])
+    loaded = model_from_checkpoint(str(tmp_path), torch.bfloat16)  # the run directory: its newest checkpoint
+    assert loaded.lm_head.weight is loaded.model.embed_tokens.weight and ckpt.endswith("step-00000001")
+    for k, v in model.state_dict().items():
+        got = loaded.state_dict()[k]
+        assert got.dtype == (torch.float32 if k.endswith("A_log") else torch.bfloat16), k  # A_log stays fp32
+        assert torch.equal(got, v.to(got.dtype)), k
