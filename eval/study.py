@@ -33,6 +33,7 @@ ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "tools"))
 from mixcon.benchmark import count_flops, header, save_results  # noqa: E402
+from mixcon.train.checkpoint import latest_checkpoint, load_model_weights  # noqa: E402
 from mixcon.train.data import TokenShards  # noqa: E402
 from mixcon.train.loop import build_model, train  # noqa: E402
 from mixcon.train.recipe import load_recipe  # noqa: E402
@@ -58,8 +59,7 @@ def export_dir(r):
 
 def trained_model(r, vocab):
     model = build_model(dataclasses.replace(r, init_from=None), vocab)
-    ck = torch.load(os.path.join(r.out_dir, "checkpoint.pt"), map_location="cpu", weights_only=False)
-    model.load_state_dict(ck["model"])
+    load_model_weights(latest_checkpoint(r.out_dir), model)  # tensors only, nothing unpickled
     return model.eval()
 
 

@@ -4,8 +4,11 @@
     python tools/train.py                                  # built-in default: configs/train-tiny.yaml
     python tools/train.py --recipe configs/train-tiny.yaml max_steps=50 lr=1e-3 model_overrides.delay=0
     torchrun --nproc_per_node 8 tools/train.py --recipe R.yaml parallel=fsdp
-    python tools/train.py --recipe R.yaml --resume         # continue from out_dir/checkpoint.pt
+    python tools/train.py --recipe R.yaml --resume         # continue from the newest out_dir/checkpoints/step-N
     python tools/train.py --recipe R.yaml --export DIR     # also write a save_pretrained model + tokenizer
+
+Checkpoints are sharded (torch.distributed.checkpoint): each process writes its own shards, and
+--resume works on any number of processes. tools/export.py turns one into a save_pretrained model.
 
 With the default recipe and no prepared data, a tokenizer is trained on the Python standard
 library's source (every fresh machine has it) and the data prepared first; after training the
@@ -13,13 +16,10 @@ model generates a continuation of a prompt.
 """
 
 import argparse
-import dataclasses
 import glob
 import os
 import sys
 import sysconfig
-
-import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from mixcon.train.loop import NonFiniteLoss, train, unwrap  # noqa: E402
@@ -52,7 +52,8 @@ def ensure_builtin_data(r, vocab_size=2048):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--recipe", default=None, help="YAML recipe (default: the built-in tiny one)")
-    ap.add_argument("--resume", action="store_true", help="continue from out_dir/checkpoint.pt")
+    ap.add_argument("--resume", action="store_true",
+                    help="continue from the newest checkpoint in out_dir/checkpoints (any number of processes)")
     ap.add_argument("--export", default=None, help="write a save_pretrained model and its tokenizer here")
     ap.add_argument("--no-progress", action="store_true")
     ap.add_argument("overrides", nargs="*", help="KEY=VALUE recipe overrides")
@@ -76,14 +77,10 @@ def main(argv=None):
     if args.export or builtin:
         from transformers import AutoTokenizer
 
-        from mixcon import MixConForCausalLM
-        from mixcon.train.loop import build_model
+        from mixcon.train.checkpoint import latest_checkpoint, model_from_checkpoint
 
         tok = AutoTokenizer.from_pretrained(r.tokenizer)
-        model = build_model(dataclasses.replace(r, init_from=None), len(tok))  # weights come from the checkpoint
-        ck = torch.load(os.path.join(r.out_dir, "checkpoint.pt"), map_location="cpu", weights_only=False)
-        model.load_state_dict(ck["model"])
-        model.eval()
+        model = model_from_checkpoint(latest_checkpoint(r.out_dir))  # float32, the model's tensors only
         if args.export:
             model.save_pretrained(args.export)
             tok.save_pretrained(args.export)

@@ -17,6 +17,8 @@ from typing import Iterator
 import numpy as np
 from tqdm import tqdm
 
+from mixcon.train.files import atomic_write_text, publish
+
 
 def tokenizer_fingerprint(tokenizer) -> dict:
     vocab = tokenizer.get_vocab()
@@ -40,10 +42,7 @@ def iter_documents(path: str) -> Iterator[str]:
 
 
 def _atomic_write_json(path, obj):
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(obj, indent=1))
 
 
 def prepare_data(paths, tokenizer, out_dir: str, heldout_fraction: float = 0.05, progress: bool = True) -> dict:
@@ -78,8 +77,11 @@ def prepare_data(paths, tokenizer, out_dir: str, heldout_fraction: float = 0.05,
                 continue
             name = f"{split}-{k:05d}.bin"
             tmp = os.path.join(out_dir, name + ".tmp")
-            np.asarray(ids, dtype=dtype).tofile(tmp)
-            os.replace(tmp, os.path.join(out_dir, name))
+            with open(tmp, "wb") as f:
+                np.asarray(ids, dtype=dtype).tofile(f)
+                f.flush()
+                os.fsync(f.fileno())
+            publish(tmp, os.path.join(out_dir, name))
             meta["shards"][split].append([name, len(ids)])
         meta["done"].append(os.path.abspath(path))
         _atomic_write_json(meta_path, meta)

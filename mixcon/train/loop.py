@@ -4,7 +4,7 @@ activation checkpointing → compile → FSDP2 / DDP (torchtitan's order)."""
 from __future__ import annotations
 
 import csv
-import dataclasses
+import io
 import math
 import os
 import time
@@ -14,7 +14,10 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from mixcon import MixConConfig, MixConForCausalLM
+from mixcon.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from mixcon.train.checkpoint import unwrap  # noqa: F401  (tools import it from here)
 from mixcon.train.data import TokenShards
+from mixcon.train.files import atomic_write_text, publish
 from mixcon.train.recipe import Recipe
 
 CSV_FIELDS = ["step", "tokens", "loss", "aux_loss", "lr", "grad_norm", "tokens_per_s", "mfu",
@@ -123,34 +126,6 @@ def flops_per_token(config: MixConConfig, seq_len: int) -> float:
     return 6 * active_parameters(config) + 12 * n_attn * config.num_attention_heads * config.head_dim * seq_len
 
 
-def _state_dicts(model, optimizer):
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
-
-    return get_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-
-
-def save_checkpoint(path, model, optimizer, step, recipe, csv_rows):
-    """Full (unsharded) state to ``path`` through a temporary file and a rename (crash-safe)."""
-    rank, _ = _world()
-    msd, osd = _state_dicts(model, optimizer)
-    if rank == 0:
-        tmp = path + ".tmp"
-        torch.save({"model": msd, "optimizer": osd, "step": step, "recipe": dataclasses.asdict(recipe),
-                    "rows": csv_rows}, tmp)
-        os.replace(tmp, path)
-    if dist.is_initialized():
-        dist.barrier()
-
-
-def load_checkpoint(path, model, optimizer):
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
-
-    ck = torch.load(path, map_location="cpu", weights_only=False)
-    set_state_dict(model, optimizer, model_state_dict=ck["model"], optim_state_dict=ck["optimizer"],
-                   options=StateDictOptions(full_state_dict=True))
-    return ck
-
-
 @torch.no_grad()
 def evaluate(model, heldout: TokenShards, r: Recipe, device, autocast) -> float:
     """Mean next-token loss on fixed held-out windows (the same windows at every evaluation)."""
@@ -192,12 +167,14 @@ def plot_losses(rows, path):
     fig.tight_layout()
     tmp = path + ".tmp.png"
     fig.savefig(tmp, dpi=120)
-    os.replace(tmp, path)
+    publish(tmp, path)
     plt.close(fig)
 
 
 def train(r: Recipe, resume: bool = False, progress: bool = True) -> list[dict]:
-    """Run the recipe; returns the logged rows. Writes out_dir/{log.csv, loss.png, checkpoint.pt}."""
+    """Run the recipe; returns the logged rows. Writes out_dir/{log.csv, loss.png} and sharded
+    checkpoints out_dir/checkpoints/step-N (see mixcon.train.checkpoint)."""
+    own_group = not (dist.is_available() and dist.is_initialized())
     rank, world = setup_distributed()
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     micro = r.batch_size // r.grad_accum
@@ -220,13 +197,17 @@ def train(r: Recipe, resume: bool = False, progress: bool = True) -> list[dict]:
     autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if use_bf16 else \
         (lambda: torch.autocast(device.type, enabled=False))
     os.makedirs(r.out_dir, exist_ok=True)
-    ckpt_path = os.path.join(r.out_dir, "checkpoint.pt")
     rows, start = [], 0
-    if resume and os.path.exists(ckpt_path):
+    ckpt_path = latest_checkpoint(r.out_dir) if resume else None
+    if resume and ckpt_path is None and os.path.exists(os.path.join(r.out_dir, "checkpoint.pt")):
+        raise ValueError(f"{r.out_dir}/checkpoint.pt is the old single-file format, which --resume no longer reads "
+                         f"(it is unpickled with code execution); resume with the revision that wrote it")
+    if ckpt_path is not None:
         ck = load_checkpoint(ckpt_path, model, optimizer)
         start, rows = ck["step"], ck["rows"]
         if rank == 0:
-            print(f"resumed from {ckpt_path} at step {start}")
+            print(f"resumed from {ckpt_path} at step {start} (saved by {ck['world_size']} processes, "
+                  f"resumed on {world})")
     writer = None
     if rank == 0:
         try:
@@ -271,7 +252,7 @@ def train(r: Recipe, resume: bool = False, progress: bool = True) -> list[dict]:
         if not math.isfinite(loss):
             optimizer.zero_grad(set_to_none=True)
             msg = (f"non-finite loss {loss} at step {step}; stopping. The last good checkpoint is "
-                   f"{ckpt_path if os.path.exists(ckpt_path) else '(none yet)'}")
+                   f"{latest_checkpoint(r.out_dir) or '(none yet)'}")
             if rank == 0:
                 print(msg)
             raise NonFiniteLoss(msg)
@@ -299,23 +280,20 @@ def train(r: Recipe, resume: bool = False, progress: bool = True) -> list[dict]:
                     if row[key] != "":
                         writer.add_scalar(key, row[key], step)
         if step % r.save_every == 0 or step == r.max_steps:
-            save_checkpoint(ckpt_path, model, optimizer, step, r, rows)
+            save_checkpoint(r.out_dir, model, optimizer, step, r, rows, keep=r.keep_checkpoints)
             if rank == 0:
                 _write_csv(os.path.join(r.out_dir, "log.csv"), rows)
                 plot_losses(rows, os.path.join(r.out_dir, "loss.png"))
     if writer is not None:
         writer.close()
+    if own_group and dist.is_initialized():
+        dist.destroy_process_group()  # rank 0 may go on alone (export, sample)
     return rows
 
 
 def _write_csv(path, rows):
-    tmp = path + ".tmp"
-    with open(tmp, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=CSV_FIELDS)
-        w.writeheader()
-        w.writerows(rows)
-    os.replace(tmp, path)
-
-
-def unwrap(model):
-    return model.module if hasattr(model, "module") else model
+    buf = io.StringIO(newline="")
+    w = csv.DictWriter(buf, fieldnames=CSV_FIELDS)
+    w.writeheader()
+    w.writerows(rows)
+    atomic_write_text(path, buf.getvalue())

@@ -36,13 +36,17 @@ class Recipe:
     eval_every: int = 50
     eval_batches: int = 4
     save_every: int = 100
+    keep_checkpoints: int = 1  # published checkpoints kept in out_dir/checkpoints (the newest ones)
     log_every: int = 10
     seed: int = 0
     peak_tflops: Optional[float] = None  # for MFU; None = guess from the GPU name, none on CPU
     debug_nan_at_step: int = -1  # fault injection for tests: make this step's loss NaN
+    # fault injection for tests: SIGKILL rank 0 while saving this step (shards written, not yet published)
+    debug_kill_in_save_at_step: int = -1
 
     def validate(self):
-        for name in ("seq_len", "batch_size", "grad_accum", "max_steps", "eval_every", "save_every", "log_every"):
+        for name in ("seq_len", "batch_size", "grad_accum", "max_steps", "eval_every", "save_every", "log_every",
+                     "keep_checkpoints"):
             if getattr(self, name) < 1:
                 raise ValueError(f"recipe {name}={getattr(self, name)!r} must be >= 1")
         if self.dtype not in ("auto", "bf16", "fp32"):

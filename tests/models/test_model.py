@@ -190,7 +190,7 @@ def test_save_and_load_in_a_fresh_process_that_never_imported_mixcon(tmp_path):
 import sys, torch
 from transformers import AutoModelForCausalLM
 m = AutoModelForCausalLM.from_pretrained({str(tmp_path / 'ckpt')!r}, trust_remote_code=True).eval()
-r = torch.load({str(tmp_path / 'ref.pt')!r})
+r = torch.load({str(tmp_path / 'ref.pt')!r}, weights_only=True)
 with torch.no_grad():
     out = m(r["ids"]).logits
 assert (out - r["logits"]).abs().max().item() < 1e-5, (out - r["logits"]).abs().max()

@@ -91,17 +91,33 @@ def _recipe(d, out, **kw):
     return ["--recipe", os.path.join(ROOT, "configs", "train-tiny.yaml")] + [f"{k}={v}" for k, v in base.items()]
 
 
-def test_resume_continues_exactly_and_export_loads(tok_and_data, tmp_path):
+def _rows(out_dir):
+    with open(os.path.join(out_dir, "log.csv")) as f:
+        return list(csv.DictReader(f))
+
+
+def test_kill_while_saving_then_resume_continues_bit_for_bit_and_export_loads(tok_and_data, tmp_path):
+    """SIGKILL in the middle of publishing step 4's checkpoint (shards and JSON written, not yet renamed):
+    step 2's checkpoint stays whole, and --resume from it repeats steps 3-4 with the same losses, bit for
+    bit, Conba's training noise included (its seeds come from torch's RNG, restored from the checkpoint)."""
+    from mixcon.train.checkpoint import list_checkpoints
+
     d, _ = tok_and_data
-    full = _run(_recipe(d, tmp_path / "full", grad_accum=2) + ["--export", str(tmp_path / "export")])
+    kw = dict(grad_accum=2, **{"model_overrides.process_noise": 0.05, "model_overrides.observation_noise": 0.05})
+    full = _run(_recipe(d, tmp_path / "full", **kw) + ["--export", str(tmp_path / "export")])
     assert full.returncode == 0, full.stderr[-3000:]
-    first = _run(_recipe(d, tmp_path / "split", grad_accum=2, max_steps=2))
-    assert first.returncode == 0, first.stderr[-3000:]
-    second = _run(_recipe(d, tmp_path / "split", grad_accum=2) + ["--resume"])
+    killed = _run(_recipe(d, tmp_path / "split", debug_kill_in_save_at_step=4, **kw))
+    assert killed.returncode == -9, (killed.returncode, killed.stderr[-3000:])
+    assert [s for s, _ in list_checkpoints(tmp_path / "split")] == [2]
+    assert os.path.exists(tmp_path / "split" / "checkpoints" / ".tmp-step-00000004" / "trainer_state.json")
+    second = _run(_recipe(d, tmp_path / "split", **kw) + ["--resume"])
     assert second.returncode == 0 and "resumed" in second.stdout, second.stderr[-3000:]
-    a, b = _losses(tmp_path / "full"), _losses(tmp_path / "split")
-    assert [s for s, _ in a] == [s for s, _ in b] == [1, 2, 3, 4]
-    assert all(abs(x - y) < 1e-6 for (_, x), (_, y) in zip(a, b))
+    assert [s for s, _ in list_checkpoints(tmp_path / "split")] == [4]  # the newest only (keep_checkpoints=1)
+    assert not os.path.exists(tmp_path / "split" / "checkpoints" / ".tmp-step-00000004")
+    a, b = _rows(tmp_path / "full"), _rows(tmp_path / "split")
+    assert [r["step"] for r in a] == [r["step"] for r in b] == ["1", "2", "3", "4"]
+    assert [(r["loss"], r["heldout_loss"], r["grad_norm"]) for r in a] == \
+        [(r["loss"], r["heldout_loss"], r["grad_norm"]) for r in b]  # the decimal strings: bit for bit
     assert os.path.exists(tmp_path / "full" / "loss.png")
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -112,11 +128,14 @@ def test_resume_continues_exactly_and_export_loads(tok_and_data, tmp_path):
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tok_and_data, tmp_path):
+    from mixcon.train.checkpoint import latest_checkpoint, model_from_checkpoint, read_trainer_state
+
     d, _ = tok_and_data
     res = _run(_recipe(d, tmp_path, debug_nan_at_step=3))
     assert res.returncode != 0 and "non-finite loss" in (res.stdout + res.stderr)
-    ck = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
-    assert ck["step"] == 2 and all(torch.isfinite(v).all() for v in ck["model"].values())
+    ckpt = latest_checkpoint(tmp_path)
+    assert read_trainer_state(ckpt)["step"] == 2 and ckpt in res.stdout + res.stderr
+    assert all(torch.isfinite(v).all() for v in model_from_checkpoint(ckpt).state_dict().values())
 
 
 @pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
@@ -175,3 +194,143 @@ def test_mom_second_stage_starts_from_a_trained_dense_export(tok_and_data, tmp_p
     for j, layer in enumerate(dense_model.model.layers):
         assert torch.equal(model.model.mom_pool.q_proj[j], layer.mixer.q_proj.weight)
         assert torch.equal(model.model.mom_pool.ffn.down_proj[j], layer.feed_forward.down_proj.weight)
+
+
+class _Payload:
+    """Unpickling this runs code: it writes a marker file."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (exec, (f"open({self.marker!r}, 'w').write('ran')",))
+
+
+def _tiny_trained(tmp_path):
+    from helpers import tiny_config
+
+    from mixcon import MixConForCausalLM
+    from mixcon.train.checkpoint import save_checkpoint
+    from mixcon.train.recipe import Recipe
+
+    torch.manual_seed(0)
+    model = MixConForCausalLM(tiny_config())
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    ids = torch.randint(3, model.config.vocab_size, (2, 10))
+    model(ids, labels=ids).loss.backward()
+    opt.step()
+    return model, opt, save_checkpoint(str(tmp_path / "run"), model, opt, 1, Recipe(), [])
+
+
+@pytest.mark.filterwarnings("ignore:.*assuming the intent is to save in a single process")
+def test_checkpoint_carrying_a_pickled_callable_is_refused(tmp_path):
+    import pickle
+    import shutil
+
+    import torch.distributed.checkpoint as dcp
+
+    from helpers import tiny_config
+
+    from mixcon import MixConForCausalLM
+    from mixcon.train.checkpoint import UnsafeCheckpointError, load_checkpoint, load_model_weights
+
+    model, _, ckpt = _tiny_trained(tmp_path)
+    marker = tmp_path / "payload-ran"
+    fresh = MixConForCausalLM(tiny_config())
+    load_model_weights(ckpt, fresh)  # the untouched checkpoint loads
+    assert all(torch.equal(a, b) for a, b in zip(fresh.state_dict().values(), model.state_dict().values()))
+
+    # 1. DCP's .metadata is a pickle: a callable hidden in it is refused before anything runs
+    with open(os.path.join(ckpt, ".metadata"), "rb") as f:
+        metadata = pickle.load(f)  # our own file: trusted here
+    metadata.planner_data = _Payload(str(marker))
+    with open(os.path.join(ckpt, ".metadata"), "wb") as f:
+        pickle.dump(metadata, f)
+    for load in (lambda: load_model_weights(ckpt, fresh), lambda: load_checkpoint(ckpt, fresh, torch.optim.AdamW(fresh.parameters()))):
+        with pytest.raises(UnsafeCheckpointError, match=r"builtins\.exec.*refusing to unpickle"):
+            load()
+    assert issubclass(UnsafeCheckpointError, ValueError) and not marker.exists()
+
+    # 2. a pickled object stored in place of a weight (DCP writes non-tensors with torch.save)
+    evil = str(tmp_path / "evil")
+    state = {"model": {k: (_Payload(str(marker)) if k == "lm_head.weight" else v)
+                       for k, v in model.state_dict().items()}}
+    dcp.save(state, storage_writer=dcp.FileSystemWriter(evil))
+    shutil.copy(os.path.join(ckpt, "trainer_state.json"), evil)
+    with pytest.raises(UnsafeCheckpointError, match=r"lm_head\.weight.*pickled objects.*refusing"):
+        load_model_weights(evil, fresh)
+    assert not marker.exists()
+
+
+@pytest.mark.slow
+def test_sharded_checkpoint_resumes_on_another_world_size_and_exports(tok_and_data, tmp_path, monkeypatch):
+    """Two FSDP2 processes save sharded checkpoints (each rank its own file, nothing gathered); resuming
+    step 2's checkpoint with two processes gives the uninterrupted run's losses, with one process the
+    same to float rounding; the export reads the model's tensors only."""
+    import importlib.util
+    import shutil
+
+    from torch.distributed.checkpoint import DefaultLoadPlanner
+
+    from mixcon.train.checkpoint import list_checkpoints, model_from_checkpoint, read_trainer_state
+
+    d, _ = tok_and_data
+    kw = dict(parallel="fsdp", keep_checkpoints=2, **{"model_overrides.router_aux_loss_coef": 0.0})
+    full = _run(_recipe(d, tmp_path / "full", **kw), torchrun=2)
+    assert full.returncode == 0, full.stderr[-3000:]
+    (s2, ck2), (s4, ck4) = list_checkpoints(tmp_path / "full")
+    assert (s2, s4) == (2, 4) and read_trainer_state(ck4)["world_size"] == 2
+    shards = [os.path.getsize(os.path.join(ck4, f"__{r}_0.distcp")) for r in (0, 1)]
+    assert max(shards) < 0.75 * sum(shards), shards  # each rank wrote about half of the state
+    for world in (1, 2):
+        run = tmp_path / f"resume{world}"
+        shutil.copytree(tmp_path / "full", run)
+        shutil.rmtree(run / "checkpoints" / os.path.basename(ck4))
+        res = _run(_recipe(d, run, **kw) + ["--resume"], torchrun=world if world > 1 else 0)
+        assert res.returncode == 0 and "resumed" in res.stdout, res.stderr[-3000:]
+        a, b = _losses(tmp_path / "full"), _losses(run)
+        assert [s for s, _ in b] == [1, 2, 3, 4] and a[:2] == b[:2]
+        if world == 2:
+            assert a == b
+        else:  # one process sums the batch in another order
+            assert all(abs(x - y) < 1e-5 * abs(x) for (_, x), (_, y) in zip(a[2:], b[2:])), (a, b)
+
+    read = []
+    original = DefaultLoadPlanner.resolve_tensor
+    monkeypatch.setattr(DefaultLoadPlanner, "resolve_tensor",
+                        lambda self, item: read.append(item.dest_index.fqn) or original(self, item))
+    spec = importlib.util.spec_from_file_location("export_tool", os.path.join(ROOT, "tools", "export.py"))
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    tool.main([str(tmp_path / "full"), str(tmp_path / "export"), "--tokenizer", str(d / "tok")])
+    assert read and all(k.startswith("model.") for k in read)  # no optimizer state was read
+    from transformers import AutoModelForCausalLM
+
+    exported = AutoModelForCausalLM.from_pretrained(tmp_path / "export")
+    reference = model_from_checkpoint(ck4)  # float32
+    assert exported.model.embed_tokens.weight.dtype == torch.bfloat16
+    for k, v in reference.state_dict().items():
+        assert torch.equal(exported.state_dict()[k], v.to(exported.state_dict()[k].dtype)), k
+    _generate_from(tmp_path / "export")
+
+
+@pytest.mark.filterwarnings("ignore:.*assuming the intent is to save in a single process")
+def test_model_from_checkpoint_casts_each_tensor_and_keeps_tied_embeddings(tmp_path):
+    from helpers import tiny_config
+
+    from mixcon import MixConForCausalLM
+    from mixcon.train.checkpoint import model_from_checkpoint, save_checkpoint
+    from mixcon.train.recipe import Recipe
+
+    model = MixConForCausalLM(tiny_config(tie_word_embeddings=True))
+    opt = torch.optim.AdamW(model.parameters())
+    ids = torch.randint(3, model.config.vocab_size, (2, 10))
+    model(ids, labels=ids).loss.backward()
+    opt.step()
+    ckpt = save_checkpoint(str(tmp_path), model, opt, 1, Recipe(), [])
+    loaded = model_from_checkpoint(str(tmp_path), torch.bfloat16)  # the run directory: its newest checkpoint
+    assert loaded.lm_head.weight is loaded.model.embed_tokens.weight and ckpt.endswith("step-00000001")
+    for k, v in model.state_dict().items():
+        got = loaded.state_dict()[k]
+        assert got.dtype == (torch.float32 if k.endswith("A_log") else torch.bfloat16), k  # A_log stays fp32
+        assert torch.equal(got, v.to(got.dtype)), k
