@@ -114,7 +114,9 @@ class ConbaMixer(nn.Module):
         ``init`` is a namespace of in-place initialisers (transformers.initialization, which skips
         tensors loaded from a checkpoint); plain torch when None."""
         init = init or _TorchInit
-        kaiming = getattr(init, "kaiming_uniform_", _TorchInit.kaiming_uniform_)
+        # looked up at call time, so that transformers' guard (which patches torch.nn.init while it
+        # initialises a loaded model) applies when its namespace lacks kaiming_uniform_
+        kaiming = getattr(init, "kaiming_uniform_", None) or (lambda t, **kw: nn.init.kaiming_uniform_(t, **kw))
         sel = [self.x_proj] + ([self.sel_gate, self.sel_value] if self.selection == "swiglu" else [])
         for lin in [self.in_proj, self.conv1d] + sel:
             kaiming(lin.weight, a=math.sqrt(5))  # nn.Linear / nn.Conv1d's own default
