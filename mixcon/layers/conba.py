@@ -28,9 +28,34 @@ def _logit(p: float) -> float:
     return math.log(p / (1.0 - p))
 
 
-class _TorchInit:
-    """The subset of initialisers `reset_ssm_parameters` uses, on plain torch."""
+RHO_INIT = 0.05  # ρ at initialisation (docs/conba.md first said sigmoid(−9) ≈ 1e-4: its gradient was ~1e-10)
 
+
+def _reflect(k0: torch.Tensor) -> torch.Tensor:
+    """|k0| with derivative +1 at 0: the initial gain is never negative, so the gain law's clamp at 0
+    never binds and k0 keeps a gradient (a negative k0 was clamped to 0 and stopped learning)."""
+    return torch.where(k0 >= 0, k0, -k0)
+
+
+# the gain law's rates per step (docs/conba.md, step 6: η = 1e-2, λ = 0.05 at P = 1)
+ETA_PER_STEP, LAM_PER_STEP = 1e-2, 0.05
+
+
+def gain_law_init(control_period: int) -> tuple[float, float]:
+    """Initial (η, λ) per sampling instant for control period P: the zero-order-hold equivalent of
+    the per-step law. P per-step updates with a constant error r take k to
+    (1 − λ₁)^P · k + η₁ · r · (1 − (1 − λ₁)^P) / λ₁, so one update every P steps starts with
+    λ_P = 1 − (1 − λ₁)^P and η_P = η₁ · λ_P / λ₁ (P = 1: the spec's values). Without it the gain of
+    a P = 64 controller rises 64× more slowly per token and λ starts with ~100× less gradient than at
+    P = 1 (measured on the tiny config)."""
+    lam = 1.0 - (1.0 - LAM_PER_STEP) ** control_period
+    return ETA_PER_STEP * lam / LAM_PER_STEP, lam
+
+
+class _TorchInit:
+    """The subset of initialisers `reset_parameters` uses, on plain torch."""
+
+    kaiming_uniform_ = staticmethod(nn.init.kaiming_uniform_)
     uniform_ = staticmethod(nn.init.uniform_)
     constant_ = staticmethod(nn.init.constant_)
     ones_ = staticmethod(nn.init.ones_)
@@ -44,7 +69,8 @@ class _TorchInit:
 
 class ConbaMixer(nn.Module):
     """Parameter names follow Mamba/Jamba (in_proj, conv1d, x_proj, dt_proj, A_log, D, out_proj)
-    so that their weights map one to one; the SwiGLU selection network is sel_gate/sel_value/sel_out."""
+    so that their weights map one to one; the SwiGLU correction of the selection is
+    sel_gate/sel_value/sel_out (docs/conba.md, step 3)."""
 
     def __init__(self, config, layer_idx: int):
         super().__init__()
@@ -69,13 +95,13 @@ class ConbaMixer(nn.Module):
 
         self.in_proj = nn.Linear(config.hidden_size, 2 * d, bias=config.proj_bias)
         self.conv1d = nn.Conv1d(d, d, config.d_conv, groups=d, padding=config.d_conv - 1, bias=config.conv_bias)
-        if self.selection == "swiglu":
+        self.x_proj = nn.Linear(d, self.n_sel, bias=False)  # Mamba's linear selection
+        if self.selection == "swiglu":  # plus a SwiGLU correction whose output matrix starts at zero
             S = config.selection_hidden
             self.sel_gate = nn.Linear(d, S, bias=False)
             self.sel_value = nn.Linear(d, S, bias=False)
             self.sel_out = nn.Linear(S, self.n_sel, bias=False)
-        else:
-            self.x_proj = nn.Linear(d, self.n_sel, bias=False)
+            nn.init.zeros_(self.sel_out.weight)
         self.dt_proj = nn.Linear(R, d, bias=True)
         if config.ssm_norm:
             self.dt_layernorm = RMSNorm(R, eps=config.rms_norm_eps)
@@ -87,21 +113,43 @@ class ConbaMixer(nn.Module):
         if self.state_scaling:
             self.alpha_bias = nn.Parameter(torch.full((ng,), 6.9))  # α ≈ 0.999 at start
         if self.tau > 0:
-            self.rho_raw = nn.Parameter(torch.full((ng,), -9.0))
+            self.rho_raw = nn.Parameter(torch.full((ng,), _logit(RHO_INIT)))
         if self.control:
-            self.eta_raw = nn.Parameter(torch.full((ng,), _inv_softplus(1e-2)))
-            self.lam_raw = nn.Parameter(torch.full((ng,), _logit(0.05)))
+            eta0, lam0 = gain_law_init(self.control_period)
+            self.eta_raw = nn.Parameter(torch.full((ng,), _inv_softplus(eta0)))
+            self.lam_raw = nn.Parameter(torch.full((ng,), _logit(lam0)))
             self.k0 = nn.Parameter(torch.zeros(ng))
-            self.w_r = nn.Parameter(torch.ones(d))
+            self.w_r = nn.Parameter(torch.zeros(d))  # 0: the error is the output itself
         self.out_proj = nn.Linear(d, config.hidden_size, bias=config.proj_bias)
         self._dt_init = (config.dt_min, config.dt_max, config.dt_init_floor)
 
     @torch.no_grad()
+    def reset_parameters(self, init=None):
+        """docs/conba.md, "Initialisation (normative)": in_proj, conv1d, x_proj and the SwiGLU's
+        sel_gate/sel_value as PyTorch's default (as mamba_ssm leaves them; projection biases 0),
+        sel_out = 0, then `reset_ssm_parameters`. out_proj is left to the model-wide init.
+        ``init`` is a namespace of in-place initialisers (transformers.initialization, which skips
+        tensors loaded from a checkpoint); plain torch when None."""
+        init = init or _TorchInit
+        # looked up at call time, so that transformers' guard (which patches torch.nn.init while it
+        # initialises a loaded model) applies when its namespace lacks kaiming_uniform_
+        kaiming = getattr(init, "kaiming_uniform_", None) or (lambda t, **kw: nn.init.kaiming_uniform_(t, **kw))
+        sel = [self.x_proj] + ([self.sel_gate, self.sel_value] if self.selection == "swiglu" else [])
+        for lin in [self.in_proj, self.conv1d] + sel:
+            kaiming(lin.weight, a=math.sqrt(5))  # nn.Linear / nn.Conv1d's own default
+        if self.in_proj.bias is not None:
+            init.zeros_(self.in_proj.bias)
+        if self.conv1d.bias is not None:  # PyTorch's default: U(±1/sqrt(fan_in)), fan_in = d_conv
+            bound = 1.0 / math.sqrt(self.d_conv)
+            init.uniform_(self.conv1d.bias, -bound, bound)
+        if self.selection == "swiglu":
+            init.zeros_(self.sel_out.weight)
+        self.reset_ssm_parameters(init)
+
+    @torch.no_grad()
     def reset_ssm_parameters(self, init=None):
         """Mamba's initialisation of dt_proj (Δ log-uniform in [dt_min, dt_max]), A_log, D and
-        the control parameters (docs/conba.md, steps 4–6). ``init`` is a namespace of in-place
-        initialisers (transformers.initialization, which skips tensors loaded from a checkpoint);
-        plain torch when None."""
+        the control parameters (docs/conba.md, steps 4–6; w_r = 0)."""
         init = init or _TorchInit
         dt_min, dt_max, floor = self._dt_init
         std = self.dt_rank ** -0.5
@@ -114,25 +162,25 @@ class ConbaMixer(nn.Module):
         if self.state_scaling:
             init.constant_(self.alpha_bias, 6.9)
         if self.tau > 0:
-            init.constant_(self.rho_raw, -9.0)
+            init.constant_(self.rho_raw, _logit(RHO_INIT))
         if self.control:
-            init.constant_(self.eta_raw, _inv_softplus(1e-2))
-            init.constant_(self.lam_raw, _logit(0.05))
+            eta0, lam0 = gain_law_init(self.control_period)
+            init.constant_(self.eta_raw, _inv_softplus(eta0))
+            init.constant_(self.lam_raw, _logit(lam0))
             init.zeros_(self.k0)
-            init.ones_(self.w_r)
+            init.zeros_(self.w_r)
 
     # ------------------------------------------------------------------ helpers
     def empty_state(self, batch: int, device) -> tuple[torch.Tensor, ConbaState]:
         conv_state = torch.zeros(batch, self.d_inner, self.d_conv - 1, device=device, dtype=self.conv1d.weight.dtype)
-        k0 = self.k0 if self.control else None
+        k0 = _reflect(self.k0) if self.control else None
         return conv_state, empty_state(batch, self.d_inner, self.d_state, self.tau, self.group_size, k0, device)
 
     def _scan_params(self, u: torch.Tensor):
         """Selection network (step 3), Δ projection (4) and the mechanisms' parameters (5, 6)."""
+        q = self.x_proj(u)  # (..., R + 2N [+ ng])
         if self.selection == "swiglu":
-            q = self.sel_out(F.silu(self.sel_gate(u)) * self.sel_value(u))  # (..., R + 2N [+ ng])
-        else:
-            q = self.x_proj(u)
+            q = q + self.sel_out(F.silu(self.sel_gate(u)) * self.sel_value(u))
         sizes = [self.dt_rank, self.d_state, self.d_state] + ([self.n_groups] if self.state_scaling else [])
         parts = torch.split(q, sizes, dim=-1)
         dt, B, C = parts[:3]
@@ -149,7 +197,7 @@ class ConbaMixer(nn.Module):
         if self.tau > 0:
             p["rho"], p["tau"] = torch.sigmoid(_acc(self.rho_raw)), self.tau
         if self.control:
-            p.update(k0=self.k0, eta=F.softplus(_acc(self.eta_raw)), lam=torch.sigmoid(_acc(self.lam_raw)),
+            p.update(k0=_reflect(self.k0), eta=F.softplus(_acc(self.eta_raw)), lam=torch.sigmoid(_acc(self.lam_raw)),
                      w_r=self.w_r, control_period=self.control_period)
         if self.training and (self.process_noise > 0 or self.observation_noise > 0):
             # a fresh key per forward, drawn from torch's RNG so runs are reproducible under manual_seed

@@ -199,8 +199,8 @@ class MixConPreTrainedModel(PreTrainedModel):
             init.zeros_(module.bias)
         elif isinstance(module, SpatialMixer):
             module.reset_parameters_(init)
-        elif isinstance(module, ConbaMixer):
-            module.reset_ssm_parameters(hf_init)
+        elif isinstance(module, ConbaMixer):  # after its children: re-initialises in_proj, conv1d and the
+            module.reset_parameters(hf_init)   # selection as mamba_ssm does (docs/conba.md, "Initialisation")
 
 
 class _torch_init:  # fallback namespace when transformers.initialization is absent

@@ -96,7 +96,8 @@ def expected_parameters(c) -> int:
             total += 2 * h * d + (2 * d if c.proj_bias else 0)  # in_proj
             total += d * K + (d if c.conv_bias else 0)
             S = c.selection_hidden
-            total += (2 * d * S + S * n_sel) if c.selection == "swiglu" else d * n_sel
+            total += d * n_sel  # x_proj (Mamba's linear selection), in both modes
+            total += (2 * d * S + S * n_sel) if c.selection == "swiglu" else 0  # + the SwiGLU correction
             total += R * d + d  # dt_proj
             total += (R + 2 * N) if c.ssm_norm else 0
             total += d * N + d  # A_log, D
