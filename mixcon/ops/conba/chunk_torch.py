@@ -47,66 +47,111 @@ from .noise import normal_from_key, step_key
 __all__ = ["conba_scan_chunk_torch"]
 
 
-class _LinRec(torch.autograd.Function):
-    """h_t = a_t ⊙ h_{t−1} + r_t ⊙ h_{t−τ} + x_t over a time-major block.
+class _BlockScan(torch.autograd.Function):
+    """One block of the plant with its input known: for t in the block (time-major),
 
-    a, x: (L, b, d, N); r: (L, b, d, 1) or None (τ = 0); h0: (b, d, N), the state h_{−1} for
-    the a-term; dl0: (τ, b, d, N) with dl0[i] = h_{−1−i}, the delay line for the r-term (the
-    reference keeps both: h and delay[:, 0] are equal in value but are separate inputs).
-    Returns h (L, b, d, N).
+        a_t = coef_t · exp(Δ_t A),  h_t = a_t ⊙ h_{t−1} + r_t ⊙ h_{t−τ} + (Δ_t ũ_t) B_t + ξ_t,
+        y_t = Σ_n C_t[n] h_t[·, n]
+
+    dt, ut, coef, r: (L, b, d) (coef, r may be None: 1, and no delay); A: (d, N); B, C: (L, b, N);
+    xi: (L, b, d, N) or None (scaled process noise, no gradient); h0: (b, d, N), the state h_{−1}
+    for the a-term; dl0: (τ, b, d, N), dl0[i] = h_{−1−i} for the r-term (the reference keeps h
+    and the delay line as separate inputs). Returns y (L, b, d) and h (L, b, d, N).
+
+    The loop runs over the block's steps with in-place multiply-adds on (b, d, N) slices and a
+    (b, d, N) workspace, so no (L, b, d, N) temporary is made but h itself; the backward is the
+    reverse-time adjoint, recomputing Ā_t instead of storing it.
     """
 
     @staticmethod
-    def forward(ctx, a, r, x, h0, dl0, tau):
-        L = x.shape[0]
-        h = torch.empty_like(x)
+    def forward(ctx, dt, ut, coef, r, A, B, C, xi, h0, dl0, tau):
+        ctx.set_materialize_grads(False)  # an unused h gets no (L, b, d, N) zero gradient
+        L = dt.shape[0]
+        dtu = dt * ut
+        h = torch.empty(L, *h0.shape, dtype=h0.dtype, device=h0.device)
+        y = torch.empty_like(dt)
+        a = torch.empty_like(h0)
         for t in range(L):
-            torch.addcmul(x[t], a[t], h[t - 1] if t > 0 else h0, out=h[t])
+            torch.mul(dt[t, :, :, None], A, out=a)
+            a.exp_()
+            if coef is not None:
+                a.mul_(coef[t, :, :, None])
+            ht = h[t]
+            torch.mul(dtu[t, :, :, None], B[t, :, None, :], out=ht)
+            if xi is not None:
+                ht.add_(xi[t])
+            ht.addcmul_(a, h[t - 1] if t > 0 else h0)
             if tau > 0:
-                s = t - tau
-                h[t].addcmul_(r[t], h[s] if s >= 0 else dl0[tau - 1 - t])
+                ht.addcmul_(r[t, :, :, None], h[t - tau] if t >= tau else dl0[tau - 1 - t])
+            torch.linalg.vecdot(ht, C[t, :, None, :], dim=-1, out=y[t])
         ctx.tau = tau
-        ctx.save_for_backward(a, r, h, h0, dl0)
-        return h
+        ctx.save_for_backward(dt, ut, dtu, coef, r, A, B, C, h, h0, dl0)
+        return y, h
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, gh):
-        a, r, h, h0, dl0 = ctx.saved_tensors
+    def backward(ctx, gy, gh):
+        dt, ut, dtu, coef, r, A, B, C, h, h0, dl0 = ctx.saved_tensors
         tau = ctx.tau
-        L = h.shape[0]
-        lam = gh.contiguous().clone()  # λ_t = dLoss/dh_t, through every later step
-        for t in range(L - 2, -1, -1):
-            lam[t].addcmul_(a[t + 1], lam[t + 1])
+        L = dt.shape[0]
+        g_dtu = torch.zeros_like(dt)  # ∂/∂(Δ_t ũ_t)
+        g_dta = torch.zeros_like(dt)  # ∂/∂Δ_t through Ā_t
+        gB, gC = torch.zeros_like(B), torch.zeros_like(C)
+        gA = torch.zeros_like(A)
+        gcoef = torch.zeros_like(coef) if coef is not None else None
+        gr = torch.zeros_like(r) if tau > 0 else None
+        gy = gy if gy is not None else torch.zeros_like(dt)
+        lam = {}  # λ_s = ∂Loss/∂h_s for the steps still needed (s ≤ t + τ)
+        early = {}  # λ_t for t < τ (the initial delay line's gradient)
+        a_next = None
+        e = torch.empty_like(h0)
+        for t in range(L - 1, -1, -1):
+            lt = gy[t, :, :, None] * C[t, :, None, :]
+            if gh is not None:
+                lt.add_(gh[t])
+            if a_next is not None:
+                lt.addcmul_(a_next, lam[t + 1])
             if tau > 0 and t + tau < L:
-                lam[t].addcmul_(r[t + tau], lam[t + tau])
-        need_a, need_r, need_x, need_h0, need_dl0 = ctx.needs_input_grad[:5]
-        ga = gr = gh0 = gdl0 = None
-        if need_a:
-            ga = torch.empty_like(lam)
-            torch.mul(lam[0], h0, out=ga[0])
-            torch.mul(lam[1:], h[:-1], out=ga[1:])
-        if need_r and tau > 0:
-            gr = lam.new_zeros(r.shape)
-            for t in range(min(tau, L)):
-                gr[t] = (lam[t] * dl0[tau - 1 - t]).sum(-1, keepdim=True)
-            if L > tau:
-                gr[tau:] = (lam[tau:] * h[: L - tau]).sum(-1, keepdim=True)
-        if need_h0:
-            gh0 = a[0] * lam[0]
-        if need_dl0 and tau > 0:
+                lt.addcmul_(r[t + tau, :, :, None], lam[t + tau])
+            lam[t] = lt
+            lam.pop(t + max(tau, 1), None)
+            if t < tau:
+                early[t] = lt
+            ht = h[t]
+            torch.linalg.vecdot(ht, gy[t, :, :, None], dim=1, out=gC[t])
+            torch.linalg.vecdot(lt, B[t, :, None, :], dim=-1, out=g_dtu[t])
+            torch.linalg.vecdot(lt, dtu[t, :, :, None], dim=1, out=gB[t])
+            torch.mul(dt[t, :, :, None], A, out=e)
+            e.exp_()  # exp(Δ_t A), recomputed
+            ga = lt * (h[t - 1] if t > 0 else h0)  # ∂/∂a_t
+            if coef is not None:
+                torch.linalg.vecdot(ga, e, dim=-1, out=gcoef[t])
+                a_t = e * coef[t, :, :, None]
+            else:
+                a_t = e.clone()
+            ga.mul_(a_t)  # ∂/∂(Δ_t A)
+            torch.linalg.vecdot(ga, A, dim=-1, out=g_dta[t])
+            gA.add_(torch.linalg.vecdot(ga, dt[t, :, :, None], dim=0))
+            if tau > 0:
+                torch.linalg.vecdot(lt, h[t - tau] if t >= tau else dl0[tau - 1 - t], dim=-1, out=gr[t])
+            a_next = a_t
+        gdt = g_dta + g_dtu * ut
+        gut = g_dtu * dt
+        gh0 = a_next * lam[0] if L > 0 else torch.zeros_like(h0)
+        gdl0 = None
+        if tau > 0:
             gdl0 = torch.zeros_like(dl0)
             for i in range(tau):
-                t = tau - 1 - i  # dl0[i] = h_{-1-i} is h_{t-τ} at step t
+                t = tau - 1 - i  # dl0[i] = h_{−1−i} is h_{t−τ} at step t
                 if t < L:
-                    gdl0[i] = r[t] * lam[t]
-        return ga, gr, lam if need_x else None, gh0, gdl0, None
+                    gdl0[i] = r[t, :, :, None] * early[t]
+        return gdt, gut, gcoef, gr, gA, gB, gC, None, gh0, gdl0, None
 
 
-def _linrec(a, r, x, h0, dl0, tau):
+def _block_scan(dt, ut, coef, r, A, B, C, xi, h0, dl0, tau):
     if tau == 0:
         r = dl0 = None
-    return _LinRec.apply(a, r, x, h0, dl0, tau)
+    return _BlockScan.apply(dt, ut, coef, r, A, B, C, xi, h0, dl0, tau)
 
 
 def _block_noise(seed, src_t, d, n, device):
@@ -178,86 +223,81 @@ def conba_scan_chunk_torch(
             return x.gather(1, src[..., None].expand(b, Tc, x.shape[-1])).transpose(0, 1).contiguous()
 
     u_l, dt_l, B_l, C_l = line(u), line(dt), line(B), line(C)
-    # a_t = α_t (1 − ρ) exp(Δ_t A), r_t = α_t ρ (per channel)
-    coef = None
-    if alpha is not None:
-        coef = _per_channel(line(alpha), G)  # (Tc, b, d)
+    # a_t = coef_t exp(Δ_t A) with coef = α_t (1 − ρ), and r_t = α_t ρ, per channel
+    coef = _per_channel(line(alpha), G) if alpha is not None else None  # (Tc, b, d)
     r_l = None
     if tau > 0:
         rho_c = _per_channel(rho.to(acc), G)
-        r_l = (coef * rho_c if coef is not None else rho_c.expand(Tc, b, d))[..., None]
+        r_l = coef * rho_c if coef is not None else rho_c.expand(Tc, b, d)
         coef = coef * (1.0 - rho_c) if coef is not None else (1.0 - rho_c).expand(Tc, b, d)
-    a_l = torch.exp(dt_l[..., None] * A32)
-    if coef is not None:
-        a_l = a_l * coef[..., None]
     D_u = D.to(acc) * u_l if D is not None else None
     noisy = sigma_w > 0.0 or sigma_v > 0.0
 
-    def block_inputs(s, L, f):
-        """x (L, b, d, N) for positions [s, s+L) with held signal f (b, d) (None: f = 0), and the
-        observation noise σ_v ζ (L, b, d) or None."""
-        ut = u_l[s:s + L] if f is None else u_l[s:s + L] - f
-        x = (dt_l[s:s + L] * ut)[..., None] * B_l[s:s + L, :, None, :]
-        zeta = None
-        if noisy:
-            xi, zeta = _block_noise(seed, src_t[s:s + L], d, n, dev)
-            if sigma_w > 0.0:
-                x = x + sigma_w * xi.to(acc)
-            zeta = sigma_v * zeta.to(acc) if sigma_v > 0.0 else None
-        return x, zeta
-
-    def output(h, s, L, zeta):
-        y = torch.matmul(h, C_l[s:s + L, :, :, None]).squeeze(-1)  # Σ_n C_t[n] h_t[c, n]
-        if D_u is not None:
-            y = y + D_u[s:s + L]
-        if zeta is not None:
-            y = y + zeta
-        return y
+    def noise(s, L):
+        """σ_w ξ (L, b, d, N) and σ_v ζ (L, b, d) at line positions [s, s+L), or Nones."""
+        if not noisy:
+            return None, None
+        xi, zeta = _block_noise(seed, src_t[s:s + L], d, n, dev)
+        return (sigma_w * xi.to(acc) if sigma_w > 0.0 else None,
+                sigma_v * zeta.to(acc) if sigma_v > 0.0 else None)
 
     hs, ys = [], []
-    h_run, dl_run = h_init, dl_init
     if not control or Tc == 0:
         if Tc > 0:
-            x, zeta = block_inputs(0, Tc, None)
-            h = _linrec(a_l, r_l, x, h_init, dl_init, tau)
+            xi, zeta = noise(0, Tc)
+            y_l, h = _block_scan(dt_l, u_l, coef, r_l, A32, B_l, C_l, xi, h_init, dl_init, tau)
+            if D_u is not None:
+                y_l = y_l + D_u
+            if zeta is not None:
+                y_l = y_l + zeta
             hs.append(h)
-            ys.append(output(h, 0, Tc, zeta))
+            ys.append(y_l)
+        h_run = hs[-1][-1] if hs else h_init
+        dl_run = dl_init
+        if tau > 0 and hs:
+            dl_run = torch.cat([hs[-1][max(0, Tc - tau):].flip(0), dl_init[: max(0, tau - Tc)]], 0)
     else:
-        eta_g, lam_g = eta_f, lam_f
         uniform = bool((phase0 == phase0[0]).all())
         if uniform:  # blocks cut at the common sampling instants
-            first = P - int(phase0[0])
-            starts = [0] + list(range(first, Tc, P))
-        else:  # blocks of P, at most one instant per row in each
+            starts = [0] + list(range(P - int(phase0[0]), Tc, P))
+        else:  # blocks of P positions, at most one instant per row in each
             starts = list(range(0, Tc, P))
-        bounds = list(zip(starts, starts[1:] + [Tc]))
+        lengths = [e_ - s_ for s_, e_ in zip(starts, starts[1:] + [Tc])]
+        # per-block views made once (split), so that each block's gradient is not a full-size tensor
+        split = lambda x: x.split(lengths, 0) if x is not None else [None] * len(lengths)  # noqa: E731
+        blocks = zip(starts, lengths, split(u_l), split(dt_l), split(coef), split(r_l), split(B_l),
+                     split(C_l), split(D_u))
         bidx = torch.arange(b, device=dev)
         Rb = R if R is not None else torch.full((b,), Tc, dtype=torch.long, device=dev)
-        for s, end in bounds:
-            L = end - s
+        h_run, dl_run = h_init, dl_init
+        for s, L, u_j, dt_j, coef_j, r_j, B_j, C_j, Du_j in blocks:
             f_old = _per_channel(k, G) * torch.tanh(e)
-            x, zeta = block_inputs(s, L, f_old)
-            h = _linrec(a_l[s:end], r_l[s:end] if r_l is not None else None, x, h_run, dl_run, tau)
-            y = output(h, s, L, zeta)
-            # each row's sampling instant in this block, if it has one
-            inst = s + torch.remainder(P - 1 - phase0 - s, P)  # (b,) first instant ≥ s
-            has = (inst < end) & (inst < Rb)
+            xi, zeta = noise(s, L)
+            inst = s + torch.remainder(P - 1 - phase0 - s, P)  # (b,) each row's first instant ≥ s
+            has = (inst < s + L) & (inst < Rb)
             o = torch.clamp(inst - s, max=L - 1)
-            e_at = y[o, bidx] - w_r_f * u_l[s + o, bidx]  # tracking error at the instant (b, d)
+            resolve = bool((has & (o < L - 1)).any())  # an instant before the block's end
+            Lm = int(o.max()) + 1 if resolve else L  # the error is needed up to the last instant
+            y, h = _block_scan(dt_j[:Lm], u_j[:Lm] - f_old, *(x[:Lm] if x is not None else None for x in (coef_j, r_j)),
+                               A32, B_j[:Lm], C_j[:Lm], xi[:Lm] if xi is not None else None, h_run, dl_run, tau)
+            extra = 0.0
+            if Du_j is not None:
+                extra = extra + Du_j
+            if zeta is not None:
+                extra = extra + zeta
+            y_o = y[o, bidx] + (extra[o, bidx] if torch.is_tensor(extra) else 0.0)
+            e_at = y_o - w_r_f * u_j[o, bidx]  # tracking error at the instant (b, d)
             rms = torch.sqrt((e_at.view(b, ng, G) ** 2).sum(-1) + 1e-12) / math.sqrt(G)
-            k_upd = torch.clamp((1.0 - lam_g) * k + eta_g * rms, 0.0, k_max)
+            k_upd = torch.clamp((1.0 - lam_f) * k + eta_f * rms, 0.0, k_max)
             k = torch.where(has[:, None], k_upd, k)
             e = torch.where(has[:, None], e_at, e)
-            if bool((has & (o < L - 1)).any()):
-                # the new held signal acts after the instant: add the response to its change
+            if resolve:
+                # the new held signal acts after each row's instant: solve the block again with it
                 f_new = _per_channel(k, G) * torch.tanh(e)
-                after = (torch.arange(s, end, device=dev)[:, None] > inst[None, :]).to(acc)  # (L, b)
-                xc = -((dt_l[s:end] * (f_new - f_old)) * after[..., None])[..., None] * B_l[s:end, :, None, :]
-                zero_h = h_run.new_zeros(h_run.shape)
-                hc = _linrec(a_l[s:end], r_l[s:end] if r_l is not None else None, xc, zero_h,
-                             dl_run.new_zeros(dl_run.shape), tau)
-                h = h + hc
-                y = y + torch.matmul(hc, C_l[s:end, :, :, None]).squeeze(-1)
+                after = (torch.arange(s, s + L, device=dev)[:, None] > inst[None, :])[..., None]  # (L, b, 1)
+                y, h = _block_scan(dt_j, u_j - torch.where(after, f_new, f_old), coef_j, r_j, A32, B_j, C_j,
+                                   xi, h_run, dl_run, tau)
+            y = y + extra
             hs.append(h)
             ys.append(y)
             h_run = h[L - 1]
@@ -279,15 +319,8 @@ def conba_scan_chunk_torch(
         phase = torch.remainder(phase0 + real, P)
     else:
         phase = phase0
-    if mask is None:
-        if Tc > 0:
-            h_fin = hs[-1][-1] if not control else h_run
-            if not control and tau > 0:
-                hl = hs[-1]
-                dl_run = torch.cat([hl[max(0, Tc - tau):].flip(0), dl_init[: max(0, tau - Tc)]], 0)
-        else:
-            h_fin = h_init
-        dl_fin = dl_run
+    if mask is None:  # every row ends at the line's end
+        h_fin, dl_fin = h_run, dl_run
     else:
         h_all = torch.cat(hs, 0) if hs else h_init.new_zeros(0, b, d, n)
         ext_h = torch.cat([h_init[None], h_all], 0)  # index R_b: the state after the last real step
