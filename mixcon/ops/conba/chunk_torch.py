@@ -48,121 +48,112 @@ __all__ = ["conba_scan_chunk_torch"]
 
 
 class _BlockScan(torch.autograd.Function):
-    """One block of the plant with its input known: for t in the block (time-major),
+    """One block of the plant with its input known: for t in the block (time-major; the state
+    laid out (N, d_inner), channels innermost),
 
         a_t = coef_t · exp(Δ_t A),  h_t = a_t ⊙ h_{t−1} + r_t ⊙ h_{t−τ} + (Δ_t ũ_t) B_t + ξ_t,
-        y_t = Σ_n C_t[n] h_t[·, n]
+        y_t = Σ_n C_t[n] h_t[n, ·]
 
-    dt, ut, coef, r: (L, b, d) (coef, r may be None: 1, and no delay); A: (d, N); B, C: (L, b, N);
-    xi: (L, b, d, N) or None (scaled process noise, no gradient); h0: (b, d, N), the state h_{−1}
-    for the a-term; dl0: (τ, b, d, N), dl0[i] = h_{−1−i} for the r-term (the reference keeps h
-    and the delay line as separate inputs). Returns y (L, b, d) and h (L, b, d, N).
+    dt, ut, coef, r: (L, b, d) (coef, r may be None: 1, and no delay); At: (N, d) = Aᵀ; B, C:
+    (L, b, N); xi: (L, b, N, d) or None (scaled process noise, no gradient); h0: (b, N, d), the
+    state h_{−1} for the a-term; dl0: (τ, b, N, d), dl0[i] = h_{−1−i} for the r-term (the
+    reference keeps h and the delay line as separate inputs). Returns y (L, b, d), h (L, b, N, d).
 
-    The loop runs over the block's steps with in-place multiply-adds on (b, d, N) slices and a
-    (b, d, N) workspace, so no (L, b, d, N) temporary is made but h itself; the backward is the
-    reverse-time adjoint, recomputing Ā_t instead of storing it.
+    Ā, the inputs and C·h are computed for the whole block at once; only the recurrence itself
+    loops over the block's steps, one or two in-place multiply-adds on (b, N, d) slices. The
+    backward is the reverse-time adjoint with the same structure; Ā is recomputed, not stored.
     """
 
     @staticmethod
-    def forward(ctx, dt, ut, coef, r, A, B, C, xi, h0, dl0, tau):
-        ctx.set_materialize_grads(False)  # an unused h gets no (L, b, d, N) zero gradient
+    def forward(ctx, dt, ut, coef, r, At, B, C, xi, h0, dl0, tau):
+        ctx.set_materialize_grads(False)  # an unused h gets no (L, b, N, d) zero gradient
         L = dt.shape[0]
+        a = _decay(dt, At, coef)
         dtu = dt * ut
-        h = torch.empty(L, *h0.shape, dtype=h0.dtype, device=h0.device)
-        y = torch.empty_like(dt)
-        a = torch.empty_like(h0)
+        h = torch.mul(dtu[:, :, None, :], B[..., None])  # the input, then the state
+        if xi is not None:
+            h.add_(xi)
         for t in range(L):
-            torch.mul(dt[t, :, :, None], A, out=a)
-            a.exp_()
-            if coef is not None:
-                a.mul_(coef[t, :, :, None])
             ht = h[t]
-            torch.mul(dtu[t, :, :, None], B[t, :, None, :], out=ht)
-            if xi is not None:
-                ht.add_(xi[t])
-            ht.addcmul_(a, h[t - 1] if t > 0 else h0)
+            ht.addcmul_(a[t], h[t - 1] if t > 0 else h0)
             if tau > 0:
-                ht.addcmul_(r[t, :, :, None], h[t - tau] if t >= tau else dl0[tau - 1 - t])
-            torch.linalg.vecdot(ht, C[t, :, None, :], dim=-1, out=y[t])
+                ht.addcmul_(r[t, :, None, :], h[t - tau] if t >= tau else dl0[tau - 1 - t])
+        y = torch.einsum("lbnd,lbn->lbd", h, C)
         ctx.tau = tau
-        ctx.save_for_backward(dt, ut, dtu, coef, r, A, B, C, h, h0, dl0)
+        ctx.save_for_backward(dt, ut, dtu, coef, r, At, B, C, h, h0, dl0)
         return y, h
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, gy, gh):
-        dt, ut, dtu, coef, r, A, B, C, h, h0, dl0 = ctx.saved_tensors
+        dt, ut, dtu, coef, r, At, B, C, h, h0, dl0 = ctx.saved_tensors
         tau = ctx.tau
         L = dt.shape[0]
-        g_dtu = torch.zeros_like(dt)  # ∂/∂(Δ_t ũ_t)
-        g_dta = torch.zeros_like(dt)  # ∂/∂Δ_t through Ā_t
-        gB, gC = torch.zeros_like(B), torch.zeros_like(C)
-        gA = torch.zeros_like(A)
-        gcoef = torch.zeros_like(coef) if coef is not None else None
-        gr = torch.zeros_like(r) if tau > 0 else None
-        gy = gy if gy is not None else torch.zeros_like(dt)
-        lam = {}  # λ_s = ∂Loss/∂h_s for the steps still needed (s ≤ t + τ)
-        early = {}  # λ_t for t < τ (the initial delay line's gradient)
-        a_next = None
-        e = torch.empty_like(h0)
-        for t in range(L - 1, -1, -1):
-            lt = gy[t, :, :, None] * C[t, :, None, :]
-            if gh is not None:
-                lt.add_(gh[t])
-            if a_next is not None:
-                lt.addcmul_(a_next, lam[t + 1])
+        e = _decay(dt, At, None)  # exp(Δ_t A), recomputed
+        a = e * coef[:, :, None, :] if coef is not None else e
+        # λ_t = ∂Loss/∂h_t through every later step: λ_t = ∂_t + a_{t+1} λ_{t+1} + r_{t+τ} λ_{t+τ}
+        lam = torch.mul(gy[:, :, None, :], C[..., None]) if gy is not None else torch.zeros_like(h)
+        if gh is not None:
+            lam.add_(gh)
+        for t in range(L - 2, -1, -1):
+            lt = lam[t]
+            lt.addcmul_(a[t + 1], lam[t + 1])
             if tau > 0 and t + tau < L:
-                lt.addcmul_(r[t + tau, :, :, None], lam[t + tau])
-            lam[t] = lt
-            lam.pop(t + max(tau, 1), None)
-            if t < tau:
-                early[t] = lt
-            ht = h[t]
-            torch.linalg.vecdot(ht, gy[t, :, :, None], dim=1, out=gC[t])
-            torch.linalg.vecdot(lt, B[t, :, None, :], dim=-1, out=g_dtu[t])
-            torch.linalg.vecdot(lt, dtu[t, :, :, None], dim=1, out=gB[t])
-            torch.mul(dt[t, :, :, None], A, out=e)
-            e.exp_()  # exp(Δ_t A), recomputed
-            ga = lt * (h[t - 1] if t > 0 else h0)  # ∂/∂a_t
-            if coef is not None:
-                torch.linalg.vecdot(ga, e, dim=-1, out=gcoef[t])
-                a_t = e * coef[t, :, :, None]
-            else:
-                a_t = e.clone()
-            ga.mul_(a_t)  # ∂/∂(Δ_t A)
-            torch.linalg.vecdot(ga, A, dim=-1, out=g_dta[t])
-            gA.add_(torch.linalg.vecdot(ga, dt[t, :, :, None], dim=0))
-            if tau > 0:
-                torch.linalg.vecdot(lt, h[t - tau] if t >= tau else dl0[tau - 1 - t], dim=-1, out=gr[t])
-            a_next = a_t
-        gdt = g_dta + g_dtu * ut
-        gut = g_dtu * dt
-        gh0 = a_next * lam[0] if L > 0 else torch.zeros_like(h0)
-        gdl0 = None
+                lt.addcmul_(r[t + tau, :, None, :], lam[t + tau])
+        gC = torch.einsum("lbnd,lbd->lbn", h, gy) if gy is not None else torch.zeros_like(C)
+        g_dtu = torch.einsum("lbnd,lbn->lbd", lam, B)
+        gB = torch.einsum("lbnd,lbd->lbn", lam, dtu)
+        q = torch.empty_like(lam)  # λ_t ⊙ h_{t−1} ⊙ exp(Δ_t A): ∂/∂coef_t before the sum over n
+        torch.mul(lam[0], h0, out=q[0])
+        torch.mul(lam[1:], h[:-1], out=q[1:])
+        q.mul_(e)
+        gcoef = q.sum(2) if coef is not None else None
+        if coef is not None:
+            q.mul_(coef[:, :, None, :])  # ∂/∂(Δ_t A)
+        g_dta = torch.einsum("lbnd,nd->lbd", q, At)
+        gAt = torch.einsum("lbnd,lbd->nd", q, dt)
+        gr = gdl0 = None
         if tau > 0:
+            gr = torch.empty_like(r)
+            for t in range(min(tau, L)):
+                gr[t] = (lam[t] * dl0[tau - 1 - t]).sum(1)
+            if L > tau:
+                gr[tau:] = torch.einsum("lbnd,lbnd->lbd", lam[tau:], h[: L - tau])
             gdl0 = torch.zeros_like(dl0)
             for i in range(tau):
                 t = tau - 1 - i  # dl0[i] = h_{−1−i} is h_{t−τ} at step t
                 if t < L:
-                    gdl0[i] = r[t, :, :, None] * early[t]
-        return gdt, gut, gcoef, gr, gA, gB, gC, None, gh0, gdl0, None
+                    gdl0[i] = r[t, :, None, :] * lam[t]
+        gh0 = a[0] * lam[0]
+        gdt = g_dta + g_dtu * ut
+        gut = g_dtu * dt
+        return gdt, gut, gcoef, gr, gAt, gB, gC, None, gh0, gdl0, None
 
 
-def _block_scan(dt, ut, coef, r, A, B, C, xi, h0, dl0, tau):
+def _decay(dt, At, coef):
+    """coef_t · exp(Δ_t A) as (L, b, N, d)."""
+    a = torch.mul(dt[:, :, None, :], At)
+    a.exp_()
+    if coef is not None:
+        a.mul_(coef[:, :, None, :])
+    return a
+
+
+def _block_scan(dt, ut, coef, r, At, B, C, xi, h0, dl0, tau):
     if tau == 0:
         r = dl0 = None
-    return _BlockScan.apply(dt, ut, coef, r, A, B, C, xi, h0, dl0, tau)
+    return _BlockScan.apply(dt, ut, coef, r, At, B, C, xi, h0, dl0, tau)
 
 
 def _block_noise(seed, src_t, d, n, device):
-    """(ξ (L, b, d, N), ζ (L, b, d)) keyed by (seed, b, t) with t = src_t (L, b), the original
-    positions (docs/conba.md: the noise is a pure function of its key)."""
+    """(ξ (L, b, N, d), ζ (L, b, d)) keyed by (seed, b, t) with t = src_t (L, b), the original
+    positions (docs/conba.md: the noise is a pure function of its key; lanes as in noise.py)."""
     b_idx = torch.arange(src_t.shape[1], dtype=torch.int64, device=device)
     key = step_key(seed, b_idx, src_t)[:, :, None, None]  # (L, b, 1, 1)
-    c = torch.arange(d, dtype=torch.int64, device=device)[:, None]
-    lane = c * (n + 1) + torch.arange(n + 1, dtype=torch.int64, device=device)[None, :]
+    c = torch.arange(d, dtype=torch.int64, device=device)[None, :]
+    lane = c * (n + 1) + torch.arange(n + 1, dtype=torch.int64, device=device)[:, None]  # (N + 1, d)
     z = normal_from_key(key, lane)
-    return z[..., :n], z[..., n]
+    return z[:, :, :n], z[:, :, n]
 
 
 def conba_scan_chunk_torch(
@@ -193,8 +184,9 @@ def conba_scan_chunk_torch(
         return conba_scan_ref(u, delta, A, B, C, D, z, delta_bias, delta_softplus, alpha, rho, tau,
                               k0, eta, lam, w_r, k_max, G, sigma_w, sigma_v, seed, initial_state,
                               return_final_state, mask, P)
-    h_init = initial_state.h.to(acc)
-    dl_init = initial_state.delay.to(acc).transpose(0, 1)  # (τ, b, d, N): dl[i] = h_{-1-i}
+    # the state is laid out (N, d_inner) inside: h (b, N, d), the delay line (τ, b, N, d)
+    h_init = initial_state.h.to(acc).transpose(1, 2)
+    dl_init = initial_state.delay.to(acc).permute(1, 0, 3, 2)  # dl[i] = h_{-1-i}
     k, e = initial_state.k.to(acc), initial_state.e.to(acc)
 
     # --- the compacted, time-major line: real steps of each row gathered to the left ---------
@@ -231,6 +223,7 @@ def conba_scan_chunk_torch(
         r_l = coef * rho_c if coef is not None else rho_c.expand(Tc, b, d)
         coef = coef * (1.0 - rho_c) if coef is not None else (1.0 - rho_c).expand(Tc, b, d)
     D_u = D.to(acc) * u_l if D is not None else None
+    At = A32.t()
     noisy = sigma_w > 0.0 or sigma_v > 0.0
 
     def noise(s, L):
@@ -245,7 +238,7 @@ def conba_scan_chunk_torch(
     if not control or Tc == 0:
         if Tc > 0:
             xi, zeta = noise(0, Tc)
-            y_l, h = _block_scan(dt_l, u_l, coef, r_l, A32, B_l, C_l, xi, h_init, dl_init, tau)
+            y_l, h = _block_scan(dt_l, u_l, coef, r_l, At, B_l, C_l, xi, h_init, dl_init, tau)
             if D_u is not None:
                 y_l = y_l + D_u
             if zeta is not None:
@@ -279,7 +272,7 @@ def conba_scan_chunk_torch(
             resolve = bool((has & (o < L - 1)).any())  # an instant before the block's end
             Lm = int(o.max()) + 1 if resolve else L  # the error is needed up to the last instant
             y, h = _block_scan(dt_j[:Lm], u_j[:Lm] - f_old, *(x[:Lm] if x is not None else None for x in (coef_j, r_j)),
-                               A32, B_j[:Lm], C_j[:Lm], xi[:Lm] if xi is not None else None, h_run, dl_run, tau)
+                               At, B_j[:Lm], C_j[:Lm], xi[:Lm] if xi is not None else None, h_run, dl_run, tau)
             extra = 0.0
             if Du_j is not None:
                 extra = extra + Du_j
@@ -295,7 +288,7 @@ def conba_scan_chunk_torch(
                 # the new held signal acts after each row's instant: solve the block again with it
                 f_new = _per_channel(k, G) * torch.tanh(e)
                 after = (torch.arange(s, s + L, device=dev)[:, None] > inst[None, :])[..., None]  # (L, b, 1)
-                y, h = _block_scan(dt_j, u_j - torch.where(after, f_new, f_old), coef_j, r_j, A32, B_j, C_j,
+                y, h = _block_scan(dt_j, u_j - torch.where(after, f_new, f_old), coef_j, r_j, At, B_j, C_j,
                                    xi, h_run, dl_run, tau)
             y = y + extra
             hs.append(h)
@@ -322,13 +315,13 @@ def conba_scan_chunk_torch(
     if mask is None:  # every row ends at the line's end
         h_fin, dl_fin = h_run, dl_run
     else:
-        h_all = torch.cat(hs, 0) if hs else h_init.new_zeros(0, b, d, n)
+        h_all = torch.cat(hs, 0) if hs else h_init.new_zeros(0, b, n, d)
         ext_h = torch.cat([h_init[None], h_all], 0)  # index R_b: the state after the last real step
-        h_fin = ext_h.gather(0, R[None, :, None, None].expand(1, b, d, n))[0]
+        h_fin = ext_h.gather(0, R[None, :, None, None].expand(1, b, n, d))[0]
         if tau > 0:
             ext_d = torch.cat([dl_init.flip(0), h_all], 0)  # ext_d[τ + p] = h_p, ext_d[τ − 1 − i] = h_{−1−i}
             idx = tau + R[None, :] - 1 - torch.arange(tau, device=dev)[:, None]  # (τ, b)
-            dl_fin = ext_d.gather(0, idx[:, :, None, None].expand(tau, b, d, n))
+            dl_fin = ext_d.gather(0, idx[:, :, None, None].expand(tau, b, n, d))
         else:
             dl_fin = dl_init
-    return y, ConbaState(h_fin, dl_fin.transpose(0, 1), k, e, phase)
+    return y, ConbaState(h_fin.transpose(1, 2), dl_fin.permute(1, 0, 3, 2), k, e, phase)
