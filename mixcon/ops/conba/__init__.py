@@ -1,9 +1,11 @@
 """Conba's selective scan with control (docs/conba.md, step 6): the public op API.
 
 `conba_scan` runs a whole sequence, `conba_step` one decode token. Both dispatch to a
-backend: ``"ref"`` (the pure-PyTorch loop in `naive.py`, the oracle and the CPU path),
-``"triton"`` (the fused kernels in `fused_recurrent.py`), or ``"auto"`` (Triton on a CUDA
-device when it is importable, the reference otherwise).
+backend: ``"ref"`` (the pure-PyTorch loop in `naive.py`, the oracle), ``"triton"`` (the fused
+kernels in `fused_recurrent.py`), ``"chunk_torch"`` (`chunk_torch.py`: pure PyTorch, one control
+period per block, the CPU path), or ``"auto"`` (Triton on a CUDA device when it is importable;
+on CPU ``chunk_torch``, except the per-step controller (control on, P = 1), which stays on the
+loop — see `_auto_cpu`).
 
 With none of the extras given (alpha, rho/tau, k0/eta/lam/w_r, noise, mask) `conba_scan` is
 exactly Mamba-1's selective scan, in time-major layout.
@@ -20,7 +22,7 @@ from .naive import ConbaState, conba_scan_ref, conba_step_ref, empty_state
 
 __all__ = ["ConbaState", "conba_scan", "conba_step", "empty_state", "conba_scan_ref", "conba_step_ref"]
 
-BACKENDS = ("auto", "ref", "triton")
+BACKENDS = ("auto", "ref", "triton", "chunk_torch")
 MAX_DELAY = 4
 
 
@@ -38,6 +40,12 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     if backend == "triton" and not _triton_available():
         raise ValueError("backend='triton' needs the triton package and mixcon's fused Conba kernels; use 'ref'")
     return backend
+
+
+def _auto_cpu(control: bool, control_period: int) -> bool:
+    """Whether "auto" runs `chunk_torch` on CPU: whenever the scan is linear between sampling
+    instants (control off, or P > 1); measured faster than the loop there (README, "Kernels")."""
+    return not control or control_period > 1
 
 
 def _check(name, x, shape, allow_none=True):
@@ -154,6 +162,11 @@ def conba_scan(
                   sigma_w=sigma_w, sigma_v=sigma_v, seed=seed, initial_state=initial_state,
                   return_final_state=return_final_state, mask=mask)
     control = k0 is not None or eta is not None
+    if resolve_backend(backend, u.device) == "chunk_torch" or (
+            backend == "auto" and u.device.type == "cpu" and _auto_cpu(control, control_period)):
+        from .chunk_torch import conba_scan_chunk_torch
+
+        return conba_scan_chunk_torch(u, delta, A, B, C, **kwargs, control_period=control_period)
     if control and control_period > 1:
         # the held signal: the per-step kernels below implement P = 1 only
         return conba_scan_ref(u, delta, A, B, C, **kwargs, control_period=control_period)
