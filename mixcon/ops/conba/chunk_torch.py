@@ -19,8 +19,8 @@ How a block is computed:
   positions, the next ones P, and the controller acts at each block's end. When the phases differ
   (a split scan of a padded batch), blocks of P positions hold at most one instant per row: the
   block is solved with the old held signal up to the last row's instant, the errors are read
-  there, and the block is solved again with each row's new signal from after its instant (the
-  brief's correction by linearity would cost the same second solve).
+  there, and the block is solved again with each row's new signal from after its instant
+  (adding the response to the signal's change, by linearity, would cost the same second solve).
 - **The block's recurrence** runs in `_BlockScan`, a custom autograd function: Ā = exp(Δ A),
   the inputs Δ ũ B and C·h are computed for the whole block at once, and only the recurrence
   loops over the block's steps, one or two in-place multiply-adds on (batch, N, d_inner) slices;
