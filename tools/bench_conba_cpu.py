@@ -6,7 +6,12 @@ loop in naive.py), in the same process, at the tiny model's sizes (configs/tiny.
 setting: control on at P = 64, 16 and 1, and control off. The loop is timed once per row at the
 largest T (it is slow); ``--ref-max-T`` skips it above that length.
 
-Usage:  python tools/bench_conba_cpu.py [--T 256 1024 4096] [--batch 16] [--threads 1]
+With ``--associative`` it also times, for the linear part alone (control and delay off, τ = 0),
+an associative (Hillis–Steele) scan over blocks of 64 steps written with autograd, against the
+same computation in chunk_torch: the measurement behind chunk_torch's choice of a loop over the
+block's steps.
+
+Usage:  python tools/bench_conba_cpu.py [--T 256 1024 4096] [--batch 16] [--threads 1] [--associative]
 """
 
 from __future__ import annotations
@@ -42,6 +47,26 @@ def inputs(b, T, d, n, G, control, seed=0):
     return x
 
 
+def associative_scan(dt, u, A, B, C, block=64):
+    """y of h_t = exp(Δ_t A) h_{t−1} + Δ_t u_t B_t, y_t = C_t · h_t (time-major (T, b, ·)): a
+    Hillis–Steele scan inside each block of ``block`` steps, the blocks chained sequentially."""
+    T = dt.shape[0]
+    ys, h_prev = [], None
+    for s in range(0, T, block):
+        sl = slice(s, min(s + block, T))
+        a = torch.exp(dt[sl, :, None, :] * A.t())  # (L, b, N, d)
+        x = (dt[sl] * u[sl])[:, :, None, :] * B[sl, :, :, None]
+        step = 1
+        while step < a.shape[0]:  # (a, x)_t ← (a_t a_{t−s}, a_t x_{t−s} + x_t)
+            x = torch.cat([x[:step], x[step:] + a[step:] * x[:-step]])
+            a = torch.cat([a[:step], a[step:] * a[:-step]])
+            step *= 2
+        h = x if h_prev is None else x + a * h_prev
+        h_prev = h[-1]
+        ys.append(torch.matmul(C[sl, :, None, :], h).squeeze(2))
+    return torch.cat(ys)
+
+
 def timed(fn, reps):
     times = []
     for _ in range(reps):
@@ -61,6 +86,7 @@ def main():
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--ref-max-T", type=int, default=4096)
+    ap.add_argument("--associative", action="store_true", help="also time a Hillis-Steele scan (linear part)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -89,6 +115,25 @@ def main():
                 row += [timed(lambda: fwd("ref"), reps), timed(lambda: fwd_bwd("ref"), reps)]
                 row.append(row[5] / row[3])
             print("\t".join(f"{v:.3g}" if isinstance(v, float) else str(v) for v in row), flush=True)
+        if args.associative:
+            x = inputs(args.batch, T, args.d_inner, args.d_state, 8, False)
+            x.update(alpha=None, rho=None, tau=0, D=None, z=None, delta_bias=None, delta_softplus=False)
+            x["delta"] = torch.nn.functional.softplus(x["delta"].detach() - 3.0).requires_grad_(True)
+            tm = lambda v: v.transpose(0, 1)  # noqa: E731
+
+            def assoc():
+                y = associative_scan(tm(x["delta"]), tm(x["u"]), x["A"], tm(x["B"]), tm(x["C"]))
+                y.square().mean().backward()
+                return y
+
+            def chunk():
+                y = conba_scan(**x, backend="chunk_torch")
+                y.square().mean().backward()
+                return y
+
+            assert torch.allclose(assoc().transpose(0, 1), chunk(), rtol=1e-4, atol=1e-4)
+            print("\t".join(["linear part: associative fwd+bwd s", str(T), f"{timed(assoc, args.reps):.3g}",
+                             "chunk_torch fwd+bwd s", f"{timed(chunk, args.reps):.3g}"]), flush=True)
 
 
 if __name__ == "__main__":
