@@ -232,7 +232,7 @@ def conba_scan_chunk_torch(
     noisy = sigma_w > 0.0 or sigma_v > 0.0
 
     def noise(s, L):
-        """σ_w ξ (L, b, d, N) and σ_v ζ (L, b, d) at line positions [s, s+L), or Nones."""
+        """σ_w ξ (L, b, N, d) and σ_v ζ (L, b, d) at line positions [s, s+L), or Nones."""
         if not noisy:
             return None, None
         xi, zeta = _block_noise(seed, src_t[s:s + L], d, n, dev)
@@ -243,8 +243,8 @@ def conba_scan_chunk_torch(
     if not control:  # one linear recurrence: blocks only keep the working set small
         starts = list(range(0, Tc, BLOCK))
         uniform = True
-    elif bool((phase0 == phase0[0]).all()):  # blocks cut at the common sampling instants
-        starts = [0] + list(range(P - int(phase0[0]), Tc, P)) if Tc > 0 else []
+    elif b == 0 or bool((phase0 == phase0[0]).all()):  # blocks cut at the common sampling instants
+        starts = [0] + list(range(P - (int(phase0[0]) if b else 0), Tc, P)) if Tc > 0 else []
         uniform = True
     else:  # blocks of P positions, at most one instant per row in each
         starts = list(range(0, Tc, P))
