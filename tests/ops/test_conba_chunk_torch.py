@@ -202,12 +202,12 @@ def test_dispatch(monkeypatch):
     x = _inputs(4, ("control",), dtype=torch.float32)
     y = conba_scan(**x, control_period=4)  # auto on CPU, control on, P > 1
     assert calls == [1] and rel_rms(y, conba_scan_ref(**x, control_period=4)) < 1e-6
-    conba_scan(**x, control_period=1)  # the per-step controller stays on the loop
-    assert calls == [1]
+    conba_scan(**x, control_period=1)  # the per-step controller too (blocks of one step)
+    assert calls == [1, 1]
     conba_scan(**x, control_period=1, backend="chunk_torch")
     conba_scan(**_inputs(4, ("scaling",), dtype=torch.float32))  # control off: one linear recurrence
-    assert calls == [1, 1, 1]
-    conba_scan(**x, control_period=4, backend="ref")
-    assert calls == [1, 1, 1]
+    assert calls == [1, 1, 1, 1]
+    conba_scan(**x, control_period=4, backend="ref")  # the loop, the oracle
+    assert calls == [1, 1, 1, 1]
     with pytest.raises(ValueError, match="backend"):
         conba_scan(**x, control_period=4, backend="chunk")
