@@ -203,7 +203,7 @@ def main(argv=None):
     ap.add_argument("--out", default=None, help="default eval/results/ablation/<grid>")
     ap.add_argument("--smoke", action="store_true", help="seconds: 2 steps of 16 tokens, 2 seeds, a 2-point sweep")
     ap.add_argument("--no-progress", action="store_true")
-    args = ap.parse_args(argv)
+    args = ap.parse_intermixed_args(argv)
     import torch
 
     from mixcon.benchmark import header, save_results

@@ -110,8 +110,9 @@ def member_config(member: str, width: int, depth: int, vocab: int, seq_len: int,
 
 def train_member(member, width, depth, seq_len, pairs, vocab, steps, batch, lr, warmup, seed, data_seed,
                  eval_examples, extra=None) -> dict:
-    """Train one member on fresh MQAR batches (seed = (data_seed, step)) with the training tool's optimizer
-    and schedule; test on ``eval_examples`` sequences of seed (data_seed, -1 → 2**32 − 1)."""
+    """Train one member on fresh MQAR batches (step s draws seed (data_seed, s)) with the training tool's
+    optimizer and schedule; test on ``eval_examples`` sequences of seed (data_seed, 2**32 − 1), which no
+    step draws."""
     import torch
 
     from mixcon import MixConForCausalLM
@@ -184,7 +185,7 @@ def plot(summary: list, cells: list, members: list, path: str, title: str) -> No
     plt = grid.pyplot()
     if plt is None:
         return
-    fig, axes = plt.subplots(1, len(cells), figsize=(4.2 * len(cells), 3.8), squeeze=False)
+    fig, axes = plt.subplots(1, len(cells), figsize=(4.2 * len(cells) + 1.6, 3.8), squeeze=False)
     cmap = plt.get_cmap("tab20")
     for ax, (seq_len, pairs) in zip(axes[0], cells):
         for i, m in enumerate(members):
@@ -199,7 +200,7 @@ def plot(summary: list, cells: list, members: list, path: str, title: str) -> No
         ax.set_xlabel("model width")
         ax.set_ylabel("MQAR accuracy")
         ax.grid(alpha=0.3)
-    axes[0][-1].legend(fontsize=7, loc="lower right")
+    axes[0][-1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0))
     fig.suptitle(title, fontsize=8)
     fig.tight_layout()
     grid.save_figure(fig, path)
@@ -250,6 +251,7 @@ def main(argv=None):
     ap.add_argument("--eval-examples", type=int, default=512)
     ap.add_argument("--budget-min", type=float, default=55.0, help="start no run that would end after this")
     ap.add_argument("--jobs", type=int, default=1, help="runs at a time, in separate one-thread processes")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads when --jobs 1 (default 1 on CPU)")
     ap.add_argument("--out", default=os.path.join(grid.ROOT, "eval", "results", "recall"))
     ap.add_argument("--smoke", action="store_true", help="seconds: every member, width 16, one 16-token cell")
     ap.add_argument("--no-progress", action="store_true")
@@ -264,6 +266,8 @@ def main(argv=None):
     from mixcon.benchmark import header, save_results
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type == "cpu":  # these models are small: one thread per process beats two contending
+        torch.set_num_threads(args.threads or 1)
     meta = header(device, dtype="bf16 autocast" if device.type == "cuda" else "float32", args=vars(args))
     print(json.dumps({k: v for k, v in meta.items() if k != "args"}), flush=True)
     jobs = []
