@@ -78,28 +78,31 @@ GRIDS = {
                for p in (1, 16, 64)},
         }),
 }
-RUN_COLS = ["grid", "member", "seed", "lr", "heldout_loss", "step_time_s", "tokens_per_s", "params_M"]
+RUN_COLS = ["grid", "member", "seed", "lr", "heldout_loss", "step_time_s", "step_cpu_s", "tokens_per_s", "params_M"]
 SUMMARY_COLS = ["member", "description", "seeds", "heldout_loss_mean", "heldout_loss_std", "heldout_loss_min",
-                "heldout_loss_max", "delta_vs_reference", "step_time_s", "params_M"]
+                "heldout_loss_max", "delta_vs_reference", "step_time_s", "step_cpu_s", "params_M"]
 
 
 def train_run(recipe: dict) -> dict:
     """One training run of the recipe (a Recipe's fields as a dict); the held-out loss at the end, step time
-    (median over the last 80% of steps), parameters and the loss curve."""
+    (median wall time over the last 80% of steps; and CPU seconds of this process per step, evaluation
+    included, which contention on a shared machine does not inflate), parameters and the loss curve."""
     import torch
 
     from mixcon.train.loop import train
     from mixcon.train.recipe import Recipe
 
     r = Recipe(**recipe).validate()
+    c0 = time.process_time()
     log = train(r, progress=False)
+    cpu = time.process_time() - c0
     ev = [x for x in log if x["heldout_loss"] != ""]
     tps = [x["tokens_per_s"] for x in log[len(log) // 5:] if x["tokens_per_s"] not in ("", None)]
     ck = torch.load(os.path.join(r.out_dir, "checkpoint.pt"), map_location="cpu", weights_only=False)
     params = sum(v.numel() for v in ck["model"].values()) / 1e6
     tok_s = statistics.median(tps) if tps else float("nan")
     return dict(heldout_loss=ev[-1]["heldout_loss"], tokens_per_s=tok_s,
-                step_time_s=r.batch_size * r.seq_len / tok_s, params_M=params,
+                step_time_s=r.batch_size * r.seq_len / tok_s, step_cpu_s=cpu / r.max_steps, params_M=params,
                 curve=[dict(step=x["step"], loss=x["loss"], heldout_loss=x["heldout_loss"]) for x in log])
 
 
@@ -130,6 +133,7 @@ def summarize(runs: list, members: dict, reference: str) -> list:
                         heldout_loss_std=s["std"], heldout_loss_min=s["min"], heldout_loss_max=s["max"],
                         delta_vs_reference=s["mean"] - ref,
                         step_time_s=statistics.median(r["step_time_s"] for r in rs),
+                        step_cpu_s=statistics.median(r["step_cpu_s"] for r in rs),
                         params_M=rs[0]["params_M"]))
     return out
 
@@ -174,17 +178,51 @@ def write_markdown(name, summary, sweep, lr, skipped_members, not_run, meta, pat
             f"{x['lr']:g} → {x['heldout_loss']:.3f}" for x in sorted(sweep, key=lambda x: x["lr"])) +
             f"; chosen {lr:g}.", ""]
     lines += ["| member | held-out loss (mean ± std) | min – max | Δ vs " + meta["reference"] +
-              " | seeds | step (s) | params (M) | description |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+              " | seeds | step (s) | CPU s/step | params (M) | description |",
+              "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for s in summary:
         lines.append(f"| {s['member']} | {s['heldout_loss_mean']:.3f} ± {s['heldout_loss_std']:.3f} | "
                      f"{s['heldout_loss_min']:.3f} – {s['heldout_loss_max']:.3f} | {s['delta_vs_reference']:+.3f} | "
-                     f"{s['seeds']} | {s['step_time_s']:.2f} | {s['params_M']:.2f} | {s['description']} |")
+                     f"{s['seeds']} | {s['step_time_s']:.2f} | {s['step_cpu_s']:.2f} | {s['params_M']:.2f} | "
+                     f"{s['description']} |")
     for m, why in skipped_members:
-        lines.append(f"| {m} | skipped: {why} | | | | | | |")
+        lines.append(f"| {m} | skipped: {why} | | | | | | | |")
     if not_run:
         lines += ["", f"Not run (time budget of {meta['budget_min']} min): " +
                   ", ".join(f"{k[0]} seed {k[1]} lr {k[2]:g}" for k in not_run) + "."]
     grid.write_text(path, "\n".join(lines) + "\n")
+
+
+def estimate(base, members: dict, reference: str, seeds: int, n_lrs: int, jobs: int, vocab: int) -> list:
+    """CPU seconds of one optimizer step of each member at the grid's shape (one warm-up step, then the
+    median of two), and the grid's time from them: every member × seeds, the sweep's extra runs, two
+    evaluations of eval_batches forward passes (≈ a third of a step each). Prints a table."""
+    import torch
+
+    from mixcon.train.loop import build_model, make_optimizer
+
+    rows = []
+    for m, (_, ov) in members.items():
+        r = dataclasses.replace(base, model_overrides={**base.model_overrides, **ov})
+        model = build_model(r, vocab).train()
+        opt = make_optimizer(model, r, torch.device("cpu"))
+        x = torch.randint(0, model.config.vocab_size, (r.batch_size, r.seq_len + 1))
+        times = []
+        for _ in range(3):
+            c0 = time.process_time()
+            model(x[:, :-1], labels=x, use_cache=False).loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            times.append(time.process_time() - c0)
+        step = statistics.median(times[1:])
+        runs = seeds + (n_lrs - 1 if m == reference else 0)
+        per_run = step * (r.max_steps + 2 * r.eval_batches / 3)
+        rows.append(dict(member=m, cpu_s_per_step=step, runs=runs, cpu_min=runs * per_run / 60))
+        print(f"{m:14s} {step:6.2f} CPU s/step × {r.max_steps} steps × {runs} runs = {rows[-1]['cpu_min']:6.1f} "
+              "CPU min", flush=True)
+    total = sum(x["cpu_min"] for x in rows)
+    print(f"total {total:.0f} CPU min: ≈ {total / jobs:.0f} min with --jobs {jobs} on idle cores", flush=True)
+    return rows
 
 
 def main(argv=None):
@@ -202,6 +240,7 @@ def main(argv=None):
     ap.add_argument("--runs", default=os.path.join(grid.ROOT, "runs", "ablation"), help="training runs go here")
     ap.add_argument("--out", default=None, help="default eval/results/ablation/<grid>")
     ap.add_argument("--smoke", action="store_true", help="seconds: 2 steps of 16 tokens, 2 seeds, a 2-point sweep")
+    ap.add_argument("--estimate", action="store_true", help="time one step of each member, print the grid's time")
     ap.add_argument("--no-progress", action="store_true")
     args = ap.parse_intermixed_args(argv)
     import torch
@@ -221,7 +260,16 @@ def main(argv=None):
         args.seeds, args.lrs = 2, args.lrs[:2]
         settings.update(seq_len=16, batch_size=2, max_steps=2, warmup_steps=1)
     settings.update({f"model_overrides.{k}": v for k, v in g["recipe"].get("model_overrides", {}).items()})
-    base, _ = grid.load_builtin(args.recipe, [f"{k}={json.dumps(v)}" for k, v in settings.items()] + args.overrides)
+    overrides = [f"{k}={json.dumps(v)}" for k, v in settings.items()] + args.overrides
+    if args.estimate:  # no data needed: the tokenizer's vocabulary when it exists, the built-in 2048 otherwise
+        from mixcon.train.recipe import load_recipe
+
+        base = load_recipe(args.recipe, overrides)
+        tok_json = os.path.join(base.tokenizer, "tokenizer.json")
+        vocab = len(json.load(open(tok_json))["model"]["vocab"]) if os.path.exists(tok_json) else 2048
+    else:
+        base, tok = grid.load_builtin(args.recipe, overrides)
+        vocab = len(tok)
     base = dataclasses.replace(base, eval_every=max(1, base.max_steps // 2), save_every=base.max_steps,
                                log_every=base.max_steps, eval_batches=1 if args.smoke else max(base.eval_batches, 8))
     fields = grid.config_fields()
@@ -231,6 +279,9 @@ def main(argv=None):
     reference = g["reference"] if g["reference"] in members else next(iter(members), None)
     if reference is None:
         raise SystemExit(f"grid {args.grid}: no member can run with the installed config")
+    if args.estimate:
+        return estimate(base, members, reference, args.seeds, 1 if args.lr is not None else len(args.lrs),
+                        args.jobs, vocab)
     out = args.out or os.path.join(grid.ROOT, "eval", "results", "ablation", args.grid)
     runs_dir = os.path.join(args.runs, args.grid)
     meta = header(device, dtype="bf16 autocast" if device.type == "cuda" else "float32", grid=args.grid,

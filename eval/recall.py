@@ -50,7 +50,7 @@ MEMBERS = {  # name → (layout: "attention" | "conba" | "a:c", description, con
     "hybrid-1:7": ("1:7", "MixCon 1:7 (Conba as shipped)", {}),
 }
 COLS = ["member", "width", "depth", "seq_len", "pairs", "vocab", "lr", "seed", "params_M", "steps", "accuracy",
-        "answer_loss", "train_loss", "step_time_s", "seconds", "description"]
+        "answer_loss", "train_loss", "step_time_s", "step_cpu_s", "seconds", "description"]
 
 
 def mqar(seed, n: int, seq_len: int, pairs: int, vocab: int, power_a: float = 0.01, random_fill: bool = True):
@@ -133,7 +133,7 @@ def train_member(member, width, depth, seq_len, pairs, vocab, steps, batch, lr, 
         mask = y != -100
         return torch.nn.functional.cross_entropy(logits[mask], y[mask]), logits, mask
 
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     losses = []
     for step in range(1, steps + 1):
         for g in optimizer.param_groups:
@@ -145,7 +145,7 @@ def train_member(member, width, depth, seq_len, pairs, vocab, steps, batch, lr, 
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         losses.append(loss.item())
-    train_s = time.perf_counter() - t0
+    train_s, train_cpu = time.perf_counter() - t0, time.process_time() - c0
     model.eval()
     x, y = (torch.from_numpy(a).to(device) for a in mqar((data_seed, 2**32 - 1), eval_examples, seq_len, pairs, vocab))
     correct, total, loss_sum = 0, 0, 0.0
@@ -160,7 +160,7 @@ def train_member(member, width, depth, seq_len, pairs, vocab, steps, batch, lr, 
                 depth=config.num_hidden_layers, seq_len=seq_len, pairs=pairs, vocab=vocab, lr=lr, seed=seed,
                 params_M=sum(p.numel() for p in model.parameters()) / 1e6, steps=steps,
                 accuracy=correct / total, answer_loss=loss_sum / total, train_loss=sum(tail) / len(tail),
-                step_time_s=train_s / steps, seconds=time.perf_counter() - t0)
+                step_time_s=train_s / steps, step_cpu_s=train_cpu / steps, seconds=time.perf_counter() - t0)
 
 
 def summarize(rows: list) -> list:
