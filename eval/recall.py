@@ -14,9 +14,9 @@ mechanism off and the linear selection), Conba with each mechanism alone and all
 whose block is longer than ``--depth`` runs at the depth its block needs, and the table says so).
 Grid: width × (sequence length, pairs), one panel per length in the plot, as in Zoology's figures.
 
-    python eval/recall.py                           # the CPU grid, within --budget-min
-    python eval/recall.py --widths 64 128 256 --cells 64:4 128:8 256:16 512:64 --steps 3000 \\
-        --lrs 3e-4 1e-3 3e-3                        # nearer the paper (a GPU); best lr per cell
+    python eval/recall.py --jobs 2                  # the CPU grid (widths 32, 64 at 64 tokens), ~50 min
+    python eval/recall.py --widths 32 64 128 256 --cells 64:4 128:8 256:16 512:64 --depth 4 \\
+        --steps 3000 --lrs 3e-4 1e-3 3e-3           # nearer the paper (a GPU); best lr per cell
     python eval/recall.py --smoke                   # seconds: every member, one tiny cell
 """
 
@@ -163,6 +163,32 @@ def train_member(member, width, depth, seq_len, pairs, vocab, steps, batch, lr, 
                 step_time_s=train_s / steps, step_cpu_s=train_cpu / steps, seconds=time.perf_counter() - t0)
 
 
+def estimate(args) -> float:
+    """CPU seconds of one training step of every (member, width, cell) (one warm-up step, then one timed),
+    and the grid's time from them (steps × lrs × seeds runs each, evaluation left out). Prints a table."""
+    import torch
+
+    from mixcon import MixConForCausalLM
+
+    total = 0.0
+    for seq_len, pairs in args.cells:
+        for width in args.widths:
+            for m in args.members:
+                model = MixConForCausalLM(member_config(m, width, args.depth, args.vocab, seq_len)).train()
+                x, y = (torch.from_numpy(a) for a in mqar(0, args.batch, seq_len, pairs, args.vocab))
+                for _ in range(2):
+                    c0 = time.process_time()
+                    logits = model(x, use_cache=False).logits
+                    torch.nn.functional.cross_entropy(logits[y != -100], y[y != -100]).backward()
+                    step = time.process_time() - c0
+                minutes = step * args.steps * len(args.lrs) * len(args.seeds) / 60
+                total += minutes
+                print(f"L={seq_len:<4d} w={width:<4d} {m:16s} {step:6.3f} CPU s/step → {minutes:6.1f} CPU min",
+                      flush=True)
+    print(f"total {total:.0f} CPU min: ≈ {total / args.jobs:.0f} min with --jobs {args.jobs} on idle cores", flush=True)
+    return total
+
+
 def summarize(rows: list) -> list:
     """Per (member, width, seq_len, pairs): mean accuracy over seeds at each lr, the best lr's kept
     (Zoology reports each model at its best learning rate)."""
@@ -238,11 +264,13 @@ def parse_cell(s: str) -> tuple:
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--members", nargs="+", default=list(MEMBERS), choices=list(MEMBERS))
-    ap.add_argument("--widths", nargs="+", type=int, default=[32, 64, 128])
-    ap.add_argument("--cells", nargs="+", type=parse_cell, default=[(64, 4), (128, 8), (256, 16)],
-                    help="SEQ_LEN:PAIRS ...")
+    # the CPU default fits --budget-min 55 with --jobs 2 (the Conba scan on CPU is a loop over time:
+    # 0.3-3.7 CPU s per step at these sizes); the paper's grid is for a GPU (README)
+    ap.add_argument("--widths", nargs="+", type=int, default=[32, 64])
+    ap.add_argument("--cells", nargs="+", type=parse_cell, default=[(64, 4)], help="SEQ_LEN:PAIRS ...")
     ap.add_argument("--vocab", type=int, default=64)
-    ap.add_argument("--depth", type=int, default=4, help="layers of every member (hybrids: the depth their block fits)")
+    ap.add_argument("--depth", type=int, default=2,
+                    help="layers of every member (Zoology's 2; a hybrid: the depth its block fits, 4 or 8)")
     ap.add_argument("--steps", type=int, default=400)
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--lrs", nargs="+", type=float, default=[1e-3])
@@ -254,6 +282,7 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=None, help="torch threads when --jobs 1 (default 1 on CPU)")
     ap.add_argument("--out", default=os.path.join(grid.ROOT, "eval", "results", "recall"))
     ap.add_argument("--smoke", action="store_true", help="seconds: every member, width 16, one 16-token cell")
+    ap.add_argument("--estimate", action="store_true", help="time one step of each run, print the grid's time")
     ap.add_argument("--no-progress", action="store_true")
     args = ap.parse_args(argv)
     if args.smoke:
@@ -268,6 +297,8 @@ def main(argv=None):
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type == "cpu":  # these models are small: one thread per process beats two contending
         torch.set_num_threads(args.threads or 1)
+    if args.estimate:
+        return estimate(args)
     meta = header(device, dtype="bf16 autocast" if device.type == "cuda" else "float32", args=vars(args))
     print(json.dumps({k: v for k, v in meta.items() if k != "args"}), flush=True)
     jobs = []

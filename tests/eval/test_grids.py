@@ -105,8 +105,9 @@ def test_recall_smoke_has_every_member(tmp_path):
     got = {(r["member"], r["seed"]) for r in rows}
     assert got == {(m, s) for m in recall.MEMBERS for s in (0, 1)}
     assert all(0 <= r["accuracy"] <= 1 and r["answer_loss"] > 0 and r["step_time_s"] > 0 for r in rows)
-    # 2:6 and 1:7 do not fit 4 layers: they run at 8
-    assert {r["member"]: r["depth"] for r in rows}["hybrid-1:7"] == 8
+    # the default depth is 2: the pure members run there, each hybrid at the depth its block needs
+    depth = {r["member"]: r["depth"] for r in rows}
+    assert depth["mamba"] == depth["attention"] == 2 and depth["hybrid-1:3"] == 4 and depth["hybrid-1:7"] == 8
     res = json.load(open(tmp_path / "results.json"))
     assert len(res["summary"]) == len(recall.MEMBERS) and all(s["seeds"] == 2 for s in res["summary"])
     md = (tmp_path / "recall.md").read_text()
@@ -211,3 +212,16 @@ def test_ablation_period_grid_keeps_its_sequence_and_shrinks_the_model(tmp_path,
     assert res["meta"]["recipe"]["max_steps"] == 1  # KEY=VALUE beats the grid's settings
     assert [r["member"] for r in runs] == ["control off"] * 2
     assert ablation.GRIDS["period"]["recipe"]["seq_len"] >= 16 * 64
+
+
+def test_estimates_time_every_member(small_corpus, capsys):
+    import ablation
+    import recall
+
+    rows = ablation.main(["ratio", "--smoke", "--estimate", "--recipe", str(small_corpus / "r.yaml")])
+    assert [r["member"] for r in rows] == list(ablation.GRIDS["ratio"]["members"])
+    assert all(r["cpu_s_per_step"] > 0 for r in rows) and rows[2]["runs"] == 3  # 2:6, the reference: 2 seeds + 1 lr
+    # all attention costs less per step than all Conba (the Conba scan on CPU is a loop over time)
+    assert rows[-1]["cpu_s_per_step"] < rows[0]["cpu_s_per_step"]
+    assert recall.main(["--smoke", "--estimate", "--members", "attention", "mamba"]) > 0
+    assert "CPU min" in capsys.readouterr().out
