@@ -172,7 +172,7 @@ def write_markdown(name, summary, sweep, lr, skipped_members, not_run, meta, pat
              f"model {r['model_config']} with {r['model_overrides'] or 'no overrides'}, lr {lr:g} "
              f"(warm-up {r['warmup_steps']}, cosine), seeds {meta['seeds']}, {meta['dtype']}.",
              f"Device {meta['device']}, torch {meta['torch']}, transformers {meta['transformers']}, rev {meta['rev']}, "
-             f"{meta['date']}. Command: `{meta['command']}`.", ""]
+             f"{meta['date']}. Command: `{meta['command']}`. Config defaults: {meta['config_defaults']}.", ""]
     if sweep:
         lines += ["lr sweep on `" + meta["reference"] + "`, seed " + str(meta["seeds"][0]) + ": " + ", ".join(
             f"{x['lr']:g} → {x['heldout_loss']:.3f}" for x in sorted(sweep, key=lambda x: x["lr"])) +
@@ -286,6 +286,7 @@ def main(argv=None):
     runs_dir = os.path.join(args.runs, args.grid)
     meta = header(device, dtype="bf16 autocast" if device.type == "cuda" else "float32", grid=args.grid,
                   reference=reference, seeds=list(range(args.seeds)), budget_min=args.budget_min,
+                  config_defaults=grid.config_defaults("control_period", "delay", "k_max"),
                   shapes=dict(seq_len=base.seq_len, batch_size=base.batch_size, max_steps=base.max_steps),
                   recipe=dataclasses.asdict(base))
     print(json.dumps({k: v for k, v in meta.items() if k != "recipe"}), flush=True)

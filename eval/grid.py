@@ -52,6 +52,16 @@ def config_fields() -> set:
     return set(inspect.signature(MixConConfig.__init__).parameters) - {"self", "kwargs"}
 
 
+def config_defaults(*names: str) -> dict:
+    """The installed MixConConfig's defaults of ``names`` that it has (e.g. control_period), for run headers."""
+    import inspect
+
+    from mixcon import MixConConfig
+
+    params = inspect.signature(MixConConfig.__init__).parameters
+    return {n: params[n].default for n in names if n in params}
+
+
 def missing_fields(overrides: dict) -> list:
     return sorted(set(overrides) - config_fields())
 

@@ -238,7 +238,7 @@ def write_markdown(summary, skipped, cells, widths, members, meta, path):
              f"steps × {a['batch']} sequences, lr {a['lrs']} (best per cell when several), warm-up {a['warmup']}, "
              f"seeds {a['seeds']}, depth {a['depth']}.",
              f"Device {meta['device']}, torch {meta['torch']}, transformers {meta['transformers']}, rev {meta['rev']}, "
-             f"{meta['date']}. Command: `{meta['command']}`.", ""]
+             f"{meta['date']}. Command: `{meta['command']}`. Config defaults: {meta['config_defaults']}.", ""]
     head = [f"L={s} ({p} pairs) w={w}" for s, p in cells for w in widths]
     lines += ["| member | depth | " + " | ".join(head) + " |", "| --- | --- |" + " --- |" * len(head)]
     by = {(s["member"], s["width"], s["seq_len"], s["pairs"]): s for s in summary}
@@ -299,7 +299,8 @@ def main(argv=None):
         torch.set_num_threads(args.threads or 1)
     if args.estimate:
         return estimate(args)
-    meta = header(device, dtype="bf16 autocast" if device.type == "cuda" else "float32", args=vars(args))
+    meta = header(device, dtype="bf16 autocast" if device.type == "cuda" else "float32", args=vars(args),
+                  config_defaults=grid.config_defaults("control_period", "delay", "k_max"))
     print(json.dumps({k: v for k, v in meta.items() if k != "args"}), flush=True)
     jobs = []
     for seq_len, pairs in args.cells:

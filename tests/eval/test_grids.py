@@ -195,6 +195,9 @@ def test_ablation_smoke_has_every_member_and_seed(tmp_path, small_corpus):
         losses = [r["heldout_loss"] for r in runs if r["member"] == s["member"]]
         assert s["heldout_loss_mean"] == pytest.approx(sum(losses) / 2) and s["seeds"] == 2
     assert res["meta"]["shapes"]["seq_len"] == 16 and res["meta"]["rev"]
+    import grid
+
+    assert ("control_period" in res["meta"]["config_defaults"]) == ("control_period" in grid.config_fields())
     md = (tmp_path / "out" / "ablation.md").read_text()
     assert all(f"| {m} |" in md for m in members) and (tmp_path / "out" / "ablation.png").exists()
     # the reference member's seed-0 run of the sweep is reused, not trained twice
