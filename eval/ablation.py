@@ -47,7 +47,7 @@ M = grid.mechanisms
 GRIDS = {
     "mechanisms": dict(
         reference="all",
-        recipe=dict(model_config="configs/tiny.json", seq_len=256, batch_size=8, max_steps=120, warmup_steps=12),
+        recipe=dict(model_config="configs/tiny.json", seq_len=256, batch_size=8, max_steps=200, warmup_steps=20),
         members={
             "off": ("every mechanism off (Jamba-style)", M()),
             "+delay": ("delayed state alone (τ = 2)", M("delay")),
@@ -61,7 +61,7 @@ GRIDS = {
         }),
     "ratio": dict(
         reference="2:6",
-        recipe=dict(model_config="configs/tiny.json", seq_len=256, batch_size=8, max_steps=150, warmup_steps=15),
+        recipe=dict(model_config="configs/tiny.json", seq_len=256, batch_size=8, max_steps=400, warmup_steps=40),
         members={
             f"{a}:{8 - a}": (desc, dict(n_blocks=1, layers_per_block=8, attn_ratio=f"{a}:{8 - a}",
                                         **(dict(use_rope=True) if a == 8 else {})))
@@ -70,12 +70,12 @@ GRIDS = {
         }),
     "period": dict(
         reference="control off",
-        recipe=dict(model_config="configs/tiny.json", seq_len=1024, batch_size=4, max_steps=150, warmup_steps=15,
+        recipe=dict(model_config="configs/tiny.json", seq_len=1024, batch_size=4, max_steps=250, warmup_steps=25,
                     model_overrides=dict(hidden_size=32, intermediate_size=64, n_blocks=1)),
         members={
             "control off": ("every mechanism off", M()),
-            **{f"control P={p}": (f"control alone, acting every {p} steps", {**M("control"), "control_period": p})
-               for p in (1, 16, 64)},
+            **{f"control P={p}": ("control alone, acting every " + (f"{p} steps" if p > 1 else "step"),
+                                  {**M("control"), "control_period": p}) for p in (1, 16, 64)},
         }),
 }
 RUN_COLS = ["grid", "member", "seed", "lr", "heldout_loss", "step_time_s", "step_cpu_s", "tokens_per_s", "params_M"]

@@ -14,7 +14,7 @@ mechanism off and the linear selection), Conba with each mechanism alone and all
 whose block is longer than ``--depth`` runs at the depth its block needs, and the table says so).
 Grid: width × (sequence length, pairs), one panel per length in the plot, as in Zoology's figures.
 
-    python eval/recall.py --jobs 2                  # the CPU grid (widths 32, 64 at 64 tokens), ~50 min
+    python eval/recall.py --jobs 2                  # the CPU grid (widths 32, 64 at 64 tokens), ~55 min
     python eval/recall.py --widths 32 64 128 256 --cells 64:4 128:8 256:16 512:64 --depth 4 \\
         --steps 3000 --lrs 3e-4 1e-3 3e-3           # nearer the paper (a GPU); best lr per cell
     python eval/recall.py --smoke                   # seconds: every member, one tiny cell
@@ -37,17 +37,18 @@ import grid  # noqa: E402
 sys.path.insert(0, grid.ROOT)
 
 MEMBERS = {  # name → (layout: "attention" | "conba" | "a:c", description, config overrides)
+    # the claim's members first: when the budget runs out, the mechanisms-alone runs are the ones left out
     "attention": ("attention", "all attention, RoPE", dict(use_rope=True)),
     "mamba": ("conba", "Conba, every mechanism off, linear selection (= Mamba)", grid.mechanisms()),
+    "conba-all": ("conba", "Conba, every mechanism on (noise too)", grid.mechanisms(*grid.MECHANISM_ON)),
+    "hybrid-1:3": ("1:3", "MixCon 1:3 (Conba as shipped)", {}),
+    "hybrid-2:6": ("2:6", "MixCon 2:6 (Conba as shipped)", {}),
+    "hybrid-1:7": ("1:7", "MixCon 1:7 (Conba as shipped)", {}),
     "conba+delay": ("conba", "Mamba + delayed state (τ = 2)", grid.mechanisms("delay")),
     "conba+scaling": ("conba", "Mamba + dynamic state scaling", grid.mechanisms("scaling")),
     "conba+control": ("conba", "Mamba + adaptive control", grid.mechanisms("control")),
     "conba+noise": ("conba", f"Mamba + training noise (σ = {grid.NOISE})", grid.mechanisms("noise")),
     "conba+selection": ("conba", "Mamba + SwiGLU selection", grid.mechanisms("selection")),
-    "conba-all": ("conba", "Conba, every mechanism on (noise too)", grid.mechanisms(*grid.MECHANISM_ON)),
-    "hybrid-1:3": ("1:3", "MixCon 1:3 (Conba as shipped)", {}),
-    "hybrid-2:6": ("2:6", "MixCon 2:6 (Conba as shipped)", {}),
-    "hybrid-1:7": ("1:7", "MixCon 1:7 (Conba as shipped)", {}),
 }
 COLS = ["member", "width", "depth", "seq_len", "pairs", "vocab", "lr", "seed", "params_M", "steps", "accuracy",
         "answer_loss", "train_loss", "step_time_s", "step_cpu_s", "seconds", "description"]
