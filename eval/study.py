@@ -32,11 +32,12 @@ import torch
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "tools"))
+sys.path.insert(0, os.path.join(ROOT, "eval"))
+from grid import load_builtin  # noqa: E402
 from mixcon.benchmark import count_flops, header, save_results  # noqa: E402
 from mixcon.train.checkpoint import latest_checkpoint, load_model_weights  # noqa: E402
 from mixcon.train.data import TokenShards  # noqa: E402
 from mixcon.train.loop import build_model, train  # noqa: E402
-from mixcon.train.recipe import load_recipe  # noqa: E402
 
 MEMBERS = {  # name → (config, description, model overrides)
     "mixcon": ("configs/tiny.json", "MixCon 1:3, MoE every 2nd layer", {}),
@@ -134,14 +135,7 @@ def main(argv=None):
     if "mom-2stage" in args.members and "dense" not in args.members:
         ap.error("mom-2stage starts from the dense run: list dense too")
     torch.set_num_threads(max(1, torch.get_num_threads()))
-    from transformers import AutoTokenizer
-
-    from train import ensure_builtin_data
-
-    base = load_recipe(args.recipe, [f"max_steps={args.steps}"] if args.steps else [])
-    if not os.path.exists(os.path.join(base.tokenizer, "tokenizer.json")) or not os.path.isdir(base.data):
-        ensure_builtin_data(base)
-    tok = AutoTokenizer.from_pretrained(base.tokenizer)
+    base, tok = load_builtin(args.recipe, [f"max_steps={args.steps}"] if args.steps else [])
     heldout = TokenShards(base.data, "heldout")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     meta = header(device, recipe=dataclasses.asdict(base))

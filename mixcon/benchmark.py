@@ -72,17 +72,22 @@ def print_row(row: dict, cols) -> None:
 
 
 def save_results(out_dir: str, rows, cols, meta: dict, **extra) -> None:
-    """results.csv (the table) and results.json (the header, ``extra`` and the rows) in ``out_dir``."""
+    """results.csv (the table) and results.json (the header, ``extra`` and the rows) in ``out_dir``, each
+    through a temporary file and a rename."""
     import csv
     import json
 
     os.makedirs(out_dir, exist_ok=True)
-    with open(os.path.join(out_dir, "results.csv"), "w", newline="") as f:
+    path = os.path.join(out_dir, "results.csv")
+    with open(path + ".tmp", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=cols, extrasaction="ignore")
         w.writeheader()
         w.writerows(rows)
-    with open(os.path.join(out_dir, "results.json"), "w") as f:
+    os.replace(path + ".tmp", path)
+    path = os.path.join(out_dir, "results.json")
+    with open(path + ".tmp", "w") as f:
         json.dump(dict(meta=meta, **extra, rows=rows), f, indent=1)
+    os.replace(path + ".tmp", path)
 
 
 def parse_run_args(ap, argv, smoke_help: str):

@@ -171,6 +171,15 @@ def plot_losses(rows, path):
     plt.close(fig)
 
 
+def make_optimizer(model, r: Recipe, device) -> torch.optim.AdamW:
+    """AdamW with weight decay on matrices only (norms, biases and 1-D Conba parameters undecayed)."""
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
+    return torch.optim.AdamW([{"params": decay, "weight_decay": r.weight_decay},
+                              {"params": no_decay, "weight_decay": 0.0}], lr=r.lr, betas=r.betas,
+                             fused=device.type == "cuda")
+
+
 def train(r: Recipe, resume: bool = False, progress: bool = True) -> list[dict]:
     """Run the recipe; returns the logged rows. Writes out_dir/{log.csv, loss.png} and sharded
     checkpoints out_dir/checkpoints/step-N (see mixcon.train.checkpoint)."""
@@ -188,11 +197,7 @@ def train(r: Recipe, resume: bool = False, progress: bool = True) -> list[dict]:
     TokenShards(r.data, "train", vocab_size=config.vocab_size)  # refuses a vocab mismatch
     model.train()
     model = parallelize(model, r, device)
-    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
-    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": r.weight_decay},
-                                   {"params": no_decay, "weight_decay": 0.0}], lr=r.lr, betas=r.betas,
-                                  fused=device.type == "cuda")
+    optimizer = make_optimizer(model, r, device)
     use_bf16 = r.dtype == "bf16" or (r.dtype == "auto" and device.type == "cuda")
     autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if use_bf16 else \
         (lambda: torch.autocast(device.type, enabled=False))

@@ -1,0 +1,203 @@
+"""Shared pieces of the grid studies (`eval/recall.py`, `eval/ablation.py`, `eval/study.py`): the built-in
+corpus, Conba's mechanism switches as config overrides, members the installed config cannot express,
+a wall-clock budget over a list of runs (optionally in parallel processes), and mean ± spread.
+
+Imports stay light (no torch at import) so that worker processes start quickly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import statistics
+import sys
+import time
+from typing import Any, Callable, Optional
+
+ROOT = os.path.abspath(os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+# Conba's switches (docs/conba.md). With all of them off Conba is a Mamba-1 mixer.
+NOISE = 0.01  # σ_w = σ_v when the training noise is on (the config's default is 0 = off)
+MECHANISMS_OFF = dict(delay=0, state_scaling=False, control=False, process_noise=0.0, observation_noise=0.0,
+                      selection="linear")
+MECHANISM_ON = {  # one mechanism, alone, on top of MECHANISMS_OFF
+    "delay": dict(delay=2),
+    "scaling": dict(state_scaling=True),
+    "control": dict(control=True),
+    "noise": dict(process_noise=NOISE, observation_noise=NOISE),
+    "selection": dict(selection="swiglu"),
+}
+ALL_ON = {k: v for on in MECHANISM_ON.values() for k, v in on.items()}
+
+
+def mechanisms(*names: str) -> dict:
+    """Config overrides: every Conba mechanism off except ``names`` (keys of MECHANISM_ON)."""
+    unknown = set(names) - set(MECHANISM_ON)
+    if unknown:
+        raise ValueError(f"unknown mechanisms {sorted(unknown)}; allowed: {list(MECHANISM_ON)}")
+    out = dict(MECHANISMS_OFF)
+    for n in names:
+        out.update(MECHANISM_ON[n])
+    return out
+
+
+def config_fields() -> set:
+    """The keyword arguments the installed MixConConfig takes. (Unknown keywords would be stored silently
+    by transformers' PretrainedConfig, so a member asking for a field the config lacks must be caught here.)"""
+    import inspect
+
+    from mixcon import MixConConfig
+
+    return set(inspect.signature(MixConConfig.__init__).parameters) - {"self", "kwargs"}
+
+
+def config_defaults(*names: str) -> dict:
+    """The installed MixConConfig's defaults of ``names`` that it has (e.g. control_period), for run headers."""
+    import inspect
+
+    from mixcon import MixConConfig
+
+    params = inspect.signature(MixConConfig.__init__).parameters
+    return {n: params[n].default for n in names if n in params}
+
+
+def missing_fields(overrides: dict) -> list:
+    return sorted(set(overrides) - config_fields())
+
+
+def load_builtin(recipe_path: str, overrides=()):
+    """The recipe (YAML + ``key=value`` overrides) and its tokenizer; the built-in corpus (a tokenizer and
+    shards from the Python standard library's source, as `tools/train.py` makes them) is prepared
+    when the recipe's tokenizer or data directory is missing."""
+    sys.path.insert(0, os.path.join(ROOT, "tools"))
+    from transformers import AutoTokenizer
+
+    from mixcon.train.recipe import load_recipe
+    from train import ensure_builtin_data
+
+    base = load_recipe(recipe_path, list(overrides))
+    if not os.path.exists(os.path.join(base.tokenizer, "tokenizer.json")) or not os.path.isdir(base.data):
+        ensure_builtin_data(base)
+    return base, AutoTokenizer.from_pretrained(base.tokenizer)
+
+
+def spread(values) -> dict:
+    """mean, sample standard deviation (0 for one value), min, max and n of the finite values."""
+    v = [float(x) for x in values if x is not None and math.isfinite(float(x))]
+    if not v:
+        return dict(mean=float("nan"), std=float("nan"), min=float("nan"), max=float("nan"), n=0)
+    return dict(mean=statistics.fmean(v), std=statistics.stdev(v) if len(v) > 1 else 0.0, min=min(v), max=max(v),
+                n=len(v))
+
+
+@dataclasses.dataclass
+class Job:
+    key: Any  # identifies the run in the results and in the list of runs that did not run
+    fn: Callable  # a module-level function (picklable: it may run in another process)
+    args: tuple = ()
+    kwargs: dict = dataclasses.field(default_factory=dict)
+    cost_key: Any = None  # runs with the same cost_key are expected to take the same time
+
+
+def _init_worker(threads: int):
+    import torch
+
+    torch.set_num_threads(threads)
+
+
+def run_jobs(jobs: list, budget_s: Optional[float], n_jobs: int = 1, progress: bool = True, desc: str = "runs",
+             on_result: Optional[Callable] = None):
+    """Run ``jobs`` in order, ``n_jobs`` at a time (separate processes, one thread each, when > 1), within a
+    wall-clock budget: a job starts only if, by the time the last run of its ``cost_key`` took, it
+    would end before the deadline (a job whose cost is still unknown starts while time is left).
+    Returns (results: {key: value}, skipped: [key]). ``on_result(key, value)`` is called as each ends."""
+    from tqdm import tqdm
+
+    if n_jobs < 1:
+        raise ValueError(f"n_jobs={n_jobs} must be >= 1")
+    deadline = time.monotonic() + budget_s if budget_s is not None else math.inf
+    cost: dict = {}
+    results, skipped = {}, []
+    bar = tqdm(total=len(jobs), desc=desc, disable=not progress)
+
+    def fits(job):
+        est = cost.get(job.cost_key, 0.0)
+        return time.monotonic() + est <= deadline
+
+    def finish(job, value, seconds):
+        cost[job.cost_key] = seconds
+        results[job.key] = value
+        bar.update(1)
+        if on_result is not None:
+            on_result(job.key, value)
+
+    if n_jobs == 1:
+        for job in jobs:
+            if not fits(job):
+                skipped.append(job.key)
+                bar.update(1)
+                continue
+            t0 = time.monotonic()
+            value = job.fn(*job.args, **job.kwargs)
+            finish(job, value, time.monotonic() - t0)
+        bar.close()
+        return results, skipped
+
+    import multiprocessing as mp
+    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+
+    pending = list(jobs)
+    running = {}
+    with ProcessPoolExecutor(n_jobs, mp_context=mp.get_context("spawn"), initializer=_init_worker,
+                             initargs=(1,)) as pool:
+        while pending or running:
+            while pending and len(running) < n_jobs:
+                job = pending.pop(0)
+                if not fits(job):
+                    skipped.append(job.key)
+                    bar.update(1)
+                    continue
+                running[pool.submit(job.fn, *job.args, **job.kwargs)] = (job, time.monotonic())
+            if not running:
+                continue
+            done, _ = wait(list(running), return_when=FIRST_COMPLETED)
+            for fut in done:
+                job, t0 = running.pop(fut)
+                finish(job, fut.result(), time.monotonic() - t0)
+    bar.close()
+    return results, skipped
+
+
+def pyplot():
+    """matplotlib's pyplot on the Agg backend, or None when matplotlib is missing."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    return plt
+
+
+def save_figure(fig, path: str) -> None:
+    """Through a temporary file and a rename."""
+    plt = pyplot()
+    tmp = path + ".tmp.png"
+    fig.savefig(tmp, dpi=120)
+    os.replace(tmp, path)
+    plt.close(fig)
+
+
+def write_text(path: str, text: str) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def fmt(v, p: int = 3) -> str:
+    if v is None or v == "" or (isinstance(v, float) and math.isnan(v)):
+        return ""
+    return f"{v:.{p}f}" if isinstance(v, float) else str(v)
