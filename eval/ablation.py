@@ -93,6 +93,7 @@ def train_run(recipe: dict) -> dict:
     included, which contention on a shared machine does not inflate), parameters and the loss curve."""
     import torch
 
+    from mixcon.train.checkpoint import latest_checkpoint, model_from_checkpoint
     from mixcon.train.loop import train
     from mixcon.train.recipe import Recipe
 
@@ -102,8 +103,8 @@ def train_run(recipe: dict) -> dict:
     cpu = time.process_time() - c0
     ev = [x for x in log if x["heldout_loss"] != ""]
     tps = [x["tokens_per_s"] for x in log[len(log) // 5:] if x["tokens_per_s"] not in ("", None)]
-    ck = torch.load(os.path.join(r.out_dir, "checkpoint.pt"), map_location="cpu", weights_only=False)
-    params = sum(v.numel() for v in ck["model"].values()) / 1e6
+    model = model_from_checkpoint(latest_checkpoint(r.out_dir))  # tensors and JSON only, nothing unpickled
+    params = sum(p.numel() for p in model.parameters()) / 1e6
     tok_s = statistics.median(tps) if tps else float("nan")
     return dict(heldout_loss=ev[-1]["heldout_loss"], tokens_per_s=tok_s,
                 step_time_s=r.batch_size * r.seq_len / tok_s, step_cpu_s=cpu / r.max_steps, params_M=params,
