@@ -2,7 +2,8 @@
 
 `conba_scan` runs a whole sequence, `conba_step` one decode token. Both dispatch to a
 backend: ``"ref"`` (the pure-PyTorch loop in `naive.py`, the oracle and the CPU path),
-``"triton"`` (the fused kernels in `fused_recurrent.py`), or ``"auto"`` (Triton on a CUDA
+``"triton"`` (the fused kernels: `chunk.py`, chunk-parallel, for a control period P > 1;
+`fused_recurrent.py`, per step, for P = 1), or ``"auto"`` (Triton on a CUDA
 device when it is importable, the reference otherwise).
 
 With none of the extras given (alpha, rho/tau, k0/eta/lam/w_r, noise, mask) `conba_scan` is
@@ -154,10 +155,16 @@ def conba_scan(
                   sigma_w=sigma_w, sigma_v=sigma_v, seed=seed, initial_state=initial_state,
                   return_final_state=return_final_state, mask=mask)
     control = k0 is not None or eta is not None
+    resolved = resolve_backend(backend, u.device)
+    if resolved == "triton" and control_period > 1:
+        # the held signal (and, without control, any P > 1): the chunk-parallel scan
+        from .chunk import conba_scan_chunk
+
+        return conba_scan_chunk(u, delta, A, B, C, **kwargs, control_period=control_period)
     if control and control_period > 1:
         # the held signal: the per-step kernels below implement P = 1 only
         return conba_scan_ref(u, delta, A, B, C, **kwargs, control_period=control_period)
-    if resolve_backend(backend, u.device) == "triton":
+    if resolved == "triton":
         from .fused_recurrent import conba_scan_triton
 
         return conba_scan_triton(u, delta, A, B, C, **kwargs)
