@@ -125,29 +125,90 @@ def _compare(x, tol, P, init=None, bt=None, grad=True):
         close(f"d/d{k}", g_t[k], g_r[k], None if oracle is None else oracle[2][k])
 
 
-# ---------------------------------------------------------------------------------- forward
+# ---------------------------------------------------------------------------------- forward and backward
 @pytest.mark.parametrize("mech", MECHANISMS)
-def test_forward_each_mechanism_P4(mech):
-    x = _inputs(mech)
-    _compare(x, 1e-5, 4, init=_init_state(x, 4), grad=False)
+def test_each_mechanism_P4_every_gradient(mech):
+    """P = 4, blocks of 4 (one instant per block, anywhere in it: masks and the initial phase move it)."""
+    x = _inputs(mech, T=13)
+    _compare(x, 1e-5, 4, init=_init_state(x, 4), bt=4)
 
 
-@pytest.mark.parametrize("tau,G,d", [(1, 8, 16), (3, 4, 20), (4, 6, 24)])
-def test_forward_delay_lengths_odd_groups(tau, G, d):
-    """d = 20 with G = 4: five groups, two per program, the last program half empty; G = 6: padded lanes."""
-    x = _inputs("all", T=19, d=d, G=G, tau=tau)
-    _compare(x, 1e-5, 4, init=_init_state(x, 4), bt=2, grad=False)
+@pytest.mark.parametrize("tau,G,d,T", [(1, 8, 16, 14), (3, 4, 20, 11), (4, 6, 12, 8)])
+def test_delay_lengths_odd_groups(tau, G, d, T):
+    """Companion states of order 1, 3, 4; d = 20 with G = 4: five groups, two per program, the last
+    program half empty; G = 6: padded lanes. Blocks of 2 (an instant every other block at P = 4)."""
+    x = _inputs("all", b=2 if tau < 3 else 1, T=T, d=d, G=G, tau=tau, n=5 if tau < 4 else 3)
+    _compare(x, 1e-5, 4, init=_init_state(x, 4), bt=2)
 
 
-def test_forward_P64_blocks_shorter_than_the_period():
-    """P = 64 with blocks of 16: instants fall inside blocks, T is no multiple of either."""
-    x = _inputs("all", b=2, T=100, d=8)
-    _compare(x, 1e-5, 64, init=_init_state(x, 64), bt=16, grad=False)
+def test_P64_blocks_shorter_than_the_period():
+    """P = 64 with blocks of 16: the instant falls inside a block; T is no multiple of either."""
+    x = _inputs("all", b=2, T=80, d=8)
+    _compare(x, 1e-5, 64, init=_init_state(x, 64), bt=16)
 
 
-def test_forward_no_mask_default_block_and_empty_rows():
+def test_P64_default_block_aligned_periods():
+    """The GPU's configuration: one block per period (BT = P = 64), no mask, empty initial state, so
+    each instant is a block's last step; two periods, so the second block starts with a held signal."""
+    x = _inputs("control", b=1, T=128, d=8, mask=False)
+    x["alpha"] = torch.sigmoid(torch.randn(1, 128, 1, generator=torch.Generator().manual_seed(9)) + 2).to(DEVICE)
+    assert ck.block_size(128, 64, True) == 64
+    _compare(x, 1e-5, 64)
+
+
+def test_bf16_inputs():
+    """The kernel and the reference both read bf16 and accumulate in float32; outputs and gradients
+    are rounded to bf16, hence the tolerance."""
+    x = _inputs("all", dtype=torch.bfloat16, T=12)
+    _compare(x, 1e-2, 4, init=_init_state(x, 4), bt=4)
+
+
+def test_no_mask_empty_state_and_an_empty_row():
     x = _inputs("all", T=11, mask=False)
-    _compare(x, 1e-5, 4, grad=False)
+    _compare(x, 1e-5, 4)  # k0 is a leaf here: its gradient comes through the initial gain
     x = _inputs("all", b=3, T=9)
     x["mask"][2] = 0  # a row with no real step: everything passes through
+    _compare(x, 1e-5, 4, init=_init_state(x, 4))
+
+
+def test_no_grad_forward_and_split_scan_mid_period():
+    """The forward without saving carries; a split in the middle of a period with the state passed on
+    equals one scan (noise off: it is keyed by the time index inside one call)."""
+    x = _inputs("all", T=15)
+    x["sigma_w"] = x["sigma_v"] = 0.0
     _compare(x, 1e-5, 4, init=_init_state(x, 4), grad=False)
+    with torch.no_grad():
+        y, fin = ck.conba_scan_chunk(**x, return_final_state=True, control_period=4)
+        first = {k: (v[:, :6] if k in SEQ else v) for k, v in x.items()}
+        second = {k: (v[:, 6:] if k in SEQ else v) for k, v in x.items()}
+        y1, s1 = ck.conba_scan_chunk(**first, return_final_state=True, control_period=4)
+        y2, s2 = ck.conba_scan_chunk(**second, initial_state=s1, return_final_state=True, control_period=4)
+    assert (s1.phase != 0).any()
+    assert rel_rms(torch.cat([y1, y2], 1), y) <= 1e-5
+    for f, a, b in zip(ConbaState._fields, s2, fin):
+        assert torch.equal(a, b) if not b.is_floating_point() else (rel_rms(a, b) <= 1e-5), f
+
+
+def test_dispatch_triton_backend(monkeypatch):
+    """backend="triton": the chunk scan for P > 1 (control on or off), the per-step kernels for P = 1."""
+    from mixcon.ops.conba import fused_recurrent as fr
+
+    calls = []
+    real_chunk, real_step = ck.conba_scan_chunk, fr.conba_scan_triton
+    monkeypatch.setattr(ck, "conba_scan_chunk", lambda *a, **k: calls.append("chunk") or real_chunk(*a, **k))
+    monkeypatch.setattr(fr, "conba_scan_triton", lambda *a, **k: calls.append("step") or real_step(*a, **k))
+    x = _inputs("control", b=1, T=3, d=8, mask=False)
+    off = {k: v for k, v in x.items() if k not in ("k0", "eta", "lam", "w_r", "k_max")}
+    with torch.no_grad():
+        conba_scan(**x, backend="triton", control_period=4)
+        conba_scan(**off, backend="triton", control_period=4)
+        conba_scan(**x, backend="triton", control_period=1)
+    assert calls == ["chunk", "chunk", "step"]
+    with pytest.raises(ValueError, match="block_t"):
+        ck.conba_scan_chunk(**x, control_period=4, block_t=8)
+
+
+@pytest.mark.gpu
+def test_gpu_realistic_shape_bf16():
+    x = _inputs("all", b=2, T=300, d=512, n=16, dtype=torch.bfloat16)
+    _compare(x, 1e-2, 64, init=_init_state(x, 64))
