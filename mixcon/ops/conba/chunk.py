@@ -29,9 +29,10 @@ instant of its row (the row's phase and mask put it anywhere in the block). Per 
   4. only the controller's update (k, the sampled e) and the block's last companion state are
      carried to the next block.
 
-Backward: the same structure reversed. The forward saves each block's start carry (companion
-state, k, e); the backward walks the blocks from last to first, recomputes the block's forward
-from its carry, and solves the adjoint recurrence λ_t = src_t e1 + M_(t+1)^T λ_(t+1) by a reverse
+Backward: the same structure reversed. The forward saves the carry (companion state, k, e) every
+CHECKPOINT_STEPS steps; the backward walks these segments from last to first, recomputes a
+segment's blocks forward from its checkpoint (keeping their start carries in a per-row scratch),
+then walks its blocks from last to first: it recomputes a block from its carry and solves the adjoint recurrence λ_t = src_t e1 + M_(t+1)^T λ_(t+1) by a reverse
 associative scan of transposed companion matrices, again with two columns: the sources known in
 advance (the output's gradient, the carry's adjoint) and a unit source at the instant, whose
 weight — the error's adjoint, which depends on λ after the instant through δf — is known once the
@@ -54,9 +55,14 @@ import triton.language as tl
 from .fused_recurrent import _mix32, _normal, _rows, _seed_key, _softplus, _strides, _tanh
 from .naive import ConbaState
 
-# time positions per block (a power of two, at most the control period P) and channels per program
-# (whole groups); not yet tuned on a GPU
-TUNING = dict(block_t=64, channels=8, num_warps=4)
+# time positions per block (a power of two; capped at the control period P), channels per program (whole
+# groups) and warps. Not timed on a GPU yet: 16 × 8 channels × 4 warps is the largest block whose
+# forward compiles for sm_90 without spilling (ptxas, ahead of time: 241 registers at τ = 2; 64 spills,
+# and the backward spills ~1 KB at 16). tools/bench_conba.py --chunk-block-t/--chunk-channels/--chunk-warps
+TUNING = dict(block_t=16, channels=8, num_warps=4)
+# steps between the forward's saved carries (a multiple of the block, at least one block): the backward
+# recomputes the blocks in between, so the saved state is ~1/64 of the sequence's, as in fused_recurrent
+CHECKPOINT_STEPS = 64
 
 
 # ---------------------------------------------------------------------------------- scan algebra
@@ -553,23 +559,87 @@ def _controller(e_all, inst, kg, eta, lam, k_max, cmask, G: tl.constexpr, BG: tl
 
 # ---------------------------------------------------------------------------------- forward
 @triton.jit
+def _fwd_block(S0, S1, S2, S3, kg, e, blk, t0, T, ph_b, t1, cdiff, period,
+               u_b, dl_b, z_b, B_b, C_b, al_b, m_b, s_u_t, s_dl_t, s_z_t, s_B_t, s_C_t, s_al_t,
+               offs_i, offs_n, nmask, grp, ch, cmask, smask, first, last,
+               A, bias, Dp, wr, rho_c, eta, lam, k_max, kb, lane_w, lane_v, sigma_w, sigma_v,
+               G: tl.constexpr, GP: tl.constexpr, BG: tl.constexpr, BT: tl.constexpr, MS: tl.constexpr,
+               TAU: tl.constexpr, CONTROL: tl.constexpr, HAS_ALPHA: tl.constexpr, HAS_BIAS: tl.constexpr,
+               SOFTPLUS: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_MASK: tl.constexpr,
+               NOISE_W: tl.constexpr, NOISE_V: tl.constexpr, FIX_H: tl.constexpr):
+    """One block of the forward from its start carry (companion state S, gain, sampled error): the gated
+    output [BT, BC] and the carry after the block."""
+    BC: tl.constexpr = BG * GP
+    NV: tl.constexpr = 2 if CONTROL else 1
+    tt, real, u, xd, dt, z, Bv, Cv, al, dA, a, r, xi, zeta = _block(
+        u_b, dl_b, z_b, B_b, C_b, al_b, m_b, t0, T, s_u_t, s_dl_t, s_z_t, s_B_t, s_C_t, s_al_t,
+        offs_i, offs_n, nmask, grp, ch, cmask, smask, A, bias, rho_c, kb, lane_w, lane_v, sigma_w, sigma_v,
+        TAU, HAS_ALPHA, HAS_BIAS, SOFTPLUS, HAS_Z, HAS_MASK, NOISE_W, NOISE_V)
+    real3 = real[:, None, None]
+    dB = dt[:, :, None] * Bv[:, None, :]  # Δ_t B_t
+    f_old = tl.zeros([BC], tl.float32)
+    if CONTROL:
+        f_old = _gbc(kg, BG, GP) * _tanh(e)
+    x = tl.where(real3, dB * (u - f_old[None, :])[:, :, None] + xi, 0.0)
+    if FIX_H:
+        x = x + tl.where((tt == t1)[:, None, None], a * cdiff[None, :, :], 0.0)
+    w = x * 0.0
+    inst = offs_i < 0
+    after = inst
+    has = False
+    if CONTROL:
+        ph = tl.load(ph_b + blk)
+        inst, after, has = _instant(real, ph, period, offs_i)
+        w = tl.where(after[:, None, None], -dB, 0.0)
+    if TAU == 1:
+        ae = a + r[:, :, None]  # h_(t−1) and h_(t−τ) are the same
+    else:
+        ae = a
+    v0, v1, v2, v3, w0, w1, w2, w3 = _scan_fwd(ae, tl.broadcast_to(r[:, :, None], a.shape), real3, x, w,
+                                               S0, S1, S2, S3, first, MS, NV)
+    yb = tl.sum(v0 * Cv[:, None, :], axis=2) + zeta
+    if HAS_D:
+        yb = yb + Dp[None, :] * u
+    if CONTROL:
+        es, ss, rr, pre, kn = _controller(yb - wr[None, :] * u, inst, kg, eta, lam, k_max, cmask, G, BG, GP)
+        df = tl.where(has & cmask, _gbc(kn, BG, GP) * _tanh(es) - f_old, 0.0)
+        kg = tl.where(has, kn, kg)
+        e = tl.where(has, es, e)
+        df3 = df[None, :, None]
+        yb = yb + df[None, :] * tl.sum(w0 * Cv[:, None, :], axis=2)
+        v0 = v0 + df3 * w0
+        v1 = v1 + df3 * w1
+        v2 = v2 + df3 * w2
+        v3 = v3 + df3 * w3
+    if HAS_Z:
+        yb = yb * (z * tl.sigmoid(z))
+    yb = tl.where(real[:, None], yb, 0.0)
+    S0 = _row(v0, last)
+    if MS > 1:
+        S1 = _row(v1, last)
+    if MS > 2:
+        S2 = _row(v2, last)
+    if MS > 3:
+        S3 = _row(v3, last)
+    return tt, yb, S0, S1, S2, S3, kg, e
+
+@triton.jit
 def _chunk_fwd_kernel(
     u_ptr, dl_ptr, z_ptr, B_ptr, C_ptr, al_ptr, m_ptr, y_ptr,
     A_ptr, bias_ptr, D_ptr, wr_ptr, rho_ptr, eta_ptr, lam_ptr,
     h0_ptr, ln0_ptr, k0_ptr, e0_ptr,  # initial state (b, d, N), (b, τ, d, N), (b, ng), (b, d)
     ph_ptr, t1_ptr,  # (b, n_blk) int32 phase at each block's start; (b,) int32 first real step (−1: none)
     hT_ptr, lnT_ptr, kT_ptr, eT_ptr,  # final state, same shapes
-    ck_s_ptr, ck_k_ptr, ck_e_ptr,  # each block's start carry (b, n_blk, MS, d, N), (b, n_blk, ng), (b, n_blk, d)
-    T, d, NG, N, n_blk, period,
+    ck_s_ptr, ck_k_ptr, ck_e_ptr,  # every SEG-th block's start carry (b, n_ck, MS, d, N), (b, n_ck, ng), (b, n_ck, d)
+    T, d, NG, N, n_blk, n_ck, period,
     s_u_b, s_u_t, s_dl_b, s_dl_t, s_z_b, s_z_t, s_B_b, s_B_t, s_C_b, s_C_t, s_al_b, s_al_t,
     k_max, sigma_w, sigma_v, seed_key,
     G: tl.constexpr, GP: tl.constexpr, BG: tl.constexpr, NP: tl.constexpr, BT: tl.constexpr, MS: tl.constexpr,
     TAU: tl.constexpr, CONTROL: tl.constexpr, HAS_ALPHA: tl.constexpr, HAS_BIAS: tl.constexpr,
     SOFTPLUS: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_MASK: tl.constexpr,
-    NOISE_W: tl.constexpr, NOISE_V: tl.constexpr, FIX_H: tl.constexpr, SAVE: tl.constexpr,
+    NOISE_W: tl.constexpr, NOISE_V: tl.constexpr, FIX_H: tl.constexpr, SAVE: tl.constexpr, SEG: tl.constexpr,
 ):
     BC: tl.constexpr = BG * GP
-    NV: tl.constexpr = 2 if CONTROL else 1
     pid_b = tl.program_id(0).to(tl.int64)  # batch offsets can pass 2^31
     pid_c = tl.program_id(1)
     offs_i, offs_n, offs_g, grp, cmask, ch, nmask, gmask, smask, sidx, lane_w, lane_v = _tile(
@@ -606,68 +676,28 @@ def _chunk_fwd_kernel(
     C_b = C_ptr + pid_b * s_C_b
     al_b = al_ptr + pid_b * s_al_b
     m_b = m_ptr + pid_b * T
+    ph_b = ph_ptr + pid_b * n_blk
     y_b = y_ptr + pid_b * s_u_b  # y is allocated like a contiguous u
 
     for blk in range(0, n_blk):
         t0 = blk * BT
-        if SAVE:
-            row = pid_b * n_blk + blk
-            _store_S(ck_s_ptr + row * MS * sd, sd, sidx, smask, S0, S1, S2, S3, MS)
+        if SAVE:  # the carry at every SEG-th block's start (masked stores: no branch)
+            is_ck = (blk % SEG) == 0
+            row = pid_b * n_ck + blk // SEG
+            _store_S(ck_s_ptr + row * MS * sd, sd, sidx, smask & is_ck, S0, S1, S2, S3, MS)
             if CONTROL:
-                tl.store(ck_k_ptr + row * NG + offs_g, kg, mask=gmask)
-                tl.store(ck_e_ptr + row * d + ch, e, mask=cmask)
-        tt, real, u, xd, dt, z, Bv, Cv, al, dA, a, r, xi, zeta = _block(
-            u_b, dl_b, z_b, B_b, C_b, al_b, m_b, t0, T, s_u_t, s_dl_t, s_z_t, s_B_t, s_C_t, s_al_t,
-            offs_i, offs_n, nmask, grp, ch, cmask, smask, A, bias, rho_c, kb, lane_w, lane_v, sigma_w, sigma_v,
-            TAU, HAS_ALPHA, HAS_BIAS, SOFTPLUS, HAS_Z, HAS_MASK, NOISE_W, NOISE_V)
-        real3 = real[:, None, None]
-        dB = dt[:, :, None] * Bv[:, None, :]  # Δ_t B_t
-        f_old = tl.zeros([BC], tl.float32)
-        if CONTROL:
-            f_old = _gbc(kg, BG, GP) * _tanh(e)
-        x = tl.where(real3, dB * (u - f_old[None, :])[:, :, None] + xi, 0.0)
-        if FIX_H:
-            x = x + tl.where((tt == t1)[:, None, None], a * cdiff[None, :, :], 0.0)
-        w = x * 0.0
-        inst = offs_i < 0
-        after = inst
-        has = False
-        if CONTROL:
-            ph = tl.load(ph_ptr + pid_b * n_blk + blk)
-            inst, after, has = _instant(real, ph, period, offs_i)
-            w = tl.where(after[:, None, None], -dB, 0.0)
-        if TAU == 1:
-            ae = a + r[:, :, None]  # h_(t−1) and h_(t−τ) are the same
-        else:
-            ae = a
-        v0, v1, v2, v3, w0, w1, w2, w3 = _scan_fwd(ae, tl.broadcast_to(r[:, :, None], a.shape), real3, x, w, S0, S1, S2, S3, first,
-                                                   MS, NV)
-        yb = tl.sum(v0 * Cv[:, None, :], axis=2) + zeta
-        if HAS_D:
-            yb = yb + Dp[None, :] * u
-        if CONTROL:
-            es, ss, rr, pre, kn = _controller(yb - wr[None, :] * u, inst, kg, eta, lam, k_max, cmask, G, BG, GP)
-            df = tl.where(has & cmask, _gbc(kn, BG, GP) * _tanh(es) - f_old, 0.0)
-            kg = tl.where(has, kn, kg)
-            e = tl.where(has, es, e)
-            df3 = df[None, :, None]
-            yb = yb + df[None, :] * tl.sum(w0 * Cv[:, None, :], axis=2)
-            v0 = v0 + df3 * w0
-            v1 = v1 + df3 * w1
-            v2 = v2 + df3 * w2
-            v3 = v3 + df3 * w3
-        if HAS_Z:
-            yb = yb * (z * tl.sigmoid(z))
-        yb = tl.where(real[:, None], yb, 0.0)
+                tl.store(ck_k_ptr + row * NG + offs_g, kg, mask=gmask & is_ck)
+                tl.store(ck_e_ptr + row * d + ch, e, mask=cmask & is_ck)
+        tt, yb, S0n, S1n, S2n, S3n, kg, e = _fwd_block(
+            S0, S1, S2, S3, kg, e, blk, t0, T, ph_b, t1, cdiff, period,
+            u_b, dl_b, z_b, B_b, C_b, al_b, m_b, s_u_t, s_dl_t, s_z_t, s_B_t, s_C_t, s_al_t,
+            offs_i, offs_n, nmask, grp, ch, cmask, smask, first, last,
+            A, bias, Dp, wr, rho_c, eta, lam, k_max, kb, lane_w, lane_v, sigma_w, sigma_v,
+            G, GP, BG, BT, MS, TAU, CONTROL, HAS_ALPHA, HAS_BIAS, SOFTPLUS, HAS_D, HAS_Z, HAS_MASK,
+            NOISE_W, NOISE_V, FIX_H)
+        S0, S1, S2, S3 = S0n, S1n, S2n, S3n
         tl.store(y_b + tt[:, None] * s_u_t + ch[None, :], yb.to(y_ptr.dtype.element_ty),
                  mask=(tt < T)[:, None] & cmask[None, :])
-        S0 = _row(v0, last)
-        if MS > 1:
-            S1 = _row(v1, last)
-        if MS > 2:
-            S2 = _row(v2, last)
-        if MS > 3:
-            S3 = _row(v3, last)
 
     if TAU == 0:
         tl.store(hT_ptr + pid_b * sd + sidx, S0, mask=smask)
@@ -688,20 +718,22 @@ def _chunk_bwd_kernel(
     u_ptr, dl_ptr, z_ptr, B_ptr, C_ptr, al_ptr, m_ptr, gy_ptr,
     A_ptr, bias_ptr, D_ptr, wr_ptr, rho_ptr, eta_ptr, lam_ptr,
     h0_ptr, ph_ptr, t1_ptr,
-    ck_s_ptr, ck_k_ptr, ck_e_ptr,  # the forward's block-start carries
+    ck_s_ptr, ck_k_ptr, ck_e_ptr,  # the forward's carries at every SEG-th block's start
+    sc_s_ptr, sc_k_ptr, sc_e_ptr,  # scratch (b, SEG, ...): the start carries of one segment's blocks
     ghT_ptr, glnT_ptr, gkT_ptr, geT_ptr,  # gradients of the final state (fp32)
     gu_ptr, gdl_ptr, gz_ptr, gal_ptr,  # per-step gradients, contiguous like their inputs
     gB_ptr, gC_ptr,  # partials (b, T, n_cb, N) fp32
     gA_ptr, gbias_ptr, gD_ptr, gwr_ptr,  # partials (b, d, N) and (b, d) fp32
     grho_ptr, geta_ptr, glam_ptr,  # partials (b, ng) fp32
     gh0_ptr, gln0_ptr, gk0_ptr, ge0_ptr,  # gradients of the initial state (fp32)
-    T, d, NG, N, n_blk, n_cb, period,
+    T, d, NG, N, n_blk, n_ck, n_cb, period,
     s_u_b, s_u_t, s_dl_b, s_dl_t, s_z_b, s_z_t, s_B_b, s_B_t, s_C_b, s_C_t, s_al_b, s_al_t,
     k_max, sigma_w, sigma_v, seed_key,
     G: tl.constexpr, GP: tl.constexpr, BG: tl.constexpr, NP: tl.constexpr, BT: tl.constexpr, MS: tl.constexpr,
     TAU: tl.constexpr, CONTROL: tl.constexpr, HAS_ALPHA: tl.constexpr, HAS_BIAS: tl.constexpr,
     SOFTPLUS: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_MASK: tl.constexpr,
     NOISE_W: tl.constexpr, NOISE_V: tl.constexpr, FIX_H: tl.constexpr, HAS_GFINAL: tl.constexpr,
+    SEG: tl.constexpr,
 ):
     BC: tl.constexpr = BG * GP
     NV: tl.constexpr = 2 if CONTROL else 1
@@ -728,7 +760,7 @@ def _chunk_bwd_kernel(
     if FIX_H:
         t1 = tl.load(t1_ptr + pid_b)
         h0 = tl.load(h0_ptr + pid_b * sd + sidx, mask=smask, other=0.0)
-        cdiff = h0 - tl.load(ck_s_ptr + pid_b * n_blk * MS * sd + sidx, mask=smask, other=0.0)
+        cdiff = h0 - tl.load(ck_s_ptr + pid_b * n_ck * MS * sd + sidx, mask=smask, other=0.0)
     # the adjoint of the carry after the current block, seeded by the final state's gradients
     G0 = tl.zeros([BC, NP], tl.float32)
     G1 = G0
@@ -766,190 +798,225 @@ def _chunk_bwd_kernel(
     C_b = C_ptr + pid_b * s_C_b
     al_b = al_ptr + pid_b * s_al_b
     m_b = m_ptr + pid_b * T
+    ph_b = ph_ptr + pid_b * n_blk
 
-    for bb in range(0, n_blk):
-        blk = n_blk - 1 - bb
-        t0 = blk * BT
-        row = pid_b * n_blk + blk
-        # --- recompute the block's forward from its start carry
-        S0, S1, S2, S3 = _load_S(ck_s_ptr + row * MS * sd, sd, sidx, smask, MS, NP, BC)
+    for ss in range(0, n_ck):
+        sg = n_ck - 1 - ss  # segments of SEG blocks, last to first
+        b0 = sg * SEG
+        nb = tl.minimum(n_blk - b0, SEG)
+        # --- the segment's forward from its checkpoint, keeping each block's start carry
+        ckr = pid_b * n_ck + sg
+        S0, S1, S2, S3 = _load_S(ck_s_ptr + ckr * MS * sd, sd, sidx, smask, MS, NP, BC)
         kg = tl.zeros([BG], tl.float32)
         e = tl.zeros([BC], tl.float32)
         if CONTROL:
-            kg = tl.load(ck_k_ptr + row * NG + offs_g, mask=gmask, other=0.0)
-            e = tl.load(ck_e_ptr + row * d + ch, mask=cmask, other=0.0)
-        tt, real, u, xd, dt, z, Bv, Cv, al, dA, a, r, xi, zeta = _block(
-            u_b, dl_b, z_b, B_b, C_b, al_b, m_b, t0, T, s_u_t, s_dl_t, s_z_t, s_B_t, s_C_t, s_al_t,
-            offs_i, offs_n, nmask, grp, ch, cmask, smask, A, bias, rho_c, kb, lane_w, lane_v, sigma_w, sigma_v,
-            TAU, HAS_ALPHA, HAS_BIAS, SOFTPLUS, HAS_Z, HAS_MASK, NOISE_W, NOISE_V)
-        real2 = real[:, None]
-        real3 = real[:, None, None]
-        dB = dt[:, :, None] * Bv[:, None, :]
-        f_old = tl.zeros([BC], tl.float32)
+            kg = tl.load(ck_k_ptr + ckr * NG + offs_g, mask=gmask, other=0.0)
+            e = tl.load(ck_e_ptr + ckr * d + ch, mask=cmask, other=0.0)
+        _store_S(sc_s_ptr + pid_b * SEG * MS * sd, sd, sidx, smask, S0, S1, S2, S3, MS)
         if CONTROL:
-            f_old = _gbc(kg, BG, GP) * _tanh(e)
-        x = tl.where(real3, dB * (u - f_old[None, :])[:, :, None] + xi, 0.0)
-        if FIX_H:
-            x = x + tl.where((tt == t1)[:, None, None], a * cdiff[None, :, :], 0.0)
-        w = zero3
-        inst = offs_i < 0
-        after = inst
-        has = False
-        if CONTROL:
-            ph = tl.load(ph_ptr + pid_b * n_blk + blk)
-            inst, after, has = _instant(real, ph, period, offs_i)
-            w = tl.where(after[:, None, None], -dB, 0.0)
-        r3 = tl.broadcast_to(r[:, :, None], [BT, BC, NP])
-        if TAU == 1:
-            ae = a + r3
-        else:
-            ae = a
-        v0, v1, v2, v3, w0, w1, w2, w3 = _scan_fwd(ae, r3, real3, x, w, S0, S1, S2, S3, first, MS, NV)
-        yb = tl.sum(v0 * Cv[:, None, :], axis=2) + zeta
-        if HAS_D:
-            yb = yb + Dp[None, :] * u
-        df = tl.zeros([BC], tl.float32)
-        if CONTROL:
-            es, ss, rr, pre, kn = _controller(yb - wr[None, :] * u, inst, kg, eta, lam, k_max, cmask, G, BG, GP)
-            kc_new = _gbc(kn, BG, GP)
-            th_s = _tanh(es)
-            df = tl.where(has & cmask, kc_new * th_s - f_old, 0.0)
-            df3 = df[None, :, None]
-            yb = yb + df[None, :] * tl.sum(w0 * Cv[:, None, :], axis=2)
-            v0 = v0 + df3 * w0
-            v1 = v1 + df3 * w1
-            v2 = v2 + df3 * w2
-            v3 = v3 + df3 * w3
-        # the state before each position: h_(t−1) and h_(t−τ)
-        hprev = _prev(v0, first, S0, idxp)
-        if TAU == 2:
-            hdel = _prev(v1, first, S1, idxp)
-        elif TAU == 3:
-            hdel = _prev(v2, first, S2, idxp)
-        elif TAU == 4:
-            hdel = _prev(v3, first, S3, idxp)
-        else:
-            hdel = hprev
-        # --- output gate
-        cm2 = (tt < T)[:, None] & cmask[None, :]
-        go = tl.load(gy_ptr + pid_b * s_u_b + tt[:, None] * s_u_t + ch[None, :], mask=cm2, other=0.0).to(tl.float32)
-        if HAS_Z:
-            sz = tl.sigmoid(z)
-            gy = go * (z * sz)
-            gz = go * yb * (sz * (1.0 + z * (1.0 - sz)))
-        else:
-            gy = go
-            gz = go
-        gy = tl.where(real2, gy, 0.0)
-        # --- the adjoint recurrence, reversed over the block: λ_t = src_t e1 + M_(t+1)^T λ_(t+1)
-        an = tl.gather(ae, idxn, 0)
-        rn = tl.gather(r3, idxn, 0)
-        realn = (tl.gather(real.to(tl.int32), idxn1, 0) != 0)[:, None, None]
-        src = Cv[:, None, :] * gy[:, :, None]
-        srcB = tl.where(inst[:, None, None], Cv[:, None, :] + zero3, 0.0)
-        L0, L1, L2, L3, B0, B1, B2, B3 = _scan_bwd(an, rn, realn, src, G0, G1, G2, G3, srcB, last, MS, NV)
-        gyp = gy
-        if CONTROL:
-            # the instant: δf's adjoint from the steps after it, then the error's, through the gain and the signal
-            gfn = tl.sum(tl.sum(tl.where(after[:, None, None], -L0 * dB, 0.0), axis=2), axis=0)
-            gkn = gk + _gsum(tl.where(cmask, gfn * th_s, 0.0), BG, GP)
-            ges = ge + gfn * kc_new * (1.0 - th_s * th_s)
-            gpre = tl.where((pre >= 0.0) & (pre <= k_max), gkn, 0.0)
-            ges = ges + _gbc(eta * gpre / (ss * tl.sqrt(G * 1.0)), BG, GP) * es
-            ges = tl.where(has & cmask, ges, 0.0)
-            geta = geta + tl.where(has, rr * gpre, 0.0)
-            glam = glam + tl.where(has, -kg * gpre, 0.0)
-            gk = tl.where(has, (1.0 - lam) * gpre, gk)
-            ge = tl.where(has, 0.0, ge)
-            ges3 = ges[None, :, None]
-            L0 = L0 + ges3 * B0
-            L1 = L1 + ges3 * B1
-            L2 = L2 + ges3 * B2
-            L3 = L3 + ges3 * B3
-            gyp = gy + tl.where(inst[:, None], ges[None, :], 0.0)
-        # --- per-position gradients
-        uf = u - f_old[None, :] - tl.where(after[:, None], df[None, :], 0.0)  # ũ_t
-        sB = tl.sum(L0 * Bv[:, None, :], axis=2)
-        gdt = tl.where(real2, sB * uf, 0.0)
-        gu = tl.where(real2, sB * dt, 0.0)
-        if HAS_D:
-            gu = gu + gyp * Dp[None, :]
-        gDp = gDp + tl.sum(gyp * u, axis=0)
-        if CONTROL:
-            gu = gu - tl.where(inst[:, None], (ges * wr)[None, :], 0.0)
-            gwr = gwr - tl.sum(tl.where(inst[:, None], ges[None, :] * u, 0.0), axis=0)
-            gfo = -tl.sum(tl.where(real2 & (~after[:, None]), sB * dt, 0.0), axis=0)
-            th_o = _tanh(e)
-            gk = gk + _gsum(tl.where(cmask, gfo * th_o, 0.0), BG, GP)
-            ge = ge + tl.where(cmask, gfo * _gbc(kg, BG, GP) * (1.0 - th_o * th_o), 0.0)
-        keep = real3 & smask3
-        gB_t = tl.sum(tl.where(keep, L0 * (dt * uf)[:, :, None], 0.0), axis=1)
-        gC_t = tl.sum(tl.where(keep, gyp[:, :, None] * v0, 0.0), axis=1)
-        gae = tl.where(keep, L0 * hprev, 0.0)
-        ga = gae
-        if TAU == 1:
-            gr = gae
-        else:
-            gr = tl.where(keep, L0 * hdel, 0.0)
-        if FIX_H:
-            t1m = (tt == t1)[:, None, None]
-            ga = ga + tl.where(t1m & smask3, L0 * cdiff[None, :, :], 0.0)
-            gcd = gcd + tl.sum(tl.where(t1m, L0 * a, 0.0), axis=0)
-        gadA = tl.sum(ga * dA, axis=2)
-        if TAU > 0:
-            grs = tl.sum(gr, axis=2)
-            gdA = ga * (al * (1.0 - rho_c[None, :]))[:, :, None]
-            gal = gadA * (1.0 - rho_c[None, :]) + grs * rho_c[None, :]
-            grho = grho + tl.sum(al * (grs - gadA), axis=0)
-        else:
-            gdA = ga * al[:, :, None]
-            gal = gadA
-        gdAe = tl.where(smask3, gdA * dA, 0.0)
-        gdt = gdt + tl.sum(gdAe * A[None, :, :], axis=2)
-        gA = gA + tl.sum(gdAe * dt[:, :, None], axis=0)
-        if SOFTPLUS:
-            gx = gdt * tl.where(xd > 20.0, 1.0, tl.sigmoid(xd))
-        else:
-            gx = gdt
-        gx = tl.where(real2, gx, 0.0)
-        gbias = gbias + tl.sum(gx, axis=0)
-        gro = pid_b * s_u_b + tt[:, None] * s_u_t + ch[None, :]  # gradient tensors are contiguous like u
-        tl.store(gu_ptr + gro, gu.to(gu_ptr.dtype.element_ty), mask=cm2)
-        tl.store(gdl_ptr + gro, gx.to(gdl_ptr.dtype.element_ty), mask=cm2)
-        if HAS_Z:
-            tl.store(gz_ptr + gro, tl.where(real2, gz, 0.0).to(gz_ptr.dtype.element_ty), mask=cm2)
-        if HAS_ALPHA:
-            galg = tl.sum(tl.reshape(tl.where(cmask[None, :], gal, 0.0), [BT, BG, GP]), axis=2)
-            tl.store(gal_ptr + (pid_b * T + tt[:, None]) * NG + offs_g[None, :], galg.to(gal_ptr.dtype.element_ty),
-                     mask=(tt < T)[:, None] & gmask[None, :])
-        part = ((pid_b * T + tt[:, None]) * n_cb + pid_c) * N + offs_n[None, :]
-        nm2 = (tt < T)[:, None] & nmask[None, :]
-        tl.store(gB_ptr + part, gB_t, mask=nm2)
-        tl.store(gC_ptr + part, gC_t, mask=nm2)
-        # --- the carry's adjoint before the block: M_0^T λ_0
-        R0 = _row(L0, first)
-        a0 = _row(ae, first)
-        real0 = tl.sum(tl.where(offs_i == 0, real.to(tl.int32), 0), axis=0) > 0
-        if MS == 1:
-            G0 = tl.where(real0, a0 * R0, R0)
-        else:
-            R1 = _row(L1, first)
-            r0 = _row(r3, first)
-            if MS == 2:
-                G0 = tl.where(real0, a0 * R0 + R1, R0)
-                G1 = tl.where(real0, r0 * R0, R1)
-            elif MS == 3:
-                R2 = _row(L2, first)
-                G0 = tl.where(real0, a0 * R0 + R1, R0)
-                G1 = tl.where(real0, R2, R1)
-                G2 = tl.where(real0, r0 * R0, R2)
+            tl.store(sc_k_ptr + pid_b * SEG * NG + offs_g, kg, mask=gmask)
+            tl.store(sc_e_ptr + pid_b * SEG * d + ch, e, mask=cmask)
+        for j in range(1, nb):
+            blk = b0 + j - 1
+            tt, yb, S0n, S1n, S2n, S3n, kg, e = _fwd_block(
+                S0, S1, S2, S3, kg, e, blk, blk * BT, T, ph_b, t1, cdiff, period,
+                u_b, dl_b, z_b, B_b, C_b, al_b, m_b, s_u_t, s_dl_t, s_z_t, s_B_t, s_C_t, s_al_t,
+                offs_i, offs_n, nmask, grp, ch, cmask, smask, first, last,
+                A, bias, Dp, wr, rho_c, eta, lam, k_max, kb, lane_w, lane_v, sigma_w, sigma_v,
+                G, GP, BG, BT, MS, TAU, CONTROL, HAS_ALPHA, HAS_BIAS, SOFTPLUS, HAS_D, HAS_Z, HAS_MASK,
+                NOISE_W, NOISE_V, FIX_H)
+            S0, S1, S2, S3 = S0n, S1n, S2n, S3n
+            srow = pid_b * SEG + j
+            _store_S(sc_s_ptr + srow * MS * sd, sd, sidx, smask, S0, S1, S2, S3, MS)
+            if CONTROL:
+                tl.store(sc_k_ptr + srow * NG + offs_g, kg, mask=gmask)
+                tl.store(sc_e_ptr + srow * d + ch, e, mask=cmask)
+        tl.debug_barrier()
+        for jj in range(0, nb):
+            j = nb - 1 - jj
+            blk = b0 + j
+            t0 = blk * BT
+            srow = pid_b * SEG + j
+            # --- recompute the block's forward from its start carry
+            S0, S1, S2, S3 = _load_S(sc_s_ptr + srow * MS * sd, sd, sidx, smask, MS, NP, BC)
+            kg = tl.zeros([BG], tl.float32)
+            e = tl.zeros([BC], tl.float32)
+            if CONTROL:
+                kg = tl.load(sc_k_ptr + srow * NG + offs_g, mask=gmask, other=0.0)
+                e = tl.load(sc_e_ptr + srow * d + ch, mask=cmask, other=0.0)
+            tt, real, u, xd, dt, z, Bv, Cv, al, dA, a, r, xi, zeta = _block(
+                u_b, dl_b, z_b, B_b, C_b, al_b, m_b, t0, T, s_u_t, s_dl_t, s_z_t, s_B_t, s_C_t, s_al_t,
+                offs_i, offs_n, nmask, grp, ch, cmask, smask, A, bias, rho_c, kb, lane_w, lane_v, sigma_w, sigma_v,
+                TAU, HAS_ALPHA, HAS_BIAS, SOFTPLUS, HAS_Z, HAS_MASK, NOISE_W, NOISE_V)
+            real2 = real[:, None]
+            real3 = real[:, None, None]
+            dB = dt[:, :, None] * Bv[:, None, :]
+            f_old = tl.zeros([BC], tl.float32)
+            if CONTROL:
+                f_old = _gbc(kg, BG, GP) * _tanh(e)
+            x = tl.where(real3, dB * (u - f_old[None, :])[:, :, None] + xi, 0.0)
+            if FIX_H:
+                x = x + tl.where((tt == t1)[:, None, None], a * cdiff[None, :, :], 0.0)
+            w = zero3
+            inst = offs_i < 0
+            after = inst
+            has = False
+            if CONTROL:
+                ph = tl.load(ph_ptr + pid_b * n_blk + blk)
+                inst, after, has = _instant(real, ph, period, offs_i)
+                w = tl.where(after[:, None, None], -dB, 0.0)
+            r3 = tl.broadcast_to(r[:, :, None], [BT, BC, NP])
+            if TAU == 1:
+                ae = a + r3
             else:
-                R2 = _row(L2, first)
-                R3 = _row(L3, first)
-                G0 = tl.where(real0, a0 * R0 + R1, R0)
-                G1 = tl.where(real0, R2, R1)
-                G2 = tl.where(real0, R3, R2)
-                G3 = tl.where(real0, r0 * R0, R3)
+                ae = a
+            v0, v1, v2, v3, w0, w1, w2, w3 = _scan_fwd(ae, r3, real3, x, w, S0, S1, S2, S3, first, MS, NV)
+            yb = tl.sum(v0 * Cv[:, None, :], axis=2) + zeta
+            if HAS_D:
+                yb = yb + Dp[None, :] * u
+            df = tl.zeros([BC], tl.float32)
+            if CONTROL:
+                es, ss, rr, pre, kn = _controller(yb - wr[None, :] * u, inst, kg, eta, lam, k_max, cmask, G, BG, GP)
+                kc_new = _gbc(kn, BG, GP)
+                th_s = _tanh(es)
+                df = tl.where(has & cmask, kc_new * th_s - f_old, 0.0)
+                df3 = df[None, :, None]
+                yb = yb + df[None, :] * tl.sum(w0 * Cv[:, None, :], axis=2)
+                v0 = v0 + df3 * w0
+                v1 = v1 + df3 * w1
+                v2 = v2 + df3 * w2
+                v3 = v3 + df3 * w3
+            # the state before each position: h_(t−1) and h_(t−τ)
+            hprev = _prev(v0, first, S0, idxp)
+            if TAU == 2:
+                hdel = _prev(v1, first, S1, idxp)
+            elif TAU == 3:
+                hdel = _prev(v2, first, S2, idxp)
+            elif TAU == 4:
+                hdel = _prev(v3, first, S3, idxp)
+            else:
+                hdel = hprev
+            # --- output gate
+            cm2 = (tt < T)[:, None] & cmask[None, :]
+            go = tl.load(gy_ptr + pid_b * s_u_b + tt[:, None] * s_u_t + ch[None, :], mask=cm2, other=0.0).to(tl.float32)
+            if HAS_Z:
+                sz = tl.sigmoid(z)
+                gy = go * (z * sz)
+                gz = go * yb * (sz * (1.0 + z * (1.0 - sz)))
+            else:
+                gy = go
+                gz = go
+            gy = tl.where(real2, gy, 0.0)
+            # --- the adjoint recurrence, reversed over the block: λ_t = src_t e1 + M_(t+1)^T λ_(t+1)
+            an = tl.gather(ae, idxn, 0)
+            rn = tl.gather(r3, idxn, 0)
+            realn = (tl.gather(real.to(tl.int32), idxn1, 0) != 0)[:, None, None]
+            src = Cv[:, None, :] * gy[:, :, None]
+            srcB = tl.where(inst[:, None, None], Cv[:, None, :] + zero3, 0.0)
+            L0, L1, L2, L3, B0, B1, B2, B3 = _scan_bwd(an, rn, realn, src, G0, G1, G2, G3, srcB, last, MS, NV)
+            gyp = gy
+            if CONTROL:
+                # the instant: δf's adjoint from the steps after it, then the error's, through the gain and the signal
+                gfn = tl.sum(tl.sum(tl.where(after[:, None, None], -L0 * dB, 0.0), axis=2), axis=0)
+                gkn = gk + _gsum(tl.where(cmask, gfn * th_s, 0.0), BG, GP)
+                ges = ge + gfn * kc_new * (1.0 - th_s * th_s)
+                gpre = tl.where((pre >= 0.0) & (pre <= k_max), gkn, 0.0)
+                ges = ges + _gbc(eta * gpre / (ss * tl.sqrt(G * 1.0)), BG, GP) * es
+                ges = tl.where(has & cmask, ges, 0.0)
+                geta = geta + tl.where(has, rr * gpre, 0.0)
+                glam = glam + tl.where(has, -kg * gpre, 0.0)
+                gk = tl.where(has, (1.0 - lam) * gpre, gk)
+                ge = tl.where(has, 0.0, ge)
+                ges3 = ges[None, :, None]
+                L0 = L0 + ges3 * B0
+                L1 = L1 + ges3 * B1
+                L2 = L2 + ges3 * B2
+                L3 = L3 + ges3 * B3
+                gyp = gy + tl.where(inst[:, None], ges[None, :], 0.0)
+            # --- per-position gradients
+            uf = u - f_old[None, :] - tl.where(after[:, None], df[None, :], 0.0)  # ũ_t
+            sB = tl.sum(L0 * Bv[:, None, :], axis=2)
+            gdt = tl.where(real2, sB * uf, 0.0)
+            gu = tl.where(real2, sB * dt, 0.0)
+            if HAS_D:
+                gu = gu + gyp * Dp[None, :]
+            gDp = gDp + tl.sum(gyp * u, axis=0)
+            if CONTROL:
+                gu = gu - tl.where(inst[:, None], (ges * wr)[None, :], 0.0)
+                gwr = gwr - tl.sum(tl.where(inst[:, None], ges[None, :] * u, 0.0), axis=0)
+                gfo = -tl.sum(tl.where(real2 & (~after[:, None]), sB * dt, 0.0), axis=0)
+                th_o = _tanh(e)
+                gk = gk + _gsum(tl.where(cmask, gfo * th_o, 0.0), BG, GP)
+                ge = ge + tl.where(cmask, gfo * _gbc(kg, BG, GP) * (1.0 - th_o * th_o), 0.0)
+            keep = real3 & smask3
+            gB_t = tl.sum(tl.where(keep, L0 * (dt * uf)[:, :, None], 0.0), axis=1)
+            gC_t = tl.sum(tl.where(keep, gyp[:, :, None] * v0, 0.0), axis=1)
+            gae = tl.where(keep, L0 * hprev, 0.0)
+            ga = gae
+            if TAU == 1:
+                gr = gae
+            else:
+                gr = tl.where(keep, L0 * hdel, 0.0)
+            if FIX_H:
+                t1m = (tt == t1)[:, None, None]
+                ga = ga + tl.where(t1m & smask3, L0 * cdiff[None, :, :], 0.0)
+                gcd = gcd + tl.sum(tl.where(t1m, L0 * a, 0.0), axis=0)
+            gadA = tl.sum(ga * dA, axis=2)
+            if TAU > 0:
+                grs = tl.sum(gr, axis=2)
+                gdA = ga * (al * (1.0 - rho_c[None, :]))[:, :, None]
+                gal = gadA * (1.0 - rho_c[None, :]) + grs * rho_c[None, :]
+                grho = grho + tl.sum(al * (grs - gadA), axis=0)
+            else:
+                gdA = ga * al[:, :, None]
+                gal = gadA
+            gdAe = tl.where(smask3, gdA * dA, 0.0)
+            gdt = gdt + tl.sum(gdAe * A[None, :, :], axis=2)
+            gA = gA + tl.sum(gdAe * dt[:, :, None], axis=0)
+            if SOFTPLUS:
+                gx = gdt * tl.where(xd > 20.0, 1.0, tl.sigmoid(xd))
+            else:
+                gx = gdt
+            gx = tl.where(real2, gx, 0.0)
+            gbias = gbias + tl.sum(gx, axis=0)
+            gro = pid_b * s_u_b + tt[:, None] * s_u_t + ch[None, :]  # gradient tensors are contiguous like u
+            tl.store(gu_ptr + gro, gu.to(gu_ptr.dtype.element_ty), mask=cm2)
+            tl.store(gdl_ptr + gro, gx.to(gdl_ptr.dtype.element_ty), mask=cm2)
+            if HAS_Z:
+                tl.store(gz_ptr + gro, tl.where(real2, gz, 0.0).to(gz_ptr.dtype.element_ty), mask=cm2)
+            if HAS_ALPHA:
+                galg = tl.sum(tl.reshape(tl.where(cmask[None, :], gal, 0.0), [BT, BG, GP]), axis=2)
+                tl.store(gal_ptr + (pid_b * T + tt[:, None]) * NG + offs_g[None, :], galg.to(gal_ptr.dtype.element_ty),
+                         mask=(tt < T)[:, None] & gmask[None, :])
+            part = ((pid_b * T + tt[:, None]) * n_cb + pid_c) * N + offs_n[None, :]
+            nm2 = (tt < T)[:, None] & nmask[None, :]
+            tl.store(gB_ptr + part, gB_t, mask=nm2)
+            tl.store(gC_ptr + part, gC_t, mask=nm2)
+            # --- the carry's adjoint before the block: M_0^T λ_0
+            R0 = _row(L0, first)
+            a0 = _row(ae, first)
+            real0 = tl.sum(tl.where(offs_i == 0, real.to(tl.int32), 0), axis=0) > 0
+            if MS == 1:
+                G0 = tl.where(real0, a0 * R0, R0)
+            else:
+                R1 = _row(L1, first)
+                r0 = _row(r3, first)
+                if MS == 2:
+                    G0 = tl.where(real0, a0 * R0 + R1, R0)
+                    G1 = tl.where(real0, r0 * R0, R1)
+                elif MS == 3:
+                    R2 = _row(L2, first)
+                    G0 = tl.where(real0, a0 * R0 + R1, R0)
+                    G1 = tl.where(real0, R2, R1)
+                    G2 = tl.where(real0, r0 * R0, R2)
+                else:
+                    R2 = _row(L2, first)
+                    R3 = _row(L3, first)
+                    G0 = tl.where(real0, a0 * R0 + R1, R0)
+                    G1 = tl.where(real0, R2, R1)
+                    G2 = tl.where(real0, R3, R2)
+                    G3 = tl.where(real0, r0 * R0, R3)
+        tl.debug_barrier()  # the next segment rewrites the scratch
 
     if TAU == 0:
         tl.store(gh0_ptr + pid_b * sd + sidx, G0, mask=smask)
@@ -1003,6 +1070,11 @@ class _Cfg:
             setattr(self, k, v)
 
 
+def _segment(bt: int) -> int:
+    """Blocks per saved carry."""
+    return max(1, CHECKPOINT_STEPS // bt)
+
+
 def _flags(cfg):
     return dict(TAU=cfg.tau, CONTROL=cfg.control, HAS_ALPHA=cfg.has_alpha, HAS_BIAS=cfg.has_bias,
                 SOFTPLUS=cfg.softplus, HAS_D=cfg.has_D, HAS_Z=cfg.has_z, HAS_MASK=cfg.has_mask,
@@ -1036,6 +1108,8 @@ def _launch_fwd(cfg, u, delta, A, B, C, D, z, delta_bias, alpha, rho, eta, lam, 
     ng = d // G
     gp, bg, np_, n_cb, num_warps = _blocking(d, G, n)
     n_blk = triton.cdiv(T, cfg.bt)
+    seg = _segment(cfg.bt)
+    n_ck = triton.cdiv(n_blk, seg)
     f32 = dict(device=u.device, dtype=torch.float32)
     dummy = torch.empty(1, **f32)
     y = torch.empty(b, T, d, device=u.device, dtype=u.dtype)
@@ -1044,9 +1118,9 @@ def _launch_fwd(cfg, u, delta, A, B, C, D, z, delta_bias, alpha, rho, eta, lam, 
     kT = torch.empty(b, ng, **f32) if cfg.control else dummy
     eT = torch.empty(b, d, **f32) if cfg.control else dummy
     if save:
-        ck = (torch.empty(b, n_blk, ms, d, n, **f32),
-              torch.empty(b, n_blk, ng, **f32) if cfg.control else dummy,
-              torch.empty(b, n_blk, d, **f32) if cfg.control else dummy)
+        ck = (torch.empty(b, n_ck, ms, d, n, **f32),
+              torch.empty(b, n_ck, ng, **f32) if cfg.control else dummy,
+              torch.empty(b, n_ck, d, **f32) if cfg.control else dummy)
     else:
         ck = (dummy,) * 3
     o = lambda x: x if x is not None else dummy  # noqa: E731 - absent optional inputs
@@ -1055,10 +1129,10 @@ def _launch_fwd(cfg, u, delta, A, B, C, D, z, delta_bias, alpha, rho, eta, lam, 
         A, o(delta_bias), o(D), o(w_r), o(rho), o(eta), o(lam),
         h0, ln0 if tau else dummy, k_init, e0, ph, t1,
         hT, lnT if tau else dummy, kT, eT, *ck,
-        T, d, ng, n, n_blk, cfg.period,
+        T, d, ng, n, n_blk, n_ck, cfg.period,
         *_strides(u, delta, z, B, C, alpha),
         float(cfg.k_max), float(cfg.sigma_w), float(cfg.sigma_v), _seed_key(cfg.seed),
-        G=G, GP=gp, BG=bg, NP=np_, BT=cfg.bt, MS=ms, SAVE=save, **_flags(cfg), num_warps=num_warps,
+        G=G, GP=gp, BG=bg, NP=np_, BT=cfg.bt, MS=ms, SAVE=save, SEG=seg, **_flags(cfg), num_warps=num_warps,
     )
     return y, (hT, lnT, kT, eT), ck
 
@@ -1084,8 +1158,12 @@ class _ChunkScan(torch.autograd.Function):
         ng = d // G
         gp, bg, np_, n_cb, num_warps = _blocking(d, G, n)
         n_blk = triton.cdiv(T, cfg.bt)
+        seg = _segment(cfg.bt)
+        ms = max(tau, 1)
         f32 = dict(device=u.device, dtype=torch.float32)
         dummy = torch.empty(1, **f32)
+        sc = (torch.empty(b, seg, ms, d, n, **f32), torch.empty(b, seg, ng, **f32) if cfg.control else dummy,
+              torch.empty(b, seg, d, **f32) if cfg.control else dummy)
         gy = torch.zeros_like(u) if gy is None else gy.contiguous()
         has_gfinal = any(g is not None for g in (ghT, glnT, gkT, geT))
         zf = lambda g, *shape: (torch.zeros(*shape, **f32) if g is None else g.float().contiguous())  # noqa: E731
@@ -1109,14 +1187,14 @@ class _ChunkScan(torch.autograd.Function):
         _chunk_bwd_kernel[(b, n_cb)](
             u, delta, o(z), B, C, o(alpha), o(mask), gy,
             A, o(delta_bias), o(D), o(w_r), o(rho), o(eta), o(lam),
-            h0, ph, t1, *ck,
+            h0, ph, t1, *ck, *sc,
             ghT, glnT if tau else dummy, gkT, geT,
             gu, gdelta, gz, galpha, gBp, gCp, gAp, gbp, gDp, gwp, grp, gep, glp,
             gh0, gln0 if tau else dummy, gk0, ge0,
-            T, d, ng, n, n_blk, n_cb, cfg.period,
+            T, d, ng, n, n_blk, triton.cdiv(n_blk, seg), n_cb, cfg.period,
             *_strides(u, delta, z, B, C, alpha),
             float(cfg.k_max), float(cfg.sigma_w), float(cfg.sigma_v), _seed_key(cfg.seed),
-            G=G, GP=gp, BG=bg, NP=np_, BT=cfg.bt, MS=max(tau, 1), HAS_GFINAL=has_gfinal, **_flags(cfg),
+            G=G, GP=gp, BG=bg, NP=np_, BT=cfg.bt, MS=ms, HAS_GFINAL=has_gfinal, SEG=seg, **_flags(cfg),
             num_warps=num_warps,
         )
         like = lambda g, x: None if x is None else g.to(x.dtype)  # noqa: E731
