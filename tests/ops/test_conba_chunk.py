@@ -214,3 +214,51 @@ def test_dispatch_triton_backend(monkeypatch):
 def test_gpu_realistic_shape_bf16():
     x = _inputs("all", b=2, T=300, d=512, n=16, dtype=torch.bfloat16)
     _compare(x, 1e-2, 64, init=_init_state(x, 64))
+
+
+_AOT = """
+import inspect, sys
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from mixcon.ops.conba import chunk as ck
+
+which = sys.argv[1]
+flags = dict(G=8, GP=8, BG=1, NP=16, BT=ck.TUNING["block_t"], MS=2, TAU=2, CONTROL=True, HAS_ALPHA=True,
+             HAS_BIAS=True, SOFTPLUS=True, HAS_D=True, HAS_Z=True, HAS_MASK=True, NOISE_W=True, NOISE_V=True,
+             FIX_H=True, SEG=4, **({"SAVE": True} if which == "fwd" else {"HAS_GFINAL": True}))
+fn = ck._chunk_fwd_kernel if which == "fwd" else ck._chunk_bwd_kernel
+bf16 = {"u_ptr", "dl_ptr", "z_ptr", "B_ptr", "C_ptr", "al_ptr", "y_ptr", "gy_ptr", "gu_ptr", "gdl_ptr", "gz_ptr",
+        "gal_ptr"}
+ints = {"m_ptr": "*i8", "ph_ptr": "*i32", "t1_ptr": "*i32"}
+sig = {}
+for name in inspect.signature(fn.fn).parameters:
+    if name in flags:
+        sig[name] = "constexpr"
+    elif name.endswith("_ptr"):
+        sig[name] = ints.get(name, "*bf16" if name in bf16 else "*fp32")
+    else:
+        sig[name] = "fp32" if name in ("k_max", "sigma_w", "sigma_v") else "i32"
+k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=flags), target=GPUTarget("cuda", 90, 32),
+                   options=dict(num_warps=ck.TUNING["num_warps"]))
+assert k.asm.get("cubin")
+print("compiled", which)
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("which", ["fwd", "bwd"])
+def test_compiles_for_an_h100_ahead_of_time(which):
+    """Triton's compiler for sm_90, no GPU needed (a process without the interpreter): the interpreter
+    accepts code the compiler refuses — a loop variable reused with another type once passed the
+    interpreter tests. Every mechanism on, τ = 2, the default block. ~10-40 s of CPU each."""
+    import os
+    import subprocess
+    import sys
+
+    pytest.importorskip("triton.backends.nvidia")
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+    r = subprocess.run([sys.executable, "-c", _AOT, which], env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0 and "compiled" in r.stdout, r.stderr[-3000:]

@@ -800,8 +800,8 @@ def _chunk_bwd_kernel(
     m_b = m_ptr + pid_b * T
     ph_b = ph_ptr + pid_b * n_blk
 
-    for ss in range(0, n_ck):
-        sg = n_ck - 1 - ss  # segments of SEG blocks, last to first
+    for si in range(0, n_ck):
+        sg = n_ck - 1 - si  # segments of SEG blocks, last to first
         b0 = sg * SEG
         nb = tl.minimum(n_blk - b0, SEG)
         # --- the segment's forward from its checkpoint, keeping each block's start carry
