@@ -150,12 +150,16 @@ def test_P64_blocks_shorter_than_the_period():
     _compare(x, 1e-5, 64, init=_init_state(x, 64), bt=16)
 
 
-def test_P64_one_block_per_period():
+def test_P64_one_block_per_period(monkeypatch):
     """One block per period (BT = P = 64), no mask, empty initial state, so each instant is a block's
-    last step; two periods, so the second block starts with a held signal."""
+    last step (the ALIGNED kernels, without the second column); two periods, so the second block
+    starts with a held signal."""
+    seen, launch = [], ck._launch_fwd
+    monkeypatch.setattr(ck, "_launch_fwd", lambda cfg, *a, **k: seen.append(cfg.aligned) or launch(cfg, *a, **k))
     x = _inputs("control", b=1, T=128, d=8, mask=False)
     x["alpha"] = torch.sigmoid(torch.randn(1, 128, 1, generator=torch.Generator().manual_seed(9)) + 2).to(DEVICE)
     _compare(x, 1e-5, 64, bt=64)
+    assert seen == [True]
 
 
 def test_bf16_inputs():
@@ -226,7 +230,7 @@ from mixcon.ops.conba import chunk as ck
 which = sys.argv[1]
 flags = dict(G=8, GP=8, BG=1, NP=16, BT=ck.TUNING["block_t"], MS=2, TAU=2, CONTROL=True, HAS_ALPHA=True,
              HAS_BIAS=True, SOFTPLUS=True, HAS_D=True, HAS_Z=True, HAS_MASK=True, NOISE_W=True, NOISE_V=True,
-             FIX_H=True, SEG=4, **({"SAVE": True} if which == "fwd" else {"HAS_GFINAL": True}))
+             FIX_H=True, SEG=4, ALIGNED=False, **({"SAVE": True} if which == "fwd" else {"HAS_GFINAL": True}))
 fn = ck._chunk_fwd_kernel if which == "fwd" else ck._chunk_bwd_kernel
 bf16 = {"u_ptr", "dl_ptr", "z_ptr", "B_ptr", "C_ptr", "al_ptr", "y_ptr", "gy_ptr", "gu_ptr", "gdl_ptr", "gz_ptr",
         "gal_ptr"}
