@@ -1113,9 +1113,9 @@ def _clock(mask, phase0, b, T, bt, period, device):
         real[:, -1] = T - (n_blk - 1) * bt
         t1 = torch.zeros(b, dtype=torch.int32, device=device)
     else:
-        m = mask != 0
-        real = F.pad(m, (0, n_blk * bt - T)).view(b, n_blk, bt).sum(-1)
-        t1 = torch.where(m.any(1), m.to(torch.int8).argmax(1), -1).to(torch.int32)
+        m = (mask != 0).to(torch.int32)
+        real = F.pad(m, (0, n_blk * bt - T)).view(b, n_blk, bt).sum(-1).long()
+        t1 = torch.where(m.amax(1) > 0, m.argmax(1), -1).to(torch.int32)  # argmax: the first maximum
     before = real.cumsum(1) - real
     ph = ((phase0.to(torch.long)[:, None] + before) % period).to(torch.int32).contiguous()
     return ph, t1.contiguous(), real.sum(1)
