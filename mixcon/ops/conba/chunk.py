@@ -30,13 +30,15 @@ instant of its row (the row's phase and mask put it anywhere in the block). Per 
      carried to the next block.
 
 When every instant is a block's last step (no mask, no initial state, P a multiple of the block:
-the common case in training and in the benchmark) the second column is dropped (ALIGNED).
+the common case in training and in the benchmark) the second column is dropped (ALIGNED); the
+backward then folds the error's adjoint into the block's last source before its scan.
 
 Backward: the same structure reversed. The forward saves the carry (companion state, k, e) every
 CHECKPOINT_STEPS steps; the backward walks these segments from last to first, recomputes a
 segment's blocks forward from its checkpoint (keeping their start carries in a per-row scratch),
-then walks its blocks from last to first: it recomputes a block from its carry and solves the adjoint recurrence λ_t = src_t e1 + M_(t+1)^T λ_(t+1) by a reverse
-associative scan of transposed companion matrices, again with two columns: the sources known in
+then walks its blocks from last to first: it recomputes a block from its carry and solves the
+adjoint recurrence λ_t = src_t e1 + M_(t+1)^T λ_(t+1) by a reverse associative scan of the
+transposed companion matrices, again with two columns: the sources known in
 advance (the output's gradient, the carry's adjoint) and a unit source at the instant, whose
 weight — the error's adjoint, which depends on λ after the instant through δf — is known once the
 scan is done. The controller's chain between blocks is carried sequentially over blocks, as the
@@ -60,8 +62,9 @@ from .naive import ConbaState
 
 # time positions per block (a power of two; capped at the control period P), channels per program (whole
 # groups) and warps. Not timed on a GPU yet: 16 × 8 channels × 4 warps is the largest block whose
-# forward compiles for sm_90 without spilling (ptxas, ahead of time: 241 registers at τ = 2; 64 spills,
-# and the backward spills ~1 KB at 16). tools/bench_conba.py --chunk-block-t/--chunk-channels/--chunk-warps
+# forward compiles for sm_90 without spilling (ptxas, ahead of time: ~240 registers at τ = 2; 64
+# spills, and the backward spills ~1 KB at 16). To sweep on a GPU: tools/bench_conba.py
+# --chunk-block-t / --chunk-channels / --chunk-warps.
 TUNING = dict(block_t=16, channels=8, num_warps=4)
 # steps between the forward's saved carries (a multiple of the block, at least one block): the backward
 # recomputes the blocks in between, so the saved state is ~1/64 of the sequence's, as in fused_recurrent
