@@ -43,12 +43,14 @@ cat "$LOGS/device.txt"
 
 for s in "$@"; do
   case $s in
-    tests) step tests 90 python3 -m pytest -q -p no:cacheprovider ${TEST_ARGS:-tests/ops/test_conba_triton.py} ;;
+    tests) step tests 300 python3 -m pytest -q -p no:cacheprovider \
+             ${TEST_ARGS:-tests/ops/test_conba_triton.py tests/ops/test_conba_chunk.py} ;;
     conba) tuned=()  # the fastest program size of a `tune` step run before, if any
            [ -f eval/results/conba_tuning/best.txt ] && read -r c w < eval/results/conba_tuning/best.txt \
              && tuned=(--channels "$c" --max-warps "$w")
-           step conba 200 python3 tools/bench_conba.py --batch 1 8 32 --seqlen 2048 8192 32768 131072 \
-             --d-inner 4096 8192 "${tuned[@]}" --out eval/results/conba ;;
+           # P = 64 (the chunk scan), every mechanism on and off, noise off, bf16; the P = 1 kernel beside it
+           step conba 420 python3 tools/bench_conba.py --control-period 64 --batch 1 8 32 \
+             --seqlen 2048 8192 32768 131072 --d-inner 4096 8192 "${tuned[@]}" --out eval/results/conba ;;
     moe) step moe 120 python3 tools/bench_moe.py --out eval/results/moe ;;
     throughput) step throughput 280 python3 eval/throughput.py --batch 1 8 --decode-tokens 16 --time-budget 50 \
                   --out eval/results/throughput ;;

@@ -2,9 +2,10 @@
 
 `conba_scan` runs a whole sequence, `conba_step` one decode token. Both dispatch to a
 backend: ``"ref"`` (the pure-PyTorch loop in `naive.py`, the oracle), ``"triton"`` (the fused
-kernels in `fused_recurrent.py`), ``"chunk_torch"`` (`chunk_torch.py`: pure PyTorch, one control
-period per block, the CPU path), or ``"auto"`` (Triton on a CUDA device when it is importable;
-``chunk_torch`` on CPU — see `_auto_cpu`).
+kernels: `chunk.py`, chunk-parallel, for a control period P > 1; `fused_recurrent.py`, per step,
+for P = 1), ``"chunk_torch"`` (`chunk_torch.py`: pure PyTorch, one control period per block, the
+CPU path), or ``"auto"`` (Triton on a CUDA device when it is importable; ``chunk_torch`` on CPU —
+see `_auto_cpu`).
 
 With none of the extras given (alpha, rho/tau, k0/eta/lam/w_r, noise, mask) `conba_scan` is
 exactly Mamba-1's selective scan, in time-major layout.
@@ -162,19 +163,21 @@ def conba_scan(
                   sigma_w=sigma_w, sigma_v=sigma_v, seed=seed, initial_state=initial_state,
                   return_final_state=return_final_state, mask=mask)
     control = k0 is not None or eta is not None
-    if resolve_backend(backend, u.device) == "chunk_torch" or (
-            backend == "auto" and u.device.type == "cpu" and _auto_cpu(control, control_period)):
+    resolved = resolve_backend(backend, u.device)
+    if resolved == "chunk_torch" or (backend == "auto" and u.device.type == "cpu" and _auto_cpu(control, control_period)):
         from .chunk_torch import conba_scan_chunk_torch
 
         return conba_scan_chunk_torch(u, delta, A, B, C, **kwargs, control_period=control_period)
-    if control and control_period > 1:
-        # the held signal: the per-step kernels below implement P = 1 only
-        return conba_scan_ref(u, delta, A, B, C, **kwargs, control_period=control_period)
-    if resolve_backend(backend, u.device) == "triton":
+    if resolved == "triton" and control_period > 1:
+        # the held signal (and, without control, any P > 1): the chunk-parallel scan
+        from .chunk import conba_scan_chunk
+
+        return conba_scan_chunk(u, delta, A, B, C, **kwargs, control_period=control_period)
+    if resolved == "triton":  # P = 1: the per-step kernels
         from .fused_recurrent import conba_scan_triton
 
         return conba_scan_triton(u, delta, A, B, C, **kwargs)
-    return conba_scan_ref(u, delta, A, B, C, **kwargs)
+    return conba_scan_ref(u, delta, A, B, C, **kwargs, control_period=control_period)
 
 
 def conba_step(

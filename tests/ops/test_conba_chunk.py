@@ -1,0 +1,268 @@
+"""The chunk-parallel Conba scan (mixcon/ops/conba/chunk.py, control period P > 1) against the
+reference (docs/conba.md, "Kernel contract").
+
+On CPU through Triton's interpreter (TRITON_INTERPRET=1, set in conftest.py), compiled on a CUDA GPU
+when there is one. The interpreter runs a scan's combine once per element, so the shapes are small;
+they are odd on purpose: T not a multiple of the block or of P, d_inner not a multiple of the
+program's channel block, N = 5, groups with padded lanes, masks that leave a row empty, initial
+states with a non-zero phase and an h that differs from its delay line's first entry. Every tensor
+the kernels allocate is pre-filled with NaN, so an element a kernel forgets to write shows up.
+"""
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from helpers import conba_inputs, rel_rms  # noqa: E402
+from mixcon.ops.conba import ConbaState, conba_scan  # noqa: E402
+from mixcon.ops.conba import chunk as ck  # noqa: E402
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+SEQ = ("u", "delta", "B", "C", "z", "alpha", "mask")
+MECHANISMS = ["none", "scaling", "delay", "control", "noise", "all"]
+
+
+@pytest.fixture(autouse=True)
+def _nan_prefilled_outputs(monkeypatch):
+    """torch.empty inside the kernel module returns NaN-filled tensors."""
+    real_empty = torch.empty
+
+    def nan_empty(*size, **kw):
+        t = real_empty(*size, **kw)
+        return t.fill_(float("nan")) if t.is_floating_point() else t
+
+    monkeypatch.setattr(ck.torch, "empty", nan_empty)
+    # carries saved every 8 steps: with blocks of 2 or 4 the backward recomputes segments of several
+    # blocks, the last one partial; with blocks of 16 or 64, one block per segment
+    monkeypatch.setattr(ck, "CHECKPOINT_STEPS", 8)
+    yield
+
+
+def _inputs(mech, b=2, T=21, d=16, n=5, G=8, dtype=torch.float32, tau=None, seed=0, mask=True):
+    m = "all" if mech == "all" else (() if mech == "none" else (mech,))
+    x = conba_inputs(b=b, T=T, d=d, n=n, G=G, dtype=dtype, device=DEVICE, mechanisms=m, seed=seed)
+    if tau is not None:
+        x["tau"] = tau
+    if mask:
+        g = torch.Generator().manual_seed(seed + 1)
+        x["mask"] = (torch.rand(b, T, generator=g) > 0.2).float()
+        x["mask"][0, :3] = 0  # a left-padded row
+        x["mask"] = x["mask"].to(DEVICE)
+    return x
+
+
+def _init_state(x, P, seed=0):
+    """A random state: h differs from the delay line's first entry, the phase is anywhere in 0 … P − 1."""
+    b, T, d = x["u"].shape
+    n, tau, ng = x["A"].shape[1], x.get("tau", 0), d // x["group_size"]
+    g = torch.Generator().manual_seed(seed + 2)
+    r = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
+    st = ConbaState(r(b, d, n), r(b, tau, d, n), torch.rand(b, ng, generator=g) * 0.5, r(b, d) * 0.3,
+                    torch.randint(0, P, (b,), generator=g))
+    return ConbaState(*(s.to(DEVICE) for s in st))
+
+
+def _run(x, backend, P, init=None, bt=None, grad=True, seed=0):
+    """Output, final state and (with ``grad``) the gradient of every floating input of a random loss."""
+    x = {k: (v.detach().clone().requires_grad_(grad and k != "mask") if isinstance(v, torch.Tensor) else v)
+         for k, v in x.items()}
+    st = None if init is None else ConbaState(
+        *(s.detach().clone().requires_grad_(grad and s.is_floating_point()) for s in init))
+    with torch.set_grad_enabled(grad):
+        if backend == "ref":
+            y, fin = conba_scan(**x, initial_state=st, return_final_state=True, backend="ref", control_period=P)
+        else:
+            y, fin = ck.conba_scan_chunk(**x, initial_state=st, return_final_state=True, control_period=P, block_t=bt)
+    if not grad:
+        return y, fin, {}
+    g = torch.Generator().manual_seed(seed + 3)
+    w = lambda t: torch.randn(t.shape, generator=g).to(t.device)  # noqa: E731
+    loss = (y.float() * w(y)).sum()
+    loss = loss + sum((s * w(s)).sum() for s in fin if s.is_floating_point())
+    loss.backward()
+    grads = {k: v.grad for k, v in x.items() if isinstance(v, torch.Tensor) and k != "mask"}
+    if st is not None:
+        grads.update({"state." + f: s.grad for f, s in zip(ConbaState._fields, st) if s.is_floating_point()})
+    return y, fin, grads
+
+
+def _compare(x, tol, P, init=None, bt=None, grad=True):
+    """Kernel vs the reference on the same inputs. In float32 both are also measured against the
+    reference in float64 (the oracle): the kernel must be within ``tol`` of it, or no worse than three
+    times the float32 reference's own error where a sum is ill-conditioned (as in test_conba_triton)."""
+    y_r, fin_r, g_r = _run(x, "ref", P, init, grad=grad)
+    y_t, fin_t, g_t = _run(x, "chunk", P, init, bt, grad=grad)
+    oracle = None
+    if x["u"].dtype == torch.float32:
+        x64 = {k: (v.double() if isinstance(v, torch.Tensor) and k != "mask" else v) for k, v in x.items()}
+        oracle = _run(x64, "ref", P, None if init is None else ConbaState(
+            *(s.double() if s.is_floating_point() else s for s in init)), grad=grad)
+
+    def close(name, got, ref, o=None):
+        if o is None:
+            err = rel_rms(got, ref)
+            assert err <= tol, f"{name}: {err:.2e} > {tol:g}"
+            return
+        err, err_ref = rel_rms(got, o), rel_rms(ref, o)
+        assert err <= max(tol, 3 * err_ref), f"{name}: {err:.2e} from the float64 oracle (fp32 reference {err_ref:.2e})"
+
+    assert not torch.isnan(y_t).any()
+    close("y", y_t, y_r, None if oracle is None else oracle[0])
+    for i, (f, a, b) in enumerate(zip(ConbaState._fields, fin_t, fin_r)):
+        assert a.shape == b.shape, f
+        if not b.is_floating_point():
+            assert torch.equal(a.cpu(), b.cpu()), f"final state.{f}: {a.tolist()} != {b.tolist()}"
+        elif b.numel() and (a - b).abs().max() > 1e-6:
+            close(f"final state.{f}", a, b, None if oracle is None else oracle[1][i])
+    assert g_r.keys() == g_t.keys()
+    for k in g_r:
+        if g_r[k] is None:
+            assert g_t[k] is None or g_t[k].abs().max() == 0, k
+            continue
+        assert g_t[k] is not None, f"no gradient for {k}"
+        if g_r[k].numel() == 0:
+            continue
+        assert not torch.isnan(g_t[k]).any(), k
+        assert g_r[k].abs().max() > 0, f"{k}: the reference gradient is zero; the test would be vacuous"
+        close(f"d/d{k}", g_t[k], g_r[k], None if oracle is None else oracle[2][k])
+
+
+# ---------------------------------------------------------------------------------- forward and backward
+@pytest.mark.parametrize("mech", MECHANISMS)
+def test_each_mechanism_P4_every_gradient(mech):
+    """P = 4, blocks of 4 (one instant per block, anywhere in it: masks and the initial phase move it)."""
+    x = _inputs(mech, T=13)
+    _compare(x, 1e-5, 4, init=_init_state(x, 4), bt=4)
+
+
+@pytest.mark.parametrize("tau,G,d,T", [(1, 8, 16, 14), (3, 4, 20, 11), (4, 6, 12, 8)])
+def test_delay_lengths_odd_groups(tau, G, d, T):
+    """Companion states of order 1, 3, 4; d = 20 with G = 4: five groups, two per program, the last
+    program half empty; G = 6: padded lanes. Blocks of 2 (an instant every other block at P = 4)."""
+    x = _inputs("all", b=2 if tau < 3 else 1, T=T, d=d, G=G, tau=tau, n=5 if tau < 4 else 3)
+    _compare(x, 1e-5, 4, init=_init_state(x, 4), bt=2)
+
+
+def test_P64_blocks_shorter_than_the_period():
+    """P = 64 with blocks of 16: the instant falls inside a block; T is no multiple of either."""
+    x = _inputs("all", b=2, T=80, d=8)
+    _compare(x, 1e-5, 64, init=_init_state(x, 64), bt=16)
+
+
+def test_P64_one_block_per_period(monkeypatch):
+    """One block per period (BT = P = 64), no mask, empty initial state, so each instant is a block's
+    last step (the ALIGNED kernels, without the second column); two periods, so the second block
+    starts with a held signal."""
+    seen, launch = [], ck._launch_fwd
+    monkeypatch.setattr(ck, "_launch_fwd", lambda cfg, *a, **k: seen.append(cfg.aligned) or launch(cfg, *a, **k))
+    x = _inputs("control", b=1, T=128, d=8, mask=False)
+    x["alpha"] = torch.sigmoid(torch.randn(1, 128, 1, generator=torch.Generator().manual_seed(9)) + 2).to(DEVICE)
+    _compare(x, 1e-5, 64, bt=64)
+    assert seen == [True]
+
+
+def test_bf16_inputs():
+    """The kernel and the reference both read bf16 and accumulate in float32; outputs and gradients
+    are rounded to bf16, hence the tolerance."""
+    x = _inputs("all", dtype=torch.bfloat16, T=12)
+    _compare(x, 1e-2, 4, init=_init_state(x, 4), bt=4)
+
+
+def test_no_mask_empty_state_and_an_empty_row():
+    x = _inputs("all", T=11, mask=False)
+    _compare(x, 1e-5, 4)  # k0 is a leaf here: its gradient comes through the initial gain
+    x = _inputs("all", b=3, T=9)
+    x["mask"][2] = 0  # a row with no real step: everything passes through
+    _compare(x, 1e-5, 4, init=_init_state(x, 4))
+
+
+def test_no_grad_forward_and_split_scan_mid_period():
+    """The forward without saving carries; a split in the middle of a period with the state passed on
+    equals one scan (noise off: it is keyed by the time index inside one call)."""
+    x = _inputs("all", T=15)
+    x["sigma_w"] = x["sigma_v"] = 0.0
+    _compare(x, 1e-5, 4, init=_init_state(x, 4), grad=False)
+    with torch.no_grad():
+        y, fin = ck.conba_scan_chunk(**x, return_final_state=True, control_period=4)
+        first = {k: (v[:, :6] if k in SEQ else v) for k, v in x.items()}
+        second = {k: (v[:, 6:] if k in SEQ else v) for k, v in x.items()}
+        y1, s1 = ck.conba_scan_chunk(**first, return_final_state=True, control_period=4)
+        y2, s2 = ck.conba_scan_chunk(**second, initial_state=s1, return_final_state=True, control_period=4)
+    assert (s1.phase != 0).any()
+    assert rel_rms(torch.cat([y1, y2], 1), y) <= 1e-5
+    for f, a, b in zip(ConbaState._fields, s2, fin):
+        assert torch.equal(a, b) if not b.is_floating_point() else (rel_rms(a, b) <= 1e-5), f
+
+
+def test_dispatch_triton_backend(monkeypatch):
+    """backend="triton": the chunk scan for P > 1 (control on or off), the per-step kernels for P = 1."""
+    from mixcon.ops.conba import fused_recurrent as fr
+
+    calls = []
+    real_chunk, real_step = ck.conba_scan_chunk, fr.conba_scan_triton
+    monkeypatch.setattr(ck, "conba_scan_chunk", lambda *a, **k: calls.append("chunk") or real_chunk(*a, **k))
+    monkeypatch.setattr(fr, "conba_scan_triton", lambda *a, **k: calls.append("step") or real_step(*a, **k))
+    x = _inputs("control", b=1, T=3, d=8, mask=False)
+    off = {k: v for k, v in x.items() if k not in ("k0", "eta", "lam", "w_r", "k_max")}
+    with torch.no_grad():
+        conba_scan(**x, backend="triton", control_period=4)
+        conba_scan(**off, backend="triton", control_period=4)
+        conba_scan(**x, backend="triton", control_period=1)
+    assert calls == ["chunk", "chunk", "step"]
+    with pytest.raises(ValueError, match="block_t"):
+        ck.conba_scan_chunk(**x, control_period=4, block_t=8)
+
+
+@pytest.mark.gpu
+def test_gpu_realistic_shape_bf16():
+    x = _inputs("all", b=2, T=300, d=512, n=16, dtype=torch.bfloat16)
+    _compare(x, 1e-2, 64, init=_init_state(x, 64))
+
+
+_AOT = """
+import inspect, sys
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from mixcon.ops.conba import chunk as ck
+
+which = sys.argv[1]
+flags = dict(G=8, GP=8, BG=1, NP=16, BT=ck.TUNING["block_t"], MS=2, TAU=2, CONTROL=True, HAS_ALPHA=True,
+             HAS_BIAS=True, SOFTPLUS=True, HAS_D=True, HAS_Z=True, HAS_MASK=True, NOISE_W=True, NOISE_V=True,
+             FIX_H=True, SEG=4, ALIGNED=False, **({"SAVE": True} if which == "fwd" else {"HAS_GFINAL": True}))
+fn = ck._chunk_fwd_kernel if which == "fwd" else ck._chunk_bwd_kernel
+bf16 = {"u_ptr", "dl_ptr", "z_ptr", "B_ptr", "C_ptr", "al_ptr", "y_ptr", "gy_ptr", "gu_ptr", "gdl_ptr", "gz_ptr",
+        "gal_ptr"}
+ints = {"m_ptr": "*i8", "ph_ptr": "*i32", "t1_ptr": "*i32"}
+sig = {}
+for name in inspect.signature(fn.fn).parameters:
+    if name in flags:
+        sig[name] = "constexpr"
+    elif name.endswith("_ptr"):
+        sig[name] = ints.get(name, "*bf16" if name in bf16 else "*fp32")
+    else:
+        sig[name] = "fp32" if name in ("k_max", "sigma_w", "sigma_v") else "i32"
+k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=flags), target=GPUTarget("cuda", 90, 32),
+                   options=dict(num_warps=ck.TUNING["num_warps"]))
+assert k.asm.get("cubin")
+print("compiled", which)
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("which", ["fwd", "bwd"])
+def test_compiles_for_an_h100_ahead_of_time(which):
+    """Triton's compiler for sm_90, no GPU needed (a process without the interpreter): the interpreter
+    accepts code the compiler refuses — a loop variable reused with another type once passed the
+    interpreter tests. Every mechanism on, τ = 2, the default block. ~10-40 s of CPU each."""
+    import os
+    import subprocess
+    import sys
+
+    pytest.importorskip("triton.backends.nvidia")
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+    r = subprocess.run([sys.executable, "-c", _AOT, which], env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0 and "compiled" in r.stdout, r.stderr[-3000:]
