@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..ops.moe import load_balancing_loss, moe_loop
-from .attention import apply_rope, attend
+from .attention import apply_rope, attend, eager_attend
 from .moe import MoEExperts
 
 
@@ -81,7 +81,9 @@ class MoMRound(nn.Module):
         self.ffn_router = ModuleRouter(*args, config.mom_ffn_modules, config.mom_top_k, config.mom_router_temperature)
         self.last_choices = None  # (attention indices, FFN indices) of the latest forward, for analysis
 
-    def attention(self, x, pool: MoMPool, attn_mask=None, rope=None, past_key_values=None):
+    def attention(self, x, pool: MoMPool, attn_mask=None, rope=None, past_key_values=None, impl: str = "sdpa"):
+        """→ (out (b, T, D), router logits, chosen modules, attention weights (b, H, T, S) with impl="eager"
+        or None)."""
         b, T, D = x.shape
         flat = x.reshape(-1, D)
         w, idx, logits = self.attn_router(flat)
@@ -92,11 +94,15 @@ class MoMRound(nn.Module):
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if past_key_values is not None:
             k, v = past_key_values.update(k, v, self.layer_idx)
-        o = attend(q, k, v, attn_mask)
+        weights = None
+        if impl == "eager":
+            o, weights = eager_attend(q, k, v, attn_mask)
+        else:
+            o = attend(q, k, v, attn_mask)
         o = o.transpose(1, 2).reshape(b * T, self.num_heads * self.head_dim)
         real = (idx != self.attn_router.skip).float()
         w_o = w * real / (w * real).sum(-1, keepdim=True).clamp(min=1e-9)  # convex over the non-SKIP picks
-        return routed_linear(o, pool.o_proj, w_o, idx).view(b, T, D), logits, idx
+        return routed_linear(o, pool.o_proj, w_o, idx).view(b, T, D), logits, idx, weights
 
     def ffn(self, x, pool: MoMPool):
         b, T, D = x.shape

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
+from transformers.cache_utils import Cache
 from transformers.modeling_outputs import MoeCausalLMOutputWithPast, MoeModelOutputWithPast
 
 try:
@@ -24,7 +25,7 @@ try:
 except ImportError:  # pragma: no cover
     hf_init = None
 
-from mixcon.layers.attention import MixConAttention, rope_cos_sin
+from mixcon.layers.attention import MixConAttention, attention_impl, rope_cos_sin
 from mixcon.layers.conba import ConbaMixer
 from mixcon.layers.mlp import SwiGLUMLP
 from mixcon.layers.mod import DepthRouter, gather_selected, take
@@ -68,17 +69,20 @@ class MixConDecoderLayer(GradientCheckpointingLayer):
             self.depth_router = DepthRouter(config)
 
     def forward(self, hidden_states, attn_mask=None, seq_mask=None, rope=None, past_key_values=None,
-                positions=None, mom_pool=None, **kwargs):
+                positions=None, mom_pool=None, attn_impl: str = "sdpa", **kwargs):
         """→ (hidden_states, router_logits (b·T, E) or None, their token mask (b·T,) bool or None,
-        auxiliary loss of this layer (MoD BCE / MoM balance, coefficient applied) or None)."""
+        auxiliary loss of this layer (MoD BCE / MoM balance, coefficient applied) or None,
+        attention weights (b, H, T, past + T) when ``attn_impl == "eager"`` and the layer attends, else None)."""
         if self.mod_type == "layer":
-            return self._routed_layer(hidden_states, seq_mask, rope, past_key_values, positions)
+            return self._routed_layer(hidden_states, seq_mask, rope, past_key_values, positions, attn_impl)
         residual = hidden_states
         h = self.input_layernorm(hidden_states)
         if self.mixer_type == "mom":
-            return self._mom_round(hidden_states, h, attn_mask, seq_mask, rope, past_key_values, mom_pool)
+            return self._mom_round(hidden_states, h, attn_mask, seq_mask, rope, past_key_values, mom_pool, attn_impl)
+        weights = None
         if self.mixer_type == "attention":
-            h = self.mixer(h, attn_mask=attn_mask, rope=rope, past_key_values=past_key_values)
+            h, weights = self.mixer(h, attn_mask=attn_mask, rope=rope, past_key_values=past_key_values,
+                                    impl=attn_impl, return_weights=True)
         elif self.mixer_type == "conba":
             state = past_key_values.conba_states[self.layer_idx] if past_key_values is not None else None
             h = self.mixer(h, mask=seq_mask, state=state)
@@ -87,24 +91,25 @@ class MixConDecoderLayer(GradientCheckpointingLayer):
             h = self.mixer(h, positions, state=state)
         hidden_states = residual + h
         if self.ffn_type == "none":  # mixer-only layer (a Mamba-1 LM)
-            return hidden_states, None, None, None
+            return hidden_states, None, None, None, weights
         if self.mod_type == "ffn":
             return self._routed_ffn(hidden_states, seq_mask)
         h, router_logits = self._ffn(self.pre_ff_layernorm(hidden_states))
-        return hidden_states + h, router_logits, None, None
+        return hidden_states + h, router_logits, None, None, weights
 
     def _ffn(self, h):
         if self.ffn_type == "moe":
             return self.feed_forward(h)
         return self.feed_forward(h), None
 
-    def _mom_round(self, residual, h, attn_mask, seq_mask, rope, past_key_values, pool):
-        a, la, ia = self.mixer.attention(h, pool, attn_mask=attn_mask, rope=rope, past_key_values=past_key_values)
+    def _mom_round(self, residual, h, attn_mask, seq_mask, rope, past_key_values, pool, attn_impl):
+        a, la, ia, weights = self.mixer.attention(h, pool, attn_mask=attn_mask, rope=rope,
+                                                  past_key_values=past_key_values, impl=attn_impl)
         x = residual + a
         f, lf, i_f = self.mixer.ffn(self.pre_ff_layernorm(x), pool)
         self.mixer.last_choices = (ia.detach(), i_f.detach())
         token_mask = seq_mask.reshape(-1).bool() if seq_mask is not None else None
-        return x + f, None, None, self.mixer.balance_loss(la, lf, token_mask)
+        return x + f, None, None, self.mixer.balance_loss(la, lf, token_mask), weights
 
     def _scatter_logits(self, logits, idx, valid, b, T):
         """Router logits of the selected tokens (b·k, E) → (b·T, E) and the mask of real rows."""
@@ -125,23 +130,26 @@ class MixConDecoderLayer(GradientCheckpointingLayer):
         selected, r, aux = self.depth_router(x, real)
         idx, valid = gather_selected(selected)
         if idx.shape[1] == 0:
-            return x, None, None, aux
+            return x, None, None, aux, None
         xs = take(x, idx)
         f, logits = self._ffn(self.pre_ff_layernorm(xs))
         w = (torch.sigmoid(take(r, idx)) * valid)[..., None].to(x.dtype)
         out = x.scatter_add(1, idx[..., None].expand(-1, -1, D), f * w)
-        return (out, *self._scatter_logits(logits, idx, valid, b, T), aux)
+        return (out, *self._scatter_logits(logits, idx, valid, b, T), aux, None)
 
-    def _routed_layer(self, x, seq_mask, rope, cache, positions):
+    def _routed_layer(self, x, seq_mask, rope, cache, positions, attn_impl="sdpa"):
         """Mixture-of-Depths on a whole attention layer: the selected tokens, in their order and at their
-        positions, attend to the selected tokens before them (the cache keeps only selected keys)."""
+        positions, attend to the selected tokens before them (the cache keeps only selected keys).
+        Its attention weights (eager) are given at the tokens' places in (b, H, T, past + T), zero for
+        tokens the router did not select."""
         b, T, D = x.shape
         real = seq_mask.bool() if seq_mask is not None else None
         selected, r, aux = self.depth_router(x, real)
         idx, valid = gather_selected(selected)
         k = idx.shape[1]
+        eager = attn_impl == "eager"
         if k == 0 and (cache is None or cache.key_positions[self.layer_idx] is None):
-            return x, None, None, aux
+            return x, None, None, aux, self._full_weights(None, None, None, None, x, cache) if eager else None
         xs = take(x, idx)
         qpos = take(positions, idx).masked_fill(~valid, -1)
         kpos = qpos
@@ -150,18 +158,37 @@ class MixConDecoderLayer(GradientCheckpointingLayer):
             kpos = torch.cat([prev, qpos], 1) if prev is not None else qpos
             cache.key_positions[self.layer_idx] = kpos
         if k == 0:  # nothing to process, nothing new cached (the K/V stay as they were)
-            return x, None, None, aux
+            return x, None, None, aux, self._full_weights(None, None, None, None, x, cache) if eager else None
         allowed = (kpos[:, None, :] >= 0) & (kpos[:, None, :] <= qpos[:, :, None])
         allowed = allowed | ~valid[:, :, None]  # empty slots attend anywhere; their output is dropped
         rope_s = (take(rope[0], idx, 2), take(rope[1], idx, 2)) if rope is not None else None
-        a = self.mixer(self.input_layernorm(xs), attn_mask=allowed[:, None], rope=rope_s, past_key_values=cache)
+        a, weights = self.mixer(self.input_layernorm(xs), attn_mask=allowed[:, None], rope=rope_s,
+                                past_key_values=cache, impl=attn_impl, return_weights=True)
+        if weights is not None:
+            weights = self._full_weights(weights, idx.masked_fill(~valid, T), kpos, positions, x, cache)
         delta, logits = a, None
         if self.ffn_type != "none":
             f, logits = self._ffn(self.pre_ff_layernorm(xs + a))
             delta = a + f
         w = (torch.sigmoid(take(r, idx)) * valid)[..., None].to(x.dtype)
         out = x.scatter_add(1, idx[..., None].expand(-1, -1, D), delta * w)
-        return (out, *self._scatter_logits(logits, idx, valid, b, T), aux)
+        return (out, *self._scatter_logits(logits, idx, valid, b, T), aux, weights)
+
+    def _full_weights(self, weights, idx, kpos, positions, x, cache):
+        """Weights over the selected queries/keys (b, H, k, n) → (b, H, T, past + T): row = the query's
+        place in this chunk (idx; T for an empty slot), column = the key's place in the whole sequence
+        (left padding counted); zero for tokens the router did not select."""
+        b, T = x.shape[:2]
+        S = (cache.get_seq_length() if cache is not None else 0) + T
+        H = self.mixer.num_heads
+        out = x.new_zeros(b, H, T + 1, S + 1)  # one spare row/column takes the empty slots
+        if weights is None:
+            return out[:, :, :T, :S]
+        offset = (S - 1 - positions[:, -1])[:, None]  # place − position: the row's left padding
+        ki = torch.where(kpos >= 0, kpos + offset, S).clamp(0, S)
+        rows = x.new_zeros(b, H, weights.shape[2], S + 1).scatter_(
+            3, ki[:, None, None, :].expand(-1, H, weights.shape[2], -1), weights)
+        return out.scatter_(2, idx[:, None, :, None].expand(-1, H, -1, S + 1), rows)[:, :, :T, :S]
 
 
 class MixConPreTrainedModel(PreTrainedModel):
@@ -170,7 +197,9 @@ class MixConPreTrainedModel(PreTrainedModel):
     supports_gradient_checkpointing = True
     _no_split_modules = ["MixConDecoderLayer"]
     _skip_keys_device_placement = ["past_key_values"]
-    _supports_sdpa = True
+    _supports_sdpa = True  # attention runs through SDPA by default, or written out with "eager"
+    _supports_flash_attn = False
+    _supports_flex_attn = False
     _is_stateful = True  # a recurrent state cannot be rewound: no assisted generation
 
     @classmethod
@@ -209,36 +238,84 @@ class _torch_init:  # fallback namespace when transformers.initialization is abs
     ones_ = staticmethod(nn.init.ones_)
 
 
-def _check_inputs(config, input_ids, inputs_embeds, attention_mask, past_length):
-    """Bad input raises a ValueError naming what was given and what is allowed, before any kernel."""
+def _tracing() -> bool:
+    """True under torch.compile / torch.export / FX tracing: data-dependent checks are skipped there
+    (each would read a value back to the host, a graph break or an export failure)."""
+    if torch.compiler.is_compiling():
+        return True
+    is_exporting = getattr(torch.compiler, "is_exporting", None)
+    if is_exporting is not None and is_exporting():
+        return True
+    try:
+        from torch.fx._symbolic_trace import is_fx_symbolic_tracing
+    except ImportError:  # pragma: no cover - older torch
+        return False
+    return is_fx_symbolic_tracing()
+
+
+_ID_DTYPES = (torch.long, torch.int32)
+
+
+def _check_inputs(config, input_ids, inputs_embeds, attention_mask, past_key_values, labels=None,
+                  shift_labels=None):
+    """Bad input raises a ValueError naming what was given and what is allowed, before any kernel.
+
+    Shapes, dtypes and types are checked always (no device work). The values (token ids within the
+    vocabulary, masks of 0/1, labels within the vocabulary or −100) need the data: they are read back
+    in one transfer in eager mode and skipped under torch.compile / torch.export."""
     if (input_ids is None) == (inputs_embeds is None):
         raise ValueError("pass exactly one of input_ids or inputs_embeds")
     if input_ids is not None:
         if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
             raise ValueError(f"input_ids must be a (batch, time) tensor, got {getattr(input_ids, 'shape', type(input_ids))}")
-        if input_ids.is_floating_point() or input_ids.is_complex() or input_ids.dtype == torch.bool:
-            raise ValueError(f"input_ids must be an integer tensor (torch.long), got dtype {input_ids.dtype}")
-        if input_ids.numel():
-            lo, hi = int(input_ids.min()), int(input_ids.max())
-            if lo < 0 or hi >= config.vocab_size:
-                raise ValueError(
-                    f"input_ids contain {lo if lo < 0 else hi}, outside the vocabulary [0, {config.vocab_size})")
+        if input_ids.dtype not in _ID_DTYPES:
+            raise ValueError(f"input_ids must be an integer tensor of dtype torch.long or torch.int32, got {input_ids.dtype}")
         b, T = input_ids.shape
     else:
-        if inputs_embeds.dim() != 3 or inputs_embeds.shape[-1] != config.hidden_size:
-            raise ValueError(
-                f"inputs_embeds has shape {tuple(inputs_embeds.shape)}, expected (batch, time, {config.hidden_size})")
+        if not isinstance(inputs_embeds, torch.Tensor) or inputs_embeds.dim() != 3 \
+                or inputs_embeds.shape[-1] != config.hidden_size:
+            raise ValueError(f"inputs_embeds has shape {tuple(getattr(inputs_embeds, 'shape', ()))}, expected "
+                             f"(batch, time, {config.hidden_size})")
         if not inputs_embeds.is_floating_point():
             raise ValueError(f"inputs_embeds must be floating point, got {inputs_embeds.dtype}")
         b, T = inputs_embeds.shape[:2]
+    if b == 0 or T == 0:
+        raise ValueError(f"the input is empty: batch {b}, time {T}; pass at least one sequence of at least one token")
+    past_length = 0
+    if past_key_values is not None:
+        if not isinstance(past_key_values, Cache):
+            raise ValueError(
+                f"past_key_values is a {type(past_key_values).__name__}; MixCon takes a MixConCache (or None), not "
+                "the legacy tuple format: a Conba layer's state is not a (key, value) pair")
+        if isinstance(past_key_values, MixConCache):
+            past_length = past_key_values.get_seq_length()
+            cb = past_key_values.batch_size
+            if cb is not None and cb != b:
+                raise ValueError(f"past_key_values holds a batch of {cb} sequences but the input has {b}; continue a "
+                                 "cache with the batch it was built for (or start a new MixConCache)")
+            if len(past_key_values.layers) != config.num_hidden_layers:
+                raise ValueError(f"past_key_values has {len(past_key_values.layers)} layers, the model "
+                                 f"{config.num_hidden_layers}: it was built for another config")
     if attention_mask is not None:
         allowed = {(b, past_length + T)} | ({(b, T)} if past_length == 0 else set())
-        if attention_mask.dim() != 2 or tuple(attention_mask.shape) not in allowed:
+        if not isinstance(attention_mask, torch.Tensor) or attention_mask.dim() != 2 \
+                or tuple(attention_mask.shape) not in allowed:
             raise ValueError(
-                f"attention_mask has shape {tuple(attention_mask.shape)}, expected (batch, past + time) = "
-                f"{(b, past_length + T)} (a 2-D mask of 1 for tokens and 0 for padding)")
-        if attention_mask.is_floating_point() and not torch.all((attention_mask == 0) | (attention_mask == 1)):
-            raise ValueError("attention_mask must hold only 0 (padding) and 1 (token)")
+                f"attention_mask has shape {tuple(getattr(attention_mask, 'shape', ()))}, expected (batch, past + "
+                f"time) = {(b, past_length + T)} (a 2-D mask of 1 for tokens and 0 for padding)")
+        if attention_mask.is_complex():
+            raise ValueError(f"attention_mask must be bool, integer or float, got {attention_mask.dtype}")
+    for name, lab in (("labels", labels), ("shift_labels", shift_labels)):
+        if lab is None:
+            continue
+        shapes = {(b, T), (b, T + 1)} if name == "labels" else {(b, T)}
+        if not isinstance(lab, torch.Tensor) or lab.dim() != 2 or tuple(lab.shape) not in shapes:
+            raise ValueError(
+                f"{name} has shape {tuple(getattr(lab, 'shape', ()))}; expected the shape of input_ids {(b, T)}"
+                + (f" (or {(b, T + 1)}: the ids with the token after the last one)" if name == "labels" else "")
+                + ", with −100 where no loss is taken")
+        if lab.dtype not in _ID_DTYPES:
+            raise ValueError(f"{name} must be an integer tensor of dtype torch.long or torch.int32, got {lab.dtype}")
     if "spatial" in config.layers_block_type and past_length + T > config.spatial_max_len:
         raise ValueError(
             f"context of {past_length + T} tokens exceeds spatial_max_len={config.spatial_max_len} (the spatial "
@@ -247,7 +324,33 @@ def _check_inputs(config, input_ids, inputs_embeds, attention_mask, past_length)
         raise ValueError(
             f"context of {past_length + T} tokens exceeds max_position_embeddings={config.max_position_embeddings} "
             "(RoPE is on); raise max_position_embeddings or shorten the input")
-    return b, T
+    if not _tracing():
+        _check_values(config, input_ids, attention_mask, labels, shift_labels)
+    return b, T, past_length
+
+
+def _check_values(config, input_ids, attention_mask, labels, shift_labels):
+    """The data-dependent checks, read back to the host in one transfer."""
+    V = config.vocab_size
+    in_vocab = lambda x: (x >= 0) & (x < V)
+    checks = [  # (name, tensor, elementwise condition, message for the offending values)
+        ("input_ids", input_ids, in_vocab, f"input_ids hold {{}}, outside the vocabulary [0, {V})"),
+        ("attention_mask", attention_mask if attention_mask is not None and attention_mask.dtype != torch.bool
+         else None, lambda m: (m == 0) | (m == 1),
+         "attention_mask holds {}; it must hold only 0 (padding) and 1 (token)"),
+        ("labels", labels, lambda x: in_vocab(x) | (x == -100),
+         f"labels hold {{}}, outside the vocabulary [0, {V}) (−100 = no loss)"),
+        ("shift_labels", shift_labels, lambda x: in_vocab(x) | (x == -100),
+         f"shift_labels hold {{}}, outside the vocabulary [0, {V}) (−100 = no loss)"),
+    ]
+    checks = [c for c in checks if c[1] is not None]
+    if not checks:
+        return
+    ok = torch.stack([cond(x).all() for _, x, cond, _ in checks]).tolist()  # the one host sync
+    for good, (name, x, cond, msg) in zip(ok, checks):
+        if not good:
+            vals = sorted(set(x[~cond(x)].flatten().tolist()))
+            raise ValueError(msg.format(", ".join(map(str, vals[:3])) + (", ..." if len(vals) > 3 else "")))
 
 
 def build_attention_mask(mask2d: Optional[torch.Tensor], T: int, past: int, device) -> Optional[torch.Tensor]:
@@ -294,29 +397,40 @@ class MixConModel(MixConPreTrainedModel):
         past_key_values: Optional[MixConCache] = None,
         inputs_embeds: Optional[torch.Tensor] = None,
         use_cache: Optional[bool] = None,
+        output_attentions: Optional[bool] = None,
         output_hidden_states: Optional[bool] = None,
+        return_dict: Optional[bool] = None,
         **kwargs,
-    ) -> MoeModelOutputWithPast:
-        use_cache = self.config.use_cache if use_cache is None else use_cache
+    ) -> MoeModelOutputWithPast | tuple:
+        """``output_attentions`` / ``output_hidden_states`` / ``return_dict`` default to the config's
+        (``return_dict=False`` gives the output's fields as a tuple). ``attentions`` holds the weights of
+        the layers that attend (attention layers and MoM rounds), in layer order."""
+        cfg = self.config
+        use_cache = cfg.use_cache if use_cache is None else use_cache
+        output_attentions = cfg.output_attentions if output_attentions is None else output_attentions
+        output_hidden_states = cfg.output_hidden_states if output_hidden_states is None else output_hidden_states
+        return_dict = _use_return_dict(cfg) if return_dict is None else return_dict
         if self.gradient_checkpointing and self.training:
             use_cache = False
-        if past_key_values is not None and not isinstance(past_key_values, MixConCache):
+        if isinstance(past_key_values, Cache) and not isinstance(past_key_values, MixConCache):
             if past_key_values.get_seq_length() > 0:
                 raise ValueError(
                     f"past_key_values is a non-empty {type(past_key_values).__name__}; MixCon needs a MixConCache "
                     "(it holds the Conba states beside the attention K/V)")
             past_key_values = None  # an empty foreign cache (e.g. built by generate) is replaced
+        b, T, past = _check_inputs(cfg, input_ids, inputs_embeds, attention_mask, past_key_values,
+                                   kwargs.get("labels"), kwargs.get("shift_labels"))
         if use_cache and past_key_values is None:
-            past_key_values = MixConCache(self.config)
-        past = past_key_values.get_seq_length() if past_key_values is not None else 0
-        b, T = _check_inputs(self.config, input_ids, inputs_embeds, attention_mask, past)
+            past_key_values = MixConCache(cfg)
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
         device = inputs_embeds.device
+        attn_impl = attention_impl(cfg, output_attentions)
 
-        # Masks: None wherever there is no padding, so the fast paths (is_causal, no-mask scans) apply.
+        # Masks: None wherever there is no padding, so the fast paths (is_causal, no-mask scans) apply
+        # (in eager mode only: under compile/export the mask is kept as given, without reading it).
         mask2d = attention_mask
-        if mask2d is not None and bool(mask2d.all()):
+        if mask2d is not None and not _tracing() and bool(mask2d.all()):
             mask2d = None
         seq_mask = mask2d[:, -T:] if mask2d is not None else None
         attn_mask = build_attention_mask(mask2d, T, past, device)
@@ -329,24 +443,27 @@ class MixConModel(MixConPreTrainedModel):
                 position_ids = torch.arange(past, past + T, device=device)[None].expand(b, T)
         positions = position_ids.masked_fill(~seq_mask.bool(), -1) if seq_mask is not None else position_ids
         rope = None
-        if self.config.use_rope:
-            rope = rope_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta, inputs_embeds.dtype)
+        if cfg.use_rope:
+            rope = rope_cos_sin(position_ids, cfg.head_dim, cfg.rope_theta, inputs_embeds.dtype)
 
         hidden_states = inputs_embeds
         all_hidden = () if output_hidden_states else None
+        all_attn = () if output_attentions else None
         router_logits, router_masks, aux_losses = (), (), []
         for layer in self.layers:
             if output_hidden_states:
                 all_hidden += (hidden_states,)
-            hidden_states, logits, logits_mask, aux = layer(
+            hidden_states, logits, logits_mask, aux, weights = layer(
                 hidden_states, attn_mask=attn_mask, seq_mask=seq_mask, rope=rope,
                 past_key_values=past_key_values if use_cache else None, positions=positions,
-                mom_pool=self.mom_pool)
+                mom_pool=self.mom_pool, attn_impl=attn_impl)
             if logits is not None:
                 router_logits += (logits,)
                 router_masks += (logits_mask,)
             if aux is not None:
                 aux_losses.append(aux)
+            if output_attentions and layer.mixer_type in ("attention", "mom"):
+                all_attn += (weights,)
         hidden_states = self.final_layernorm(hidden_states)
         if output_hidden_states:
             all_hidden += (hidden_states,)
@@ -356,13 +473,18 @@ class MixConModel(MixConPreTrainedModel):
             last_hidden_state=hidden_states,
             past_key_values=past_key_values if use_cache else None,
             hidden_states=all_hidden,
+            attentions=all_attn,
             router_logits=router_logits,
         )
         # per MoE layer: None (every token of the layer) or the (b·T,) mask of tokens a Mixture-of-Depths
         # layer routed through it; and the layers' own auxiliary losses (MoD BCE, MoM balance)
         out.router_masks = router_masks
         out.layer_aux_loss = torch.stack(aux_losses).sum() if aux_losses else None
-        return out
+        return out if return_dict else out.to_tuple()
+
+
+def _use_return_dict(config) -> bool:
+    return bool(getattr(config, "return_dict", True))
 
 
 class MixConForCausalLM(MixConPreTrainedModel, GenerationMixin):
@@ -396,19 +518,37 @@ class MixConForCausalLM(MixConPreTrainedModel, GenerationMixin):
         inputs_embeds: Optional[torch.Tensor] = None,
         labels: Optional[torch.LongTensor] = None,
         use_cache: Optional[bool] = None,
+        output_attentions: Optional[bool] = None,
         output_hidden_states: Optional[bool] = None,
+        return_dict: Optional[bool] = None,
         logits_to_keep: int | torch.Tensor = 0,
         **kwargs,
-    ) -> MoeCausalLMOutputWithPast:
+    ) -> MoeCausalLMOutputWithPast | tuple:
         """Returns logits, the loss (next-token cross-entropy, plus the router losses in training),
         ``aux_loss`` = router_aux_loss_coef · Switch loss + router_z_loss_coef · z-loss over
         non-padded tokens, plus the Mixture-of-Depths decision BCE and the Mixture-of-Modules balance
         loss (each with its coefficient; None when the model has none) and the per-MoE-layer router
-        logits."""
+        logits.
+
+        ``labels`` (batch, time) like input_ids (−100 = no loss), shifted inside; or (batch, time + 1),
+        the ids with the token after the last input. ``shift_labels`` (already shifted, as context
+        parallelism gives them) replaces the shift. The cross-entropy is transformers' own causal-LM loss
+        (`self.loss_function`): with ``num_items_in_batch`` (what `Trainer` passes under gradient
+        accumulation) it is the sum over this batch divided by that count, and the auxiliary losses
+        are weighted by this batch's share of the count, so the accumulated gradient is that of the
+        whole batch."""
+        cfg = self.config
+        return_dict = _use_return_dict(cfg) if return_dict is None else return_dict
+        shift_labels = kwargs.pop("shift_labels", None)
+        num_items_in_batch = kwargs.pop("num_items_in_batch", None)
+        if (labels is not None or shift_labels is not None) and not (
+                isinstance(logits_to_keep, int) and logits_to_keep == 0):
+            raise ValueError("labels need the logits of every position: pass logits_to_keep=0 with labels")
         out = self.model(
             input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
             past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache,
-            output_hidden_states=output_hidden_states,
+            output_attentions=output_attentions, output_hidden_states=output_hidden_states, return_dict=True,
+            labels=labels, shift_labels=shift_labels,
         )
         hidden = out.last_hidden_state
         keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
@@ -419,20 +559,26 @@ class MixConForCausalLM(MixConPreTrainedModel, GenerationMixin):
             token_mask = attention_mask[:, -T:].reshape(-1).bool() if attention_mask is not None else None
             masks = [m if token_mask is None else token_mask if m is None else m & token_mask
                      for m in getattr(out, "router_masks", [None] * len(out.router_logits))]
-            aux_loss = (self.config.router_aux_loss_coef
-                        * load_balancing_loss(out.router_logits, self.config.experts_per_token, masks)
-                        + self.config.router_z_loss_coef * router_z_loss(out.router_logits, masks))
+            aux_loss = (cfg.router_aux_loss_coef
+                        * load_balancing_loss(out.router_logits, cfg.experts_per_token, masks)
+                        + cfg.router_z_loss_coef * router_z_loss(out.router_logits, masks))
         layer_aux = getattr(out, "layer_aux_loss", None)
         if layer_aux is not None:
             aux_loss = layer_aux if aux_loss is None else aux_loss + layer_aux
         loss = None
-        if labels is not None:
-            shift_logits = logits[:, :-1, :].float() if logits.shape[1] == labels.shape[1] else logits.float()
-            loss = F.cross_entropy(shift_logits.reshape(-1, shift_logits.shape[-1]),
-                                   labels[:, 1:].reshape(-1).to(logits.device), ignore_index=-100)
+        if labels is not None or shift_labels is not None:
+            if shift_labels is None and labels.shape[1] == logits.shape[1] + 1:
+                labels, shift_labels = None, labels[:, 1:]
+            loss = self.loss_function(logits, labels, vocab_size=cfg.vocab_size, shift_labels=shift_labels,
+                                      num_items_in_batch=num_items_in_batch)
             if aux_loss is not None and self.training:
-                loss = loss + aux_loss.to(loss.device)
-        return MoeCausalLMOutputWithPast(
+                aux = aux_loss.to(loss.device)
+                if num_items_in_batch is not None:  # this batch's share of the accumulated batch
+                    target = shift_labels if shift_labels is not None else labels[:, 1:]
+                    aux = aux * (target != -100).sum() / num_items_in_batch
+                loss = loss + aux
+        result = MoeCausalLMOutputWithPast(
             loss=loss, aux_loss=aux_loss, logits=logits, past_key_values=out.past_key_values,
-            hidden_states=out.hidden_states, router_logits=out.router_logits,
+            hidden_states=out.hidden_states, attentions=out.attentions, router_logits=out.router_logits,
         )
+        return result if return_dict else result.to_tuple()
