@@ -74,12 +74,16 @@ class SpatialMixer(nn.Module):
         return expert, gate
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, state: Optional[dict] = None):
-        """x (b, T, D); positions (b, T) long, −1 = padding; state: None or the layer's cache dict."""
+        """x (b, T, D); positions (b, T) long, −1 = padding; state: None, the layer's cache dict (grown
+        here), or a static history with ``append(v, positions) → (v_all, kpos)`` (slots not written hold
+        position −1)."""
         b, T, _ = x.shape
         u, v = F.gelu(self.in_proj(x)).chunk(2, dim=-1)
         v = self.norm(v) * (positions >= 0)[..., None].to(x.dtype)
         kpos, v_all = positions, v
-        if state is not None:
+        if state is not None and hasattr(state, "append"):  # a static history: written in place, fixed size
+            v_all, kpos = state.append(v, positions)
+        elif state is not None:
             if state:
                 kpos, v_all = torch.cat([state["pos"], positions], 1), torch.cat([state["v"], v], 1)
             state["pos"], state["v"] = kpos, v_all

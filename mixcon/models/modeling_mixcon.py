@@ -38,6 +38,20 @@ from mixcon.models.configuration_mixcon import MixConConfig
 from mixcon.ops.moe import load_balancing_loss, router_z_loss
 
 
+def _is_static(cache) -> bool:
+    return isinstance(cache, MixConCache) and cache.is_static
+
+
+def _select(selected: torch.Tensor, fixed: bool):
+    """Mixture-of-Depths' selected tokens as (idx, valid) (see `gather_selected`). ``fixed``: every
+    position, ``valid`` = selected: no host sync and no data-dependent shape (a static cache, a
+    compiled step), at the cost of running the routed part on every token."""
+    if not fixed:
+        return gather_selected(selected)
+    b, T = selected.shape
+    return torch.arange(T, device=selected.device).expand(b, T), selected
+
+
 class MixConDecoderLayer(GradientCheckpointingLayer):
     """x + mixer(norm(x)); x + ffn(norm(x)), mixer ∈ {attention, conba, spatial}, ffn ∈ {mlp, moe, none};
     or one Mixture-of-Modules round (mixer "mom": assembled attention and FFN from the model's pool).
@@ -85,9 +99,17 @@ class MixConDecoderLayer(GradientCheckpointingLayer):
                                     impl=attn_impl, return_weights=True)
         elif self.mixer_type == "conba":
             state = past_key_values.conba_states[self.layer_idx] if past_key_values is not None else None
-            h = self.mixer(h, mask=seq_mask, state=state)
+            if _is_static(past_key_values):  # the new state is copied into the cache's own tensors
+                work = dict(state)
+                h = self.mixer(h, mask=seq_mask, state=work)
+                past_key_values.layers[self.layer_idx].store(work)
+            else:
+                h = self.mixer(h, mask=seq_mask, state=state)
         else:
-            state = past_key_values.spatial_states[self.layer_idx] if past_key_values is not None else None
+            state = None
+            if past_key_values is not None:  # a static history is written in place through the layer
+                state = (past_key_values.layers[self.layer_idx] if _is_static(past_key_values)
+                         else past_key_values.spatial_states[self.layer_idx])
             h = self.mixer(h, positions, state=state)
         hidden_states = residual + h
         if self.ffn_type == "none":  # mixer-only layer (a Mamba-1 LM)
@@ -128,7 +150,7 @@ class MixConDecoderLayer(GradientCheckpointingLayer):
         b, T, D = x.shape
         real = seq_mask.bool() if seq_mask is not None else None
         selected, r, aux = self.depth_router(x, real)
-        idx, valid = gather_selected(selected)
+        idx, valid = _select(selected, fixed=torch.compiler.is_compiling())
         if idx.shape[1] == 0:
             return x, None, None, aux, None
         xs = take(x, idx)
@@ -145,15 +167,22 @@ class MixConDecoderLayer(GradientCheckpointingLayer):
         b, T, D = x.shape
         real = seq_mask.bool() if seq_mask is not None else None
         selected, r, aux = self.depth_router(x, real)
-        idx, valid = gather_selected(selected)
+        static = _is_static(cache)
+        # static cache: every token passes (fixed shapes), the unselected ones masked out and dropped
+        idx, valid = _select(selected, fixed=static)
         k = idx.shape[1]
         eager = attn_impl == "eager"
+        if static and eager:
+            raise ValueError("attention weights (output_attentions / attn_implementation='eager') of a "
+                             "Mixture-of-Depths layer are not available with a static cache; use the dynamic cache")
         if k == 0 and (cache is None or cache.key_positions[self.layer_idx] is None):
             return x, None, None, aux, self._full_weights(None, None, None, None, x, cache) if eager else None
         xs = take(x, idx)
         qpos = take(positions, idx).masked_fill(~valid, -1)
         kpos = qpos
-        if cache is not None:
+        if static:
+            kpos = cache.layers[self.layer_idx].write_positions(qpos)
+        elif cache is not None:
             prev = cache.key_positions[self.layer_idx]
             kpos = torch.cat([prev, qpos], 1) if prev is not None else qpos
             cache.key_positions[self.layer_idx] = kpos
@@ -288,7 +317,13 @@ def _check_inputs(config, input_ids, inputs_embeds, attention_mask, past_key_val
                 f"past_key_values is a {type(past_key_values).__name__}; MixCon takes a MixConCache (or None), not "
                 "the legacy tuple format: a Conba layer's state is not a (key, value) pair")
         if isinstance(past_key_values, MixConCache):
-            past_length = past_key_values.get_seq_length()
+            static = past_key_values.is_static
+            # a static cache counts on the device: read back in eager mode only (no sync under compile)
+            past_length = 0 if static and _tracing() else past_key_values.get_seq_length()
+            if static and past_length + T > past_key_values.max_cache_len:
+                raise ValueError(
+                    f"the static cache holds max_cache_len={past_key_values.max_cache_len} tokens; {past_length} are "
+                    f"cached and {T} more were given. Build it larger (generate: max_new_tokens / max_cache_len)")
             cb = past_key_values.batch_size
             if cb is not None and cb != b:
                 raise ValueError(f"past_key_values holds a batch of {cb} sequences but the input has {b}; continue a "
@@ -298,6 +333,8 @@ def _check_inputs(config, input_ids, inputs_embeds, attention_mask, past_key_val
                                  f"{config.num_hidden_layers}: it was built for another config")
     if attention_mask is not None:
         allowed = {(b, past_length + T)} | ({(b, T)} if past_length == 0 else set())
+        if getattr(past_key_values, "is_static", False):  # create_masks_for_generate's fixed-width mask
+            allowed.add((b, past_key_values.max_cache_len))
         if not isinstance(attention_mask, torch.Tensor) or attention_mask.dim() != 2 \
                 or tuple(attention_mask.shape) not in allowed:
             raise ValueError(
@@ -371,6 +408,32 @@ def build_attention_mask(mask2d: Optional[torch.Tensor], T: int, past: int, devi
     return allowed
 
 
+def _static_masks(cache, attention_mask, position_ids, b: int, T: int, device):
+    """Static cache: (seq_mask (b, T), attention mask (b, 1, T, max_cache_len) bool, position_ids (b, T)),
+    with the fixed shapes a captured decode step needs and no host sync. The queries sit at slots
+    L … L + T − 1 (L = the cache's device counter); a key is visible when its slot is ≤ the query's and
+    holds a token (the 2-D mask: (b, max_cache_len) as `create_masks_for_generate` gives it, or
+    (b, past + T) in eager calls, padded here). A query at a padded place attends to itself only."""
+    M = cache.max_cache_len
+    L = cache.length
+    q_slot = L + torch.arange(T, device=device)  # (T,)
+    k_slot = torch.arange(M, device=device)
+    if attention_mask is None:
+        keymask = torch.ones(b, M, dtype=torch.bool, device=device)
+    else:
+        keymask = attention_mask.to(device).bool()
+        if keymask.shape[1] < M:
+            keymask = F.pad(keymask, (0, M - keymask.shape[1]))
+    seq_mask = keymask.gather(1, q_slot[None].expand(b, T))  # (b, T)
+    causal = k_slot[None, :] <= q_slot[:, None]  # (T, M)
+    allowed = keymask[:, None, None, :] & causal[None, None]
+    diag = (k_slot[None, :] == q_slot[:, None])[None, None]
+    allowed = allowed | (diag & ~seq_mask[:, None, :, None])
+    if position_ids is None:
+        position_ids = (keymask.long().cumsum(-1) - 1).clamp(min=0).gather(1, q_slot[None].expand(b, T))
+    return seq_mask, allowed, position_ids
+
+
 class MixConModel(MixConPreTrainedModel):
     def __init__(self, config: MixConConfig):
         super().__init__(config)
@@ -427,13 +490,20 @@ class MixConModel(MixConPreTrainedModel):
         device = inputs_embeds.device
         attn_impl = attention_impl(cfg, output_attentions)
 
-        # Masks: None wherever there is no padding, so the fast paths (is_causal, no-mask scans) apply
-        # (in eager mode only: under compile/export the mask is kept as given, without reading it).
-        mask2d = attention_mask
-        if mask2d is not None and not _tracing() and bool(mask2d.all()):
-            mask2d = None
-        seq_mask = mask2d[:, -T:] if mask2d is not None else None
-        attn_mask = build_attention_mask(mask2d, T, past, device)
+        static = use_cache and _is_static(past_key_values)
+        if static:
+            # fixed shapes: masks over the cache's max_cache_len slots, positions from the device counter
+            past_key_values._counter.to_(device)
+            seq_mask, attn_mask, position_ids = _static_masks(past_key_values, attention_mask, position_ids, b, T,
+                                                              device)
+        else:
+            # Masks: None wherever there is no padding, so the fast paths (is_causal, no-mask scans) apply
+            # (in eager mode only: under compile/export the mask is kept as given, without reading it).
+            mask2d = attention_mask
+            if mask2d is not None and not _tracing() and bool(mask2d.all()):
+                mask2d = None
+            seq_mask = mask2d[:, -T:] if mask2d is not None else None
+            attn_mask = build_attention_mask(mask2d, T, past, device)
         # positions in each sequence (left padding excluded; −1 at padded places): RoPE, the spatial
         # mixers' (time × time) weights and Mixture-of-Depths' causal order use them
         if position_ids is None:
@@ -468,7 +538,7 @@ class MixConModel(MixConPreTrainedModel):
         if output_hidden_states:
             all_hidden += (hidden_states,)
         if use_cache:
-            past_key_values._seen_tokens += T
+            past_key_values._advance(T, device)
         out = MoeModelOutputWithPast(
             last_hidden_state=hidden_states,
             past_key_values=past_key_values if use_cache else None,
@@ -499,6 +569,48 @@ class MixConForCausalLM(MixConPreTrainedModel, GenerationMixin):
 
     def get_input_embeddings(self):
         return self.model.embed_tokens
+
+    # ------------------------------------------------------------------ generate: the static cache
+    def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
+        """``cache_implementation="static"`` builds a static `MixConCache` (fixed shapes: generate then
+        compiles the decode step on an accelerator, see `_valid_auto_compile_criteria`); anything else is
+        transformers' own handling (the model builds its dynamic cache in forward)."""
+        impl = generation_config.cache_implementation
+        if (impl is None or impl == "dynamic" or model_kwargs.get("past_key_values") is not None
+                or generation_config.use_cache is False):
+            if impl == "dynamic":  # the default: not worth transformers' "ignored" warning
+                generation_config.cache_implementation = None
+                try:
+                    return super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
+                finally:
+                    generation_config.cache_implementation = impl
+            return super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
+        if impl != "static":
+            raise ValueError(f"cache_implementation={impl!r} is not supported by MixCon; use 'static' (buffers "
+                             "allocated once, compiled decode) or 'dynamic' (the default)")
+        names = ("generation_mode", "batch_size", "max_cache_length")
+        params = dict(zip(names, args))
+        params.update({k: v for k, v in kwargs.items() if k in names})
+        batch = max(generation_config.num_beams or 1, generation_config.num_return_sequences or 1) * params["batch_size"]
+        length = max(params["max_cache_length"], getattr(generation_config, "max_cache_len", None) or 0)
+        # reuse the largest length seen so far, so that a later call does not recompile the decode step
+        length = max(length, getattr(self, "_previous_max_cache_length", -1))
+        self._previous_max_cache_length = length
+        model_kwargs["past_key_values"] = MixConCache(self.config, max_cache_len=length, batch_size=batch,
+                                                      device=self.device)
+
+    def create_masks_for_generate(self, config=None, inputs_embeds=None, attention_mask=None, past_key_values=None,
+                                  position_ids=None, **kwargs):
+        """What generate's `prepare_inputs_for_generation` passes for a compileable (static) cache: the
+        2-D padding mask widened to (batch, max_cache_len) with zeros, a shape that no longer changes
+        between tokens (the model builds its attention mask from it and the cache's device counter)."""
+        if attention_mask is None or attention_mask.dim() != 2 or not _is_static(past_key_values):
+            return attention_mask
+        M = past_key_values.max_cache_len
+        if attention_mask.shape[1] > M:
+            raise ValueError(f"attention_mask covers {attention_mask.shape[1]} tokens, more than the static "
+                             f"cache's max_cache_len={M}")
+        return F.pad(attention_mask, (0, M - attention_mask.shape[1]))
 
     def set_input_embeddings(self, value):
         self.model.embed_tokens = value
