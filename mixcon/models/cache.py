@@ -177,11 +177,19 @@ def _copy_into(dst, src):
 
 
 class _Counter:
-    """The number of tokens a static cache has seen: a 0-dim long tensor shared by its layers."""
+    """The number of tokens a static cache has seen: a 0-dim long tensor shared by its layers.
+
+    ``window``: during an eager forward (prefill), the slots in use after it (a host int the model
+    sets and clears): the layers then return only those slots, so a long prefill attends over
+    past + T keys rather than max_cache_len (None under torch.compile: fixed shapes)."""
 
     def __init__(self, device=None):
         self.value = torch.zeros((), dtype=torch.long, device=device)
+        self.window = None
         _mark_static(self.value)
+
+    def view(self, x: torch.Tensor, dim: int) -> torch.Tensor:
+        return x if self.window is None else x.narrow(dim, 0, self.window)
 
     def to_(self, device) -> None:
         if self.value.device != torch.device(device):
@@ -220,7 +228,7 @@ class StaticAttentionLayer(CacheLayerMixin):
         idx = self._slots(key_states.shape[-2], self.keys.device)
         self.keys.index_copy_(2, idx, key_states.to(self.keys.dtype))
         self.values.index_copy_(2, idx, value_states.to(self.values.dtype))
-        return self.keys, self.values
+        return self._counter.view(self.keys, 2), self._counter.view(self.values, 2)
 
     def get_seq_length(self) -> int:
         return self._counter.value if self.is_initialized else 0
@@ -261,7 +269,7 @@ class StaticRoutedAttentionLayer(StaticAttentionLayer):
                                             device=qpos.device)
             _mark_static(self.key_positions)
         self.key_positions.index_copy_(1, self._slots(qpos.shape[1], qpos.device), qpos.long())
-        return self.key_positions
+        return self._counter.view(self.key_positions, 1)
 
     def map_(self, fn) -> None:
         super().map_(fn)
@@ -333,7 +341,7 @@ class StaticSpatialLayer(SpatialLayer):
         idx = self._counter.value.to(v.device) + torch.arange(T, device=v.device)
         self.state["v"].index_copy_(1, idx, v.to(self.state["v"].dtype))
         self.state["pos"].index_copy_(1, idx, positions.long())
-        return self.state["v"], self.state["pos"]
+        return self._counter.view(self.state["v"], 1), self._counter.view(self.state["pos"], 1)
 
     def map_(self, fn) -> None:
         for x in _tensors(self.state):

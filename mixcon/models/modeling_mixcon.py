@@ -230,6 +230,7 @@ class MixConPreTrainedModel(PreTrainedModel):
     _supports_flash_attn = False
     _supports_flex_attn = False
     _is_stateful = True  # a recurrent state cannot be rewound: no assisted generation
+    _can_compile_fullgraph = True  # a decode step on a static cache compiles without graph breaks
 
     @classmethod
     def _supports_default_dynamic_cache(cls) -> bool:
@@ -492,14 +493,20 @@ class MixConModel(MixConPreTrainedModel):
 
         static = use_cache and _is_static(past_key_values)
         if static:
-            # fixed shapes: masks over the cache's max_cache_len slots, positions from the device counter
             past_key_values._counter.to_(device)
+            past_key_values._counter.window = None
+        if static and _tracing():
+            # fixed shapes: masks over the cache's max_cache_len slots, positions from the device counter
             seq_mask, attn_mask, position_ids = _static_masks(past_key_values, attention_mask, position_ids, b, T,
                                                               device)
         else:
+            mask2d = attention_mask
+            if static:  # eager (a prefill): the layers return the past + T slots in use, masked as below
+                past_key_values._counter.window = past + T
+                if mask2d is not None:
+                    mask2d = mask2d[:, :past + T]
             # Masks: None wherever there is no padding, so the fast paths (is_causal, no-mask scans) apply
             # (in eager mode only: under compile/export the mask is kept as given, without reading it).
-            mask2d = attention_mask
             if mask2d is not None and not _tracing() and bool(mask2d.all()):
                 mask2d = None
             seq_mask = mask2d[:, -T:] if mask2d is not None else None
@@ -508,7 +515,7 @@ class MixConModel(MixConPreTrainedModel):
         # mixers' (time × time) weights and Mixture-of-Depths' causal order use them
         if position_ids is None:
             if attention_mask is not None:
-                position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -T:]
+                position_ids = (attention_mask[:, :past + T].long().cumsum(-1) - 1).clamp(min=0)[:, -T:]
             else:
                 position_ids = torch.arange(past, past + T, device=device)[None].expand(b, T)
         positions = position_ids.masked_fill(~seq_mask.bool(), -1) if seq_mask is not None else position_ids
@@ -539,6 +546,8 @@ class MixConModel(MixConPreTrainedModel):
             all_hidden += (hidden_states,)
         if use_cache:
             past_key_values._advance(T, device)
+        if static:
+            past_key_values._counter.window = None
         out = MoeModelOutputWithPast(
             last_hidden_state=hidden_states,
             past_key_values=past_key_values if use_cache else None,
