@@ -486,6 +486,11 @@ class MixConCache(Cache):
                     and layer.keys is not None:
                 yield layer
 
+    def _allocated(self) -> bool:
+        """Whether any layer holds tensors yet (a static cache allocates at its first forward)."""
+        return any(True for _ in self._attention_layers()) or any(
+            getattr(layer, "state", None) for layer in self.layers)
+
     def _static_op(self, fn) -> bool:
         """Static mode: fn (a batch gather keeping the batch size) applied in place to every buffer."""
         if not self.is_static:
@@ -511,6 +516,8 @@ class MixConCache(Cache):
 
     def batch_select_indices(self, indices: torch.Tensor):
         if self.is_static:
+            if not self._allocated():
+                return  # nothing allocated yet
             raise NotImplementedError("a static MixConCache keeps its batch size: it cannot select a sub-batch")
         for layer in self._attention_layers():
             layer.keys, layer.values = layer.keys[indices, ...], layer.values[indices, ...]
@@ -518,6 +525,8 @@ class MixConCache(Cache):
 
     def batch_repeat_interleave(self, repeats: int):
         if self.is_static:
+            if not self._allocated():
+                return  # allocated at the first forward, for the expanded batch it was built for
             raise NotImplementedError("a static MixConCache keeps its batch size: build it for the expanded batch")
         for layer in self._attention_layers():
             layer.keys = layer.keys.repeat_interleave(repeats, dim=0)

@@ -38,6 +38,17 @@ from mixcon.models.configuration_mixcon import MixConConfig
 from mixcon.ops.moe import load_balancing_loss, router_z_loss
 
 
+def _auto_static(device, generation_config, model_kwargs) -> bool:
+    """Whether generate() takes the static cache (and with it transformers' compiled, CUDA-graph
+    decode) without being asked: on a CUDA device, for greedy or sampled decoding of one candidate
+    per row with no cache passed in. ``cache_implementation="dynamic"`` (or ``disable_compile=True``
+    for the static cache without compiling) opts out."""
+    return (torch.device(device).type == "cuda" and model_kwargs.get("past_key_values") is None
+            and generation_config.use_cache is not False and (generation_config.num_beams or 1) == 1
+            and getattr(generation_config, "assistant_model", None) is None
+            and getattr(generation_config, "prompt_lookup_num_tokens", None) is None)
+
+
 def _is_static(cache) -> bool:
     return isinstance(cache, MixConCache) and cache.is_static
 
@@ -585,6 +596,8 @@ class MixConForCausalLM(MixConPreTrainedModel, GenerationMixin):
         compiles the decode step on an accelerator, see `_valid_auto_compile_criteria`); anything else is
         transformers' own handling (the model builds its dynamic cache in forward)."""
         impl = generation_config.cache_implementation
+        if impl is None and _auto_static(self.device, generation_config, model_kwargs):
+            impl = "static"  # the fast path by default on a GPU (see `_auto_static`)
         if (impl is None or impl == "dynamic" or model_kwargs.get("past_key_values") is not None
                 or generation_config.use_cache is False):
             if impl == "dynamic":  # the default: not worth transformers' "ignored" warning

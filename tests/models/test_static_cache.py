@@ -206,3 +206,60 @@ def test_static_cache_bad_input_raises():
     model(ids, attention_mask=mask, past_key_values=cache)
     with pytest.raises(ValueError, match="holds a batch of 2"):
         model(ids[:1, :1], past_key_values=cache)
+
+
+def test_beam_search_and_several_sequences_on_the_static_cache():
+    """generate expands the batch (beams, return sequences) before the first forward: the static
+    cache is built for the expanded batch, beams are reordered in place."""
+    model = build("mixcon")
+    ids, mask = left_padded(model.config.vocab_size, b=2, T=6)
+    kw = dict(attention_mask=mask, max_new_tokens=4, do_sample=False, pad_token_id=0, num_beams=2,
+              num_return_sequences=2)
+    assert torch.equal(model.generate(ids, cache_implementation="static", **kw), model.generate(ids, **kw))
+
+
+def test_static_cache_is_the_default_on_cuda_only():
+    from transformers import GenerationConfig
+
+    from mixcon.models.modeling_mixcon import _auto_static
+
+    assert _auto_static("cuda", GenerationConfig(max_new_tokens=4), {})
+    assert _auto_static(torch.device("cuda:0"), GenerationConfig(do_sample=True), {})
+    assert not _auto_static("cpu", GenerationConfig(), {})
+    assert not _auto_static("cuda", GenerationConfig(num_beams=2), {})
+    assert not _auto_static("cuda", GenerationConfig(use_cache=False), {})
+    assert not _auto_static("cuda", GenerationConfig(), {"past_key_values": object()})
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs and the Triton decode kernel need a GPU")
+def test_cuda_graph_decode_equals_eager_and_generate_takes_the_fast_path():
+    """On a GPU: the decode step compiled by inductor and captured in a CUDA graph (reduce-overhead),
+    the Conba Triton step inside it, against the eager step; and plain generate() builds the static
+    cache and compiles by itself."""
+    torch.manual_seed(0)
+    cfg = MEMBERS["all-kinds"]()
+    cfg.pad_token_id = 0
+    model = randomize_(MixConForCausalLM(cfg), scale=0.1).eval().cuda()
+    ids, mask = left_padded(cfg.vocab_size, b=2, T=7)
+    ids, mask = ids.cuda(), mask.cuda()
+    M = 16
+    eager_cache, nxt = _prefilled(model, ids, mask, M)
+    comp_cache, _ = _prefilled(model, ids, mask, M)
+    am = F.pad(mask, (0, M - 7))
+    pos = mask.sum(1, keepdim=True)
+    torch._dynamo.reset()
+    step = torch.compile(model.forward, fullgraph=True, mode="reduce-overhead")
+    with torch.no_grad():
+        for t in range(4):  # warm-up, capture, replays
+            am[:, 7 + t] = 1
+            ref = model(nxt, attention_mask=am, position_ids=pos + t, past_key_values=eager_cache).logits
+            torch.compiler.cudagraph_mark_step_begin()
+            got = step(nxt, attention_mask=am, position_ids=pos + t, past_key_values=comp_cache).logits.clone()
+            torch.testing.assert_close(got, ref, rtol=1e-3, atol=1e-3)
+            nxt = ref[:, -1].argmax(-1, keepdim=True)
+    out = model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0,
+                         return_dict_in_generate=True)
+    assert out.past_key_values.is_static and getattr(model, "_compiled_call", None) is not None
+    dynamic = model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0,
+                             cache_implementation="dynamic")
+    assert torch.equal(out.sequences, dynamic)
