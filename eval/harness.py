@@ -14,8 +14,8 @@ defaults to the CPU when no GPU is present::
 
 Generate-until tasks call ``model.generate``, which on a CUDA device takes the static cache and the
 compiled (CUDA-graph) decode step by default (MixConForCausalLM's own choice, see the README's "Fast
-decoding"), under both model types and without a flag; ``--model_args ...`` cannot turn it off, but
-``generation_kwargs: {cache_implementation: dynamic}`` in a task does.
+decoding"), under both model types and without a flag; ``--gen_kwargs cache_implementation=dynamic``
+turns it off.
 
 Recurrent layers must be exact under the harness's two paddings (right padding without a mask for
 log-likelihoods, left padding with a mask for generation); the test suite checks both on an

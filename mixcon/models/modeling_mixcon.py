@@ -6,6 +6,7 @@ weights for ``trust_remote_code`` loading, and the copy then imports the install
 
 from __future__ import annotations
 
+import inspect
 from typing import Optional
 
 import torch
@@ -610,9 +611,9 @@ class MixConForCausalLM(MixConPreTrainedModel, GenerationMixin):
         if impl != "static":
             raise ValueError(f"cache_implementation={impl!r} is not supported by MixCon; use 'static' (buffers "
                              "allocated once, compiled decode) or 'dynamic' (the default)")
-        names = ("generation_mode", "batch_size", "max_cache_length")
-        params = dict(zip(names, args))
-        params.update({k: v for k, v in kwargs.items() if k in names})
+        # the arguments by name: their order differs across transformers 5.x
+        params = inspect.signature(super()._prepare_cache_for_generation).bind(
+            generation_config, model_kwargs, *args, **kwargs).arguments
         batch = max(generation_config.num_beams or 1, generation_config.num_return_sequences or 1) * params["batch_size"]
         length = max(params["max_cache_length"], getattr(generation_config, "max_cache_len", None) or 0)
         # reuse the largest length seen so far, so that a later call does not recompile the decode step
