@@ -317,11 +317,12 @@ def plot(rows, path, meta):
     for j, b in enumerate(batches):
         for i, key in enumerate(("prefill_tok_s", "decode_tok_s")):
             ax = axes[i][j]
-            for name, path in dict.fromkeys((r["model"], r.get("path", "dynamic")) for r in rows):
+            for name, dpath in dict.fromkeys((r["model"], r.get("path", "dynamic")) for r in rows):
                 pts = [(r["context"], r[key]) for r in rows if r["model"] == name and r["batch"] == b
-                       and r.get("path", "dynamic") == path and r["status"] == "ok"]
+                       and r.get("path", "dynamic") == dpath and r["status"] == "ok"]
                 if pts:
-                    ax.plot(*zip(*pts), marker="o", ls="-" if path == "compiled" else "--", label=f"{name} ({path})")
+                    ax.plot(*zip(*pts), marker="o", ls="-" if dpath == "compiled" else "--",
+                            label=f"{name} ({dpath})")
             ax.set_xscale("log", base=2)
             ax.set_yscale("log")
             ax.set_xlabel("context (tokens)")
