@@ -12,6 +12,11 @@ defaults to the CPU when no GPU is present::
 
     python eval/harness.py --pretrained DIR --tasks arc_easy --batch_size 8 [--include_path DIR]
 
+Generate-until tasks call ``model.generate``, which on a CUDA device takes the static cache and the
+compiled (CUDA-graph) decode step by default (MixConForCausalLM's own choice, see the README's "Fast
+decoding"), under both model types and without a flag; ``--gen_kwargs cache_implementation=dynamic``
+turns it off.
+
 Recurrent layers must be exact under the harness's two paddings (right padding without a mask for
 log-likelihoods, left padding with a mask for generation); the test suite checks both on an
 offline task set (multiple-choice, generate-until, rolling log-likelihood).

@@ -9,8 +9,24 @@ the same run, for same-size comparison models:
 
 Prefill is chunked (``--chunk`` tokens at a time through the cache) so long contexts fit; decode
 runs ``--decode-tokens`` greedy steps after it. Beside each decode number: the roofline
-(bytes read per step — active weights + cache — ÷ copy bandwidth measured in this run).
-A model that runs out of memory at some context is marked OOM there and not tried longer.
+(bytes read per step — active weights + cache — ÷ copy bandwidth measured in this run) and the
+percentage of it reached. A model that runs out of memory at some context is marked OOM there and
+not tried longer.
+
+Two decode paths (``--paths``), both by default, in the same run:
+
+  - ``dynamic``   the growing cache, one eager forward per token (every kernel launched from Python);
+  - ``compiled``  each model's fast path: a static cache sized for the point (context + decode tokens)
+    and the decode step compiled with ``torch.compile(mode=--compile-mode)``, which on a GPU captures it
+    in a CUDA graph ("reduce-overhead"): mixcon models with a static `MixConCache` and
+    ``fullgraph=True`` (the Conba Triton step enters the graph as the ``mixcon::conba_step`` op);
+    ``hf-mixtral`` with transformers' own ``StaticCache`` and its default compile settings
+    (``fullgraph=False``, as generate's CompileConfig). The prefill runs eagerly (chunked) in both;
+    the compile and graph capture happen in ``--warmup`` untimed steps (their time is reported as
+    ``compile_s``). Every point compiles afresh (its cache has its own shape).
+
+``--profile`` adds, for the shortest context of each (model, path, batch), a torch.profiler table of
+the decode steps (time per kernel, kernel launches per token) under ``<out>/profiles/``.
 
     python eval/throughput.py --out eval/results/throughput                 # GPU
     python eval/throughput.py --smoke                                       # CPU, tiny sizes
@@ -36,6 +52,7 @@ from mixcon.benchmark import copy_bandwidth, header, parse_run_args, save_result
 from mixcon.models.configuration_mixcon import active_parameters  # noqa: E402
 
 MODELS = ("mixcon", "jamba-shaped", "mixtral-shaped", "hf-mixtral")
+PATHS = ("dynamic", "compiled")
 
 
 def load_config(path, **over) -> MixConConfig:
@@ -87,11 +104,29 @@ def new_cache(name, model):
     return MixConCache(model.config)
 
 
+def static_cache(name, model, batch, max_len, device):
+    """Each model's own static cache, sized for the point."""
+    if name == "hf-mixtral":
+        from transformers import StaticCache
+
+        return StaticCache(config=model.config, max_cache_len=max_len)
+    return MixConCache(model.config, max_cache_len=max_len, batch_size=batch, device=device)
+
+
 def cache_bytes(cache) -> int:
+    """Bytes a decode step reads from the cache: a MixCon cache's states and K/V, a transformers
+    cache's K/V (a static cache's every slot: the mask hides the unused ones, SDPA still reads them)."""
     if isinstance(cache, MixConCache):
         return cache.nbytes()
     return sum(layer.keys.numel() * layer.keys.element_size() + layer.values.numel() * layer.values.element_size()
                for layer in cache.layers)
+
+
+def compile_step(name, model, mode, backend):
+    """The decode step each model is best served by (see the module docstring)."""
+    torch._dynamo.reset()
+    kw = dict(backend=backend) if backend != "inductor" else dict(mode=mode)
+    return torch.compile(model.forward, fullgraph=name != "hf-mixtral", **kw)
 
 
 def sync(device):
@@ -99,12 +134,47 @@ def sync(device):
         torch.cuda.synchronize()
 
 
+def _to_static(dynamic, static):
+    """Copy a prefilled transformers DynamicCache into a StaticCache (its update writes the slots
+    0 … n − 1 and advances its counter), so both paths share the same eager prefill."""
+    for i, layer in enumerate(dynamic.layers):
+        static.update(layer.keys, layer.values, i)
+    return static
+
+
+def _profile(step, nxt, n, path, device):
+    """Run n decode steps under torch.profiler and write the kernel table to ``path``."""
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=acts) as prof:
+        for _ in range(n):
+            nxt = step(nxt)
+        sync(device)
+    events = prof.key_averages()
+    sort = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    kernels = sum(e.count for e in events if getattr(e, "device_type", None) is not None
+                  and "CUDA" in str(e.device_type))
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path + ".tmp", "w") as f:
+        f.write(f"# {n} decode steps; device kernels launched: {kernels} ({kernels / n:.1f} per token)\n")
+        f.write(events.table(sort_by=sort, row_limit=30))
+    os.replace(path + ".tmp", path)
+
+
 @torch.no_grad()
-def measure(name, model, batch, context, chunk, decode_tokens, device):
-    """(prefill tok/s, decode tok/s, peak bytes, cache bytes) after prefilling ``context`` tokens."""
+def measure(name, model, batch, context, chunk, decode_tokens, device, path="dynamic", compile_mode="reduce-overhead",
+            backend="inductor", warmup=3, profile_to=None):
+    """(prefill tok/s, decode tok/s, peak bytes, cache bytes read per step, compile seconds) after
+    prefilling ``context`` tokens, decoding with ``path`` ("dynamic" or "compiled")."""
     vocab = model.config.vocab_size
     ids = torch.randint(3, vocab, (batch, context), device=device)
-    cache = new_cache(name, model)
+    compiled = path == "compiled"
+    max_len = context + warmup + decode_tokens * (2 if profile_to else 1) + 1
+    if compiled and name != "hf-mixtral":
+        cache = static_cache(name, model, batch, max_len, device)  # its prefill attends over the slots in use
+    else:
+        cache = new_cache(name, model)
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
@@ -114,18 +184,35 @@ def measure(name, model, batch, context, chunk, decode_tokens, device):
     for s in range(0, context, chunk):
         out = model(ids[:, s:s + chunk], past_key_values=cache, use_cache=True, logits_to_keep=1)
         cache = out.past_key_values
+    if compiled and name == "hf-mixtral":
+        cache = _to_static(cache, static_cache(name, model, batch, max_len, device))
     sync(device)
     t_prefill = time.perf_counter() - t0
     nxt = out.logits[:, -1].argmax(-1, keepdim=True)
+    fwd = compile_step(name, model, compile_mode, backend) if compiled else model
+
+    def step(tok):
+        if compiled and device.type == "cuda":
+            torch.compiler.cudagraph_mark_step_begin()
+        o = fwd(input_ids=tok, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        return o.logits[:, -1].argmax(-1, keepdim=True)
+
+    t_compile = 0.0
+    if compiled:  # compile + graph capture, untimed
+        t0 = time.perf_counter()
+        for _ in range(warmup):
+            nxt = step(nxt)
+        sync(device)
+        t_compile = time.perf_counter() - t0
     t0 = time.perf_counter()
     for _ in range(decode_tokens):
-        out = model(nxt, past_key_values=cache, use_cache=True)
-        cache = out.past_key_values
-        nxt = out.logits[:, -1].argmax(-1, keepdim=True)
+        nxt = step(nxt)
     sync(device)
     t_decode = time.perf_counter() - t0
     peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else None
-    return batch * context / t_prefill, batch * decode_tokens / t_decode, peak, cache_bytes(cache)
+    if profile_to is not None:
+        _profile(step, nxt, decode_tokens, profile_to, device)
+    return batch * context / t_prefill, batch * decode_tokens / t_decode, peak, cache_bytes(cache), t_compile
 
 
 def main(argv=None):
@@ -139,35 +226,51 @@ def main(argv=None):
     ap.add_argument("--time-budget", type=float, default=None,
                     help="seconds per model; its points not started by then are recorded as skipped "
                          "(results are saved after every point)")
+    ap.add_argument("--paths", nargs="+", default=list(PATHS), choices=PATHS,
+                    help="decode paths: dynamic (eager, growing cache), compiled (static cache + torch.compile)")
+    ap.add_argument("--compile-mode", default="reduce-overhead",
+                    help="torch.compile mode of the compiled path (reduce-overhead = CUDA graphs)")
+    ap.add_argument("--compile-backend", default=None,
+                    help="torch.compile backend (default: inductor on a GPU, eager with --smoke)")
+    ap.add_argument("--warmup", type=int, default=3, help="untimed compiled steps (compile, graph capture)")
+    ap.add_argument("--profile", action="store_true",
+                    help="profile the decode of the shortest context of each (model, path, batch)")
     args, device, dtype = parse_run_args(ap, argv, "tiny sizes on CPU")
     if args.smoke:
         args.contexts, args.batch, args.chunk, args.decode_tokens, dtype = [64, 128], [1, 2], 48, 4, torch.float32
+        args.warmup = min(args.warmup, 2)
     elif device.type != "cuda":
         sys.exit("throughput.py measures a GPU; use --smoke on CPU")
+    backend = args.compile_backend or ("inductor" if device.type == "cuda" else "eager")
     cfgs = variants(args.config, max(args.contexts), args.smoke)
     meta = header(device, dtype=str(dtype), config=os.path.relpath(args.config, ROOT), chunk=args.chunk,
-                  decode_tokens=args.decode_tokens)
+                  decode_tokens=args.decode_tokens, paths=args.paths, compile_mode=args.compile_mode,
+                  compile_backend=backend, warmup=args.warmup)
     for k, v in meta.items():
         print(f"# {k}: {v}")
     bw = copy_bandwidth(device)
     print(f"# copy bandwidth {bw / 1e9:.0f} GB/s")
     esize = torch.finfo(dtype).bits // 8
     rows = []
-    points = [(m, b, c) for m in args.models for b in args.batch for c in args.contexts]
+    points = [(m, p, b, c) for m in args.models for p in args.paths for b in args.batch for c in args.contexts]
+    if args.smoke:  # the compiled path once per model (each point compiles afresh): keeps the smoke run short
+        points = [(m, p, b, c) for m, p, b, c in points
+                  if p != "compiled" or (b == min(args.batch) and c == min(args.contexts))]
     oom = set()
     model, current = None, None
-    cols = ["model", "batch", "context", "status", "prefill_tok_s", "decode_tok_s", "decode_roofline_tok_s",
-            "peak_GiB", "cache_MiB"]
+    cols = ["model", "path", "batch", "context", "status", "prefill_tok_s", "decode_tok_s", "decode_roofline_tok_s",
+            "roofline_pct", "compile_s", "peak_GiB", "cache_MiB"]
     start = {}
-    for name, b, ctx in tqdm(points, desc="throughput", unit="point"):
-        start.setdefault(name, time.perf_counter())
-        if args.time_budget is not None and time.perf_counter() - start[name] > args.time_budget:
-            rows.append(dict(model=name, batch=b, context=ctx, status="skipped (time budget)"))
+    for name, path, b, ctx in tqdm(points, desc="throughput", unit="point"):
+        key = dict(model=name, path=path, batch=b, context=ctx)
+        start.setdefault((name, path), time.perf_counter())
+        if args.time_budget is not None and time.perf_counter() - start[(name, path)] > args.time_budget:
+            rows.append(dict(key, status="skipped (time budget)"))
             continue
         if args.out and rows:
             save_results(args.out, rows, cols, meta, copy_GBps=bw / 1e9)
-        if (name, b) in oom:
-            rows.append(dict(model=name, batch=b, context=ctx, status="OOM"))
+        if (name, path, b) in oom:
+            rows.append(dict(key, status="OOM"))
             continue
         if current != name:
             model = None
@@ -176,19 +279,29 @@ def main(argv=None):
             model = build(name, cfgs, device, dtype)
             current = name
             active = active_parameters(cfgs["mixtral-shaped" if name == "hf-mixtral" else name])
+        prof = None
+        if args.profile and args.out and ctx == min(args.contexts):
+            prof = os.path.join(args.out, "profiles", f"{name}_{path}_b{b}_ctx{ctx}.txt")
         try:
-            pre, dec, peak, cb = measure(name, model, b, ctx, args.chunk, args.decode_tokens, device)
+            pre, dec, peak, cb, t_comp = measure(name, model, b, ctx, args.chunk, args.decode_tokens, device, path,
+                                                 args.compile_mode, backend, args.warmup, prof)
         except torch.OutOfMemoryError:
-            oom.add((name, b))
-            rows.append(dict(model=name, batch=b, context=ctx, status="OOM"))
+            oom.add((name, path, b))
+            rows.append(dict(key, status="OOM"))
+            continue
+        except Exception as e:  # a compile failure is a result too: recorded, the other points go on
+            if path != "compiled":
+                raise
+            rows.append(dict(key, status=f"failed: {type(e).__name__}: {str(e)[:200]}"))
+            tqdm.write(f"{name} {path} b={b} ctx={ctx}: {type(e).__name__}: {e}")
             continue
         roof = b / ((active * esize + cb) / (bw / 2))  # tokens/s if each step only read weights + cache
-        rows.append(dict(model=name, batch=b, context=ctx, status="ok", prefill_tok_s=pre, decode_tok_s=dec,
-                         decode_roofline_tok_s=roof, peak_GiB=peak / 2**30 if peak else None,
-                         cache_MiB=cb / 2**20))
-        tqdm.write(f"{name:15s} b={b:<3d} ctx={ctx:<7d} prefill {pre:10.0f} tok/s  decode {dec:8.1f} tok/s "
-                   f"(roofline {roof:8.1f})  cache {cb / 2**20:9.1f} MiB"
-                   + (f"  peak {peak / 2**30:6.2f} GiB" if peak else ""))
+        rows.append(dict(key, status="ok", prefill_tok_s=pre, decode_tok_s=dec, decode_roofline_tok_s=roof,
+                         roofline_pct=100 * dec / roof, compile_s=t_comp,
+                         peak_GiB=peak / 2**30 if peak else None, cache_MiB=cb / 2**20))
+        tqdm.write(f"{name:15s} {path:8s} b={b:<3d} ctx={ctx:<7d} prefill {pre:10.0f} tok/s  decode {dec:8.1f} tok/s "
+                   f"(roofline {roof:8.1f}, {100 * dec / roof:5.1f}%)  cache {cb / 2**20:9.1f} MiB"
+                   + (f"  peak {peak / 2**30:6.2f} GiB" if peak else "") + (f"  compile {t_comp:.0f}s" if t_comp else ""))
     if args.out:
         save_results(args.out, rows, cols, meta, copy_GBps=bw / 1e9)
         plot(rows, os.path.join(args.out, "throughput.png"), meta)
@@ -207,11 +320,12 @@ def plot(rows, path, meta):
     for j, b in enumerate(batches):
         for i, key in enumerate(("prefill_tok_s", "decode_tok_s")):
             ax = axes[i][j]
-            for name in dict.fromkeys(r["model"] for r in rows):
+            for name, dpath in dict.fromkeys((r["model"], r.get("path", "dynamic")) for r in rows):
                 pts = [(r["context"], r[key]) for r in rows if r["model"] == name and r["batch"] == b
-                       and r["status"] == "ok"]
+                       and r.get("path", "dynamic") == dpath and r["status"] == "ok"]
                 if pts:
-                    ax.plot(*zip(*pts), marker="o", label=name)
+                    ax.plot(*zip(*pts), marker="o", ls="-" if dpath == "compiled" else "--",
+                            label=f"{name} ({dpath})")
             ax.set_xscale("log", base=2)
             ax.set_yscale("log")
             ax.set_xlabel("context (tokens)")

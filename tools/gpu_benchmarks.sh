@@ -6,6 +6,7 @@
 #
 #   bash tools/gpu_benchmarks.sh tests conba moe          # one lease call
 #   bash tools/gpu_benchmarks.sh throughput max_context   # another
+#   bash tools/gpu_benchmarks.sh decode                   # the compiled decode path (issue 13), alone
 #
 # mamba_ssm's Triton kernels (baselines of bench_conba) are used when importable; a source copy
 # of the package can be put on PYTHONPATH (its CUDA extension is stubbed by the benchmark).
@@ -19,7 +20,7 @@ export PYTHONUNBUFFERED=1
 pack() {
   tar czf "$OUT/results.tgz" eval/results/logs \
     $(ls -d eval/results/conba eval/results/moe eval/results/throughput eval/results/max_context \
-    eval/results/conba_tuning 2>/dev/null)
+    eval/results/conba_tuning eval/results/throughput_compiled 2>/dev/null)
 }
 
 step() {  # name, seconds, command...
@@ -53,9 +54,16 @@ for s in "$@"; do
              --seqlen 2048 8192 32768 131072 --d-inner 4096 8192 "${tuned[@]}" --out eval/results/conba ;;
     moe) step moe 120 python3 tools/bench_moe.py --out eval/results/moe ;;
     throughput) step throughput 280 python3 eval/throughput.py --batch 1 8 --decode-tokens 16 --time-budget 50 \
-                  --out eval/results/throughput ;;
+                  --paths dynamic --out eval/results/throughput ;;
+    # issue 13: each model's fast decode (static cache + torch.compile reduce-overhead = CUDA graphs),
+    # batch 1 at 8K-256K and batch 8/64, with a profile (launches per token, time per kernel) at 8K;
+    # one lease call (< 10 min); DECODE_MODELS / DECODE_BATCH narrow it when time is short
+    decode) step decode 560 python3 eval/throughput.py --paths compiled --batch ${DECODE_BATCH:-1 8 64} \
+              --contexts 8192 32768 131072 262144 --decode-tokens 64 --time-budget 130 --profile \
+              --models ${DECODE_MODELS:-mixcon jamba-shaped mixtral-shaped hf-mixtral} \
+              --out eval/results/throughput_compiled ;;
     max_context) step max_context 120 python3 eval/max_context.py --out eval/results/max_context ;;
     tune) step tune 90 python3 tools/tune_conba.py --out eval/results/conba_tuning ;;
-    *) echo "unknown step $s (tests conba moe throughput max_context tune)"; exit 2 ;;
+    *) echo "unknown step $s (tests conba moe throughput decode max_context tune)"; exit 2 ;;
   esac
 done

@@ -1,4 +1,9 @@
-"""Grouped-query softmax attention through SDPA, optional RoPE, with a KV cache."""
+"""Grouped-query softmax attention, optional RoPE, with a KV cache.
+
+Two implementations, chosen by ``config._attn_implementation`` (transformers' switch): "sdpa" (the
+default: `attend`, PyTorch's fused kernels, no weights) and "eager" (`eager_attend`: the softmax
+written out, which returns the attention weights; also used whenever ``output_attentions`` asks for
+them, since SDPA cannot return them)."""
 
 from __future__ import annotations
 
@@ -51,6 +56,28 @@ def attend(q, k, v, attn_mask=None, dropout_p: float = 0.0):
     return out.view(b, H, T, hd)
 
 
+def eager_attend(q, k, v, attn_mask=None, dropout_p: float = 0.0):
+    """The same attention as `attend`, written out: → (out (b, H, T, hd), weights (b, H, T, S))."""
+    T, S = q.shape[-2], k.shape[-2]
+    rep = q.shape[1] // k.shape[1]
+    if rep > 1:  # query head h reads KV head h // rep, as in `attend`
+        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+    scores = torch.matmul(q, k.transpose(-1, -2)) * q.shape[-1] ** -0.5
+    if attn_mask is None:
+        attn_mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T)
+    scores = scores.masked_fill(~attn_mask, float("-inf"))
+    acc = q.dtype if q.dtype in (torch.float32, torch.float64) else torch.float32
+    weights = torch.softmax(scores, dim=-1, dtype=acc).to(q.dtype)
+    weights = F.dropout(weights, p=dropout_p, training=dropout_p > 0)
+    return torch.matmul(weights, v), weights
+
+
+def attention_impl(config, output_attentions: bool = False) -> str:
+    """"eager" when the config asks for it or the caller wants the weights, else "sdpa"."""
+    impl = getattr(config, "_attn_implementation", None) or "sdpa"
+    return "eager" if output_attentions or impl == "eager" else "sdpa"
+
+
 class MixConAttention(nn.Module):
     def __init__(self, config, layer_idx: int):
         super().__init__()
@@ -65,9 +92,12 @@ class MixConAttention(nn.Module):
         self.v_proj = nn.Linear(h, self.num_kv_heads * self.head_dim, bias=False)
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, h, bias=False)
 
-    def forward(self, x, attn_mask=None, rope=None, past_key_values=None):
+    def forward(self, x, attn_mask=None, rope=None, past_key_values=None, impl: str = "sdpa",
+                return_weights: bool = False):
         """x (b, T, hidden); attn_mask: bool (b, 1, T, past + T) or None (causal, see `attend`);
-        rope: (cos, sin) or None; past_key_values: the model's cache or None."""
+        rope: (cos, sin) or None; past_key_values: the model's cache or None; impl: "sdpa" or "eager".
+        → out (b, T, hidden), or with ``return_weights`` (out, weights (b, H, T, past + T) with
+        impl="eager", else None)."""
         b, T, _ = x.shape
         q = self.q_proj(x).view(b, T, self.num_heads, self.head_dim).transpose(1, 2)  # (b, H, T, hd)
         k = self.k_proj(x).view(b, T, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (b, KV, T, hd)
@@ -76,5 +106,11 @@ class MixConAttention(nn.Module):
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if past_key_values is not None:
             k, v = past_key_values.update(k, v, self.layer_idx)  # (b, KV, past + T, hd)
-        out = attend(q, k, v, attn_mask, self.dropout if self.training else 0.0)  # (b, H, T, hd)
-        return self.o_proj(out.transpose(1, 2).reshape(b, T, self.num_heads * self.head_dim))
+        p = self.dropout if self.training else 0.0
+        weights = None
+        if impl == "eager":
+            out, weights = eager_attend(q, k, v, attn_mask, p)
+        else:
+            out = attend(q, k, v, attn_mask, p)  # (b, H, T, hd)
+        out = self.o_proj(out.transpose(1, 2).reshape(b, T, self.num_heads * self.head_dim))
+        return (out, weights) if return_weights else out

@@ -3,7 +3,7 @@
 import torch
 from torch import nn
 
-from ..ops.moe import moe_grouped, moe_loop, route
+from ..ops.moe import expert_counts, moe_grouped, moe_loop, route
 
 
 class MoEExperts(nn.Module):
@@ -38,5 +38,6 @@ class SparseMoE(nn.Module):
         weights, indices = route(logits, self.top_k, self.renormalize)
         fn = moe_loop if self.impl == "loop" else moe_grouped
         y = fn(h, self.experts.gate_up_proj, self.experts.down_proj, weights, indices)
-        self.last_expert_load = torch.bincount(indices.reshape(-1), minlength=self.num_experts).detach()
+        if not torch.compiler.is_compiling():  # logging only: kept out of a compiled (captured) step
+            self.last_expert_load = expert_counts(indices, self.num_experts).detach()
         return y.view(b, T, D), logits

@@ -21,8 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..ops.moe import load_balancing_loss, moe_loop
-from .attention import apply_rope, attend
+from ..ops.moe import load_balancing_loss, moe_gather, moe_loop
+from .attention import apply_rope, attend, eager_attend
 from .moe import MoEExperts
 
 
@@ -55,9 +55,28 @@ class ModuleRouter(nn.Module):
         return weights, indices, logits
 
 
+def _gather_path(n_tokens: int, top_k: int, n_modules: int) -> bool:
+    """The gather path (each (token, pick) reads its module's weights; fixed shapes, no host sync) for
+    a handful of tokens (decoding) and always under torch.compile; the per-module loop otherwise."""
+    return torch.compiler.is_compiling() or n_tokens * top_k <= n_modules
+
+
+def routed_linear_gather(x, weight, w, idx):
+    """`routed_linear` by gathering the picked modules' weights: (N, K, out, in), for a few tokens."""
+    M = weight.shape[0]
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    keep = idx < M  # SKIP (idx == M) reads module M − 1 with weight 0
+    ws = weight[idx.clamp(max=M - 1)]  # (N, K, out, in)
+    y = torch.matmul(ws, x[:, None, :, None].to(ws.dtype))[..., 0]  # (N, K, out)
+    return (y.to(acc) * (w * keep)[..., None].to(acc)).sum(1).to(x.dtype)
+
+
 def routed_linear(x: torch.Tensor, weight: torch.Tensor, w: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     """Σ_k w[:, k] · weight[idx[:, k]] x for x (N, in), weight (M, out, in); idx == M is SKIP (adds
-    nothing). Each module multiplies only the tokens that chose it."""
+    nothing). Each module multiplies only the tokens that chose it (`routed_linear_gather` for a few
+    tokens or under torch.compile)."""
+    if _gather_path(x.shape[0], idx.shape[1], weight.shape[0]):
+        return routed_linear_gather(x, weight, w, idx)
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
     out = torch.zeros(x.shape[0], weight.shape[1], dtype=acc, device=x.device)
     for m in range(weight.shape[0]):
@@ -81,7 +100,9 @@ class MoMRound(nn.Module):
         self.ffn_router = ModuleRouter(*args, config.mom_ffn_modules, config.mom_top_k, config.mom_router_temperature)
         self.last_choices = None  # (attention indices, FFN indices) of the latest forward, for analysis
 
-    def attention(self, x, pool: MoMPool, attn_mask=None, rope=None, past_key_values=None):
+    def attention(self, x, pool: MoMPool, attn_mask=None, rope=None, past_key_values=None, impl: str = "sdpa"):
+        """→ (out (b, T, D), router logits, chosen modules, attention weights (b, H, T, S) with impl="eager"
+        or None)."""
         b, T, D = x.shape
         flat = x.reshape(-1, D)
         w, idx, logits = self.attn_router(flat)
@@ -92,18 +113,27 @@ class MoMRound(nn.Module):
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if past_key_values is not None:
             k, v = past_key_values.update(k, v, self.layer_idx)
-        o = attend(q, k, v, attn_mask)
+        weights = None
+        if impl == "eager":
+            o, weights = eager_attend(q, k, v, attn_mask)
+        else:
+            o = attend(q, k, v, attn_mask)
         o = o.transpose(1, 2).reshape(b * T, self.num_heads * self.head_dim)
         real = (idx != self.attn_router.skip).float()
         w_o = w * real / (w * real).sum(-1, keepdim=True).clamp(min=1e-9)  # convex over the non-SKIP picks
-        return routed_linear(o, pool.o_proj, w_o, idx).view(b, T, D), logits, idx
+        return routed_linear(o, pool.o_proj, w_o, idx).view(b, T, D), logits, idx, weights
 
     def ffn(self, x, pool: MoMPool):
         b, T, D = x.shape
         flat = x.reshape(-1, D)
         w, idx, logits = self.ffn_router(flat)
-        # moe_loop visits experts 0..M−1 only, so the SKIP index M contributes nothing
-        return moe_loop(flat, pool.ffn.gate_up_proj, pool.ffn.down_proj, w, idx).view(b, T, D), logits, idx
+        gu, dn = pool.ffn.gate_up_proj, pool.ffn.down_proj
+        M = gu.shape[0]
+        if _gather_path(flat.shape[0], idx.shape[1], M):  # SKIP (idx == M) reads module M − 1 with weight 0
+            y = moe_gather(flat, gu, dn, w * (idx < M), idx.clamp(max=M - 1))
+        else:  # moe_loop visits experts 0..M−1 only, so the SKIP index M contributes nothing
+            y = moe_loop(flat, gu, dn, w, idx)
+        return y.view(b, T, D), logits, idx
 
     def balance_loss(self, attn_logits, ffn_logits, token_mask=None):
         """mom_aux_loss_coef · mean of the two routers' Switch losses (SKIP counts as a module)."""

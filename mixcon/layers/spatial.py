@@ -51,8 +51,17 @@ class SpatialMixer(nn.Module):
         self.register_buffer("chunk_expert", torch.arange(W) // (W // E), persistent=False)
 
     def reset_parameters_(self, init):
+        """Parameters and the non-persistent ``chunk_expert`` buffer (not in a checkpoint: after
+        `from_pretrained` it must be rebuilt here, or it holds whatever memory it was given)."""
         init.normal_(self.spatial_weight, mean=0.0, std=1e-3)
         init.ones_(self.spatial_bias)
+        chunks = torch.arange(self.width, device=self.chunk_expert.device) // (self.width // self.n_experts)
+        copy = getattr(init, "copy_", None)
+        if copy is not None:
+            copy(self.chunk_expert, chunks)
+        else:
+            with torch.no_grad():
+                self.chunk_expert.copy_(chunks)
 
     def route(self, v_all: torch.Tensor, kpos: torch.Tensor):
         """Learned routing from the first P positions: (expert (b, W) long, gate (b, W) float)."""
@@ -65,17 +74,21 @@ class SpatialMixer(nn.Module):
         return expert, gate
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, state: Optional[dict] = None):
-        """x (b, T, D); positions (b, T) long, −1 = padding; state: None or the layer's cache dict."""
+        """x (b, T, D); positions (b, T) long, −1 = padding; state: None, the layer's cache dict (grown
+        here), or a static history with ``append(v, positions) → (v_all, kpos)`` (slots not written hold
+        position −1)."""
         b, T, _ = x.shape
         u, v = F.gelu(self.in_proj(x)).chunk(2, dim=-1)
         v = self.norm(v) * (positions >= 0)[..., None].to(x.dtype)
         kpos, v_all = positions, v
-        if state is not None:
+        if state is not None and hasattr(state, "append"):  # a static history: written in place, fixed size
+            v_all, kpos = state.append(v, positions)
+        elif state is not None:
             if state:
                 kpos, v_all = torch.cat([state["pos"], positions], 1), torch.cat([state["v"], v], 1)
             state["pos"], state["v"] = kpos, v_all
         qpos = positions
-        if int(qpos.max()) >= self.max_len:
+        if not torch.compiler.is_compiling() and int(qpos.max()) >= self.max_len:
             raise ValueError(f"position {int(qpos.max())} is beyond spatial_max_len={self.max_len}: the spatial "
                              "gating units mix at most spatial_max_len tokens")
         qc, kc = qpos.clamp(min=0), kpos.clamp(min=0)

@@ -6,12 +6,14 @@ weights for ``trust_remote_code`` loading, and the copy then imports the install
 
 from __future__ import annotations
 
+import inspect
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
+from transformers.cache_utils import Cache
 from transformers.modeling_outputs import MoeCausalLMOutputWithPast, MoeModelOutputWithPast
 
 try:
@@ -24,7 +26,7 @@ try:
 except ImportError:  # pragma: no cover
     hf_init = None
 
-from mixcon.layers.attention import MixConAttention, rope_cos_sin
+from mixcon.layers.attention import MixConAttention, attention_impl, rope_cos_sin
 from mixcon.layers.conba import ConbaMixer
 from mixcon.layers.mlp import SwiGLUMLP
 from mixcon.layers.mod import DepthRouter, gather_selected, take
@@ -35,6 +37,31 @@ from mixcon.layers.norm import RMSNorm
 from mixcon.models.cache import MixConCache
 from mixcon.models.configuration_mixcon import MixConConfig
 from mixcon.ops.moe import load_balancing_loss, router_z_loss
+
+
+def _auto_static(device, generation_config, model_kwargs) -> bool:
+    """Whether generate() takes the static cache (and with it transformers' compiled, CUDA-graph
+    decode) without being asked: on a CUDA device, for greedy or sampled decoding of one candidate
+    per row with no cache passed in. ``cache_implementation="dynamic"`` (or ``disable_compile=True``
+    for the static cache without compiling) opts out."""
+    return (torch.device(device).type == "cuda" and model_kwargs.get("past_key_values") is None
+            and generation_config.use_cache is not False and (generation_config.num_beams or 1) == 1
+            and getattr(generation_config, "assistant_model", None) is None
+            and getattr(generation_config, "prompt_lookup_num_tokens", None) is None)
+
+
+def _is_static(cache) -> bool:
+    return isinstance(cache, MixConCache) and cache.is_static
+
+
+def _select(selected: torch.Tensor, fixed: bool):
+    """Mixture-of-Depths' selected tokens as (idx, valid) (see `gather_selected`). ``fixed``: every
+    position, ``valid`` = selected: no host sync and no data-dependent shape (a static cache, a
+    compiled step), at the cost of running the routed part on every token."""
+    if not fixed:
+        return gather_selected(selected)
+    b, T = selected.shape
+    return torch.arange(T, device=selected.device).expand(b, T), selected
 
 
 class MixConDecoderLayer(GradientCheckpointingLayer):
@@ -68,43 +95,55 @@ class MixConDecoderLayer(GradientCheckpointingLayer):
             self.depth_router = DepthRouter(config)
 
     def forward(self, hidden_states, attn_mask=None, seq_mask=None, rope=None, past_key_values=None,
-                positions=None, mom_pool=None, **kwargs):
+                positions=None, mom_pool=None, attn_impl: str = "sdpa", **kwargs):
         """→ (hidden_states, router_logits (b·T, E) or None, their token mask (b·T,) bool or None,
-        auxiliary loss of this layer (MoD BCE / MoM balance, coefficient applied) or None)."""
+        auxiliary loss of this layer (MoD BCE / MoM balance, coefficient applied) or None,
+        attention weights (b, H, T, past + T) when ``attn_impl == "eager"`` and the layer attends, else None)."""
         if self.mod_type == "layer":
-            return self._routed_layer(hidden_states, seq_mask, rope, past_key_values, positions)
+            return self._routed_layer(hidden_states, seq_mask, rope, past_key_values, positions, attn_impl)
         residual = hidden_states
         h = self.input_layernorm(hidden_states)
         if self.mixer_type == "mom":
-            return self._mom_round(hidden_states, h, attn_mask, seq_mask, rope, past_key_values, mom_pool)
+            return self._mom_round(hidden_states, h, attn_mask, seq_mask, rope, past_key_values, mom_pool, attn_impl)
+        weights = None
         if self.mixer_type == "attention":
-            h = self.mixer(h, attn_mask=attn_mask, rope=rope, past_key_values=past_key_values)
+            h, weights = self.mixer(h, attn_mask=attn_mask, rope=rope, past_key_values=past_key_values,
+                                    impl=attn_impl, return_weights=True)
         elif self.mixer_type == "conba":
             state = past_key_values.conba_states[self.layer_idx] if past_key_values is not None else None
-            h = self.mixer(h, mask=seq_mask, state=state)
+            if _is_static(past_key_values):  # the new state is copied into the cache's own tensors
+                work = dict(state)
+                h = self.mixer(h, mask=seq_mask, state=work)
+                past_key_values.layers[self.layer_idx].store(work)
+            else:
+                h = self.mixer(h, mask=seq_mask, state=state)
         else:
-            state = past_key_values.spatial_states[self.layer_idx] if past_key_values is not None else None
+            state = None
+            if past_key_values is not None:  # a static history is written in place through the layer
+                state = (past_key_values.layers[self.layer_idx] if _is_static(past_key_values)
+                         else past_key_values.spatial_states[self.layer_idx])
             h = self.mixer(h, positions, state=state)
         hidden_states = residual + h
         if self.ffn_type == "none":  # mixer-only layer (a Mamba-1 LM)
-            return hidden_states, None, None, None
+            return hidden_states, None, None, None, weights
         if self.mod_type == "ffn":
             return self._routed_ffn(hidden_states, seq_mask)
         h, router_logits = self._ffn(self.pre_ff_layernorm(hidden_states))
-        return hidden_states + h, router_logits, None, None
+        return hidden_states + h, router_logits, None, None, weights
 
     def _ffn(self, h):
         if self.ffn_type == "moe":
             return self.feed_forward(h)
         return self.feed_forward(h), None
 
-    def _mom_round(self, residual, h, attn_mask, seq_mask, rope, past_key_values, pool):
-        a, la, ia = self.mixer.attention(h, pool, attn_mask=attn_mask, rope=rope, past_key_values=past_key_values)
+    def _mom_round(self, residual, h, attn_mask, seq_mask, rope, past_key_values, pool, attn_impl):
+        a, la, ia, weights = self.mixer.attention(h, pool, attn_mask=attn_mask, rope=rope,
+                                                  past_key_values=past_key_values, impl=attn_impl)
         x = residual + a
         f, lf, i_f = self.mixer.ffn(self.pre_ff_layernorm(x), pool)
         self.mixer.last_choices = (ia.detach(), i_f.detach())
         token_mask = seq_mask.reshape(-1).bool() if seq_mask is not None else None
-        return x + f, None, None, self.mixer.balance_loss(la, lf, token_mask)
+        return x + f, None, None, self.mixer.balance_loss(la, lf, token_mask), weights
 
     def _scatter_logits(self, logits, idx, valid, b, T):
         """Router logits of the selected tokens (b·k, E) → (b·T, E) and the mask of real rows."""
@@ -123,45 +162,74 @@ class MixConDecoderLayer(GradientCheckpointingLayer):
         b, T, D = x.shape
         real = seq_mask.bool() if seq_mask is not None else None
         selected, r, aux = self.depth_router(x, real)
-        idx, valid = gather_selected(selected)
+        idx, valid = _select(selected, fixed=torch.compiler.is_compiling())
         if idx.shape[1] == 0:
-            return x, None, None, aux
+            return x, None, None, aux, None
         xs = take(x, idx)
         f, logits = self._ffn(self.pre_ff_layernorm(xs))
         w = (torch.sigmoid(take(r, idx)) * valid)[..., None].to(x.dtype)
         out = x.scatter_add(1, idx[..., None].expand(-1, -1, D), f * w)
-        return (out, *self._scatter_logits(logits, idx, valid, b, T), aux)
+        return (out, *self._scatter_logits(logits, idx, valid, b, T), aux, None)
 
-    def _routed_layer(self, x, seq_mask, rope, cache, positions):
+    def _routed_layer(self, x, seq_mask, rope, cache, positions, attn_impl="sdpa"):
         """Mixture-of-Depths on a whole attention layer: the selected tokens, in their order and at their
-        positions, attend to the selected tokens before them (the cache keeps only selected keys)."""
+        positions, attend to the selected tokens before them (the cache keeps only selected keys).
+        Its attention weights (eager) are given at the tokens' places in (b, H, T, past + T), zero for
+        tokens the router did not select."""
         b, T, D = x.shape
         real = seq_mask.bool() if seq_mask is not None else None
         selected, r, aux = self.depth_router(x, real)
-        idx, valid = gather_selected(selected)
+        static = _is_static(cache)
+        # static cache: every token passes (fixed shapes), the unselected ones masked out and dropped
+        idx, valid = _select(selected, fixed=static)
         k = idx.shape[1]
+        eager = attn_impl == "eager"
+        if static and eager:
+            raise ValueError("attention weights (output_attentions / attn_implementation='eager') of a "
+                             "Mixture-of-Depths layer are not available with a static cache; use the dynamic cache")
         if k == 0 and (cache is None or cache.key_positions[self.layer_idx] is None):
-            return x, None, None, aux
+            return x, None, None, aux, self._full_weights(None, None, None, None, x, cache) if eager else None
         xs = take(x, idx)
         qpos = take(positions, idx).masked_fill(~valid, -1)
         kpos = qpos
-        if cache is not None:
+        if static:
+            kpos = cache.layers[self.layer_idx].write_positions(qpos)
+        elif cache is not None:
             prev = cache.key_positions[self.layer_idx]
             kpos = torch.cat([prev, qpos], 1) if prev is not None else qpos
             cache.key_positions[self.layer_idx] = kpos
         if k == 0:  # nothing to process, nothing new cached (the K/V stay as they were)
-            return x, None, None, aux
+            return x, None, None, aux, self._full_weights(None, None, None, None, x, cache) if eager else None
         allowed = (kpos[:, None, :] >= 0) & (kpos[:, None, :] <= qpos[:, :, None])
         allowed = allowed | ~valid[:, :, None]  # empty slots attend anywhere; their output is dropped
         rope_s = (take(rope[0], idx, 2), take(rope[1], idx, 2)) if rope is not None else None
-        a = self.mixer(self.input_layernorm(xs), attn_mask=allowed[:, None], rope=rope_s, past_key_values=cache)
+        a, weights = self.mixer(self.input_layernorm(xs), attn_mask=allowed[:, None], rope=rope_s,
+                                past_key_values=cache, impl=attn_impl, return_weights=True)
+        if weights is not None:
+            weights = self._full_weights(weights, idx.masked_fill(~valid, T), kpos, positions, x, cache)
         delta, logits = a, None
         if self.ffn_type != "none":
             f, logits = self._ffn(self.pre_ff_layernorm(xs + a))
             delta = a + f
         w = (torch.sigmoid(take(r, idx)) * valid)[..., None].to(x.dtype)
         out = x.scatter_add(1, idx[..., None].expand(-1, -1, D), delta * w)
-        return (out, *self._scatter_logits(logits, idx, valid, b, T), aux)
+        return (out, *self._scatter_logits(logits, idx, valid, b, T), aux, weights)
+
+    def _full_weights(self, weights, idx, kpos, positions, x, cache):
+        """Weights over the selected queries/keys (b, H, k, n) → (b, H, T, past + T): row = the query's
+        place in this chunk (idx; T for an empty slot), column = the key's place in the whole sequence
+        (left padding counted); zero for tokens the router did not select."""
+        b, T = x.shape[:2]
+        S = (cache.get_seq_length() if cache is not None else 0) + T
+        H = self.mixer.num_heads
+        out = x.new_zeros(b, H, T + 1, S + 1)  # one spare row/column takes the empty slots
+        if weights is None:
+            return out[:, :, :T, :S]
+        offset = (S - 1 - positions[:, -1])[:, None]  # place − position: the row's left padding
+        ki = torch.where(kpos >= 0, kpos + offset, S).clamp(0, S)
+        rows = x.new_zeros(b, H, weights.shape[2], S + 1).scatter_(
+            3, ki[:, None, None, :].expand(-1, H, weights.shape[2], -1), weights)
+        return out.scatter_(2, idx[:, None, :, None].expand(-1, H, -1, S + 1), rows)[:, :, :T, :S]
 
 
 class MixConPreTrainedModel(PreTrainedModel):
@@ -170,8 +238,11 @@ class MixConPreTrainedModel(PreTrainedModel):
     supports_gradient_checkpointing = True
     _no_split_modules = ["MixConDecoderLayer"]
     _skip_keys_device_placement = ["past_key_values"]
-    _supports_sdpa = True
+    _supports_sdpa = True  # attention runs through SDPA by default, or written out with "eager"
+    _supports_flash_attn = False
+    _supports_flex_attn = False
     _is_stateful = True  # a recurrent state cannot be rewound: no assisted generation
+    _can_compile_fullgraph = True  # a decode step on a static cache compiles without graph breaks
 
     @classmethod
     def _supports_default_dynamic_cache(cls) -> bool:
@@ -209,36 +280,92 @@ class _torch_init:  # fallback namespace when transformers.initialization is abs
     ones_ = staticmethod(nn.init.ones_)
 
 
-def _check_inputs(config, input_ids, inputs_embeds, attention_mask, past_length):
-    """Bad input raises a ValueError naming what was given and what is allowed, before any kernel."""
+def _tracing() -> bool:
+    """True under torch.compile / torch.export / FX tracing: data-dependent checks are skipped there
+    (each would read a value back to the host, a graph break or an export failure)."""
+    if torch.compiler.is_compiling():
+        return True
+    is_exporting = getattr(torch.compiler, "is_exporting", None)
+    if is_exporting is not None and is_exporting():
+        return True
+    try:
+        from torch.fx._symbolic_trace import is_fx_symbolic_tracing
+    except ImportError:  # pragma: no cover - older torch
+        return False
+    return is_fx_symbolic_tracing()
+
+
+_ID_DTYPES = (torch.long, torch.int32)
+
+
+def _check_inputs(config, input_ids, inputs_embeds, attention_mask, past_key_values, labels=None,
+                  shift_labels=None):
+    """Bad input raises a ValueError naming what was given and what is allowed, before any kernel.
+
+    Shapes, dtypes and types are checked always (no device work). The values (token ids within the
+    vocabulary, masks of 0/1, labels within the vocabulary or −100) need the data: they are read back
+    in one transfer in eager mode and skipped under torch.compile / torch.export."""
     if (input_ids is None) == (inputs_embeds is None):
         raise ValueError("pass exactly one of input_ids or inputs_embeds")
     if input_ids is not None:
         if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
             raise ValueError(f"input_ids must be a (batch, time) tensor, got {getattr(input_ids, 'shape', type(input_ids))}")
-        if input_ids.is_floating_point() or input_ids.is_complex() or input_ids.dtype == torch.bool:
-            raise ValueError(f"input_ids must be an integer tensor (torch.long), got dtype {input_ids.dtype}")
-        if input_ids.numel():
-            lo, hi = int(input_ids.min()), int(input_ids.max())
-            if lo < 0 or hi >= config.vocab_size:
-                raise ValueError(
-                    f"input_ids contain {lo if lo < 0 else hi}, outside the vocabulary [0, {config.vocab_size})")
+        if input_ids.dtype not in _ID_DTYPES:
+            raise ValueError(f"input_ids must be an integer tensor of dtype torch.long or torch.int32, got {input_ids.dtype}")
         b, T = input_ids.shape
     else:
-        if inputs_embeds.dim() != 3 or inputs_embeds.shape[-1] != config.hidden_size:
-            raise ValueError(
-                f"inputs_embeds has shape {tuple(inputs_embeds.shape)}, expected (batch, time, {config.hidden_size})")
+        if not isinstance(inputs_embeds, torch.Tensor) or inputs_embeds.dim() != 3 \
+                or inputs_embeds.shape[-1] != config.hidden_size:
+            raise ValueError(f"inputs_embeds has shape {tuple(getattr(inputs_embeds, 'shape', ()))}, expected "
+                             f"(batch, time, {config.hidden_size})")
         if not inputs_embeds.is_floating_point():
             raise ValueError(f"inputs_embeds must be floating point, got {inputs_embeds.dtype}")
         b, T = inputs_embeds.shape[:2]
+    if b == 0 or T == 0:
+        raise ValueError(f"the input is empty: batch {b}, time {T}; pass at least one sequence of at least one token")
+    past_length = 0
+    if past_key_values is not None:
+        if not isinstance(past_key_values, Cache):
+            raise ValueError(
+                f"past_key_values is a {type(past_key_values).__name__}; MixCon takes a MixConCache (or None), not "
+                "the legacy tuple format: a Conba layer's state is not a (key, value) pair")
+        if isinstance(past_key_values, MixConCache):
+            static = past_key_values.is_static
+            # a static cache counts on the device: read back in eager mode only (no sync under compile)
+            past_length = 0 if static and _tracing() else past_key_values.get_seq_length()
+            if static and past_length + T > past_key_values.max_cache_len:
+                raise ValueError(
+                    f"the static cache holds max_cache_len={past_key_values.max_cache_len} tokens; {past_length} are "
+                    f"cached and {T} more were given. Build it larger (generate: max_new_tokens / max_cache_len)")
+            cb = past_key_values.batch_size
+            if cb is not None and cb != b:
+                raise ValueError(f"past_key_values holds a batch of {cb} sequences but the input has {b}; continue a "
+                                 "cache with the batch it was built for (or start a new MixConCache)")
+            if len(past_key_values.layers) != config.num_hidden_layers:
+                raise ValueError(f"past_key_values has {len(past_key_values.layers)} layers, the model "
+                                 f"{config.num_hidden_layers}: it was built for another config")
     if attention_mask is not None:
         allowed = {(b, past_length + T)} | ({(b, T)} if past_length == 0 else set())
-        if attention_mask.dim() != 2 or tuple(attention_mask.shape) not in allowed:
+        if getattr(past_key_values, "is_static", False):  # create_masks_for_generate's fixed-width mask
+            allowed.add((b, past_key_values.max_cache_len))
+        if not isinstance(attention_mask, torch.Tensor) or attention_mask.dim() != 2 \
+                or tuple(attention_mask.shape) not in allowed:
             raise ValueError(
-                f"attention_mask has shape {tuple(attention_mask.shape)}, expected (batch, past + time) = "
-                f"{(b, past_length + T)} (a 2-D mask of 1 for tokens and 0 for padding)")
-        if attention_mask.is_floating_point() and not torch.all((attention_mask == 0) | (attention_mask == 1)):
-            raise ValueError("attention_mask must hold only 0 (padding) and 1 (token)")
+                f"attention_mask has shape {tuple(getattr(attention_mask, 'shape', ()))}, expected (batch, past + "
+                f"time) = {(b, past_length + T)} (a 2-D mask of 1 for tokens and 0 for padding)")
+        if attention_mask.is_complex():
+            raise ValueError(f"attention_mask must be bool, integer or float, got {attention_mask.dtype}")
+    for name, lab in (("labels", labels), ("shift_labels", shift_labels)):
+        if lab is None:
+            continue
+        shapes = {(b, T), (b, T + 1)} if name == "labels" else {(b, T)}
+        if not isinstance(lab, torch.Tensor) or lab.dim() != 2 or tuple(lab.shape) not in shapes:
+            raise ValueError(
+                f"{name} has shape {tuple(getattr(lab, 'shape', ()))}; expected the shape of input_ids {(b, T)}"
+                + (f" (or {(b, T + 1)}: the ids with the token after the last one)" if name == "labels" else "")
+                + ", with −100 where no loss is taken")
+        if lab.dtype not in _ID_DTYPES:
+            raise ValueError(f"{name} must be an integer tensor of dtype torch.long or torch.int32, got {lab.dtype}")
     if "spatial" in config.layers_block_type and past_length + T > config.spatial_max_len:
         raise ValueError(
             f"context of {past_length + T} tokens exceeds spatial_max_len={config.spatial_max_len} (the spatial "
@@ -247,7 +374,33 @@ def _check_inputs(config, input_ids, inputs_embeds, attention_mask, past_length)
         raise ValueError(
             f"context of {past_length + T} tokens exceeds max_position_embeddings={config.max_position_embeddings} "
             "(RoPE is on); raise max_position_embeddings or shorten the input")
-    return b, T
+    if not _tracing():
+        _check_values(config, input_ids, attention_mask, labels, shift_labels)
+    return b, T, past_length
+
+
+def _check_values(config, input_ids, attention_mask, labels, shift_labels):
+    """The data-dependent checks, read back to the host in one transfer."""
+    V = config.vocab_size
+    in_vocab = lambda x: (x >= 0) & (x < V)
+    checks = [  # (name, tensor, elementwise condition, message for the offending values)
+        ("input_ids", input_ids, in_vocab, f"input_ids hold {{}}, outside the vocabulary [0, {V})"),
+        ("attention_mask", attention_mask if attention_mask is not None and attention_mask.dtype != torch.bool
+         else None, lambda m: (m == 0) | (m == 1),
+         "attention_mask holds {}; it must hold only 0 (padding) and 1 (token)"),
+        ("labels", labels, lambda x: in_vocab(x) | (x == -100),
+         f"labels hold {{}}, outside the vocabulary [0, {V}) (−100 = no loss)"),
+        ("shift_labels", shift_labels, lambda x: in_vocab(x) | (x == -100),
+         f"shift_labels hold {{}}, outside the vocabulary [0, {V}) (−100 = no loss)"),
+    ]
+    checks = [c for c in checks if c[1] is not None]
+    if not checks:
+        return
+    ok = torch.stack([cond(x).all() for _, x, cond, _ in checks]).tolist()  # the one host sync
+    for good, (name, x, cond, msg) in zip(ok, checks):
+        if not good:
+            vals = sorted(set(x[~cond(x)].flatten().tolist()))
+            raise ValueError(msg.format(", ".join(map(str, vals[:3])) + (", ..." if len(vals) > 3 else "")))
 
 
 def build_attention_mask(mask2d: Optional[torch.Tensor], T: int, past: int, device) -> Optional[torch.Tensor]:
@@ -266,6 +419,32 @@ def build_attention_mask(mask2d: Optional[torch.Tensor], T: int, past: int, devi
         diag = (k_pos[None, :] == q_pos[:, None])[None, None]
         allowed = allowed | (diag & ~allowed.any(-1, keepdim=True))
     return allowed
+
+
+def _static_masks(cache, attention_mask, position_ids, b: int, T: int, device):
+    """Static cache: (seq_mask (b, T), attention mask (b, 1, T, max_cache_len) bool, position_ids (b, T)),
+    with the fixed shapes a captured decode step needs and no host sync. The queries sit at slots
+    L … L + T − 1 (L = the cache's device counter); a key is visible when its slot is ≤ the query's and
+    holds a token (the 2-D mask: (b, max_cache_len) as `create_masks_for_generate` gives it, or
+    (b, past + T) in eager calls, padded here). A query at a padded place attends to itself only."""
+    M = cache.max_cache_len
+    L = cache.length
+    q_slot = L + torch.arange(T, device=device)  # (T,)
+    k_slot = torch.arange(M, device=device)
+    if attention_mask is None:
+        keymask = torch.ones(b, M, dtype=torch.bool, device=device)
+    else:
+        keymask = attention_mask.to(device).bool()
+        if keymask.shape[1] < M:
+            keymask = F.pad(keymask, (0, M - keymask.shape[1]))
+    seq_mask = keymask.gather(1, q_slot[None].expand(b, T))  # (b, T)
+    causal = k_slot[None, :] <= q_slot[:, None]  # (T, M)
+    allowed = keymask[:, None, None, :] & causal[None, None]
+    diag = (k_slot[None, :] == q_slot[:, None])[None, None]
+    allowed = allowed | (diag & ~seq_mask[:, None, :, None])
+    if position_ids is None:
+        position_ids = (keymask.long().cumsum(-1) - 1).clamp(min=0).gather(1, q_slot[None].expand(b, T))
+    return seq_mask, allowed, position_ids
 
 
 class MixConModel(MixConPreTrainedModel):
@@ -294,75 +473,109 @@ class MixConModel(MixConPreTrainedModel):
         past_key_values: Optional[MixConCache] = None,
         inputs_embeds: Optional[torch.Tensor] = None,
         use_cache: Optional[bool] = None,
+        output_attentions: Optional[bool] = None,
         output_hidden_states: Optional[bool] = None,
+        return_dict: Optional[bool] = None,
         **kwargs,
-    ) -> MoeModelOutputWithPast:
-        use_cache = self.config.use_cache if use_cache is None else use_cache
+    ) -> MoeModelOutputWithPast | tuple:
+        """``output_attentions`` / ``output_hidden_states`` / ``return_dict`` default to the config's
+        (``return_dict=False`` gives the output's fields as a tuple). ``attentions`` holds the weights of
+        the layers that attend (attention layers and MoM rounds), in layer order."""
+        cfg = self.config
+        use_cache = cfg.use_cache if use_cache is None else use_cache
+        output_attentions = cfg.output_attentions if output_attentions is None else output_attentions
+        output_hidden_states = cfg.output_hidden_states if output_hidden_states is None else output_hidden_states
+        return_dict = _use_return_dict(cfg) if return_dict is None else return_dict
         if self.gradient_checkpointing and self.training:
             use_cache = False
-        if past_key_values is not None and not isinstance(past_key_values, MixConCache):
+        if isinstance(past_key_values, Cache) and not isinstance(past_key_values, MixConCache):
             if past_key_values.get_seq_length() > 0:
                 raise ValueError(
                     f"past_key_values is a non-empty {type(past_key_values).__name__}; MixCon needs a MixConCache "
                     "(it holds the Conba states beside the attention K/V)")
             past_key_values = None  # an empty foreign cache (e.g. built by generate) is replaced
+        b, T, past = _check_inputs(cfg, input_ids, inputs_embeds, attention_mask, past_key_values,
+                                   kwargs.get("labels"), kwargs.get("shift_labels"))
         if use_cache and past_key_values is None:
-            past_key_values = MixConCache(self.config)
-        past = past_key_values.get_seq_length() if past_key_values is not None else 0
-        b, T = _check_inputs(self.config, input_ids, inputs_embeds, attention_mask, past)
+            past_key_values = MixConCache(cfg)
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
         device = inputs_embeds.device
+        attn_impl = attention_impl(cfg, output_attentions)
 
-        # Masks: None wherever there is no padding, so the fast paths (is_causal, no-mask scans) apply.
-        mask2d = attention_mask
-        if mask2d is not None and bool(mask2d.all()):
-            mask2d = None
-        seq_mask = mask2d[:, -T:] if mask2d is not None else None
-        attn_mask = build_attention_mask(mask2d, T, past, device)
+        static = use_cache and _is_static(past_key_values)
+        if static:
+            past_key_values._counter.to_(device)
+            past_key_values._counter.window = None
+        if static and _tracing():
+            # fixed shapes: masks over the cache's max_cache_len slots, positions from the device counter
+            seq_mask, attn_mask, position_ids = _static_masks(past_key_values, attention_mask, position_ids, b, T,
+                                                              device)
+        else:
+            mask2d = attention_mask
+            if static:  # eager (a prefill): the layers return the past + T slots in use, masked as below
+                past_key_values._counter.window = past + T
+                if mask2d is not None:
+                    mask2d = mask2d[:, :past + T]
+            # Masks: None wherever there is no padding, so the fast paths (is_causal, no-mask scans) apply
+            # (in eager mode only: under compile/export the mask is kept as given, without reading it).
+            if mask2d is not None and not _tracing() and bool(mask2d.all()):
+                mask2d = None
+            seq_mask = mask2d[:, -T:] if mask2d is not None else None
+            attn_mask = build_attention_mask(mask2d, T, past, device)
         # positions in each sequence (left padding excluded; −1 at padded places): RoPE, the spatial
         # mixers' (time × time) weights and Mixture-of-Depths' causal order use them
         if position_ids is None:
             if attention_mask is not None:
-                position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -T:]
+                position_ids = (attention_mask[:, :past + T].long().cumsum(-1) - 1).clamp(min=0)[:, -T:]
             else:
                 position_ids = torch.arange(past, past + T, device=device)[None].expand(b, T)
         positions = position_ids.masked_fill(~seq_mask.bool(), -1) if seq_mask is not None else position_ids
         rope = None
-        if self.config.use_rope:
-            rope = rope_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta, inputs_embeds.dtype)
+        if cfg.use_rope:
+            rope = rope_cos_sin(position_ids, cfg.head_dim, cfg.rope_theta, inputs_embeds.dtype)
 
         hidden_states = inputs_embeds
         all_hidden = () if output_hidden_states else None
+        all_attn = () if output_attentions else None
         router_logits, router_masks, aux_losses = (), (), []
         for layer in self.layers:
             if output_hidden_states:
                 all_hidden += (hidden_states,)
-            hidden_states, logits, logits_mask, aux = layer(
+            hidden_states, logits, logits_mask, aux, weights = layer(
                 hidden_states, attn_mask=attn_mask, seq_mask=seq_mask, rope=rope,
                 past_key_values=past_key_values if use_cache else None, positions=positions,
-                mom_pool=self.mom_pool)
+                mom_pool=self.mom_pool, attn_impl=attn_impl)
             if logits is not None:
                 router_logits += (logits,)
                 router_masks += (logits_mask,)
             if aux is not None:
                 aux_losses.append(aux)
+            if output_attentions and layer.mixer_type in ("attention", "mom"):
+                all_attn += (weights,)
         hidden_states = self.final_layernorm(hidden_states)
         if output_hidden_states:
             all_hidden += (hidden_states,)
         if use_cache:
-            past_key_values._seen_tokens += T
+            past_key_values._advance(T, device)
+        if static:
+            past_key_values._counter.window = None
         out = MoeModelOutputWithPast(
             last_hidden_state=hidden_states,
             past_key_values=past_key_values if use_cache else None,
             hidden_states=all_hidden,
+            attentions=all_attn,
             router_logits=router_logits,
         )
         # per MoE layer: None (every token of the layer) or the (b·T,) mask of tokens a Mixture-of-Depths
         # layer routed through it; and the layers' own auxiliary losses (MoD BCE, MoM balance)
         out.router_masks = router_masks
         out.layer_aux_loss = torch.stack(aux_losses).sum() if aux_losses else None
-        return out
+        return out if return_dict else out.to_tuple()
+
+
+def _use_return_dict(config) -> bool:
+    return bool(getattr(config, "return_dict", True))
 
 
 class MixConForCausalLM(MixConPreTrainedModel, GenerationMixin):
@@ -377,6 +590,50 @@ class MixConForCausalLM(MixConPreTrainedModel, GenerationMixin):
 
     def get_input_embeddings(self):
         return self.model.embed_tokens
+
+    # ------------------------------------------------------------------ generate: the static cache
+    def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
+        """``cache_implementation="static"`` builds a static `MixConCache` (fixed shapes: generate then
+        compiles the decode step on an accelerator, see `_valid_auto_compile_criteria`); anything else is
+        transformers' own handling (the model builds its dynamic cache in forward)."""
+        impl = generation_config.cache_implementation
+        if impl is None and _auto_static(self.device, generation_config, model_kwargs):
+            impl = "static"  # the fast path by default on a GPU (see `_auto_static`)
+        if (impl is None or impl == "dynamic" or model_kwargs.get("past_key_values") is not None
+                or generation_config.use_cache is False):
+            if impl == "dynamic":  # the default: not worth transformers' "ignored" warning
+                generation_config.cache_implementation = None
+                try:
+                    return super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
+                finally:
+                    generation_config.cache_implementation = impl
+            return super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
+        if impl != "static":
+            raise ValueError(f"cache_implementation={impl!r} is not supported by MixCon; use 'static' (buffers "
+                             "allocated once, compiled decode) or 'dynamic' (the default)")
+        # the arguments by name: their order differs across transformers 5.x
+        params = inspect.signature(super()._prepare_cache_for_generation).bind(
+            generation_config, model_kwargs, *args, **kwargs).arguments
+        batch = max(generation_config.num_beams or 1, generation_config.num_return_sequences or 1) * params["batch_size"]
+        length = max(params["max_cache_length"], getattr(generation_config, "max_cache_len", None) or 0)
+        # reuse the largest length seen so far, so that a later call does not recompile the decode step
+        length = max(length, getattr(self, "_previous_max_cache_length", -1))
+        self._previous_max_cache_length = length
+        model_kwargs["past_key_values"] = MixConCache(self.config, max_cache_len=length, batch_size=batch,
+                                                      device=self.device)
+
+    def create_masks_for_generate(self, config=None, inputs_embeds=None, attention_mask=None, past_key_values=None,
+                                  position_ids=None, **kwargs):
+        """What generate's `prepare_inputs_for_generation` passes for a compileable (static) cache: the
+        2-D padding mask widened to (batch, max_cache_len) with zeros, a shape that no longer changes
+        between tokens (the model builds its attention mask from it and the cache's device counter)."""
+        if attention_mask is None or attention_mask.dim() != 2 or not _is_static(past_key_values):
+            return attention_mask
+        M = past_key_values.max_cache_len
+        if attention_mask.shape[1] > M:
+            raise ValueError(f"attention_mask covers {attention_mask.shape[1]} tokens, more than the static "
+                             f"cache's max_cache_len={M}")
+        return F.pad(attention_mask, (0, M - attention_mask.shape[1]))
 
     def set_input_embeddings(self, value):
         self.model.embed_tokens = value
@@ -396,19 +653,37 @@ class MixConForCausalLM(MixConPreTrainedModel, GenerationMixin):
         inputs_embeds: Optional[torch.Tensor] = None,
         labels: Optional[torch.LongTensor] = None,
         use_cache: Optional[bool] = None,
+        output_attentions: Optional[bool] = None,
         output_hidden_states: Optional[bool] = None,
+        return_dict: Optional[bool] = None,
         logits_to_keep: int | torch.Tensor = 0,
         **kwargs,
-    ) -> MoeCausalLMOutputWithPast:
+    ) -> MoeCausalLMOutputWithPast | tuple:
         """Returns logits, the loss (next-token cross-entropy, plus the router losses in training),
         ``aux_loss`` = router_aux_loss_coef · Switch loss + router_z_loss_coef · z-loss over
         non-padded tokens, plus the Mixture-of-Depths decision BCE and the Mixture-of-Modules balance
         loss (each with its coefficient; None when the model has none) and the per-MoE-layer router
-        logits."""
+        logits.
+
+        ``labels`` (batch, time) like input_ids (−100 = no loss), shifted inside; or (batch, time + 1),
+        the ids with the token after the last input. ``shift_labels`` (already shifted, as context
+        parallelism gives them) replaces the shift. The cross-entropy is transformers' own causal-LM loss
+        (`self.loss_function`): with ``num_items_in_batch`` (what `Trainer` passes under gradient
+        accumulation) it is the sum over this batch divided by that count, and the auxiliary losses
+        are weighted by this batch's share of the count, so the accumulated gradient is that of the
+        whole batch."""
+        cfg = self.config
+        return_dict = _use_return_dict(cfg) if return_dict is None else return_dict
+        shift_labels = kwargs.pop("shift_labels", None)
+        num_items_in_batch = kwargs.pop("num_items_in_batch", None)
+        if (labels is not None or shift_labels is not None) and not (
+                isinstance(logits_to_keep, int) and logits_to_keep == 0):
+            raise ValueError("labels need the logits of every position: pass logits_to_keep=0 with labels")
         out = self.model(
             input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
             past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache,
-            output_hidden_states=output_hidden_states,
+            output_attentions=output_attentions, output_hidden_states=output_hidden_states, return_dict=True,
+            labels=labels, shift_labels=shift_labels,
         )
         hidden = out.last_hidden_state
         keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
@@ -419,20 +694,26 @@ class MixConForCausalLM(MixConPreTrainedModel, GenerationMixin):
             token_mask = attention_mask[:, -T:].reshape(-1).bool() if attention_mask is not None else None
             masks = [m if token_mask is None else token_mask if m is None else m & token_mask
                      for m in getattr(out, "router_masks", [None] * len(out.router_logits))]
-            aux_loss = (self.config.router_aux_loss_coef
-                        * load_balancing_loss(out.router_logits, self.config.experts_per_token, masks)
-                        + self.config.router_z_loss_coef * router_z_loss(out.router_logits, masks))
+            aux_loss = (cfg.router_aux_loss_coef
+                        * load_balancing_loss(out.router_logits, cfg.experts_per_token, masks)
+                        + cfg.router_z_loss_coef * router_z_loss(out.router_logits, masks))
         layer_aux = getattr(out, "layer_aux_loss", None)
         if layer_aux is not None:
             aux_loss = layer_aux if aux_loss is None else aux_loss + layer_aux
         loss = None
-        if labels is not None:
-            shift_logits = logits[:, :-1, :].float() if logits.shape[1] == labels.shape[1] else logits.float()
-            loss = F.cross_entropy(shift_logits.reshape(-1, shift_logits.shape[-1]),
-                                   labels[:, 1:].reshape(-1).to(logits.device), ignore_index=-100)
+        if labels is not None or shift_labels is not None:
+            if shift_labels is None and labels.shape[1] == logits.shape[1] + 1:
+                labels, shift_labels = None, labels[:, 1:]
+            loss = self.loss_function(logits, labels, vocab_size=cfg.vocab_size, shift_labels=shift_labels,
+                                      num_items_in_batch=num_items_in_batch)
             if aux_loss is not None and self.training:
-                loss = loss + aux_loss.to(loss.device)
-        return MoeCausalLMOutputWithPast(
+                aux = aux_loss.to(loss.device)
+                if num_items_in_batch is not None:  # this batch's share of the accumulated batch
+                    target = shift_labels if shift_labels is not None else labels[:, 1:]
+                    aux = aux * (target != -100).sum() / num_items_in_batch
+                loss = loss + aux
+        result = MoeCausalLMOutputWithPast(
             loss=loss, aux_loss=aux_loss, logits=logits, past_key_values=out.past_key_values,
-            hidden_states=out.hidden_states, router_logits=out.router_logits,
+            hidden_states=out.hidden_states, attentions=out.attentions, router_logits=out.router_logits,
         )
+        return result if return_dict else result.to_tuple()

@@ -28,8 +28,19 @@ def _expert_ffn(x, gate_up_e, down_e):
     return F.linear(F.silu(gate) * up, down_e)
 
 
+def expert_counts(indices: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """Tokens per expert (num_experts,) long: a bincount with a fixed output shape (torch.bincount's
+    shape depends on the data, which torch.compile cannot trace without a graph break)."""
+    flat = indices.reshape(-1)
+    return torch.zeros(num_experts, dtype=torch.long, device=flat.device).scatter_add_(
+        0, flat, torch.ones_like(flat, dtype=torch.long))
+
+
 def moe_loop(x, gate_up, down, weights, indices):
-    """The reference: for each expert, its tokens through its SwiGLU, weighted, summed. x (T, D)."""
+    """The reference: for each expert, its tokens through its SwiGLU, weighted, summed. x (T, D).
+    Under torch.compile it runs `moe_gather` (the loop's token sets have data-dependent sizes)."""
+    if torch.compiler.is_compiling():
+        return moe_gather(x, gate_up, down, weights, indices)
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
     out = torch.zeros(x.shape, dtype=acc, device=x.device)
     for e in range(gate_up.shape[0]):
@@ -51,7 +62,8 @@ def moe_gather(x, gate_up, down, weights, indices):
     gu = torch.bmm(xs, gate_up[flat].transpose(1, 2))  # (T·K, 1, 2F)
     g, u = gu.chunk(2, dim=-1)
     ys = torch.bmm(F.silu(g) * u, down[flat].transpose(1, 2))[:, 0]  # (T·K, D)
-    out = (ys.float().view(T, K, -1) * weights[..., None]).sum(dim=1)
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    out = (ys.to(acc).view(T, K, -1) * weights[..., None].to(acc)).sum(dim=1)
     return out.to(x.dtype)
 
 
@@ -62,13 +74,16 @@ def moe_grouped(x, gate_up, down, weights, indices):
     each token summed in float32 in a fixed order (deterministic, unlike index_add_)."""
     T, K = indices.shape
     E = gate_up.shape[0]
-    if T * K <= E // 2:  # decoding: reading the chosen experts beats touching all of them
+    grouped = _grouped_mm is not None and x.is_cuda and x.dtype == torch.bfloat16
+    if T * K <= E // 2 or (torch.compiler.is_compiling() and not grouped):
+        # decoding: reading the chosen experts beats touching all of them; and under torch.compile
+        # without grouped_mm the per-expert loop below would need the counts on the host
         return moe_gather(x, gate_up, down, weights, indices)
     flat = indices.reshape(-1)  # (T·K,)
     order = torch.argsort(flat, stable=True)
     xs = x[order // K]  # (T·K, D) grouped by expert
-    counts = torch.bincount(flat, minlength=E)
-    if _grouped_mm is not None and x.is_cuda and x.dtype == torch.bfloat16:
+    counts = expert_counts(flat, E)
+    if grouped:
         offs = torch.cumsum(counts, 0).to(torch.int32)
         gu = _grouped_mm(xs, gate_up.transpose(1, 2), offs=offs)  # (T·K, 2F)
         g, u = gu.chunk(2, dim=-1)

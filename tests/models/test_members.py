@@ -307,7 +307,7 @@ def test_router_logits_of_a_routed_moe_layer_land_on_the_selected_tokens_only():
         r[0] = torch.linspace(1.0, -1.0, 12)  # row 0 selects positions 0..5: two empty slots (→ position 0)
         r[1] = torch.tensor([-1, 1, 1, 1, -1, 1, 1, 1, 1, -1, 1, -1.0])  # row 1 selects 8, not position 0
         layer.depth_router.router.forward = lambda inp: r[..., None]
-        _, logits, mask, _ = layer(x, positions=pos)
+        _, logits, mask, _, _ = layer(x, positions=pos)
         expect = layer.feed_forward.router(layer.pre_ff_layernorm(h)).reshape(24, -1)
     sel = (r > 0).reshape(-1)
     assert sel[:6].all() and not sel[6:12].any() and sel[12:].sum() == 8

@@ -224,6 +224,10 @@ def conba_step(
     if control and control_period > 1:
         return conba_step_ref(state, u, delta, A, B, C, **kwargs, control_period=control_period)
     if resolve_backend(backend, u.device) == "triton":
+        if torch.compiler.is_compiling():  # the registered op: traceable, capturable (library.py)
+            from .library import conba_step_compiled
+
+            return conba_step_compiled(state, u, delta, A, B, C, **kwargs)
         from .fused_recurrent import conba_step_triton
 
         return conba_step_triton(state, u, delta, A, B, C, **kwargs)

@@ -1,0 +1,66 @@
+"""The fused Conba decode step as a torch.library custom op, so torch.compile can trace through it.
+
+`conba_step_triton` launches a Triton kernel from Python with Python-side argument handling; traced
+by torch.compile that would be a graph break (or, in a CUDA graph, no capture at all). Registered
+here as ``mixcon::conba_step`` (with a fake implementation giving y's shape), the compiler keeps it as
+one opaque call inside the graph: the decode step compiles with ``fullgraph=True`` and runs captured in
+a CUDA graph (``mode="reduce-overhead"``). The op writes the state (h, delay line, k, e) in place, as
+the step does; it is declared to do so (``mutates_args``), so functionalisation keeps the writes.
+
+`conba_step` (``mixcon.ops.conba``) calls `conba_step_compiled` for the Triton backend while
+compiling; eager calls keep the direct launch (the dispatcher adds a few µs a call). Inference only:
+with gradients required it runs the reference step (plain PyTorch, which the compiler traces).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .naive import ConbaState, conba_step_ref
+
+__all__ = ["conba_step_op", "conba_step_compiled"]
+
+
+@torch.library.custom_op("mixcon::conba_step", mutates_args=("h", "delay", "k", "e"))
+def conba_step_op(
+    h: Tensor, delay: Tensor, k: Tensor, e: Tensor, phase: Tensor,
+    u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor,
+    D: Optional[Tensor], z: Optional[Tensor], delta_bias: Optional[Tensor], delta_softplus: bool,
+    alpha: Optional[Tensor], rho: Optional[Tensor], tau: int,
+    k0: Optional[Tensor], eta: Optional[Tensor], lam: Optional[Tensor], w_r: Optional[Tensor],
+    k_max: float, group_size: int, sigma_w: float, sigma_v: float, seed: int,
+    mask: Optional[Tensor], t: int,
+) -> Tensor:
+    """One fused decode step (see `fused_recurrent.conba_step_triton`): y (batch, d_inner); the state
+    tensors h, delay, k, e are updated in place (the phase is not touched: P = 1)."""
+    from .fused_recurrent import conba_step_triton
+
+    return conba_step_triton(
+        ConbaState(h, delay, k, e, phase), u, delta, A, B, C, D=D, z=z, delta_bias=delta_bias,
+        delta_softplus=delta_softplus, alpha=alpha, rho=rho, tau=tau, k0=k0, eta=eta, lam=lam, w_r=w_r,
+        k_max=k_max, group_size=group_size, sigma_w=sigma_w, sigma_v=sigma_v, seed=seed, mask=mask, t=t)
+
+
+@conba_step_op.register_fake
+def _(h, delay, k, e, phase, u, delta, A, B, C, D, z, delta_bias, delta_softplus, alpha, rho, tau, k0, eta, lam,
+      w_r, k_max, group_size, sigma_w, sigma_v, seed, mask, t):
+    return torch.empty_like(u)
+
+
+def conba_step_compiled(state: ConbaState, u, delta, A, B, C, D=None, z=None, delta_bias=None,
+                        delta_softplus=False, alpha=None, rho=None, tau=0, k0=None, eta=None, lam=None, w_r=None,
+                        k_max=1.0, group_size=8, sigma_w=0.0, sigma_v=0.0, seed=0, mask=None, t=0):
+    """`conba_step_triton`'s signature, through the registered op (the reference step when a gradient
+    is needed: the op has no backward)."""
+    args = (u, delta, A, B, C, D, z, delta_bias, alpha, rho, k0, eta, lam, w_r)
+    if torch.is_grad_enabled() and any(isinstance(x, Tensor) and x.requires_grad for x in args):
+        return conba_step_ref(state, u, delta, A, B, C, D=D, z=z, delta_bias=delta_bias,
+                              delta_softplus=delta_softplus, alpha=alpha, rho=rho, tau=tau, k0=k0, eta=eta,
+                              lam=lam, w_r=w_r, k_max=k_max, group_size=group_size, sigma_w=sigma_w,
+                              sigma_v=sigma_v, seed=seed, mask=mask, t=t)
+    return conba_step_op(*state, u, delta, A, B, C, D, z, delta_bias, bool(delta_softplus), alpha, rho, int(tau),
+                         k0, eta, lam, w_r, float(k_max), int(group_size), float(sigma_w), float(sigma_v), int(seed),
+                         mask, int(t))

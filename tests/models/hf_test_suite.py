@@ -1,0 +1,132 @@
+"""transformers' own common test files, taken from the installed version's source distribution.
+
+Nothing of transformers' is kept in this repository: ``pip download --no-binary :all:`` fetches
+``transformers==<installed version>``'s sdist from the package registry into a cache directory
+(``$MIXCON_HF_TESTS_CACHE``, default ``~/.cache/mixcon/transformers-tests``), its ``tests/`` folder
+is extracted there as the package ``transformers_tests`` (the files import each other relatively),
+and test_hf_common.py imports ModelTesterMixin, GenerationTesterMixin and ConfigTester from it.
+``$MIXCON_HF_TESTS_SRC`` may point at a transformers source checkout's ``tests/`` folder instead.
+
+The sdist ships ``tests/*.py`` but not every sub-folder the common files import. A missing
+``tests/generation/test_utils.py`` or ``tests/exporters/test_export.py`` is replaced by an empty
+mixin that says so (`MISSING` lists them; the test module reports them as skips), and the missing
+``tests/utils/test_configuration_utils.py`` (a dict of non-default values for the base config's
+fields) by `COMMON_CONFIG_KWARGS` below.
+
+    python tests/models/hf_test_suite.py     # fetch now (tools/setup.sh dev does this)
+"""
+
+from __future__ import annotations
+
+import glob
+import importlib
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+import types
+
+PKG = "transformers_tests"
+MISSING: list[str] = []  # transformers test files the sdist does not ship (stand-ins used)
+
+# Non-default values of PretrainedConfig's own fields, for ConfigTester.check_config_arguments_init
+# (a config must keep what it is given for the fields every config has).
+COMMON_CONFIG_KWARGS = {
+    "return_dict": False,
+    "output_hidden_states": True,
+    "dtype": "float16",
+    "chunk_size_feed_forward": 5,
+    "architectures": ["MixConForCausalLM"],
+    "id2label": {0: "label"},
+    "label2id": {"label": "0"},
+    "problem_type": "regression",
+}
+
+
+def _version() -> str:
+    import transformers
+
+    return transformers.__version__
+
+
+def cache_dir() -> str:
+    root = os.environ.get("MIXCON_HF_TESTS_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "mixcon",
+                                                                  "transformers-tests"))
+    return os.path.join(root, _version())
+
+
+def fetch() -> str:
+    """The folder holding the ``transformers_tests`` package, downloading the sdist once."""
+    src = os.environ.get("MIXCON_HF_TESTS_SRC")
+    if src:
+        parent = tempfile.mkdtemp(prefix="mixcon-hf-tests-")
+        os.symlink(os.path.abspath(src), os.path.join(parent, PKG))
+        return parent
+    root = cache_dir()
+    if os.path.exists(os.path.join(root, PKG, "test_modeling_common.py")):
+        return root
+    os.makedirs(os.path.dirname(root), exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".fetch-", dir=os.path.dirname(root))
+    try:
+        subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--no-binary", ":all:",
+                        f"transformers=={_version()}", "-d", tmp], check=True)
+        (sdist,) = glob.glob(os.path.join(tmp, "transformers-*.tar.gz"))
+        out = os.path.join(tmp, "out", PKG)
+        with tarfile.open(sdist) as tar:
+            for m in tar.getmembers():
+                parts = m.name.split("/")
+                if len(parts) >= 3 and parts[1] == "tests" and m.isfile() and m.name.endswith(".py"):
+                    dest = os.path.join(out, *parts[2:])
+                    os.makedirs(os.path.dirname(dest), exist_ok=True)
+                    with tar.extractfile(m) as f, open(dest, "wb") as g:
+                        g.write(f.read())
+        for d, _, files in os.walk(out):  # every folder a package (the files import relatively)
+            if "__init__.py" not in files:
+                open(os.path.join(d, "__init__.py"), "w").close()
+        os.makedirs(root, exist_ok=True)
+        final = os.path.join(root, PKG)
+        if not os.path.exists(final):
+            os.rename(out, final)  # atomic: a half-extracted tree is never seen
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return root
+
+
+def _stub(name: str, **attrs) -> None:
+    mod = types.ModuleType(f"{PKG}.{name}")
+    mod.__dict__.update(attrs)
+    sys.modules[mod.__name__] = mod
+    parent, _, child = mod.__name__.rpartition(".")
+    if parent not in sys.modules:
+        pkg = types.ModuleType(parent)
+        pkg.__path__ = []
+        sys.modules[parent] = pkg
+    setattr(sys.modules[parent], child, mod)
+
+
+def load():
+    """→ (test_modeling_common, test_configuration_common, GenerationTesterMixin) modules/classes."""
+    root = fetch()
+    if root not in sys.path:
+        sys.path.insert(0, root)
+    base = os.path.join(root, PKG)
+    importlib.import_module(PKG)
+    if not os.path.exists(os.path.join(base, "utils", "test_configuration_utils.py")):
+        _stub("utils.test_configuration_utils", config_common_kwargs=COMMON_CONFIG_KWARGS)
+    if not os.path.exists(os.path.join(base, "exporters", "test_export.py")):
+        MISSING.append("tests/exporters/test_export.py (ExportTesterMixin)")
+        _stub("exporters.test_export", ExportTesterMixin=type("ExportTesterMixin", (), {}))
+    has_generation = os.path.exists(os.path.join(base, "generation", "test_utils.py"))
+    if not has_generation:
+        MISSING.append("tests/generation/test_utils.py (GenerationTesterMixin)")
+        _stub("generation.test_utils", GenerationTesterMixin=type("GenerationTesterMixin", (), {}))
+    modeling = importlib.import_module(f"{PKG}.test_modeling_common")
+    configuration = importlib.import_module(f"{PKG}.test_configuration_common")
+    generation = importlib.import_module(f"{PKG}.generation.test_utils")
+    return modeling, configuration, generation.GenerationTesterMixin, has_generation
+
+
+if __name__ == "__main__":
+    print(fetch())

@@ -1,0 +1,161 @@
+"""transformers' own common tests on every MixCon family member.
+
+ModelTesterMixin (and ExportTesterMixin where shipped), GenerationTesterMixin and ConfigTester come
+from the installed transformers version's source distribution (see hf_test_suite.py; nothing of
+transformers is in this repository) and run on MixConForCausalLM / MixConModel built from the tiny
+configs: configs/*tiny*.json and the Jamba, Mamba-1 and Mixtral special cases at tiny size.
+
+Cost: the main member (configs/tiny.json) runs every test; the other members run a core subset
+(`CORE`) by default and the rest with ``MIXCON_HF_COMMON=full`` (those are also marked slow).
+Every skip names the property of the architecture that makes the test inapplicable (`SKIPS`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import unittest
+
+import pytest
+import torch
+
+from helpers import CONFIGS
+from hf_test_suite import MISSING, load
+
+from mixcon import MixConConfig, MixConForCausalLM, MixConModel
+
+modeling, configuration, GenerationTesterMixin, HAS_GENERATION = load()
+ModelTesterMixin, ids_tensor = modeling.ModelTesterMixin, modeling.ids_tensor
+ConfigTester = configuration.ConfigTester
+
+
+def _json(name, **overrides):
+    kw = json.load(open(os.path.join(CONFIGS, name)))
+    kw.pop("model_type")
+    kw.update(overrides)
+    return kw
+
+
+_TINY = dict(vocab_size=99, hidden_size=32, intermediate_size=37, num_attention_heads=4, num_key_value_heads=2,
+             d_state=4, control_group=8, max_position_embeddings=512, num_experts=4, experts_per_token=2)
+MEMBERS = {
+    "tiny": _json("tiny.json"),
+    "dense": _json("dense-tiny.json"),
+    "mod": _json("mod-tiny.json"),
+    "mom": _json("mom-tiny.json"),
+    "smlp": _json("smlp-tiny.json", spatial_max_len=64),
+    # the special cases of docs/architecture.md at tiny size
+    "jamba": dict(_TINY, n_blocks=1, layers_per_block=8, attn_ratio="1:7", moe_every=2, moe_offset=1,
+                  moe_renormalize=False, router_z_loss_coef=0.0, selection="linear", ssm_norm=True, delay=0,
+                  state_scaling=False, control=False),
+    "mamba": dict(_TINY, intermediate_size=0, n_blocks=1, layers_per_block=3, attn_ratio="0:3", moe_every=0,
+                  selection="linear", delay=0, state_scaling=False, control=False, tie_word_embeddings=True,
+                  num_key_value_heads=4),
+    "mixtral": dict(_TINY, n_blocks=1, layers_per_block=2, attn_ratio="2:0", moe_every=1, moe_offset=0,
+                    use_rope=True, router_z_loss_coef=0.0),
+}
+for kw in MEMBERS.values():
+    kw.setdefault("pad_token_id", 0)
+FULL = os.environ.get("MIXCON_HF_COMMON", "") == "full"
+
+# Tests that do not apply, each with the property of the architecture that rules it out.
+_RECURRENT = ("a Conba layer's state is a recurrence over every token: it cannot be cropped or rewound, and "
+              "its output at a position depends on the whole prefix, not only on the keys an attention mask keeps")
+SKIPS = {
+    # assisted / speculative decoding rewinds the cache to the accepted tokens
+    "test_assisted_decoding_matches_greedy_search": _RECURRENT,
+    "test_assisted_decoding_sample": _RECURRENT,
+    "test_prompt_lookup_decoding_matches_greedy_search": _RECURRENT,
+    "test_assisted_decoding_matches_greedy_search_0_random": _RECURRENT,
+    "test_assisted_decoding_matches_greedy_search_1_same": _RECURRENT,
+    "test_dola_decoding_sample": "DoLa contrasts intermediate layers through the LM head; a hybrid's Conba layers "
+                                 "have no premature-layer distribution to contrast (transformers skips it for "
+                                 "recurrent models)",
+    "test_contrastive_generate": _RECURRENT,
+    "test_contrastive_generate_dict_outputs_use_cache": _RECURRENT,
+    "test_contrastive_generate_low_memory": _RECURRENT,
+}
+# Run for every member by default; the rest of the suite for the non-main members only when full.
+CORE = {
+    "test_config", "test_model_outputs_equivalence", "test_save_load", "test_forward_signature",
+    "test_training", "test_training_gradient_checkpointing", "test_hidden_states_output", "test_attention_outputs",
+    "test_past_key_values_format", "test_retain_grad_hidden_states_attentions", "test_resize_tokens_embeddings",
+    "test_load_save_without_tied_weights", "test_can_init_all_missing_weights", "test_batching_equivalence",
+    "test_greedy_generate_dict_outputs", "test_greedy_generate_dict_outputs_use_cache", "test_sample_generate",
+    "test_beam_search_generate", "test_left_padding_compatibility", "test_generate_continue_from_past_key_values",
+    "test_determinism", "test_inputs_embeds", "test_torch_export", "test_model_is_small",
+}
+
+
+class MixConModelTester:
+    def __init__(self, parent, config_kwargs, batch_size=2, seq_length=7, is_training=True):
+        self.parent = parent
+        self.config_kwargs = config_kwargs
+        self.batch_size, self.seq_length, self.is_training = batch_size, seq_length, is_training
+        cfg = self.get_config()
+        self.vocab_size = cfg.vocab_size
+        self.hidden_size = cfg.hidden_size
+        self.num_hidden_layers = cfg.num_hidden_layers
+        self.num_attention_heads = cfg.num_attention_heads
+        self.pad_token_id = cfg.pad_token_id
+
+    def get_config(self):
+        return MixConConfig(**self.config_kwargs)
+
+    def prepare_config_and_inputs_for_common(self):
+        # token ids from 1 on: 0 is the pad token, which generate() would read as padding
+        input_ids = ids_tensor([self.batch_size, self.seq_length], self.vocab_size - 1) + 1
+        attention_mask = torch.ones_like(input_ids)
+        return self.get_config(), {"input_ids": input_ids, "attention_mask": attention_mask}
+
+
+class _MixConCommon(ModelTesterMixin, GenerationTesterMixin):
+    member: str = ""
+    all_model_classes = (MixConModel, MixConForCausalLM)
+    all_generative_model_classes = (MixConForCausalLM,)
+    pipeline_model_mapping = {}
+    test_resize_position_embeddings = False
+
+    def setUp(self):
+        self.model_tester = MixConModelTester(self, MEMBERS[self.member])
+        self.config_tester = ConfigTester(self, config_class=MixConConfig, hidden_size=32,
+                                          **{k: v for k, v in MEMBERS[self.member].items() if k != "hidden_size"})
+        name = self._testMethodName
+        if name in SKIPS:
+            self.skipTest(SKIPS[name])
+
+    def _prepare_for_class(self, inputs_dict, model_class, return_labels=False):
+        inputs_dict = super()._prepare_for_class(inputs_dict, model_class, return_labels=False)
+        if return_labels and model_class is MixConForCausalLM:
+            inputs_dict["labels"] = inputs_dict["input_ids"].clone()
+        return inputs_dict
+
+    def test_config(self):
+        self.config_tester.run_common_tests()
+
+    def test_transformers_test_files_present(self):
+        if MISSING:
+            self.skipTest("transformers' source distribution does not ship " + "; ".join(MISSING)
+                          + " (set MIXCON_HF_TESTS_SRC to a transformers checkout's tests/ folder to run them)")
+
+
+def _member_class(member: str, selection: str):
+    """selection: "all", "core" (CORE only) or "rest" (everything but CORE)."""
+    attrs = {"member": member}
+    if selection != "all":
+        for cls in _MixConCommon.__mro__:
+            for name in vars(cls):
+                if name.startswith("test_") and ((name in CORE) != (selection == "core")):
+                    attrs[name] = None  # not collected
+    cls = type(f"Test{member.capitalize()}{'' if selection == 'all' else selection.capitalize()}",
+               (_MixConCommon, unittest.TestCase), attrs)
+    if selection == "rest":
+        cls = pytest.mark.slow(pytest.mark.skipif(not FULL, reason="set MIXCON_HF_COMMON=full")(cls))
+    return cls
+
+
+for _m in MEMBERS:
+    for _sel in (["all"] if _m == "tiny" else ["core", "rest"]):
+        _c = _member_class(_m, _sel)
+        globals()[_c.__name__] = _c
+del _c, _m, _sel
