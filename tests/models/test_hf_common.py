@@ -44,7 +44,7 @@ MEMBERS = {
     "dense": _json("dense-tiny.json"),
     "mod": _json("mod-tiny.json"),
     "mom": _json("mom-tiny.json"),
-    "smlp": _json("smlp-tiny.json", spatial_max_len=64),
+    "smlp": _json("smlp-tiny.json", spatial_max_len=32),  # its (time × time) weights: under 1M parameters
     # the special cases of docs/architecture.md at tiny size
     "jamba": dict(_TINY, n_blocks=1, layers_per_block=8, attn_ratio="1:7", moe_every=2, moe_offset=1,
                   moe_renormalize=False, router_z_loss_coef=0.0, selection="linear", ssm_norm=True, delay=0,
@@ -76,9 +76,16 @@ SKIPS = {
     "test_contrastive_generate_dict_outputs_use_cache": _RECURRENT,
     "test_contrastive_generate_low_memory": _RECURRENT,
 }
-# Run for every member by default; the rest of the suite for the non-main members only when full.
+_MOD_WEIGHTS = ("a Mixture-of-Depths layer attends among the tokens its router selected; its weights are reported "
+                "at those tokens' places in (time, past + time), a copy the forward does not read, so no gradient "
+                "reaches it")
+MEMBER_SKIPS = {  # member → {test: the property of that member that rules it out}
+    "mod": {"test_retain_grad_hidden_states_attentions": _MOD_WEIGHTS},
+}
+# Run for every member by default (and MAIN_ONLY for the main member); the rest only when full.
+MAIN_ONLY = {"test_model_outputs_equivalence"}  # ~30 s per member: the output plumbing is shared
 CORE = {
-    "test_config", "test_model_outputs_equivalence", "test_save_load", "test_forward_signature",
+    "test_config", "test_save_load", "test_forward_signature",
     "test_training", "test_training_gradient_checkpointing", "test_hidden_states_output", "test_attention_outputs",
     "test_past_key_values_format", "test_retain_grad_hidden_states_attentions", "test_resize_tokens_embeddings",
     "test_load_save_without_tied_weights", "test_can_init_all_missing_weights", "test_batching_equivalence",
@@ -133,8 +140,9 @@ class _MixConCommon(ModelTesterMixin, GenerationTesterMixin):
         self.config_tester = ConfigTester(self, config_class=MixConConfig, hidden_size=32,
                                           **{k: v for k, v in MEMBERS[self.member].items() if k != "hidden_size"})
         name = self._testMethodName
-        if name in SKIPS:
-            self.skipTest(SKIPS[name])
+        reason = SKIPS.get(name) or MEMBER_SKIPS.get(self.member, {}).get(name)
+        if reason:
+            self.skipTest(reason)
 
     def test_config(self):
         self.config_tester.run_common_tests()
@@ -151,7 +159,8 @@ def _member_class(member: str, selection: str):
     if selection != "all":
         for cls in _MixConCommon.__mro__:
             for name in vars(cls):
-                if name.startswith("test_") and ((name in CORE) != (selection == "core")):
+                core = name in CORE or (member == "tiny" and name in MAIN_ONLY)
+                if name.startswith("test_") and (core != (selection == "core")):
                     attrs[name] = None  # not collected
     cls = type(f"Test{member.capitalize()}{'' if selection == 'all' else selection.capitalize()}",
                (_MixConCommon, unittest.TestCase), attrs)
