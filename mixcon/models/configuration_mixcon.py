@@ -142,8 +142,9 @@ def check_keys(keys) -> None:
     known = set(FIELDS) | BASE_KEYS
     for key in keys:
         if key not in known:
-            near = difflib.get_close_matches(key, sorted(known), n=1)
-            hint = f"; did you mean {near[0]}?" if near else ""
+            lower = {k.lower(): k for k in sorted(known)}
+            near = difflib.get_close_matches(str(key).lower(), list(lower), n=1)
+            hint = f"; did you mean {lower[near[0]]}?" if near else ""
             raise ValueError(f"unknown MixConConfig field {key!r}{hint} (the fields are listed in "
                              "mixcon.models.configuration_mixcon.FIELDS)")
 
