@@ -25,7 +25,11 @@ from hf_test_suite import MISSING, load
 
 from mixcon import MixConConfig, MixConForCausalLM, MixConModel
 
-modeling, configuration, GenerationTesterMixin, HAS_GENERATION = load()
+try:
+    modeling, configuration, GenerationTesterMixin, HAS_GENERATION = load()
+except Exception as exc:  # no registry access and no cached copy: say so rather than error
+    pytest.skip(f"transformers' test files unavailable ({exc}); run `python tests/models/hf_test_suite.py` with "
+                "access to the package registry, or set MIXCON_HF_TESTS_SRC", allow_module_level=True)
 ModelTesterMixin, ids_tensor = modeling.ModelTesterMixin, modeling.ids_tensor
 ConfigTester = configuration.ConfigTester
 
