@@ -182,3 +182,16 @@ def test_a_broken_input_is_a_clear_value_error(case):
     kwargs, msg = case
     with torch.no_grad(), pytest.raises(ValueError, match=msg):
         model()(**kwargs)
+
+
+def test_the_config_module_is_a_leaf():
+    """configuration_mixcon.py imports nothing of the model (the parameter counts live in sizes.py)."""
+    import ast
+
+    import mixcon.models.configuration_mixcon as c
+
+    tree = ast.parse(open(c.__file__).read())
+    imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module} | {
+        a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    assert not any(m.startswith(("mixcon", ".")) for m in imported), imported
+    assert not hasattr(c, "active_parameters")
