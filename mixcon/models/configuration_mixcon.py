@@ -82,6 +82,8 @@ BASE_KEYS = {
     "return_dict_in_generate", "forced_bos_token_id", "forced_eos_token_id", "remove_invalid_values",
     "exponential_decay_length_penalty", "suppress_tokens", "begin_suppress_tokens", "epsilon_cutoff", "eta_cutoff",
     "encoder_repetition_penalty",
+    # the epsilons transformers' own test helpers set on every config (set_config_for_less_flaky_test)
+    "post_norm_eps", "layer_norm_eps", "norm_eps", "norm_epsilon", "layer_norm_epsilon", "batch_norm_eps",
 }
 
 
