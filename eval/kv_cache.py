@@ -18,7 +18,8 @@ import torch
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 sys.path.insert(0, ROOT)
 from mixcon import MixConConfig, MixConForCausalLM  # noqa: E402
-from mixcon.models.configuration_mixcon import active_parameters, cache_nbytes  # noqa: E402
+from mixcon.models.configuration_mixcon import cache_nbytes  # noqa: E402
+from mixcon.models.sizes import active_parameters  # noqa: E402
 
 # Llama-2-70B's shape (80 attention layers, GQA 64 heads / 8 KV heads of 128) as a mixcon config.
 LLAMA2_70B = dict(vocab_size=32000, hidden_size=8192, intermediate_size=28672, n_blocks=10, layers_per_block=8,

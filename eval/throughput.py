@@ -49,7 +49,7 @@ ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 sys.path.insert(0, ROOT)
 from mixcon import MixConCache, MixConConfig, MixConForCausalLM  # noqa: E402
 from mixcon.benchmark import copy_bandwidth, header, parse_run_args, save_results  # noqa: E402
-from mixcon.models.configuration_mixcon import active_parameters  # noqa: E402
+from mixcon.models.sizes import active_parameters  # noqa: E402
 
 MODELS = ("mixcon", "jamba-shaped", "mixtral-shaped", "hf-mixtral")
 PATHS = ("dynamic", "compiled")

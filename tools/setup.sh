@@ -12,6 +12,9 @@ if ! $PY -c "import torch" 2>/dev/null; then
 fi
 if [ "${1:-}" = "dev" ]; then
   $PY -m pip install -q -e ".[dev]"
+  # transformers' own common tests (tests/models/test_hf_common.py) come from the installed version's
+  # source distribution: fetched once into ~/.cache/mixcon/transformers-tests (not into the repo)
+  $PY tests/models/hf_test_suite.py || echo "transformers' sdist not fetched: tests/models/test_hf_common.py will fetch it"
   # mamba_ssm's selective_scan_ref is the oracle of the Mamba reduction test. Without a GPU its
   # CUDA extension is skipped; the tests import the pure-PyTorch reference defensively.
   if ! $PY -c "import importlib.util,sys; sys.exit(importlib.util.find_spec('mamba_ssm') is None)"; then

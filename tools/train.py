@@ -87,7 +87,9 @@ def main(argv=None):
             print(f"exported model and tokenizer to {args.export}")
         prompt = "def "
         ids = tok(prompt, return_tensors="pt", add_special_tokens=False).input_ids
-        out = model.generate(ids, max_new_tokens=48, do_sample=False, pad_token_id=tok.pad_token_id)
+        torch.manual_seed(0)  # sampled (greedy decoding of a small model repeats itself), reproducibly
+        out = model.generate(ids, max_new_tokens=48, do_sample=True, temperature=0.8, top_p=0.95,
+                             repetition_penalty=1.2, pad_token_id=tok.pad_token_id)
         print("sample:", repr(tok.decode(out[0])))
 
 

@@ -6,6 +6,7 @@ FFN is dense or MoE; the config stores its result as ``layers_block_type`` / ``l
 
 from __future__ import annotations
 
+import difflib
 import math
 from typing import Optional
 
@@ -25,6 +26,129 @@ MIXER_LETTERS = {"a": "attention", "c": "conba", "s": "spatial", "m": "mom"}
 def _require_positive_int(name: str, v) -> None:
     if not isinstance(v, int) or isinstance(v, bool) or v < 1:
         raise ValueError(f"{name}={v!r} must be an integer >= 1")
+
+
+# ---------------------------------------------------------------------------- the field schema
+# Every field of MixConConfig: (kind, allowed). Kinds: "int" (an int, not a bool or float) with a
+# closed range (lo, hi) (None = unbounded); "float" (an int or a finite float, not a bool) with a
+# range (lo, hi, lo_open, hi_open); "bool" (True/False only); "choice" (one of a tuple); "auto-int"
+# ("auto" or an int >= 1); "opt-int" (None or an int >= 1); "token" (None or an id in the vocabulary).
+INF = math.inf
+FIELDS = {
+    "vocab_size": ("int", (1, None)), "hidden_size": ("int", (1, None)), "intermediate_size": ("int", (0, None)),
+    "n_blocks": ("int", (1, None)), "layers_per_block": ("int", (1, None)), "attn_ratio": ("str", None),
+    "layer_pattern": ("opt-str", None), "moe_every": ("int", (0, None)), "moe_offset": ("int", (0, None)),
+    "num_experts": ("int", (1, None)), "experts_per_token": ("int", (1, None)), "moe_renormalize": ("bool", None),
+    "moe_impl": ("choice", MOE_IMPLS), "router_aux_loss_coef": ("float", (0, INF, False, True)),
+    "router_z_loss_coef": ("float", (0, INF, False, True)), "router_jitter_noise": ("float", (0, 1, False, True)),
+    "num_attention_heads": ("int", (1, None)), "num_key_value_heads": ("int", (1, None)),
+    "head_dim": ("opt-int", None), "use_rope": ("bool", None), "rope_theta": ("float", (0, INF, True, True)),
+    "attention_dropout": ("float", (0, 1, False, True)), "max_position_embeddings": ("int", (1, None)),
+    "d_state": ("int", (1, None)), "d_conv": ("int", (1, None)), "expand": ("int", (1, None)),
+    "dt_rank": ("auto-int", None), "selection": ("choice", SELECTIONS), "selection_hidden": ("auto-int", None),
+    "ssm_norm": ("bool", None), "conv_bias": ("bool", None), "proj_bias": ("bool", None),
+    "control_group": ("int", (1, None)), "delay": ("int", (0, MAX_DELAY)), "state_scaling": ("bool", None),
+    "control": ("bool", None), "k_max": ("float", (0, INF, True, True)),
+    "process_noise": ("float", (0, INF, False, True)), "observation_noise": ("float", (0, INF, False, True)),
+    "dt_min": ("float", (0, INF, True, True)), "dt_max": ("float", (0, INF, True, True)),
+    "dt_init_floor": ("float", (0, INF, True, True)), "conba_backend": ("choice", CONBA_BACKENDS),
+    "dense_layers": ("int", (0, None)), "mod_every": ("int", (0, None)), "mod_offset": ("int", (0, None)),
+    "mod_capacity": ("float", (0, 1, True, False)), "mod_decision": ("choice", MOD_DECISIONS),
+    "mod_aux_loss_coef": ("float", (0, INF, False, True)), "mom_attn_modules": ("int", (1, None)),
+    "mom_ffn_modules": ("int", (1, None)), "mom_top_k": ("int", (1, None)), "mom_router_hidden": ("int", (1, None)),
+    "mom_router_temperature": ("float", (0, INF, True, True)), "mom_aux_loss_coef": ("float", (0, INF, False, True)),
+    "spatial_experts": ("int", (1, None)), "spatial_routing": ("choice", SPATIAL_ROUTINGS),
+    "spatial_route_prefix": ("int", (1, None)), "spatial_max_len": ("int", (1, None)),
+    "rms_norm_eps": ("float", (0, INF, True, True)), "initializer_range": ("float", (0, INF, False, True)),
+    "tie_word_embeddings": ("bool", None), "use_cache": ("bool", None), "output_router_logits": ("bool", None),
+    "pad_token_id": ("token", None), "bos_token_id": ("token", None), "eos_token_id": ("token", None),
+}
+# Keys a saved config may hold besides the fields: transformers' own (serialized by every config,
+# read by its loaders, or kept from older versions) and the derived layout.
+BASE_KEYS = {
+    "model_type", "transformers_version", "architectures", "auto_map", "_name_or_path", "name_or_path",
+    "output_hidden_states", "output_attentions", "return_dict", "dtype", "torch_dtype", "chunk_size_feed_forward",
+    "is_encoder_decoder", "id2label", "label2id", "num_labels", "problem_type", "attn_implementation",
+    "experts_implementation", "_attn_implementation_internal", "_experts_implementation_internal", "_commit_hash",
+    "per_layer_config", "torchscript", "use_bfloat16", "tf_legacy_loss", "pruned_heads", "is_decoder",
+    "add_cross_attention", "cross_attention_hidden_size", "tie_encoder_decoder", "finetuning_task",
+    "tokenizer_class", "prefix", "sep_token_id", "decoder_start_token_id", "task_specific_params",
+    "custom_pipelines", "quantization_config", "_pre_quantization_dtype", "num_hidden_layers",
+    "layers_block_type", "layers_ffn_type", "layers_mod_type",
+    # generation settings older configs carry (transformers moves them to the generation config)
+    "max_length", "min_length", "do_sample", "early_stopping", "num_beams", "num_beam_groups", "diversity_penalty",
+    "temperature", "top_k", "top_p", "typical_p", "repetition_penalty", "length_penalty", "no_repeat_ngram_size",
+    "encoder_no_repeat_ngram_size", "bad_words_ids", "num_return_sequences", "output_scores",
+    "return_dict_in_generate", "forced_bos_token_id", "forced_eos_token_id", "remove_invalid_values",
+    "exponential_decay_length_penalty", "suppress_tokens", "begin_suppress_tokens", "epsilon_cutoff", "eta_cutoff",
+    "encoder_repetition_penalty",
+    # the epsilons transformers' own test helpers set on every config (set_config_for_less_flaky_test)
+    "post_norm_eps", "layer_norm_eps", "norm_eps", "norm_epsilon", "layer_norm_epsilon", "batch_norm_eps",
+}
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_real(v) -> bool:
+    return (isinstance(v, (int, float)) and not isinstance(v, bool))
+
+
+def _range_text(lo, hi, lo_open=False, hi_open=False) -> str:
+    if hi in (None, INF):
+        return f"> {lo}" if lo_open else f">= {lo}"
+    return f"in {'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}"
+
+
+def check_field(name: str, v, vocab_size=None) -> None:
+    """ValueError naming the field, the value and what is allowed, unless v fits FIELDS[name]."""
+    kind, allowed = FIELDS[name]
+    bad = lambda what: ValueError(f"{name}={v!r} must be {what}")
+    if kind == "int":
+        lo, hi = allowed
+        if not _is_int(v) or v < lo or (hi is not None and v > hi):
+            raise bad(f"an integer {_range_text(lo, hi)}")
+    elif kind == "float":
+        lo, hi, lo_open, hi_open = allowed
+        if not _is_real(v) or not math.isfinite(v) or v < lo or (lo_open and v == lo) or v > hi \
+                or (hi_open and v == hi):
+            raise bad(f"a finite number {_range_text(lo, hi, lo_open, hi_open)}")
+    elif kind == "bool":
+        if not isinstance(v, bool):
+            raise bad("True or False (a bool, not a string or a number)")
+    elif kind == "choice":
+        if not isinstance(v, str) or v not in allowed:
+            raise bad(f"one of {allowed}")
+    elif kind == "str":
+        if not isinstance(v, str):
+            raise bad("a string")
+    elif kind == "opt-str":
+        if v is not None and not isinstance(v, str):
+            raise bad("None or a string")
+    elif kind == "auto-int":
+        if v != "auto" and (not _is_int(v) or v < 1):
+            raise bad('"auto" or an integer >= 1')
+    elif kind == "opt-int":
+        if v is not None and (not _is_int(v) or v < 1):
+            raise bad("None or an integer >= 1")
+    elif kind == "token":
+        ids = v if isinstance(v, (list, tuple)) and name == "eos_token_id" else [v]
+        if v is not None and (not ids or not all(_is_int(i) and 0 <= i < vocab_size for i in ids)):
+            raise bad(f"None or a token id in the vocabulary [0, vocab_size={vocab_size})"
+                      + (" (or a list of them)" if name == "eos_token_id" else ""))
+
+
+def check_keys(keys) -> None:
+    """Unknown keys (a typo in a config file) raise a ValueError naming the nearest known one."""
+    known = set(FIELDS) | BASE_KEYS
+    for key in keys:
+        if key not in known:
+            lower = {k.lower(): k for k in sorted(known)}
+            near = difflib.get_close_matches(str(key).lower(), list(lower), n=1)
+            hint = f"; did you mean {lower[near[0]]}?" if near else ""
+            raise ValueError(f"unknown MixConConfig field {key!r}{hint} (the fields are listed in "
+                             "mixcon.models.configuration_mixcon.FIELDS)")
 
 
 def parse_ratio(attn_ratio: str, layers_per_block: int) -> tuple[int, int]:
@@ -208,6 +332,17 @@ class MixConConfig(PretrainedConfig):
         layers_mod_type=None,
         **kwargs,
     ):
+        # validation in one place: unknown keys, then every field's type, range and finiteness (before
+        # anything is derived from them), then the fields against each other (`_validate`)
+        check_keys(kwargs)
+        given = {k: v for k, v in locals().items() if k in FIELDS}
+        given["output_router_logits"] = kwargs.get("output_router_logits", False)
+        for name in FIELDS:
+            check_field(name, given[name], vocab_size=vocab_size)
+        n_layers = kwargs.pop("num_hidden_layers", None)
+        if n_layers is not None and n_layers != n_blocks * layers_per_block:
+            raise ValueError(f"num_hidden_layers={n_layers!r} disagrees with n_blocks * layers_per_block = "
+                             f"{n_blocks * layers_per_block} (it is derived; leave it out)")
         self.vocab_size = vocab_size
         self.hidden_size = hidden_size
         self.intermediate_size = intermediate_size
@@ -282,6 +417,11 @@ class MixConConfig(PretrainedConfig):
         self._validate()
         block, ffn = resolve_layout(n_blocks, layers_per_block, attn_ratio, layer_pattern, moe_every, moe_offset,
                                     has_ffn=intermediate_size > 0, dense_layers=dense_layers)
+        if moe_every > 0 and "moe" not in ffn:
+            raise ValueError(
+                f"moe_every={moe_every}, moe_offset={moe_offset} place no MoE layer among the {len(ffn)} layers "
+                f"(dense_layers={dense_layers}, layers with a FFN: {sum(f != 'none' for f in ffn)}); choose "
+                "moe_offset < number of layers past dense_layers, or moe_every=0 for no MoE")
         mod = resolve_mod_layers(block, ffn, mod_every, mod_offset)
         self._validate_members(block, mod)
         for name, given, derived in (("layers_block_type", layers_block_type, block),
@@ -299,6 +439,20 @@ class MixConConfig(PretrainedConfig):
             tie_word_embeddings=tie_word_embeddings, pad_token_id=pad_token_id, bos_token_id=bos_token_id,
             eos_token_id=eos_token_id, **kwargs,
         )
+
+    @classmethod
+    def _dict_from_json_file(cls, json_file):
+        config_dict = super()._dict_from_json_file(json_file)
+        if not isinstance(config_dict, dict):
+            raise ValueError(f"{json_file}: a MixCon config file must hold a JSON object {{\"field\": value, ...}}, "
+                             f"got a JSON {type(config_dict).__name__}")
+        return config_dict
+
+    @classmethod
+    def from_dict(cls, config_dict, **kwargs):
+        if not isinstance(config_dict, dict):
+            raise ValueError(f"a MixCon config must be built from a dict of fields, got a {type(config_dict).__name__}")
+        return super().from_dict(config_dict, **kwargs)
 
     # ---------------------------------------------------------------- validation
     def _validate(self):
@@ -396,23 +550,6 @@ class MixConConfig(PretrainedConfig):
             lines.append(f"block {blk}: {s}")
         return "\n".join(lines) + ("\n(a = attention, c = Conba, s = spatial sMoE, m = MoM round; "
                                    "upper case = MoE FFN; * = Mixture-of-Depths routed)")
-
-
-def active_parameters(config: "MixConConfig") -> int:
-    """Parameters one token passes through (the K chosen experts of each MoE layer), counted on the
-    meta device without allocating."""
-    import torch
-
-    from mixcon.models.modeling_mixcon import MixConForCausalLM
-
-    with torch.device("meta"):
-        model = MixConForCausalLM(config)
-    total = sum(p.numel() for p in model.parameters())
-    if config.tie_word_embeddings and model.lm_head.weight is not model.model.embed_tokens.weight:
-        total -= model.lm_head.weight.numel()
-    per_expert = 3 * config.hidden_size * config.intermediate_size
-    inactive = config.layers_ffn_type.count("moe") * (config.num_experts - config.experts_per_token) * per_expert
-    return total - inactive
 
 
 def cache_nbytes(config: "MixConConfig", context: int, batch: int = 1, dtype=None) -> dict:

@@ -703,7 +703,9 @@ class MixConForCausalLM(MixConPreTrainedModel, GenerationMixin):
         loss = None
         if labels is not None or shift_labels is not None:
             if shift_labels is None and labels.shape[1] == logits.shape[1] + 1:
-                labels, shift_labels = None, labels[:, 1:]
+                labels, shift_labels = None, labels[:, 1:].contiguous()
+            if shift_labels is not None:
+                shift_labels = shift_labels.contiguous()
             loss = self.loss_function(logits, labels, vocab_size=cfg.vocab_size, shift_labels=shift_labels,
                                       num_items_in_batch=num_items_in_batch)
             if aux_loss is not None and self.training:

@@ -120,7 +120,7 @@ def _peak_flops(r: Recipe, device):
 
 def flops_per_token(config: MixConConfig, seq_len: int) -> float:
     """Training FLOPs per token: 6 · active parameters (+ attention scores, 12 · layers · d · T)."""
-    from mixcon.models.configuration_mixcon import active_parameters
+    from mixcon.models.sizes import active_parameters
 
     n_attn = config.layers_block_type.count("attention")
     return 6 * active_parameters(config) + 12 * n_attn * config.num_attention_heads * config.head_dim * seq_len

@@ -253,7 +253,8 @@ def test_mom_and_mod_and_spatial_save_and_load(tmp_path):
 
 @pytest.mark.parametrize("kw, msg", [
     (dict(layer_pattern="acxz"), "layer_pattern"),
-    (dict(layer_pattern="mmmm", mom_top_k=9, mom_attn_modules=2), "mom_top_k"),
+    (dict(layer_pattern="mmmm", moe_every=0, mom_top_k=9, mom_attn_modules=2), "mom_top_k"),
+    (dict(layer_pattern="mmmm", moe_every=2), "place no MoE layer"),
     (dict(layer_pattern="ssss", spatial_experts=5), "spatial_experts"),
     (dict(layer_pattern="ssss", spatial_routing="soft"), "spatial_routing"),
     (dict(mod_every=2, mod_capacity=0.0), "mod_capacity"),
