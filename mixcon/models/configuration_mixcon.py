@@ -14,7 +14,7 @@ from transformers import PretrainedConfig
 
 SELECTIONS = ("swiglu", "linear")
 MOE_IMPLS = ("auto", "grouped", "loop")
-CONBA_BACKENDS = ("auto", "ref", "triton")
+CONBA_BACKENDS = ("auto", "ref", "triton", "chunk_torch")
 MOD_DECISIONS = ("router", "predictor")
 SPATIAL_ROUTINGS = ("deterministic", "learned")
 MAX_DELAY = 4
@@ -48,7 +48,7 @@ FIELDS = {
     "dt_rank": ("auto-int", None), "selection": ("choice", SELECTIONS), "selection_hidden": ("auto-int", None),
     "ssm_norm": ("bool", None), "conv_bias": ("bool", None), "proj_bias": ("bool", None),
     "control_group": ("int", (1, None)), "delay": ("int", (0, MAX_DELAY)), "state_scaling": ("bool", None),
-    "control": ("bool", None), "k_max": ("float", (0, INF, True, True)),
+    "control": ("bool", None), "k_max": ("float", (0, INF, True, True)), "control_period": ("int", (1, None)),
     "process_noise": ("float", (0, INF, False, True)), "observation_noise": ("float", (0, INF, False, True)),
     "dt_min": ("float", (0, INF, True, True)), "dt_max": ("float", (0, INF, True, True)),
     "dt_init_floor": ("float", (0, INF, True, True)), "conba_backend": ("choice", CONBA_BACKENDS),
