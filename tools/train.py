@@ -21,6 +21,8 @@ import os
 import sys
 import sysconfig
 
+import torch
+
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from mixcon.train.loop import NonFiniteLoss, train, unwrap  # noqa: E402
 from mixcon.train.recipe import load_recipe  # noqa: E402
