@@ -98,10 +98,7 @@ def parallelize(model, r: Recipe, device):
     if r.parallel == "ddp":
         from torch.nn.parallel import DistributedDataParallel
 
-        # the controller's η, λ and w_r take part only once a sequence reaches a sampling instant
-        # (every control_period real tokens): shorter sequences leave them unused in a step
-        return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
-                                       find_unused_parameters=True)
+        return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     from torch.distributed.fsdp import fully_shard
 
     for layer in model.model.layers:

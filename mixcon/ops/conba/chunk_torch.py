@@ -300,6 +300,12 @@ def conba_scan_chunk_torch(
         y = torch.cat([y, y.new_zeros(b, 1, d)], 1).gather(1, dst[..., None].expand(b, T, d))
     if z is not None:
         y = y * F.silu(z.to(acc))
+    if control and torch.is_grad_enabled():
+        # The loop (naive.py) computes every step's error and gain update and keeps them by a
+        # torch.where, so η, λ and w_r get a (zero) gradient even when no sampling instant falls in
+        # the sequence; here they would get none, and an optimiser or DDP would see them as unused
+        # (no AdamW state to checkpoint, a DDP reduction error). Keep them in the graph, as the loop does.
+        y = y + 0.0 * (eta_f.sum() + lam_f.sum() + w_r_f.sum())
     y = y.to(u.dtype)
     if not return_final_state:
         return y
