@@ -11,13 +11,18 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = os.path.join(ROOT, "configs")
 
 
-def tiny_config(**overrides):
+def member_config(name, **overrides):
+    """The shipped config ``configs/<name>`` with ``overrides`` applied."""
     from mixcon import MixConConfig
 
-    kw = json.load(open(os.path.join(CONFIGS, "tiny.json")))
+    kw = json.load(open(os.path.join(CONFIGS, name)))
     kw.pop("model_type")
     kw.update(overrides)
     return MixConConfig(**kw)
+
+
+def tiny_config(**overrides):
+    return member_config("tiny.json", **overrides)
 
 
 def randomize_(model, scale=0.3):

@@ -7,28 +7,19 @@ Two checks for every member that has Conba layers:
   and moves every parameter of step 6 and of the selection network.
 """
 
-import json
 import math
-import os
 
 import pytest
 import torch
 
-from helpers import CONFIGS, tiny_config
-from mixcon import MixConConfig, MixConForCausalLM
-
-
-def _member(name, **overrides):
-    kw = json.load(open(os.path.join(CONFIGS, name)))
-    kw.pop("model_type")
-    kw.update(overrides)
-    return MixConConfig(**kw)
+from helpers import member_config, tiny_config
+from mixcon import MixConForCausalLM
 
 
 OFF = dict(delay=0, state_scaling=False, control=False, selection="linear")
 MEMBERS = {  # every member with Conba layers, at the tiny sizes
     "mixcon": lambda: tiny_config(),
-    "mod": lambda: _member("mod-tiny.json"),
+    "mod": lambda: member_config("mod-tiny.json"),
     "jamba": lambda: tiny_config(attn_ratio="1:3", ssm_norm=True, moe_renormalize=False, **OFF),
     "mamba": lambda: tiny_config(attn_ratio="0:4", moe_every=0, intermediate_size=0, **OFF),
 }

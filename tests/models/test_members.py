@@ -5,26 +5,20 @@ token or module by module), for cache == no cache, left padding == the row alone
 and without the cache, save/load, and bad configurations.
 """
 
-import json
 import math
-import os
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from helpers import CONFIGS, randomize_, tiny_config
+from helpers import member_config, randomize_, tiny_config
 
-from mixcon import MixConConfig, MixConForCausalLM
+from mixcon import MixConForCausalLM
 from mixcon.layers.attention import rope_cos_sin
 from mixcon.layers.mom import init_pool_from_dense, routed_linear
 
 
-def member(name, **overrides):
-    kw = json.load(open(os.path.join(CONFIGS, name)))
-    kw.pop("model_type")
-    kw.update(overrides)
-    return MixConConfig(**kw)
+member = member_config
 
 
 MEMBERS = {

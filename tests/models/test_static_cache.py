@@ -10,25 +10,19 @@
 - bad input raises ValueError naming what is allowed.
 """
 
-import json
-import os
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from helpers import CONFIGS, conba_inputs, randomize_, tiny_config
+from helpers import member_config, conba_inputs, randomize_, tiny_config
 
-from mixcon import MixConConfig, MixConForCausalLM
+from mixcon import MixConForCausalLM
 from mixcon.models.cache import MixConCache
 from mixcon.ops.moe import expert_counts, moe_grouped, route
 
 
-def member(name, **overrides):
-    kw = json.load(open(os.path.join(CONFIGS, name)))
-    kw.pop("model_type")
-    kw.update(overrides)
-    return MixConConfig(**kw)
+member = member_config
 
 
 MEMBERS = {
