@@ -5,7 +5,7 @@ import torch
 
 from helpers import conba_inputs, mamba_selective_scan_ref, rel_rms
 from mixcon.ops.conba import ConbaState, conba_scan, conba_step, empty_state
-from mixcon.ops.conba.noise import conba_noise
+from mixcon.ops.conba.noise import conba_noise, normal_from_key, normal_from_key_ref
 
 MECHANISMS = [(), ("scaling",), ("delay",), ("control",), ("noise",), "all"]
 # control periods: 1 = the per-step controller; 4 acts several times in a test sequence; 64 with
@@ -178,6 +178,18 @@ def test_noise_is_keyed_and_standard_normal():
     assert abs(allz.mean().item()) < 0.03 and abs(allz.std().item() - 1) < 0.03
     # decorrelated streams: process noise vs observation noise of the same channel
     assert abs(torch.corrcoef(torch.stack([xi[..., 0].flatten(), zeta.flatten()]))[0, 1]) < 0.1
+
+
+def test_fast_noise_hash_is_the_definition_bit_for_bit():
+    """normal_from_key (int32, in place) against normal_from_key_ref (the int64 definition) on random
+    32-bit keys and lanes, including ones with the top bit set (the sign of the int32 copy)."""
+    g = torch.Generator().manual_seed(0)
+    key = torch.randint(0, 2**32, (33, 5, 1), generator=g)
+    lane = torch.randint(0, 2**32, (1, 5, 257), generator=g)
+    key[0, 0, 0], lane[0, 0, 0] = 2**32 - 1, 2**31
+    fast, ref = normal_from_key(key, lane), normal_from_key_ref(key, lane)
+    assert fast.dtype == ref.dtype == torch.float32 and fast.shape == ref.shape
+    assert torch.equal(fast, ref)
 
 
 def test_gradients_flow_to_every_input():
