@@ -81,3 +81,119 @@ def mamba_selective_scan_ref():
     except Exception:
         return None
     return selective_scan_ref
+
+
+# ------------------------------------------------------------- kernel tests: a kernel against the reference
+KERNEL_DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+KERNEL_MECHANISMS = ["none", "scaling", "delay", "control", "noise", "all"]
+
+
+def nan_prefill(monkeypatch, module):
+    """``torch.empty`` inside a kernel module returns NaN-filled tensors, so an element a kernel
+    forgets to write shows up as NaN."""
+    real_empty = torch.empty
+
+    def nan_empty(*size, **kw):
+        t = real_empty(*size, **kw)
+        return t.fill_(float("nan")) if t.is_floating_point() else t
+
+    monkeypatch.setattr(module.torch, "empty", nan_empty)
+
+
+def kernel_inputs(mech, b=2, T=13, d=16, n=5, G=8, dtype=torch.float32, tau=None, seed=0, mask=True):
+    """`conba_inputs` on KERNEL_DEVICE for one of KERNEL_MECHANISMS, with a random 0/1 mask whose
+    first row is left-padded."""
+    m = "all" if mech == "all" else (() if mech == "none" else (mech,))
+    x = conba_inputs(b=b, T=T, d=d, n=n, G=G, dtype=dtype, device=KERNEL_DEVICE, mechanisms=m, seed=seed)
+    if tau is not None:
+        x["tau"] = tau
+    if mask:
+        g = torch.Generator().manual_seed(seed + 1)
+        x["mask"] = (torch.rand(b, T, generator=g) > 0.2).float()
+        x["mask"][0, :3] = 0  # a left-padded row
+        x["mask"] = x["mask"].to(KERNEL_DEVICE)
+    return x
+
+
+def random_state(x, P=1, seed=0):
+    """A random ConbaState for inputs ``x``: h differs from the delay line's first entry, the phase
+    anywhere in 0 … P − 1 (0 for P = 1)."""
+    from mixcon.ops.conba import ConbaState
+
+    b, T, d = x["u"].shape
+    n, tau, ng = x["A"].shape[1], x.get("tau", 0), d // x["group_size"]
+    g = torch.Generator().manual_seed(seed + 2)
+    r = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
+    st = ConbaState(r(b, d, n), r(b, tau, d, n), torch.rand(b, ng, generator=g) * 0.5, r(b, d) * 0.3,
+                    torch.randint(0, P, (b,), generator=g))
+    return ConbaState(*(s.to(KERNEL_DEVICE) for s in st))
+
+
+def run_with_grads(x, scan, init=None, grad=True, seed=0):
+    """``scan(x, state) -> (y, final state)`` on fresh leaves: the output, the final state and (with
+    ``grad``) the gradient of every floating input and initial-state field of a random loss."""
+    from mixcon.ops.conba import ConbaState
+
+    x = {k: (v.detach().clone().requires_grad_(grad and k != "mask") if isinstance(v, torch.Tensor) else v)
+         for k, v in x.items()}
+    st = None if init is None else ConbaState(
+        *(s.detach().clone().requires_grad_(grad and s.is_floating_point()) for s in init))
+    with torch.set_grad_enabled(grad):
+        y, fin = scan(x, st)
+    if not grad:
+        return y, fin, {}
+    g = torch.Generator().manual_seed(seed + 3)
+    w = lambda t: torch.randn(t.shape, generator=g).to(t.device)  # noqa: E731
+    loss = (y.float() * w(y)).sum()
+    loss = loss + sum((s * w(s)).sum() for s in fin if s.is_floating_point())
+    loss.backward()
+    grads = {k: v.grad for k, v in x.items() if isinstance(v, torch.Tensor) and k != "mask"}
+    if st is not None:
+        grads.update({"state." + f: s.grad for f, s in zip(ConbaState._fields, st) if s.is_floating_point()})
+    return y, fin, grads
+
+
+def compare_to_reference(x, tol, kernel, reference, init=None, grad=True):
+    """``kernel`` against ``reference`` (both ``(x, state) -> (y, final state)``) on the same inputs:
+    output, final state (integer fields exactly) and every gradient. In float32 both are also measured
+    against the reference in float64 (the oracle): the kernel must be within ``tol`` of it, or no worse
+    than three times the float32 reference's own error where a sum is ill-conditioned (the gradients
+    of λ and η sum many terms of both signs; on an H100 the kernel's λ gradient once measured 2.8e-5
+    against the reference's 1.2e-5, summation order alone)."""
+    from mixcon.ops.conba import ConbaState
+
+    y_r, fin_r, g_r = run_with_grads(x, reference, init, grad)
+    y_t, fin_t, g_t = run_with_grads(x, kernel, init, grad)
+    oracle = None
+    if x["u"].dtype == torch.float32:
+        x64 = {k: (v.double() if isinstance(v, torch.Tensor) and k != "mask" else v) for k, v in x.items()}
+        oracle = run_with_grads(x64, reference, None if init is None else ConbaState(
+            *(s.double() if s.is_floating_point() else s for s in init)), grad)
+
+    def close(name, got, ref, o=None):
+        if o is None:
+            err = rel_rms(got, ref)
+            assert err <= tol, f"{name}: {err:.2e} > {tol:g}"
+            return
+        err, err_ref = rel_rms(got, o), rel_rms(ref, o)
+        assert err <= max(tol, 3 * err_ref), f"{name}: {err:.2e} from the float64 oracle (fp32 reference {err_ref:.2e})"
+
+    assert not torch.isnan(y_t).any()
+    close("y", y_t, y_r, None if oracle is None else oracle[0])
+    for i, (f, a, b) in enumerate(zip(ConbaState._fields, fin_t, fin_r)):
+        assert a.shape == b.shape, f
+        if not b.is_floating_point():
+            assert torch.equal(a.cpu(), b.cpu()), f"final state.{f}: {a.tolist()} != {b.tolist()}"
+        elif b.numel() and (a - b).abs().max() > 1e-6:
+            close(f"final state.{f}", a, b, None if oracle is None else oracle[1][i])
+    assert g_r.keys() == g_t.keys()
+    for k in g_r:
+        if g_r[k] is None:
+            assert g_t[k] is None or g_t[k].abs().max() == 0, k
+            continue
+        assert g_t[k] is not None, f"no gradient for {k}"
+        if g_r[k].numel() == 0:
+            continue
+        assert not torch.isnan(g_t[k]).any(), k
+        assert g_r[k].abs().max() > 0, f"{k}: the reference gradient is zero; the test would be vacuous"
+        close(f"d/d{k}", g_t[k], g_r[k], None if oracle is None else oracle[2][k])
