@@ -270,7 +270,7 @@ def main(argv=None):
     # CPU s per step); 3000 steps because a 2-layer transformer at width 32 sits at 1/4 accuracy (one of
     # the four values in context) for over 1500 steps before it solves 64:4 (4000 steps: 1.000, measured
     # at lr 3e-3); the paper's grid is for a GPU (README)
-    ap.add_argument("--widths", nargs="+", type=int, default=[16, 32])
+    ap.add_argument("--widths", nargs="+", type=int, default=None, help="default 16 32 (--smoke: 16)")
     ap.add_argument("--cells", nargs="+", type=parse_cell, default=[(64, 4)], help="SEQ_LEN:PAIRS ...")
     ap.add_argument("--vocab", type=int, default=64)
     ap.add_argument("--depth", type=int, default=2,
@@ -290,8 +290,9 @@ def main(argv=None):
     ap.add_argument("--no-progress", action="store_true")
     args = ap.parse_args(argv)
     if args.smoke:
-        args.widths, args.cells, args.vocab, args.steps, args.batch = [16], [(16, 2)], 16, 3, 4
+        args.widths, args.cells, args.vocab, args.steps, args.batch = args.widths or [16], [(16, 2)], 16, 3, 4
         args.eval_examples, args.warmup = 8, 1
+    args.widths = args.widths or [16, 32]
     for s, p in args.cells:
         mqar(0, 1, s, p, args.vocab)  # bad cells fail now, not in the middle of the grid
     import torch

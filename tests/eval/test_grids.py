@@ -114,6 +114,18 @@ def test_recall_smoke_has_every_member(tmp_path):
     assert all(f"| {m} |" in md for m in recall.MEMBERS) and (tmp_path / "recall.png").exists()
 
 
+def test_recall_runs_the_claims_members_first(tmp_path):
+    """When the budget runs out the mechanism-alone members are the ones left out: the claim's members
+    run in every width before any of them (rows come back in the order the jobs ran)."""
+    import recall
+
+    rows, _ = recall.main(["--smoke", "--out", str(tmp_path), "--no-progress", "--widths", "8", "16",
+                           "--members", "conba+delay", "attention", "conba+noise", "mamba"])
+    assert [(r["member"], r["width"]) for r in rows] == [
+        ("attention", 8), ("mamba", 8), ("attention", 16), ("mamba", 16),
+        ("conba+delay", 8), ("conba+noise", 8), ("conba+delay", 16), ("conba+noise", 16)]
+
+
 def test_run_jobs_stops_at_the_budget_and_says_what_did_not_run():
     from grid import Job, run_jobs
 
