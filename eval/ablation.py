@@ -126,6 +126,41 @@ def grid_members(name: str, fields: set, only=None):
     return run, skipped
 
 
+def _same_setting(a, b) -> bool:
+    """Recipe values equal; absolute paths by their last two parts (a run from another checkout)."""
+    if isinstance(a, str) and isinstance(b, str) and os.path.isabs(a) and os.path.isabs(b):
+        return a.split(os.sep)[-2:] == b.split(os.sep)[-2:]
+    return a == b
+
+
+def load_prior(out: str, grid_name: str, recipe: dict, reference: str):
+    """The runs of an earlier call kept in ``out``/results.json, as {(member, seed, lr): result} (the lr
+    sweep's runs of the reference included), and that file's content. Refused when the file is of another
+    grid or recipe: its runs would not be comparable."""
+    path = os.path.join(out, "results.json")
+    if not os.path.exists(path):
+        return {}, {"meta": {}}
+    old = json.load(open(path))
+    if old["meta"].get("grid") != grid_name:
+        raise SystemExit(f"--resume: {path} holds grid {old['meta'].get('grid')!r}, not {grid_name!r}")
+    recipe = json.loads(json.dumps(recipe))  # as the file holds it (tuples are lists there)
+    differ = sorted(k for k in set(recipe) | set(old["meta"].get("recipe", {}))
+                    if not _same_setting(recipe.get(k), old["meta"].get("recipe", {}).get(k)))
+    if differ:
+        raise SystemExit(f"--resume: {path} was made with another recipe ({', '.join(differ)} differ); "
+                         f"pass the same settings or another --out")
+    curves = old.get("curves", {})
+    prior = {}
+    for sw in old.get("lr_sweep", []):
+        k = (reference, 0, sw["lr"])
+        prior[k] = dict(heldout_loss=sw["heldout_loss"], curve=curves.get(f"{k[0]} s0 lr{k[2]:g}", []))
+    for r in old.get("rows", []):
+        k = (r["member"], r["seed"], r["lr"])
+        prior[k] = {**{c: r[c] for c in RUN_COLS[4:] if c in r},
+                    "curve": curves.get(f"{k[0]} s{k[1]} lr{k[2]:g}", [])}
+    return prior, old
+
+
 def summarize(runs: list, members: dict, reference: str) -> list:
     out = []
     ref = grid.spread(r["heldout_loss"] for r in runs if r["member"] == reference)["mean"]
@@ -178,6 +213,10 @@ def write_markdown(name, summary, sweep, lr, skipped_members, not_run, meta, pat
              f"(warm-up {r['warmup_steps']}, cosine), seeds {meta['seeds']}, {meta['dtype']}.",
              f"Device {meta['device']}, torch {meta['torch']}, transformers {meta['transformers']}, rev {meta['rev']}, "
              f"{meta['date']}. Command: `{meta['command']}`. Config defaults: {meta['config_defaults']}.", ""]
+    if meta.get("resumed"):
+        rs = meta["resumed"]
+        lines += [f"Resumed: the runs already in this folder were kept (rev {rs.get('rev')}, {rs.get('date')}, "
+                  f"`{rs.get('command')}`); this call ran only the missing ones.", ""]
     if sweep:
         lines += ["lr sweep on `" + meta["reference"] + "`, seed " + str(meta["seeds"][0]) + ": " + ", ".join(
             f"{x['lr']:g} → {x['heldout_loss']:.3f}" for x in sorted(sweep, key=lambda x: x["lr"])) +
@@ -246,6 +285,9 @@ def main(argv=None):
     ap.add_argument("--out", default=None, help="default eval/results/ablation/<grid>")
     ap.add_argument("--smoke", action="store_true", help="seconds: 2 steps of 16 tokens, 2 seeds, a 2-point sweep")
     ap.add_argument("--estimate", action="store_true", help="time one step of each member, print the grid's time")
+    ap.add_argument("--resume", action="store_true",
+                    help="keep the runs already in OUT/results.json (same grid and recipe) and run only the "
+                         "missing ones; the table covers both")
     ap.add_argument("--no-progress", action="store_true")
     args = ap.parse_intermixed_args(argv)
     import torch
@@ -281,13 +323,16 @@ def main(argv=None):
     members, skipped_members = grid_members(args.grid, fields, args.members)
     for m, why in skipped_members:
         print(f"skipping {m}: {why}", flush=True)
+    full = grid_members(args.grid, fields)[0]
     reference = g["reference"] if g["reference"] in members else next(iter(members), None)
+    out = args.out or os.path.join(grid.ROOT, "eval", "results", "ablation", args.grid)
+    if args.resume and os.path.exists(os.path.join(out, "results.json")):  # the earlier call's reference
+        reference = json.load(open(os.path.join(out, "results.json")))["meta"].get("reference", reference)
     if reference is None:
         raise SystemExit(f"grid {args.grid}: no member can run with the installed config")
     if args.estimate:
         return estimate(base, members, reference, args.seeds, 1 if args.lr is not None else len(args.lrs),
                         args.jobs, vocab)
-    out = args.out or os.path.join(grid.ROOT, "eval", "results", "ablation", args.grid)
     runs_dir = os.path.join(args.runs, args.grid)
     meta = header(device, dtype="bf16 autocast" if device.type == "cuda" else "float32", grid=args.grid,
                   reference=reference, seeds=list(range(args.seeds)), budget_min=args.budget_min,
@@ -297,7 +342,7 @@ def main(argv=None):
     print(json.dumps({k: v for k, v in meta.items() if k != "recipe"}), flush=True)
 
     def job(member, seed, lr):
-        ov = {**base.model_overrides, **members[member][1]}
+        ov = {**base.model_overrides, **full[member][1]}
         r = dataclasses.replace(base, seed=seed, lr=lr, model_overrides=ov,
                                 out_dir=os.path.join(runs_dir, f"{member.replace(' ', '_')}-s{seed}-lr{lr:g}"))
         return grid.Job(key=(member, seed, lr), fn=train_run, args=(dataclasses.asdict(r),), cost_key=member)
@@ -306,10 +351,21 @@ def main(argv=None):
         print(f"{key[0]:14s} seed {key[1]} lr {key[2]:g}: held-out {res['heldout_loss']:.4f}, "
               f"{res['step_time_s']:.2f} s/step", flush=True)
 
+    prior, prior_sweep, shown = {}, {}, members
+    if args.resume:
+        prior, prior_sweep = load_prior(out, args.grid, dataclasses.asdict(base), reference)
+        meta["resumed"] = {k: prior_sweep["meta"].get(k) for k in ("rev", "date", "command")}
+        # the table shows every member of the grid that has runs, not only the ones run now
+        shown = {m: v for m, v in full.items() if m in members or any(k[0] == m for k in prior)}
+        print(f"resuming: {len(prior)} runs kept from {out}/results.json (rev {meta['resumed']['rev']})", flush=True)
     deadline = time.monotonic() + args.budget_min * 60
-    sweep_jobs = [] if args.lr is not None else [job(reference, 0, lr) for lr in args.lrs]
+    sweep_jobs = [] if args.lr is not None else [job(reference, 0, lr) for lr in args.lrs
+                                                 if (reference, 0, lr) not in prior]
     done, not_run = grid.run_jobs(sweep_jobs, args.budget_min * 60, args.jobs, not args.no_progress, "lr sweep", report)
     sweep = [dict(lr=k[2], heldout_loss=v["heldout_loss"]) for k, v in done.items()]
+    if args.resume:  # the earlier call's sweep, and what this one added to it
+        sweep = [sw for sw in prior_sweep.get("lr_sweep", []) if sw["lr"] not in {x["lr"] for x in sweep}] + sweep
+    done = {**prior, **done}
     if args.lr is not None:
         lr = args.lr
     elif sweep:
@@ -323,8 +379,9 @@ def main(argv=None):
     done.update(more)
     runs = [dict(grid=args.grid, member=k[0], seed=k[1], lr=k[2], **{c: v[c] for c in RUN_COLS[4:] if c in v})
             for k, v in done.items() if k[2] == lr]
-    runs.sort(key=lambda r: (list(members).index(r["member"]), r["seed"]))
-    summary = summarize(runs, members, reference)
+    runs = [r for r in runs if r["member"] in shown]
+    runs.sort(key=lambda r: (list(shown).index(r["member"]), r["seed"]))
+    summary = summarize(runs, shown, reference)
     os.makedirs(out, exist_ok=True)
     not_run = [list(k) for k in not_run + not_run2]
     save_results(out, runs, RUN_COLS, meta, summary=summary, lr=lr, lr_sweep=sweep, not_run=not_run,

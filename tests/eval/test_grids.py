@@ -216,6 +216,28 @@ def test_ablation_smoke_has_every_member_and_seed(tmp_path, small_corpus):
     assert len(os.listdir(tmp_path / "runs" / "mechanisms")) == 2 * len(members) + 1
 
 
+def test_ablation_resume_keeps_earlier_runs_and_refuses_another_recipe(tmp_path, small_corpus, capsys):
+    """A grid cut by its budget is finished by a second call with --resume: the first call's runs are kept
+    as they were (not trained again), the table covers both calls, and a folder made with another recipe
+    is refused (its runs would not be comparable)."""
+    import ablation
+
+    common = ["ratio", "--smoke", "--recipe", str(small_corpus / "r.yaml"), "--runs", str(tmp_path / "runs"),
+              "--out", str(tmp_path / "out"), "--no-progress"]
+    _, first, _ = ablation.main(common + ["--members", "2:6", "8:0"])
+    capsys.readouterr()
+    summary, runs, not_run = ablation.main(common + ["--members", "4:4", "--resume"])
+    assert "resuming: " in capsys.readouterr().out and not not_run
+    assert {r["member"] for r in runs} == {"2:6", "8:0", "4:4"} and {s["member"] for s in summary} == {"2:6", "8:0", "4:4"}
+    kept = {(r["member"], r["seed"]): r["heldout_loss"] for r in runs}
+    assert all(kept[(r["member"], r["seed"])] == r["heldout_loss"] for r in first)
+    res = json.load(open(tmp_path / "out" / "results.json"))
+    assert res["meta"]["reference"] == "2:6" and len(res["lr_sweep"]) == 2 and res["meta"]["resumed"]["rev"]
+    assert "Resumed:" in (tmp_path / "out" / "ablation.md").read_text()
+    with pytest.raises(SystemExit, match="another recipe.*max_steps"):
+        ablation.main(common + ["--members", "4:4", "--resume", "max_steps=3"])
+
+
 def test_ablation_period_grid_keeps_its_sequence_and_shrinks_the_model(tmp_path, small_corpus):
     import ablation
 
