@@ -117,7 +117,15 @@ def load():
         _stub("utils.test_configuration_utils", config_common_kwargs=COMMON_CONFIG_KWARGS)
     if not os.path.exists(os.path.join(base, "exporters", "test_export.py")):
         MISSING.append("tests/exporters/test_export.py (ExportTesterMixin)")
-        _stub("exporters.test_export", ExportTesterMixin=type("ExportTesterMixin", (), {}))
+        export_mixin = type("ExportTesterMixin", (), {})
+        _stub("exporters.test_export", ExportTesterMixin=export_mixin,
+              ExportGenerateTesterMixin=type("ExportGenerateTesterMixin", (export_mixin,), {}))
+    # transformers' generation tests import ``tests.exporters.test_export`` by its absolute name (the
+    # name of the folder in a source checkout): the same module, not a second copy of it
+    if "tests" not in sys.modules:
+        export = importlib.import_module(f"{PKG}.exporters.test_export")
+        sys.modules["tests"], sys.modules["tests.exporters"] = sys.modules[PKG], sys.modules[f"{PKG}.exporters"]
+        sys.modules["tests.exporters.test_export"] = export
     has_generation = os.path.exists(os.path.join(base, "generation", "test_utils.py"))
     if not has_generation:
         MISSING.append("tests/generation/test_utils.py (GenerationTesterMixin)")
