@@ -174,8 +174,8 @@ class MixConDecoderLayer(GradientCheckpointingLayer):
     def _routed_layer(self, x, seq_mask, rope, cache, positions, attn_impl="sdpa"):
         """Mixture-of-Depths on a whole attention layer: the selected tokens, in their order and at their
         positions, attend to the selected tokens before them (the cache keeps only selected keys).
-        Its attention weights (eager) are given at the tokens' places in (b, H, T, past + T), zero for
-        tokens the router did not select."""
+        Its attention weights (eager) are given at the tokens' places in (b, H, T, past + T) (a static
+        cache: (b, H, T, slots)), zero for tokens the router did not select."""
         b, T, D = x.shape
         real = seq_mask.bool() if seq_mask is not None else None
         selected, r, aux = self.depth_router(x, real)
@@ -184,9 +184,6 @@ class MixConDecoderLayer(GradientCheckpointingLayer):
         idx, valid = _select(selected, fixed=static)
         k = idx.shape[1]
         eager = attn_impl == "eager"
-        if static and eager:
-            raise ValueError("attention weights (output_attentions / attn_implementation='eager') of a "
-                             "Mixture-of-Depths layer are not available with a static cache; use the dynamic cache")
         if k == 0 and (cache is None or cache.key_positions[self.layer_idx] is None):
             return x, None, None, aux, self._full_weights(None, None, None, None, x, cache) if eager else None
         xs = take(x, idx)
@@ -205,7 +202,11 @@ class MixConDecoderLayer(GradientCheckpointingLayer):
         rope_s = (take(rope[0], idx, 2), take(rope[1], idx, 2)) if rope is not None else None
         a, weights = self.mixer(self.input_layernorm(xs), attn_mask=allowed[:, None], rope=rope_s,
                                 past_key_values=cache, impl=attn_impl, return_weights=True)
-        if weights is not None:
+        if weights is not None and static:
+            # every token is a query and a slot is a key's place in the sequence: the weights are already
+            # (b, H, T, slots); the rows of tokens the router did not select are zero
+            weights = weights * valid[:, None, :, None].to(weights.dtype)
+        elif weights is not None:
             weights = self._full_weights(weights, idx.masked_fill(~valid, T), kpos, positions, x, cache)
         delta, logits = a, None
         if self.ffn_type != "none":
@@ -552,6 +553,10 @@ class MixConModel(MixConPreTrainedModel):
             if aux is not None:
                 aux_losses.append(aux)
             if output_attentions and layer.mixer_type in ("attention", "mom"):
+                if static and weights.shape[-1] < past_key_values.max_cache_len:
+                    # a static cache's weights are over its max_cache_len slots at every step (as with
+                    # transformers' StaticCache), zero at the slots not written yet
+                    weights = F.pad(weights, (0, past_key_values.max_cache_len - weights.shape[-1]))
                 all_attn += (weights,)
         hidden_states = self.final_layernorm(hidden_states)
         if output_hidden_states:

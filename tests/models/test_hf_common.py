@@ -19,6 +19,7 @@ import unittest.mock
 
 import pytest
 import torch
+from transformers.cache_utils import DynamicLayer
 
 from helpers import CONFIGS
 from hf_test_suite import MISSING, load
@@ -156,6 +157,45 @@ class _MixConCommon(ModelTesterMixin, GenerationTesterMixin):
 
     def test_config(self):
         self.config_tester.run_common_tests()
+
+    def _check_past_key_values_for_generate(self, batch_size, past_key_values, seq_length, config):
+        """transformers' check reads every layer that is not one of its own `LinearAttentionLayer`s as keys
+        and values (and asks models with another cache to override it, as its MiniMax tests do): a
+        MixConCache's layers are checked here by what the config says each one holds. ``seq_length``: the
+        tokens cached (a static cache: its max_cache_len slots)."""
+        from mixcon.models.cache import (ConbaLayer, RoutedAttentionLayer, SpatialLayer, StaticAttentionLayer,
+                                         StaticRoutedAttentionLayer)
+        from mixcon import MixConCache
+        self.assertIsInstance(past_key_values, MixConCache)
+        self.assertEqual(len(past_key_values.layers), config.num_hidden_layers)
+        b, kv, hd, d = batch_size, config.num_key_value_heads, config.head_dim, config.d_inner
+        for kind, mod, layer in zip(config.layers_block_type, config.layers_mod_type, past_key_values.layers):
+            if kind in ("attention", "mom"):
+                routed = mod == "layer"
+                static_cls = StaticRoutedAttentionLayer if routed else StaticAttentionLayer
+                self.assertIsInstance(layer, static_cls if past_key_values.is_static else
+                                      RoutedAttentionLayer if routed else DynamicLayer)
+                n = layer.keys.shape[2]
+                # a Mixture-of-Depths layer caches only the tokens its router selected (at most all of them)
+                if routed:
+                    self.assertLessEqual(n, seq_length)
+                    self.assertEqual(tuple(layer.key_positions.shape), (b, n))
+                else:
+                    self.assertEqual(n, seq_length)
+                self.assertEqual(tuple(layer.keys.shape), (b, kv, n, hd))
+                self.assertEqual(tuple(layer.values.shape), (b, kv, n, hd))
+            elif kind == "conba":
+                self.assertIsInstance(layer, ConbaLayer)
+                h, delay, k, e, phase = layer.state["ssm"]
+                self.assertEqual(tuple(layer.state["conv"].shape), (b, d, config.d_conv - 1))
+                self.assertEqual(tuple(h.shape), (b, d, config.d_state))
+                self.assertEqual(tuple(delay.shape), (b, config.delay, d, config.d_state))
+                self.assertEqual(tuple(k.shape), (b, d // config.control_group))
+                self.assertEqual((tuple(e.shape), tuple(phase.shape)), ((b, d), (b,)))
+            else:  # spatial: the gate inputs and positions of every past token
+                self.assertIsInstance(layer, SpatialLayer)
+                self.assertEqual(tuple(layer.state["v"].shape), (b, seq_length, config.spatial_width))
+                self.assertEqual(tuple(layer.state["pos"].shape), (b, seq_length))
 
     def test_transformers_test_files_present(self):
         if MISSING:
