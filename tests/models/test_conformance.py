@@ -1,7 +1,8 @@
 """The transformers conventions MixCon used to miss (issue 14), one test each: attention weights and
 the attention implementation switch, the config's output flags, tuple outputs, the loss's
 shift_labels / num_items_in_batch, the cache's layer list, export without host syncs, the sparse
-all-MLP's reload, and bad inputs refused with a ValueError."""
+all-MLP's reload, and bad inputs refused with a ValueError; and what transformers' generation tests
+found: the caches' transformers types (DynamicCache / StaticCache) and static-cache attention weights."""
 
 import json
 
@@ -302,3 +303,56 @@ def test_value_checks_are_skipped_while_compiling(monkeypatch):
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
     model(ids_for(model))
     assert seen == [1]
+
+
+def test_caches_are_transformers_dynamic_and_static_caches():
+    """transformers' generation tests (and code that tells caches apart by type) expect generate's
+    default cache to be a DynamicCache and ``cache_implementation="static"``'s a StaticCache."""
+    import copy
+
+    from transformers.cache_utils import DynamicCache, StaticCache
+
+    cfg = tiny_config()
+    dyn, static = MixConCache(cfg), MixConCache(cfg, max_cache_len=12, batch_size=2)
+    assert isinstance(dyn, MixConCache) and isinstance(dyn, DynamicCache) and not isinstance(dyn, StaticCache)
+    assert isinstance(static, MixConCache) and isinstance(static, StaticCache) and not isinstance(static, DynamicCache)
+    assert not dyn.is_static and static.is_static and type(copy.deepcopy(static)) is type(static)
+    model = make()
+    ids = ids_for(model, T=5)
+    kw = dict(max_new_tokens=4, do_sample=False, return_dict_in_generate=True, pad_token_id=0)
+    a = model.generate(ids, **kw)
+    b = model.generate(ids, cache_implementation="static", **kw)
+    assert isinstance(a.past_key_values, DynamicCache) and isinstance(b.past_key_values, StaticCache)
+    assert isinstance(a.past_key_values, MixConCache) and isinstance(b.past_key_values, MixConCache)
+    assert torch.equal(a.sequences, b.sequences)
+    # DynamicCache's iteration: (keys, values, sliding window) per layer, None for the Conba layers
+    keys = [k for k, _, _ in a.past_key_values]
+    assert [k is not None for k in keys] == [kind == "attention" for kind in cfg.layers_block_type]
+
+
+@pytest.mark.parametrize("routed", [False, True], ids=["attention", "mixture-of-depths"])
+def test_static_cache_attention_weights_span_its_slots(routed):
+    """With a static cache the weights of every step are over its max_cache_len slots (as transformers'
+    StaticCache gives them): the dynamic cache's weights, then zeros at the slots not written yet. A
+    Mixture-of-Depths layer's weights were refused with a static cache."""
+    model = make(**(dict(mod_every=2, mod_offset=0) if routed else {}))
+    ids = ids_for(model, T=5)
+    mask = torch.ones_like(ids)
+    mask[1, :2] = 0  # left padding in one row
+    kw = dict(attention_mask=mask, max_new_tokens=4, do_sample=False, return_dict_in_generate=True,
+              output_attentions=True, pad_token_id=0)
+    dyn = model.generate(ids, **kw)
+    static = model.generate(ids, cache_implementation="static", **kw)
+    assert torch.equal(dyn.sequences, static.sequences)
+    M = static.past_key_values.max_cache_len
+    assert M >= 5 + 3 and len(static.attentions) == len(dyn.attentions) == 4
+    routed_seen = False
+    for step, (d_step, s_step) in enumerate(zip(dyn.attentions, static.attentions)):
+        q = 5 if step == 0 else 1
+        for d, s in zip(d_step, s_step):
+            S = d.shape[-1]
+            assert S == 5 + step and s.shape == (2, 4, q, M)
+            assert torch.allclose(s[..., :S], d, atol=1e-12) and not s[..., S:].any()
+            rows = d.sum(-1)
+            routed_seen |= bool(rows.abs().lt(1e-12).any())  # a query the router skipped: a zero row
+    assert routed_seen == routed
