@@ -11,7 +11,8 @@ The sdist ships ``tests/*.py`` but not every sub-folder the common files import.
 ``tests/generation/test_utils.py`` or ``tests/exporters/test_export.py`` is replaced by an empty
 mixin that says so (`MISSING` lists them; the test module reports them as skips), and the missing
 ``tests/utils/test_configuration_utils.py`` (a dict of non-default values for the base config's
-fields) by `COMMON_CONFIG_KWARGS` below.
+fields) by `COMMON_CONFIG_KWARGS` below. transformers' generation tests import
+``tests.exporters.test_export`` by its checkout name: ``tests`` is aliased to the package here.
 
     python tests/models/hf_test_suite.py     # fetch now (tools/setup.sh dev does this)
 """

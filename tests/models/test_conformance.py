@@ -356,3 +356,49 @@ def test_static_cache_attention_weights_span_its_slots(routed):
             rows = d.sum(-1)
             routed_seen |= bool(rows.abs().lt(1e-12).any())  # a query the router skipped: a zero row
     assert routed_seen == routed
+
+
+@pytest.mark.parametrize("kind", ["additive", "bool"])
+def test_a_4d_mask_packs_sequences_behind_a_shared_prefix(kind):
+    """transformers' models take a 4-D mask (one row of keys per query): three sequences that share a
+    prefix, packed as prefix + their last tokens, give each sequence's own logits. Only a model whose
+    every layer attends can honour it; a hybrid's Conba layers refuse it (ValueError)."""
+    model = make(layer_pattern="aaaa", moe_every=2, moe_offset=1)  # attention layers (with MoE), GQA
+    ids = ids_for(model, b=3, T=4)
+    ids[1:, :3] = ids[0, :3]  # the same three-token prefix, different last tokens
+    packed = torch.cat([ids[0, :3], ids[:, 3]])[None]  # (1, 6)
+    allowed = torch.ones(6, 6, dtype=torch.bool).tril()
+    allowed[4, 3] = allowed[5, 3] = allowed[5, 4] = False  # the last tokens do not see each other
+    mask = allowed if kind == "bool" else (~allowed).double() * torch.finfo(torch.float64).min
+    position_ids = torch.tensor([[0, 1, 2, 3, 3, 3]])
+    with torch.no_grad():
+        ref = model(ids).logits[:, -1]  # each sequence on its own
+        out = model(packed, attention_mask=mask[None, None], position_ids=position_ids).logits[0, 3:]
+        out_eager = model(packed, attention_mask=mask[None, None], position_ids=position_ids,
+                          output_attentions=True)
+    assert torch.allclose(out, ref, atol=1e-10) and torch.allclose(out_eager.logits[0, 3:], ref, atol=1e-10)
+    assert not out_eager.attentions[0][0, :, 5, 3:5].any()  # masked keys get no weight
+    hybrid = make()
+    with pytest.raises(ValueError, match="4-D attention_mask.*conba"):
+        hybrid(packed, attention_mask=mask[None, None], position_ids=position_ids)
+    with pytest.raises(ValueError, match="4-D attention_mask has shape"):
+        model(packed, attention_mask=mask[None, None, :5], position_ids=position_ids)
+
+
+def test_first_output_is_the_logits_without_labels():
+    """``model(ids)[0]`` (and the tuple's first entry) is the logits when no loss is asked for, as in
+    transformers' MoE models: the auxiliary loss comes with labels or ``output_router_logits``."""
+    model = make()  # MoE layers (and a Conba controller): an auxiliary loss exists
+    ids = ids_for(model, T=6)
+    with torch.no_grad():
+        out = model(ids)
+        tup = model(ids, return_dict=False)
+        asked = model(ids, output_router_logits=True)
+        with_labels = model(ids, labels=ids)
+    assert out.aux_loss is None and out[0].shape == (2, 6, model.config.vocab_size)
+    assert torch.equal(out[0], out.logits) and torch.equal(tup[0], out.logits)
+    assert asked.aux_loss is not None and asked.aux_loss > 0
+    assert torch.allclose(asked.aux_loss, with_labels.aux_loss, atol=1e-12)
+    model.config.output_router_logits = True
+    with torch.no_grad():
+        assert torch.allclose(model(ids).aux_loss, asked.aux_loss, atol=1e-12)
