@@ -434,10 +434,21 @@ class MixConCache(Cache):
         # Cache's own constructor (DynamicCache's and StaticCache's build transformers' layer types)
         Cache.__init__(self, layers=[_make_layer(k, m, max_cache_len, self._counter)
                                  for k, m in zip(self.layers_block_type, mod)])
-        self.conba_states = _LayerView(self, "state", ConbaLayer)
-        self.spatial_states = _LayerView(self, "state", SpatialLayer)
-        self.key_positions = _LayerView(self, "key_positions", (RoutedAttentionLayer, StaticRoutedAttentionLayer))
         self._seen_tokens = 0  # also counts tokens for models without attention layers (dynamic mode)
+
+    # views made on access, not kept: the cache holds no reference to itself (code that walks an output's
+    # attributes, as transformers' exporters do, would never end)
+    @property
+    def conba_states(self) -> _LayerView:
+        return _LayerView(self, "state", ConbaLayer)
+
+    @property
+    def spatial_states(self) -> _LayerView:
+        return _LayerView(self, "state", SpatialLayer)
+
+    @property
+    def key_positions(self) -> _LayerView:
+        return _LayerView(self, "key_positions", (RoutedAttentionLayer, StaticRoutedAttentionLayer))
 
     @property
     def is_compileable(self) -> bool:  # noqa: D401 - transformers reads it as an attribute

@@ -402,3 +402,19 @@ def test_first_output_is_the_logits_without_labels():
     model.config.output_router_logits = True
     with torch.no_grad():
         assert torch.allclose(model(ids).aux_loss, asked.aux_loss, atol=1e-12)
+
+
+def test_an_output_walked_through_its_attributes_ends():
+    """transformers' exporters collect an output's tensors by walking attributes (`get_leaf_tensors`):
+    the cache must not refer back to itself (its per-layer views did, and the walk never ended)."""
+    get_leaf_tensors = pytest.importorskip("transformers.exporters.utils").get_leaf_tensors
+    model = make(layer_pattern="cacs", mod_every=4, mod_offset=1, spatial_max_len=64)
+    with torch.no_grad():
+        out = model(ids_for(model, T=5), use_cache=True)
+    leaves = get_leaf_tensors(out)
+    cache = out.past_key_values
+    held = [layer.keys for layer in cache.layers if getattr(layer, "keys", None) is not None]
+    held += [t for layer in cache.layers for t in getattr(layer, "state", {}).values() if torch.is_tensor(t)]
+    assert torch.equal(leaves["logits"], out.logits) and len(held) > 0
+    assert all(any(t is x for x in leaves.values()) for t in held)  # every cached tensor is reached once
+    assert cache.conba_states[0]["conv"].shape[0] == 2 and cache.key_positions[1] is not None
