@@ -36,7 +36,7 @@ by the model; nothing reads it back to the host while decoding. Per layer kind:
 from __future__ import annotations
 
 import torch
-from transformers.cache_utils import Cache, CacheLayerMixin, DynamicLayer
+from transformers.cache_utils import Cache, CacheLayerMixin, DynamicCache, DynamicLayer, StaticCache
 
 
 def _nbytes(x) -> int:
@@ -398,10 +398,17 @@ def _make_layer(kind: str, mod: str, max_cache_len=None, counter=None):
 
 
 class MixConCache(Cache):
-    """The model's cache. ``MixConCache(config)``: dynamic (K/V and spatial histories grow).
-    ``MixConCache(config, max_cache_len=n, batch_size=b)``: static (see the module docstring), the mode
-    ``generate(..., cache_implementation="static")`` builds; ``device`` places its token counter (it
-    follows the first input otherwise)."""
+    """The model's cache. ``MixConCache(config)``: dynamic (K/V and spatial histories grow), a
+    `MixConDynamicCache`. ``MixConCache(config, max_cache_len=n, batch_size=b)``: static (see the module
+    docstring), the mode ``generate(..., cache_implementation="static")`` builds, a `MixConStaticCache`;
+    ``device`` places its token counter (it follows the first input otherwise). Both are MixConCaches,
+    and the first is a transformers `DynamicCache`, the second a `StaticCache`, as code that tells
+    caches apart by type (transformers' generation tests among it) expects."""
+
+    def __new__(cls, config=None, max_cache_len=None, *args, **kwargs):
+        if cls is MixConCache:  # the mode picks the class
+            cls = MixConDynamicCache if max_cache_len is None else MixConStaticCache
+        return super().__new__(cls)
 
     def __init__(self, config, max_cache_len: int | None = None, batch_size: int | None = None, device=None,
                  **kwargs):
@@ -424,12 +431,24 @@ class MixConCache(Cache):
                     "the spatial gating units mix at most spatial_max_len tokens (generate fewer tokens, or build "
                     "the model with a larger spatial_max_len)")
             self._counter = _Counter(device)
-        super().__init__(layers=[_make_layer(k, m, max_cache_len, self._counter)
+        # Cache's own constructor (DynamicCache's and StaticCache's build transformers' layer types)
+        Cache.__init__(self, layers=[_make_layer(k, m, max_cache_len, self._counter)
                                  for k, m in zip(self.layers_block_type, mod)])
-        self.conba_states = _LayerView(self, "state", ConbaLayer)
-        self.spatial_states = _LayerView(self, "state", SpatialLayer)
-        self.key_positions = _LayerView(self, "key_positions", (RoutedAttentionLayer, StaticRoutedAttentionLayer))
         self._seen_tokens = 0  # also counts tokens for models without attention layers (dynamic mode)
+
+    # views made on access, not kept: the cache holds no reference to itself (code that walks an output's
+    # attributes, as transformers' exporters do, would never end)
+    @property
+    def conba_states(self) -> _LayerView:
+        return _LayerView(self, "state", ConbaLayer)
+
+    @property
+    def spatial_states(self) -> _LayerView:
+        return _LayerView(self, "state", SpatialLayer)
+
+    @property
+    def key_positions(self) -> _LayerView:
+        return _LayerView(self, "key_positions", (RoutedAttentionLayer, StaticRoutedAttentionLayer))
 
     @property
     def is_compileable(self) -> bool:  # noqa: D401 - transformers reads it as an attribute
@@ -558,3 +577,13 @@ class MixConCache(Cache):
 
     def attention_nbytes(self) -> int:
         return sum(_nbytes(layer.keys) + _nbytes(layer.values) for layer in self._attention_layers())
+
+
+class MixConDynamicCache(MixConCache, DynamicCache):
+    """A dynamic `MixConCache` (what ``MixConCache(config)`` returns): also a transformers `DynamicCache`
+    (iterating it yields (keys, values, None) per layer: None, None for a Conba or spatial layer)."""
+
+
+class MixConStaticCache(MixConCache, StaticCache):
+    """A static `MixConCache` (what ``MixConCache(config, max_cache_len=n)`` returns): also a transformers
+    `StaticCache`."""

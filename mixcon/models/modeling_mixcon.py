@@ -174,8 +174,8 @@ class MixConDecoderLayer(GradientCheckpointingLayer):
     def _routed_layer(self, x, seq_mask, rope, cache, positions, attn_impl="sdpa"):
         """Mixture-of-Depths on a whole attention layer: the selected tokens, in their order and at their
         positions, attend to the selected tokens before them (the cache keeps only selected keys).
-        Its attention weights (eager) are given at the tokens' places in (b, H, T, past + T), zero for
-        tokens the router did not select."""
+        Its attention weights (eager) are given at the tokens' places in (b, H, T, past + T) (a static
+        cache: (b, H, T, slots)), zero for tokens the router did not select."""
         b, T, D = x.shape
         real = seq_mask.bool() if seq_mask is not None else None
         selected, r, aux = self.depth_router(x, real)
@@ -184,9 +184,6 @@ class MixConDecoderLayer(GradientCheckpointingLayer):
         idx, valid = _select(selected, fixed=static)
         k = idx.shape[1]
         eager = attn_impl == "eager"
-        if static and eager:
-            raise ValueError("attention weights (output_attentions / attn_implementation='eager') of a "
-                             "Mixture-of-Depths layer are not available with a static cache; use the dynamic cache")
         if k == 0 and (cache is None or cache.key_positions[self.layer_idx] is None):
             return x, None, None, aux, self._full_weights(None, None, None, None, x, cache) if eager else None
         xs = take(x, idx)
@@ -205,7 +202,11 @@ class MixConDecoderLayer(GradientCheckpointingLayer):
         rope_s = (take(rope[0], idx, 2), take(rope[1], idx, 2)) if rope is not None else None
         a, weights = self.mixer(self.input_layernorm(xs), attn_mask=allowed[:, None], rope=rope_s,
                                 past_key_values=cache, impl=attn_impl, return_weights=True)
-        if weights is not None:
+        if weights is not None and static:
+            # every token is a query and a slot is a key's place in the sequence: the weights are already
+            # (b, H, T, slots); the rows of tokens the router did not select are zero
+            weights = weights * valid[:, None, :, None].to(weights.dtype)
+        elif weights is not None:
             weights = self._full_weights(weights, idx.masked_fill(~valid, T), kpos, positions, x, cache)
         delta, logits = a, None
         if self.ffn_type != "none":
@@ -421,6 +422,45 @@ def build_attention_mask(mask2d: Optional[torch.Tensor], T: int, past: int, devi
     return allowed
 
 
+def custom_attention_mask(config, mask4d: torch.Tensor, b: int, T: int, past: int, static: bool) -> torch.Tensor:
+    """A 4-D attention mask given by the caller (one row of keys per query, e.g. sequences packed behind a
+    shared prefix, as transformers' models take it) → bool (b or 1, 1, T, past + T), True = may attend.
+
+    bool: True attends; integer: 1 attends, 0 not; float: additive, 0 attends and ≤ −1e4 (−inf, the
+    dtype's min) does not. Only a model whose every layer attends (no Conba, spatial or Mixture-of-Depths
+    layer: those mix or route tokens in sequence order, which a key mask cannot change) takes one. A
+    query whose every key is masked attends to itself (as with `build_attention_mask`)."""
+    kinds = set(config.layers_block_type) - {"attention", "mom"}
+    routed = any(m != "none" for m in config.layers_mod_type)
+    if kinds or routed:
+        what = ", ".join(sorted(kinds | ({"Mixture-of-Depths"} if routed else set())))
+        raise ValueError(
+            f"a 4-D attention_mask (a mask per query) needs every layer to attend; this model has {what} layers, "
+            "which mix or route tokens in sequence order whatever the mask says. Pass a 2-D (batch, past + time) "
+            "mask of 1 for tokens and 0 for padding (or run each sequence separately)")
+    if static:
+        raise ValueError("a 4-D attention_mask is not supported with a static cache; use the dynamic cache")
+    if tuple(mask4d.shape[1:]) != (1, T, past + T) or mask4d.shape[0] not in (1, b):
+        raise ValueError(f"a 4-D attention_mask has shape {tuple(mask4d.shape)}, expected (batch or 1, 1, time, "
+                         f"past + time) = ({b}, 1, {T}, {past + T})")
+    if mask4d.is_complex():
+        raise ValueError(f"attention_mask must be bool, integer or float, got {mask4d.dtype}")
+    if mask4d.dtype == torch.bool:
+        allowed = mask4d
+    elif mask4d.is_floating_point():
+        if not _tracing() and not bool(((mask4d == 0) | (mask4d <= -1e4)).all()):
+            raise ValueError("a float 4-D attention_mask is additive: it must hold 0 (attend) and large negative "
+                             "values (≤ −1e4, −inf or the dtype's minimum: masked) only")
+        allowed = mask4d == 0
+    else:
+        if not _tracing() and not bool(((mask4d == 0) | (mask4d == 1)).all()):
+            raise ValueError("an integer 4-D attention_mask must hold only 1 (attend) and 0 (masked)")
+        allowed = mask4d == 1
+    diag = (torch.arange(past + T, device=allowed.device)[None, :]
+            == past + torch.arange(T, device=allowed.device)[:, None])[None, None]
+    return allowed | (diag & ~allowed.any(-1, keepdim=True))
+
+
 def _static_masks(cache, attention_mask, position_ids, b: int, T: int, device):
     """Static cache: (seq_mask (b, T), attention mask (b, 1, T, max_cache_len) bool, position_ids (b, T)),
     with the fixed shapes a captured decode step needs and no host sync. The queries sit at slots
@@ -494,6 +534,9 @@ class MixConModel(MixConPreTrainedModel):
                     f"past_key_values is a non-empty {type(past_key_values).__name__}; MixCon needs a MixConCache "
                     "(it holds the Conba states beside the attention K/V)")
             past_key_values = None  # an empty foreign cache (e.g. built by generate) is replaced
+        mask4d = None
+        if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 4:
+            mask4d, attention_mask = attention_mask, None  # a mask per query (see `custom_attention_mask`)
         b, T, past = _check_inputs(cfg, input_ids, inputs_embeds, attention_mask, past_key_values,
                                    kwargs.get("labels"), kwargs.get("shift_labels"))
         if use_cache and past_key_values is None:
@@ -504,6 +547,8 @@ class MixConModel(MixConPreTrainedModel):
         attn_impl = attention_impl(cfg, output_attentions)
 
         static = use_cache and _is_static(past_key_values)
+        if mask4d is not None:
+            mask4d = custom_attention_mask(cfg, mask4d.to(device), b, T, past, _is_static(past_key_values))
         if static:
             past_key_values._counter.to_(device)
             past_key_values._counter.window = None
@@ -522,7 +567,7 @@ class MixConModel(MixConPreTrainedModel):
             if mask2d is not None and not _tracing() and bool(mask2d.all()):
                 mask2d = None
             seq_mask = mask2d[:, -T:] if mask2d is not None else None
-            attn_mask = build_attention_mask(mask2d, T, past, device)
+            attn_mask = build_attention_mask(mask2d, T, past, device) if mask4d is None else mask4d
         # positions in each sequence (left padding excluded; −1 at padded places): RoPE, the spatial
         # mixers' (time × time) weights and Mixture-of-Depths' causal order use them
         if position_ids is None:
@@ -552,6 +597,10 @@ class MixConModel(MixConPreTrainedModel):
             if aux is not None:
                 aux_losses.append(aux)
             if output_attentions and layer.mixer_type in ("attention", "mom"):
+                if static and weights.shape[-1] < past_key_values.max_cache_len:
+                    # a static cache's weights are over its max_cache_len slots at every step (as with
+                    # transformers' StaticCache), zero at the slots not written yet
+                    weights = F.pad(weights, (0, past_key_values.max_cache_len - weights.shape[-1]))
                 all_attn += (weights,)
         hidden_states = self.final_layernorm(hidden_states)
         if output_hidden_states:
@@ -657,13 +706,16 @@ class MixConForCausalLM(MixConPreTrainedModel, GenerationMixin):
         output_hidden_states: Optional[bool] = None,
         return_dict: Optional[bool] = None,
         logits_to_keep: int | torch.Tensor = 0,
+        output_router_logits: Optional[bool] = None,
         **kwargs,
     ) -> MoeCausalLMOutputWithPast | tuple:
         """Returns logits, the loss (next-token cross-entropy, plus the router losses in training),
         ``aux_loss`` = router_aux_loss_coef · Switch loss + router_z_loss_coef · z-loss over
         non-padded tokens, plus the Mixture-of-Depths decision BCE and the Mixture-of-Modules balance
         loss (each with its coefficient; None when the model has none) and the per-MoE-layer router
-        logits.
+        logits. ``aux_loss`` is returned with labels or with ``output_router_logits`` (the argument or
+        the config's), else None, as in transformers' MoE models: the output's first field (``out[0]``,
+        the tuple's first entry) is then the logits.
 
         ``labels`` (batch, time) like input_ids (−100 = no loss), shifted inside; or (batch, time + 1),
         the ids with the token after the last input. ``shift_labels`` (already shifted, as context
@@ -688,16 +740,20 @@ class MixConForCausalLM(MixConPreTrainedModel, GenerationMixin):
         hidden = out.last_hidden_state
         keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
         logits = self.lm_head(hidden[:, keep, :])
+        if output_router_logits is None:
+            output_router_logits = bool(getattr(cfg, "output_router_logits", False))
+        want_aux = output_router_logits or labels is not None or shift_labels is not None
         aux_loss = None
-        if out.router_logits:
+        if out.router_logits and want_aux:
             T = hidden.shape[1]
-            token_mask = attention_mask[:, -T:].reshape(-1).bool() if attention_mask is not None else None
+            token_mask = (attention_mask[:, -T:].reshape(-1).bool()
+                          if attention_mask is not None and attention_mask.dim() == 2 else None)
             masks = [m if token_mask is None else token_mask if m is None else m & token_mask
                      for m in getattr(out, "router_masks", [None] * len(out.router_logits))]
             aux_loss = (cfg.router_aux_loss_coef
                         * load_balancing_loss(out.router_logits, cfg.experts_per_token, masks)
                         + cfg.router_z_loss_coef * router_z_loss(out.router_logits, masks))
-        layer_aux = getattr(out, "layer_aux_loss", None)
+        layer_aux = getattr(out, "layer_aux_loss", None) if want_aux else None
         if layer_aux is not None:
             aux_loss = layer_aux if aux_loss is None else aux_loss + layer_aux
         loss = None

@@ -79,14 +79,14 @@ def test_aux_loss_unchanged_by_padding():
     a = torch.randint(3, V, (1, 9))
     b = torch.randint(3, V, (1, 6))
     with torch.no_grad():
-        la, lb = model(a).aux_loss, model(b).aux_loss
+        la, lb = model(a, output_router_logits=True).aux_loss, model(b, output_router_logits=True).aux_loss
         ids = torch.cat([a, torch.cat([torch.randint(3, V, (1, 3)), b], 1)])  # b left-padded with junk
         mask = torch.ones_like(ids)
         mask[1, :3] = 0
-        both = model(ids, attention_mask=mask)
+        both = model(ids, attention_mask=mask, output_router_logits=True)
         ids2 = ids.clone()
         ids2[1, :3] = torch.randint(3, V, (3,))
-        both2 = model(ids2, attention_mask=mask)
+        both2 = model(ids2, attention_mask=mask, output_router_logits=True)
     assert torch.allclose(both.aux_loss, both2.aux_loss, atol=1e-6)  # padded content does not count
     # and the pair's loss is the loss of the 15 real tokens, computed from the unpadded runs
     logits = [torch.cat([x, y]) for x, y in zip(model(a).router_logits, model(b).router_logits)]

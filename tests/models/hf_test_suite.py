@@ -11,7 +11,8 @@ The sdist ships ``tests/*.py`` but not every sub-folder the common files import.
 ``tests/generation/test_utils.py`` or ``tests/exporters/test_export.py`` is replaced by an empty
 mixin that says so (`MISSING` lists them; the test module reports them as skips), and the missing
 ``tests/utils/test_configuration_utils.py`` (a dict of non-default values for the base config's
-fields) by `COMMON_CONFIG_KWARGS` below.
+fields) by `COMMON_CONFIG_KWARGS` below. transformers' generation tests import
+``tests.exporters.test_export`` by its checkout name: ``tests`` is aliased to the package here.
 
     python tests/models/hf_test_suite.py     # fetch now (tools/setup.sh dev does this)
 """
@@ -117,7 +118,15 @@ def load():
         _stub("utils.test_configuration_utils", config_common_kwargs=COMMON_CONFIG_KWARGS)
     if not os.path.exists(os.path.join(base, "exporters", "test_export.py")):
         MISSING.append("tests/exporters/test_export.py (ExportTesterMixin)")
-        _stub("exporters.test_export", ExportTesterMixin=type("ExportTesterMixin", (), {}))
+        export_mixin = type("ExportTesterMixin", (), {})
+        _stub("exporters.test_export", ExportTesterMixin=export_mixin,
+              ExportGenerateTesterMixin=type("ExportGenerateTesterMixin", (export_mixin,), {}))
+    # transformers' generation tests import ``tests.exporters.test_export`` by its absolute name (the
+    # name of the folder in a source checkout): the same module, not a second copy of it
+    if "tests" not in sys.modules:
+        export = importlib.import_module(f"{PKG}.exporters.test_export")
+        sys.modules["tests"], sys.modules["tests.exporters"] = sys.modules[PKG], sys.modules[f"{PKG}.exporters"]
+        sys.modules["tests.exporters.test_export"] = export
     has_generation = os.path.exists(os.path.join(base, "generation", "test_utils.py"))
     if not has_generation:
         MISSING.append("tests/generation/test_utils.py (GenerationTesterMixin)")

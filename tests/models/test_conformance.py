@@ -1,7 +1,8 @@
 """The transformers conventions MixCon used to miss (issue 14), one test each: attention weights and
 the attention implementation switch, the config's output flags, tuple outputs, the loss's
 shift_labels / num_items_in_batch, the cache's layer list, export without host syncs, the sparse
-all-MLP's reload, and bad inputs refused with a ValueError."""
+all-MLP's reload, and bad inputs refused with a ValueError; and what transformers' generation tests
+found: the caches' transformers types (DynamicCache / StaticCache) and static-cache attention weights."""
 
 import json
 
@@ -302,3 +303,118 @@ def test_value_checks_are_skipped_while_compiling(monkeypatch):
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
     model(ids_for(model))
     assert seen == [1]
+
+
+def test_caches_are_transformers_dynamic_and_static_caches():
+    """transformers' generation tests (and code that tells caches apart by type) expect generate's
+    default cache to be a DynamicCache and ``cache_implementation="static"``'s a StaticCache."""
+    import copy
+
+    from transformers.cache_utils import DynamicCache, StaticCache
+
+    cfg = tiny_config()
+    dyn, static = MixConCache(cfg), MixConCache(cfg, max_cache_len=12, batch_size=2)
+    assert isinstance(dyn, MixConCache) and isinstance(dyn, DynamicCache) and not isinstance(dyn, StaticCache)
+    assert isinstance(static, MixConCache) and isinstance(static, StaticCache) and not isinstance(static, DynamicCache)
+    assert not dyn.is_static and static.is_static and type(copy.deepcopy(static)) is type(static)
+    model = make()
+    ids = ids_for(model, T=5)
+    kw = dict(max_new_tokens=4, do_sample=False, return_dict_in_generate=True, pad_token_id=0)
+    a = model.generate(ids, **kw)
+    b = model.generate(ids, cache_implementation="static", **kw)
+    assert isinstance(a.past_key_values, DynamicCache) and isinstance(b.past_key_values, StaticCache)
+    assert isinstance(a.past_key_values, MixConCache) and isinstance(b.past_key_values, MixConCache)
+    assert torch.equal(a.sequences, b.sequences)
+    # DynamicCache's iteration: (keys, values, sliding window) per layer, None for the Conba layers
+    keys = [k for k, _, _ in a.past_key_values]
+    assert [k is not None for k in keys] == [kind == "attention" for kind in cfg.layers_block_type]
+
+
+@pytest.mark.parametrize("routed", [False, True], ids=["attention", "mixture-of-depths"])
+def test_static_cache_attention_weights_span_its_slots(routed):
+    """With a static cache the weights of every step are over its max_cache_len slots (as transformers'
+    StaticCache gives them): the dynamic cache's weights, then zeros at the slots not written yet. A
+    Mixture-of-Depths layer's weights were refused with a static cache."""
+    model = make(**(dict(mod_every=2, mod_offset=0) if routed else {}))
+    ids = ids_for(model, T=5)
+    mask = torch.ones_like(ids)
+    mask[1, :2] = 0  # left padding in one row
+    kw = dict(attention_mask=mask, max_new_tokens=4, do_sample=False, return_dict_in_generate=True,
+              output_attentions=True, pad_token_id=0)
+    dyn = model.generate(ids, **kw)
+    static = model.generate(ids, cache_implementation="static", **kw)
+    assert torch.equal(dyn.sequences, static.sequences)
+    M = static.past_key_values.max_cache_len
+    assert M >= 5 + 3 and len(static.attentions) == len(dyn.attentions) == 4
+    routed_seen = False
+    for step, (d_step, s_step) in enumerate(zip(dyn.attentions, static.attentions)):
+        q = 5 if step == 0 else 1
+        for d, s in zip(d_step, s_step):
+            S = d.shape[-1]
+            assert S == 5 + step and s.shape == (2, 4, q, M)
+            assert torch.allclose(s[..., :S], d, atol=1e-12) and not s[..., S:].any()
+            rows = d.sum(-1)
+            routed_seen |= bool(rows.abs().lt(1e-12).any())  # a query the router skipped: a zero row
+    assert routed_seen == routed
+
+
+@pytest.mark.parametrize("kind", ["additive", "bool"])
+def test_a_4d_mask_packs_sequences_behind_a_shared_prefix(kind):
+    """transformers' models take a 4-D mask (one row of keys per query): three sequences that share a
+    prefix, packed as prefix + their last tokens, give each sequence's own logits. Only a model whose
+    every layer attends can honour it; a hybrid's Conba layers refuse it (ValueError)."""
+    model = make(layer_pattern="aaaa", moe_every=2, moe_offset=1)  # attention layers (with MoE), GQA
+    ids = ids_for(model, b=3, T=4)
+    ids[1:, :3] = ids[0, :3]  # the same three-token prefix, different last tokens
+    packed = torch.cat([ids[0, :3], ids[:, 3]])[None]  # (1, 6)
+    allowed = torch.ones(6, 6, dtype=torch.bool).tril()
+    allowed[4, 3] = allowed[5, 3] = allowed[5, 4] = False  # the last tokens do not see each other
+    mask = allowed if kind == "bool" else (~allowed).double() * torch.finfo(torch.float64).min
+    position_ids = torch.tensor([[0, 1, 2, 3, 3, 3]])
+    with torch.no_grad():
+        ref = model(ids).logits[:, -1]  # each sequence on its own
+        out = model(packed, attention_mask=mask[None, None], position_ids=position_ids).logits[0, 3:]
+        out_eager = model(packed, attention_mask=mask[None, None], position_ids=position_ids,
+                          output_attentions=True)
+    assert torch.allclose(out, ref, atol=1e-10) and torch.allclose(out_eager.logits[0, 3:], ref, atol=1e-10)
+    assert not out_eager.attentions[0][0, :, 5, 3:5].any()  # masked keys get no weight
+    hybrid = make()
+    with pytest.raises(ValueError, match="4-D attention_mask.*conba"):
+        hybrid(packed, attention_mask=mask[None, None], position_ids=position_ids)
+    with pytest.raises(ValueError, match="4-D attention_mask has shape"):
+        model(packed, attention_mask=mask[None, None, :5], position_ids=position_ids)
+
+
+def test_first_output_is_the_logits_without_labels():
+    """``model(ids)[0]`` (and the tuple's first entry) is the logits when no loss is asked for, as in
+    transformers' MoE models: the auxiliary loss comes with labels or ``output_router_logits``."""
+    model = make()  # MoE layers (and a Conba controller): an auxiliary loss exists
+    ids = ids_for(model, T=6)
+    with torch.no_grad():
+        out = model(ids)
+        tup = model(ids, return_dict=False)
+        asked = model(ids, output_router_logits=True)
+        with_labels = model(ids, labels=ids)
+    assert out.aux_loss is None and out[0].shape == (2, 6, model.config.vocab_size)
+    assert torch.equal(out[0], out.logits) and torch.equal(tup[0], out.logits)
+    assert asked.aux_loss is not None and asked.aux_loss > 0
+    assert torch.allclose(asked.aux_loss, with_labels.aux_loss, atol=1e-12)
+    model.config.output_router_logits = True
+    with torch.no_grad():
+        assert torch.allclose(model(ids).aux_loss, asked.aux_loss, atol=1e-12)
+
+
+def test_an_output_walked_through_its_attributes_ends():
+    """transformers' exporters collect an output's tensors by walking attributes (`get_leaf_tensors`):
+    the cache must not refer back to itself (its per-layer views did, and the walk never ended)."""
+    get_leaf_tensors = pytest.importorskip("transformers.exporters.utils").get_leaf_tensors
+    model = make(layer_pattern="cacs", mod_every=4, mod_offset=1, spatial_max_len=64)
+    with torch.no_grad():
+        out = model(ids_for(model, T=5), use_cache=True)
+    leaves = get_leaf_tensors(out)
+    cache = out.past_key_values
+    held = [layer.keys for layer in cache.layers if getattr(layer, "keys", None) is not None]
+    held += [t for layer in cache.layers for t in getattr(layer, "state", {}).values() if torch.is_tensor(t)]
+    assert torch.equal(leaves["logits"], out.logits) and len(held) > 0
+    assert all(any(t is x for x in leaves.values()) for t in held)  # every cached tensor is reached once
+    assert cache.conba_states[0]["conv"].shape[0] == 2 and cache.key_positions[1] is not None

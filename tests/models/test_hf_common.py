@@ -19,6 +19,7 @@ import unittest.mock
 
 import pytest
 import torch
+from transformers.cache_utils import DynamicLayer
 
 from helpers import CONFIGS
 from hf_test_suite import MISSING, load
@@ -87,8 +88,13 @@ SKIPS = {
 _MOD_WEIGHTS = ("a Mixture-of-Depths layer attends among the tokens its router selected; its weights are reported "
                 "at those tokens' places in (time, past + time), a copy the forward does not read, so no gradient "
                 "reaches it")
+_PACKED = ("a Conba layer runs over the tokens in sequence order: a per-query (4-D) mask cannot keep one packed "
+           "sequence's tokens out of another's recurrent state (the model refuses a 4-D mask with a ValueError; "
+           "members whose every layer attends take it)")
 MEMBER_SKIPS = {  # member → {test: the property of that member that rules it out}
-    "mod": {"test_retain_grad_hidden_states_attentions": _MOD_WEIGHTS},
+    "mod": {"test_retain_grad_hidden_states_attentions": _MOD_WEIGHTS, "test_custom_4d_attention_mask": _PACKED},
+    "tiny": {"test_custom_4d_attention_mask": _PACKED},
+    "jamba": {"test_custom_4d_attention_mask": _PACKED},
 }
 # Run for every member by default (and MAIN_ONLY for the main member); the rest only when full.
 MAIN_ONLY = {"test_model_outputs_equivalence"}  # ~30 s per member: the output plumbing is shared
@@ -101,6 +107,10 @@ CORE = {
     "test_beam_search_generate", "test_left_padding_compatibility", "test_generate_continue_from_past_key_values",
     "test_determinism", "test_inputs_embeds", "test_torch_export", "test_model_is_small",
     "test_transformers_test_files_present", "test_num_layers_is_small",
+    # generation (with transformers' generation tests present): the static cache's type and shapes, beam
+    # reordering of the cache, continuing from embeddings, padding inside a continued recurrent forward
+    "test_generate_from_inputs_embeds_with_static_cache", "test_beam_search_generate_dict_outputs_use_cache",
+    "test_generate_continue_from_inputs_embeds", "test_recurrent_layers_mask_padding_on_continued_forward",
 }
 
 
@@ -156,6 +166,62 @@ class _MixConCommon(ModelTesterMixin, GenerationTesterMixin):
 
     def test_config(self):
         self.config_tester.run_common_tests()
+
+    def test_recurrent_layers_mask_padding_on_continued_forward(self):
+        """transformers runs it on models whose config declares recurrent ``layer_types`` (its names for
+        layer kinds); MixCon's kinds are ``layers_block_type``, given to it under that name for this test."""
+        upstream = getattr(super(), "test_recurrent_layers_mask_padding_on_continued_forward", None)
+        if upstream is None:
+            self.skipTest("not in this transformers version's GenerationTesterMixin")
+        prepare = self.model_tester.prepare_config_and_inputs_for_common
+
+        def with_layer_types():
+            config, inputs = prepare()
+            config.layer_types = ["full_attention" if k in ("attention", "mom") else "linear_attention"
+                                  for k in config.layers_block_type]
+            return config, inputs
+
+        with unittest.mock.patch.object(self.model_tester, "prepare_config_and_inputs_for_common", with_layer_types):
+            upstream()
+
+    def _check_past_key_values_for_generate(self, batch_size, past_key_values, seq_length, config):
+        """transformers' check reads every layer that is not one of its own `LinearAttentionLayer`s as keys
+        and values (and asks models with another cache to override it, as its MiniMax tests do): a
+        MixConCache's layers are checked here by what the config says each one holds. ``seq_length``: the
+        tokens cached (a static cache: its max_cache_len slots)."""
+        from mixcon.models.cache import (ConbaLayer, RoutedAttentionLayer, SpatialLayer, StaticAttentionLayer,
+                                         StaticRoutedAttentionLayer)
+        from mixcon import MixConCache
+        self.assertIsInstance(past_key_values, MixConCache)
+        self.assertEqual(len(past_key_values.layers), config.num_hidden_layers)
+        b, kv, hd, d = batch_size, config.num_key_value_heads, config.head_dim, config.d_inner
+        for kind, mod, layer in zip(config.layers_block_type, config.layers_mod_type, past_key_values.layers):
+            if kind in ("attention", "mom"):
+                routed = mod == "layer"
+                static_cls = StaticRoutedAttentionLayer if routed else StaticAttentionLayer
+                self.assertIsInstance(layer, static_cls if past_key_values.is_static else
+                                      RoutedAttentionLayer if routed else DynamicLayer)
+                n = layer.keys.shape[2]
+                # a Mixture-of-Depths layer caches only the tokens its router selected (at most all of them)
+                if routed:
+                    self.assertLessEqual(n, seq_length)
+                    self.assertEqual(tuple(layer.key_positions.shape), (b, n))
+                else:
+                    self.assertEqual(n, seq_length)
+                self.assertEqual(tuple(layer.keys.shape), (b, kv, n, hd))
+                self.assertEqual(tuple(layer.values.shape), (b, kv, n, hd))
+            elif kind == "conba":
+                self.assertIsInstance(layer, ConbaLayer)
+                h, delay, k, e, phase = layer.state["ssm"]
+                self.assertEqual(tuple(layer.state["conv"].shape), (b, d, config.d_conv - 1))
+                self.assertEqual(tuple(h.shape), (b, d, config.d_state))
+                self.assertEqual(tuple(delay.shape), (b, config.delay, d, config.d_state))
+                self.assertEqual(tuple(k.shape), (b, d // config.control_group))
+                self.assertEqual((tuple(e.shape), tuple(phase.shape)), ((b, d), (b,)))
+            else:  # spatial: the gate inputs and positions of every past token
+                self.assertIsInstance(layer, SpatialLayer)
+                self.assertEqual(tuple(layer.state["v"].shape), (b, seq_length, config.spatial_width))
+                self.assertEqual(tuple(layer.state["pos"].shape), (b, seq_length))
 
     def test_transformers_test_files_present(self):
         if MISSING:
