@@ -69,7 +69,7 @@ def normal_from_key(key: torch.Tensor, lane: torch.Tensor) -> torch.Tensor:
     process noise (time × batch × state × channels) is the dear part of a noisy scan on CPU, and
     int64 tensors with a mask after every product cost ~17× more there."""
     h1 = _mix32_i32_(torch.bitwise_xor(_as_i32(lane), _as_i32(key)))
-    h2 = _mix32_i32_(torch.bitwise_xor(h1, _as_i32(torch.tensor(SECOND_DRAW_SALT))))
+    h2 = _mix32_i32_(torch.bitwise_xor(h1, SECOND_DRAW_SALT))  # the salt is < 2**31: the same bits in int32
     u1 = torch.bitwise_and(h1 >> 8, 0xFFFFFF).to(torch.float32).add_(0.5).mul_(2.0**-24)  # in (0, 1)
     u2 = torch.bitwise_and(h2 >> 8, 0xFFFFFF).to(torch.float32).mul_(2.0 * math.pi * 2.0**-24)
     return u1.log_().mul_(-2.0).sqrt_().mul_(u2.cos_())
