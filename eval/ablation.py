@@ -133,13 +133,12 @@ def _same_setting(a, b) -> bool:
     return a == b
 
 
-def load_prior(out: str, grid_name: str, recipe: dict, reference: str):
-    """The runs of an earlier call kept in ``out``/results.json, as {(member, seed, lr): result} (the lr
-    sweep's runs of the reference included), and that file's content. Refused when the file is of another
-    grid or recipe: its runs would not be comparable."""
+def read_prior(out: str, grid_name: str, recipe: dict):
+    """The content of ``out``/results.json written by an earlier call, or None when there is none.
+    Refused when the file is of another grid or recipe: its runs would not be comparable."""
     path = os.path.join(out, "results.json")
     if not os.path.exists(path):
-        return {}, {"meta": {}}
+        return None
     old = json.load(open(path))
     if old["meta"].get("grid") != grid_name:
         raise SystemExit(f"--resume: {path} holds grid {old['meta'].get('grid')!r}, not {grid_name!r}")
@@ -149,6 +148,11 @@ def load_prior(out: str, grid_name: str, recipe: dict, reference: str):
     if differ:
         raise SystemExit(f"--resume: {path} was made with another recipe ({', '.join(differ)} differ); "
                          f"pass the same settings or another --out")
+    return old
+
+
+def prior_runs(old: dict, reference: str) -> dict:
+    """An earlier call's runs as {(member, seed, lr): result}, the lr sweep's runs of the reference included."""
     curves = old.get("curves", {})
     prior = {}
     for sw in old.get("lr_sweep", []):
@@ -158,7 +162,7 @@ def load_prior(out: str, grid_name: str, recipe: dict, reference: str):
         k = (r["member"], r["seed"], r["lr"])
         prior[k] = {**{c: r[c] for c in RUN_COLS[4:] if c in r},
                     "curve": curves.get(f"{k[0]} s{k[1]} lr{k[2]:g}", [])}
-    return prior, old
+    return prior
 
 
 def summarize(runs: list, members: dict, reference: str) -> list:
@@ -326,8 +330,9 @@ def main(argv=None):
     full = grid_members(args.grid, fields)[0]
     reference = g["reference"] if g["reference"] in members else next(iter(members), None)
     out = args.out or os.path.join(grid.ROOT, "eval", "results", "ablation", args.grid)
-    if args.resume and os.path.exists(os.path.join(out, "results.json")):  # the earlier call's reference
-        reference = json.load(open(os.path.join(out, "results.json")))["meta"].get("reference", reference)
+    old = read_prior(out, args.grid, dataclasses.asdict(base)) if args.resume else None
+    if old is not None:  # the earlier call's reference
+        reference = old["meta"].get("reference", reference)
     if reference is None:
         raise SystemExit(f"grid {args.grid}: no member can run with the installed config")
     if args.estimate:
@@ -351,10 +356,11 @@ def main(argv=None):
         print(f"{key[0]:14s} seed {key[1]} lr {key[2]:g}: held-out {res['heldout_loss']:.4f}, "
               f"{res['step_time_s']:.2f} s/step", flush=True)
 
-    prior, prior_sweep, shown = {}, {}, members
+    prior, shown = {}, members
     if args.resume:
-        prior, prior_sweep = load_prior(out, args.grid, dataclasses.asdict(base), reference)
-        meta["resumed"] = {k: prior_sweep["meta"].get(k) for k in ("rev", "date", "command")}
+        old = old or {"meta": {}}
+        prior = prior_runs(old, reference)
+        meta["resumed"] = {k: old["meta"].get(k) for k in ("rev", "date", "command")}
         # the table shows every member of the grid that has runs, not only the ones run now
         shown = {m: v for m, v in full.items() if m in members or any(k[0] == m for k in prior)}
         print(f"resuming: {len(prior)} runs kept from {out}/results.json (rev {meta['resumed']['rev']})", flush=True)
@@ -364,7 +370,7 @@ def main(argv=None):
     done, not_run = grid.run_jobs(sweep_jobs, args.budget_min * 60, args.jobs, not args.no_progress, "lr sweep", report)
     sweep = [dict(lr=k[2], heldout_loss=v["heldout_loss"]) for k, v in done.items()]
     if args.resume:  # the earlier call's sweep, and what this one added to it
-        sweep = [sw for sw in prior_sweep.get("lr_sweep", []) if sw["lr"] not in {x["lr"] for x in sweep}] + sweep
+        sweep = [sw for sw in old.get("lr_sweep", []) if sw["lr"] not in {x["lr"] for x in sweep}] + sweep
     done = {**prior, **done}
     if args.lr is not None:
         lr = args.lr
