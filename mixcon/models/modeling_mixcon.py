@@ -35,6 +35,7 @@ from mixcon.layers.mom import MoMPool, MoMRound
 from mixcon.layers.spatial import SpatialMixer
 from mixcon.layers.norm import RMSNorm
 from mixcon.models.cache import MixConCache
+from mixcon.models.compat import CACHE_FIELD, GENERATE_CACHE_KEY, check_kwargs, resolve_cache
 from mixcon.models.configuration_mixcon import MixConConfig
 from mixcon.ops.moe import load_balancing_loss, router_z_loss
 
@@ -44,10 +45,15 @@ def _auto_static(device, generation_config, model_kwargs) -> bool:
     decode) without being asked: on a CUDA device, for greedy or sampled decoding of one candidate
     per row with no cache passed in. ``cache_implementation="dynamic"`` (or ``disable_compile=True``
     for the static cache without compiling) opts out."""
-    return (torch.device(device).type == "cuda" and model_kwargs.get("past_key_values") is None
+    return (torch.device(device).type == "cuda" and _given_cache(model_kwargs) is None
             and generation_config.use_cache is not False and (generation_config.num_beams or 1) == 1
             and getattr(generation_config, "assistant_model", None) is None
             and getattr(generation_config, "prompt_lookup_num_tokens", None) is None)
+
+
+def _given_cache(model_kwargs):
+    """The cache in generate's model kwargs, under whichever name this transformers keeps it."""
+    return resolve_cache(*(model_kwargs.get(k) for k in ("cache", "past_key_values", "cache_params")))
 
 
 def _is_static(cache) -> bool:
@@ -238,7 +244,7 @@ class MixConPreTrainedModel(PreTrainedModel):
     base_model_prefix = "model"
     supports_gradient_checkpointing = True
     _no_split_modules = ["MixConDecoderLayer"]
-    _skip_keys_device_placement = ["past_key_values"]
+    _skip_keys_device_placement = ["cache", "past_key_values"]
     _supports_sdpa = True  # attention runs through SDPA by default, or written out with "eager"
     _supports_flash_attn = False
     _supports_flex_attn = False
@@ -516,11 +522,22 @@ class MixConModel(MixConPreTrainedModel):
         output_attentions: Optional[bool] = None,
         output_hidden_states: Optional[bool] = None,
         return_dict: Optional[bool] = None,
+        cache: Optional[MixConCache] = None,
+        cache_params: Optional[MixConCache] = None,
+        labels: Optional[torch.LongTensor] = None,
+        shift_labels: Optional[torch.LongTensor] = None,
         **kwargs,
     ) -> MoeModelOutputWithPast | tuple:
         """``output_attentions`` / ``output_hidden_states`` / ``return_dict`` default to the config's
         (``return_dict=False`` gives the output's fields as a tuple). ``attentions`` holds the weights of
-        the layers that attend (attention layers and MoM rounds), in layer order."""
+        the layers that attend (attention layers and MoM rounds), in layer order.
+
+        The cache is taken as ``cache`` (transformers ≥ 5.24), ``past_key_values`` or ``cache_params``
+        and returned in the output field the installed transformers reads (`compat.CACHE_FIELD`).
+        ``labels`` / ``shift_labels`` are only checked here (the loss is the causal LM's). Any other
+        keyword argument that transformers does not document for forward raises a TypeError."""
+        check_kwargs(f"{type(self).__name__}.forward", kwargs)
+        past_key_values = resolve_cache(cache, past_key_values, cache_params)
         cfg = self.config
         use_cache = cfg.use_cache if use_cache is None else use_cache
         output_attentions = cfg.output_attentions if output_attentions is None else output_attentions
@@ -538,7 +555,7 @@ class MixConModel(MixConPreTrainedModel):
         if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 4:
             mask4d, attention_mask = attention_mask, None  # a mask per query (see `custom_attention_mask`)
         b, T, past = _check_inputs(cfg, input_ids, inputs_embeds, attention_mask, past_key_values,
-                                   kwargs.get("labels"), kwargs.get("shift_labels"))
+                                   labels, shift_labels)
         if use_cache and past_key_values is None:
             past_key_values = MixConCache(cfg)
         if inputs_embeds is None:
@@ -611,7 +628,7 @@ class MixConModel(MixConPreTrainedModel):
             past_key_values._counter.window = None
         out = MoeModelOutputWithPast(
             last_hidden_state=hidden_states,
-            past_key_values=past_key_values if use_cache else None,
+            **{CACHE_FIELD: past_key_values if use_cache else None},
             hidden_states=all_hidden,
             attentions=all_attn,
             router_logits=router_logits,
@@ -648,7 +665,7 @@ class MixConForCausalLM(MixConPreTrainedModel, GenerationMixin):
         impl = generation_config.cache_implementation
         if impl is None and _auto_static(self.device, generation_config, model_kwargs):
             impl = "static"  # the fast path by default on a GPU (see `_auto_static`)
-        if (impl is None or impl == "dynamic" or model_kwargs.get("past_key_values") is not None
+        if (impl is None or impl == "dynamic" or _given_cache(model_kwargs) is not None
                 or generation_config.use_cache is False):
             if impl == "dynamic":  # the default: not worth transformers' "ignored" warning
                 generation_config.cache_implementation = None
@@ -668,14 +685,15 @@ class MixConForCausalLM(MixConPreTrainedModel, GenerationMixin):
         # reuse the largest length seen so far, so that a later call does not recompile the decode step
         length = max(length, getattr(self, "_previous_max_cache_length", -1))
         self._previous_max_cache_length = length
-        model_kwargs["past_key_values"] = MixConCache(self.config, max_cache_len=length, batch_size=batch,
-                                                      device=self.device)
+        model_kwargs[GENERATE_CACHE_KEY] = MixConCache(self.config, max_cache_len=length, batch_size=batch,
+                                                       device=self.device)
 
     def create_masks_for_generate(self, config=None, inputs_embeds=None, attention_mask=None, past_key_values=None,
-                                  position_ids=None, **kwargs):
+                                  position_ids=None, cache=None, **kwargs):
         """What generate's `prepare_inputs_for_generation` passes for a compileable (static) cache: the
         2-D padding mask widened to (batch, max_cache_len) with zeros, a shape that no longer changes
         between tokens (the model builds its attention mask from it and the cache's device counter)."""
+        past_key_values = resolve_cache(cache, past_key_values)
         if attention_mask is None or attention_mask.dim() != 2 or not _is_static(past_key_values):
             return attention_mask
         M = past_key_values.max_cache_len
@@ -707,6 +725,10 @@ class MixConForCausalLM(MixConPreTrainedModel, GenerationMixin):
         return_dict: Optional[bool] = None,
         logits_to_keep: int | torch.Tensor = 0,
         output_router_logits: Optional[bool] = None,
+        cache: Optional[MixConCache] = None,
+        cache_params: Optional[MixConCache] = None,
+        shift_labels: Optional[torch.LongTensor] = None,
+        num_items_in_batch: Optional[torch.Tensor] = None,
         **kwargs,
     ) -> MoeCausalLMOutputWithPast | tuple:
         """Returns logits, the loss (next-token cross-entropy, plus the router losses in training),
@@ -724,10 +746,10 @@ class MixConForCausalLM(MixConPreTrainedModel, GenerationMixin):
         accumulation) it is the sum over this batch divided by that count, and the auxiliary losses
         are weighted by this batch's share of the count, so the accumulated gradient is that of the
         whole batch."""
+        check_kwargs(f"{type(self).__name__}.forward", kwargs)
+        past_key_values = resolve_cache(cache, past_key_values, cache_params)
         cfg = self.config
         return_dict = _use_return_dict(cfg) if return_dict is None else return_dict
-        shift_labels = kwargs.pop("shift_labels", None)
-        num_items_in_batch = kwargs.pop("num_items_in_batch", None)
         if (labels is not None or shift_labels is not None) and not (
                 isinstance(logits_to_keep, int) and logits_to_keep == 0):
             raise ValueError("labels need the logits of every position: pass logits_to_keep=0 with labels")
@@ -771,7 +793,7 @@ class MixConForCausalLM(MixConPreTrainedModel, GenerationMixin):
                     aux = aux * (target != -100).sum() / num_items_in_batch
                 loss = loss + aux
         result = MoeCausalLMOutputWithPast(
-            loss=loss, aux_loss=aux_loss, logits=logits, past_key_values=out.past_key_values,
+            loss=loss, aux_loss=aux_loss, logits=logits, **{CACHE_FIELD: getattr(out, CACHE_FIELD)},
             hidden_states=out.hidden_states, attentions=out.attentions, router_logits=out.router_logits,
         )
         return result if return_dict else result.to_tuple()
