@@ -30,56 +30,13 @@ import torch
 import triton
 import triton.language as tl
 
-from .naive import ConbaState, conba_step_ref
-from .noise import SEED_SALT, M32
+from .common import _mix32, _normal, _rows, _seed_key, _softplus, _strides, _tanh
+from .naive import ConbaState
 
 DEFAULT_CHUNK = 64
 
 
 # ---------------------------------------------------------------------------------- helpers
-@triton.jit
-def _mix32(x):
-    x = x ^ (x >> 16)
-    x = x * 0x7FEB352D
-    x = x ^ (x >> 15)
-    x = x * 0x846CA68B
-    x = x ^ (x >> 16)
-    return x
-
-
-@triton.jit
-def _normal(key, lane):
-    """Standard normal from a uint32 key and lane: the arithmetic of noise.normal_from_key."""
-    h1 = _mix32(lane ^ key)
-    h2 = _mix32(h1 ^ 0x68E31DA4)
-    u1 = ((h1 >> 8).to(tl.float32) + 0.5) * 5.9604644775390625e-08
-    u2 = (h2 >> 8).to(tl.float32) * 5.9604644775390625e-08
-    return tl.sqrt(-2.0 * tl.log(u1)) * tl.cos(6.283185307179586 * u2)
-
-
-@triton.jit
-def _tanh(x):
-    """tanh without libdevice: an odd series near 0 (no cancellation), exp form elsewhere."""
-    ax = tl.abs(x)
-    e2 = tl.exp(-2.0 * ax)
-    big = (1.0 - e2) / (1.0 + e2)
-    x2 = ax * ax
-    small = ax * (1.0 + x2 * (-0.3333333333333333 + x2 * (0.13333333333333333
-                                                            + x2 * (-0.05396825396825397 + x2 * 0.021869488536155203))))
-    r = tl.where(ax < 0.25, small, big)
-    return tl.where(x < 0, -r, r)
-
-
-@triton.jit
-def _softplus(x):
-    """torch's softplus (threshold 20) with Kahan's accurate log1p."""
-    ex = tl.exp(tl.minimum(x, 20.0))
-    w = 1.0 + ex
-    dw = w - 1.0
-    lp = tl.where(dw == 0.0, ex, tl.log(w) * (ex / tl.where(dw == 0.0, 1.0, dw)))
-    return tl.where(x > 20.0, x, lp)
-
-
 @triton.jit
 def _dlast(D0, D1, D2, D3, TAU: tl.constexpr):
     """The delay line's last entry, h_{t−τ}."""
@@ -658,21 +615,6 @@ def _conba_step_kernel(
 
 
 # ---------------------------------------------------------------------------------- Python side
-def _mix32_int(x: int) -> int:
-    x ^= x >> 16
-    x = (x * 0x7FEB352D) & M32
-    x ^= x >> 15
-    x = (x * 0x846CA68B) & M32
-    x ^= x >> 16
-    return x
-
-
-def _seed_key(seed: int) -> int:
-    """noise.step_key's per-seed part, as a signed int32 kernel argument (the kernel bitcasts it)."""
-    s = _mix32_int((int(seed) ^ SEED_SALT) & M32)
-    return s - (1 << 32) if s >= (1 << 31) else s
-
-
 # channels per program (whole groups, a power of two; None: by batch, see _channels) and the cap on
 # warps; tools/tune_conba.py sweeps them on a GPU
 TUNING = dict(channels=None, max_warps=4)
@@ -701,13 +643,6 @@ def _blocking(d: int, group_size: int, n: int, batch: int = 1):
     return gp, bg, np_, n_blocks, num_warps
 
 
-def _rows(x):
-    """x with a unit stride on its last dim (strides of the leading dims are passed to the kernel)."""
-    if x is None:
-        return None
-    return x if x.stride(-1) == 1 else x.contiguous()
-
-
 class _Cfg:
     __slots__ = ("tau", "group_size", "control", "softplus", "k_max", "sigma_w", "sigma_v", "seed", "chunk",
                  "has_D", "has_bias", "has_z", "has_alpha", "has_mask")
@@ -721,13 +656,6 @@ def _flags(cfg):
     return dict(TAU=cfg.tau, CONTROL=cfg.control, HAS_ALPHA=cfg.has_alpha, HAS_BIAS=cfg.has_bias,
                 SOFTPLUS=cfg.softplus, HAS_D=cfg.has_D, HAS_Z=cfg.has_z, HAS_MASK=cfg.has_mask,
                 NOISE_W=cfg.sigma_w > 0.0, NOISE_V=cfg.sigma_v > 0.0)
-
-
-def _strides(*xs):
-    out = []
-    for x in xs:
-        out += [x.stride(0), x.stride(1)] if x is not None else [0, 0]
-    return out
 
 
 def _launch_fwd(cfg, u, delta, A, B, C, D, z, delta_bias, alpha, rho, eta, lam, w_r, h0, dl0, k_init, e0, mask,
