@@ -113,6 +113,9 @@ def main(argv=None):
     ap.add_argument("--resolution", type=int, default=8192)
     ap.add_argument("--tail", type=int, default=512, help="tokens of the real prefill chunks at both ends")
     ap.add_argument("--cap", type=int, default=16 * 2**20)
+    ap.add_argument("--memory-cap-gib", type=float, default=None,
+                    help="hold the process to this much GPU memory (torch.cuda.set_per_process_memory_fraction), "
+                         "so a larger card answers for a smaller one: 79.65 = an H100 80GB's 81,559 MiB")
     args, device, dtype = parse_run_args(ap, argv, "tiny sizes on CPU (predicted numbers only)")
     if args.smoke:
         dtype = torch.float32
@@ -123,6 +126,15 @@ def main(argv=None):
     for k, v in meta.items():
         print(f"# {k}: {v}")
     total = torch.cuda.mem_get_info()[1] if device.type == "cuda" else 80 * 2**30
+    if args.memory_cap_gib is not None:
+        if args.memory_cap_gib <= 0:
+            ap.error(f"--memory-cap-gib must be > 0, got {args.memory_cap_gib}")
+        cap = int(args.memory_cap_gib * 2**30)
+        if device.type == "cuda" and cap < total:
+            torch.cuda.set_per_process_memory_fraction(cap / total)
+        total = min(total, cap)
+        meta["memory_cap_GiB"] = total / 2**30
+        print(f"# memory cap: {total / 2**30:.2f} GiB of this device")
     rows = []
     for name in args.models:
         model = build(name, cfgs, device, dtype)
