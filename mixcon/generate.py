@@ -60,6 +60,8 @@ def stream(path: str, prompt: str, max_new_tokens: int = 64, temperature: float 
     """Load ``path`` and print the prompt's continuation as it is generated; returns the whole text."""
     from transformers import TextStreamer
 
+    if not prompt:
+        raise UsageError("the prompt is empty: give at least one character of text")
     model, tok = load(path)
     torch.manual_seed(seed)
     streamer = TextStreamer(tok, skip_prompt=False, skip_special_tokens=True)

@@ -35,6 +35,22 @@ def ensure_stdlib_corpus(r: Recipe, vocab_size: int = 2048) -> None:
     prepare_data(files, tok, r.data, heldout_fraction=0.05, progress=False)
 
 
+def check_inputs(r: Recipe) -> None:
+    """The recipe's model config, tokenizer and data exist (or will be made), before any process starts work."""
+    from mixcon.resources import UsageError, read_config_dict
+
+    read_config_dict(r.model_config)
+    if r.corpus is None:
+        if not os.path.exists(os.path.join(r.tokenizer, "tokenizer.json")):
+            raise UsageError(f"tokenizer {r.tokenizer!r} has no tokenizer.json: train one with `mixcon train-tokenizer "
+                             f"{r.tokenizer} FILES` (or use corpus=stdlib)")
+        if not os.path.exists(os.path.join(r.data, "meta.json")):
+            raise UsageError(f"data {r.data!r} has no meta.json: prepare it with `mixcon prepare-data FILES "
+                             f"--tokenizer {r.tokenizer} --out {r.data}` (or use corpus=stdlib)")
+    if r.init_from is not None and not os.path.exists(os.path.join(r.init_from, "config.json")):
+        raise UsageError(f"init_from {r.init_from!r} is not a saved model (no config.json)")
+
+
 def run(recipe: str | None = None, overrides=(), resume: bool = False, progress: bool = True) -> dict:
     """Train ``recipe`` (a shipped name or a YAML path; None = the built-in one) with ``key=value``
     overrides. Returns {"recipe", "rows", "model_dir"}; rank 0 prints the held-out loss and a sample."""
@@ -43,6 +59,7 @@ def run(recipe: str | None = None, overrides=(), resume: bool = False, progress:
     from mixcon.train.loop import setup_distributed, train
 
     r = load_recipe(recipe or DEFAULT_RECIPE, overrides)
+    check_inputs(r)
     if r.cpu_threads:
         torch.set_num_threads(r.cpu_threads)
     own_group = not (dist.is_available() and dist.is_initialized())
