@@ -8,7 +8,7 @@ while the model runs (matrix products and attention by torch's flop counter; poi
 separately), training and decoding tokens/s, and for MoD the causal decision's agreement with
 top-k. One table (Markdown, CSV, JSON) and one plot of the loss curves.
 
-    python -m mixcon.eval.study                                    # all members, configs/train-tiny.yaml
+    python -m mixcon.eval.study                                    # all members, the built-in recipe
     python -m mixcon.eval.study --members mixcon dense --steps 50  # a subset, shorter
     python -m mixcon.eval.study --recipe R.yaml --out DIR          # larger data on a GPU
 
