@@ -88,11 +88,12 @@ def main(argv=None):
     ap.add_argument("--include_path", default=None)
     ap.add_argument("--limit", type=float, default=None)
     ap.add_argument("--batch_size", type=int, default=1)
+    ap.add_argument("--num_fewshot", type=int, default=None)
     ap.add_argument("--output", default=None, help="write the results JSON here")
     args = ap.parse_args(argv)
     tasks = PAPER_TASKS["standard"] if args.tasks == "paper" else args.tasks.split(",")
     res = evaluate(args.pretrained, tasks=tasks, include_path=args.include_path, limit=args.limit,
-                   batch_size=args.batch_size)
+                   batch_size=args.batch_size, **({"num_fewshot": args.num_fewshot} if args.num_fewshot is not None else {}))
     from lm_eval.utils import make_table
 
     print(make_table(res))
