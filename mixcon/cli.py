@@ -121,9 +121,11 @@ def _export(ap=None, args=None):
     except ValueError as exc:
         raise UsageError(str(exc)) from None
     tok = args.tokenizer
-    if tok is None:
-        tok = read_trainer_state(ckpt)["recipe"].get("tokenizer")
-        tok = tok if tok and os.path.exists(os.path.join(tok, "tokenizer.json")) else None
+    if tok is None:  # the run's own: its model directory, its recipe's tokenizer (relative to the run's cwd)
+        run = os.path.dirname(os.path.dirname(os.path.abspath(ckpt)))
+        found = [p for p in (os.path.join(run, "model"), read_trainer_state(ckpt)["recipe"].get("tokenizer") or "",
+                             os.path.join(run, "tokenizer")) if os.path.exists(os.path.join(p, "tokenizer.json"))]
+        tok = found[0] if found else None
     elif not os.path.isdir(tok):
         raise UsageError(f"--tokenizer {tok!r} is not a tokenizer directory")
     export_pretrained(ckpt, args.out, dtype=args.dtype, tokenizer=tok, max_shard_size=args.max_shard_size)

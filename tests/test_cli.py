@@ -109,7 +109,7 @@ def test_generate_streams_text(run_dir):
     run, _ = run_dir
     res = cli("generate", str(run / "model"), "--prompt", "def ", "--max-new-tokens", "8", "--temperature", "0")
     assert res.returncode == 0, res.stderr[-2000:]
-    assert res.stdout.startswith("def") and len(res.stdout.strip()) > 3
+    assert res.stdout.startswith("def ") and len(res.stdout) > len("def ")  # the prompt, then its continuation
 
 
 def test_generate_static_cache_gives_the_dynamic_tokens(run_dir, capsys):
@@ -179,8 +179,8 @@ def test_train_tokenizer_and_prepare_data(tmp_path, capsys):
     files = sorted(glob.glob(os.path.join(sysconfig.get_paths()["stdlib"], "*.py")))[:6]
     (tmp_path / "docs.jsonl").write_text("".join(json.dumps({"text": open(f).read()[:2000]}) + "\n" for f in files))
     rc, out, err = run_main(capsys, "train-tokenizer", str(tmp_path / "tok"), *files, str(tmp_path / "docs.jsonl"),
-                            "--vocab-size", "300")
-    assert rc == 0 and "300-token tokenizer" in out, err
+                            "--vocab-size", "500")
+    assert rc == 0 and "500-token tokenizer" in out, err
     rc, out, err = run_main(capsys, "prepare-data", *files, str(tmp_path / "docs.jsonl"), "--tokenizer",
                             str(tmp_path / "tok"), "--out", str(tmp_path / "data"), "--heldout", "0.2")
     assert rc == 0 and "train:" in out, err

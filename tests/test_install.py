@@ -32,10 +32,10 @@ def test_saved_model_loads_after_pip_install_in_a_fresh_venv(tmp_path):
     import sysconfig
 
     files = sorted(glob.glob(os.path.join(sysconfig.get_paths()["stdlib"], "*.py")))[:5]
-    train_tokenizer(files, str(tmp_path / "tok"), vocab_size=300, input_sentence_size=10_000)
+    train_tokenizer(files, str(tmp_path / "tok"), vocab_size=500, input_sentence_size=20_000)
     from transformers import AutoTokenizer
 
-    MixConForCausalLM(load_config("tiny", vocab_size=300)).save_pretrained(tmp_path / "model")
+    MixConForCausalLM(load_config("tiny", vocab_size=500)).save_pretrained(tmp_path / "model")
     AutoTokenizer.from_pretrained(tmp_path / "tok").save_pretrained(tmp_path / "model")
     # the venv sees the system's torch and transformers (not reinstalled); this project goes in as a wheel
     subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(tmp_path / "venv")], check=True)
@@ -43,7 +43,12 @@ def test_saved_model_loads_after_pip_install_in_a_fresh_venv(tmp_path):
     src = tmp_path / "src"  # a copy, so the build leaves nothing in the checkout
     shutil.copytree(ROOT, src, ignore=shutil.ignore_patterns(".git", "runs", "build", "*.egg-info", "__pycache__",
                                                              "eval", "tests"), symlinks=True)
-    res = subprocess.run([py, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", "--no-index", str(src)],
+    # the wheel is built by this interpreter's setuptools (the venv's own may predate bdist_wheel), offline
+    res = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "--no-index",
+                          "-w", str(tmp_path / "wheel"), str(src)], capture_output=True, text=True, cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    wheel = next((tmp_path / "wheel").glob("mixcon-*.whl"))
+    res = subprocess.run([py, "-m", "pip", "install", "-q", "--no-deps", "--no-index", str(wheel)],
                          capture_output=True, text=True, cwd=tmp_path)
     assert res.returncode == 0, res.stderr[-3000:]
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
