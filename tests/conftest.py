@@ -1,5 +1,4 @@
 import os
-import sys
 import warnings
 
 import pytest
@@ -10,7 +9,6 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-sys.path.insert(0, os.path.dirname(__file__))  # tests/helpers.py for every subfolder
 warnings.filterwarnings("ignore", message=".*is deprecated.*")
 
 
