@@ -6,6 +6,7 @@ import torch
 
 from mixcon import MixConCache, MixConForCausalLM
 from mixcon.resources import load_config
+from mixcon.models.compat import cache_kwargs, output_cache
 
 
 def cache_bytes(model: MixConForCausalLM, context: int, chunk: int = 512) -> int:
@@ -14,7 +15,7 @@ def cache_bytes(model: MixConForCausalLM, context: int, chunk: int = 512) -> int
     ids = torch.randint(3, model.config.vocab_size, (1, context))
     with torch.no_grad():
         for s in range(0, context, chunk):
-            model(ids[:, s:s + chunk], past_key_values=cache, use_cache=True, logits_to_keep=1)
+            model(ids[:, s:s + chunk], **cache_kwargs(cache), use_cache=True, logits_to_keep=1)
     return cache.nbytes()
 
 

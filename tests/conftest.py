@@ -11,6 +11,10 @@ if not torch.cuda.is_available():
 
 warnings.filterwarnings("ignore", message=".*is deprecated.*")
 
+# One intra-op thread per test process: the tests' tensors are tiny, where a second thread costs more in
+# synchronisation than it gains, and pytest-xdist runs one test process per core (pyproject's addopts).
+torch.set_num_threads(1)
+
 
 @pytest.fixture(autouse=True)
 def _seed():

@@ -26,6 +26,7 @@ from mixcon.bench.throughput import MODELS, build, measure, new_cache, variants 
 
 from mixcon.benchmark import header, parse_run_args, portable_path  # noqa: E402
 from mixcon.models.configuration_mixcon import cache_nbytes  # noqa: E402
+from mixcon.models.compat import cache_kwargs, output_cache
 
 
 def per_token_and_fixed(name, cfgs, dtype):
@@ -42,9 +43,9 @@ def run_at_context(name, model, ctx, tail, device):
         raise ValueError(f"context {ctx} must be at least twice the tail ({tail})")
     vocab = model.config.vocab_size
     cache = new_cache(name, model)
-    out = model(torch.randint(3, vocab, (1, tail), device=device), past_key_values=cache, use_cache=True,
+    out = model(torch.randint(3, vocab, (1, tail), device=device), **cache_kwargs(cache), use_cache=True,
                 logits_to_keep=1)
-    cache = out.past_key_values
+    cache = output_cache(out)
     grown = ctx - tail
     for layer in cache.layers:
         if getattr(layer, "keys", None) is None or layer.keys.numel() == 0:
@@ -60,10 +61,10 @@ def run_at_context(name, model, ctx, tail, device):
         if any(p is not None for p in getattr(cache, "key_positions", [])):
             raise ValueError("max_context does not grow Mixture-of-Depths caches")
         cache._seen_tokens = grown
-    out = model(torch.randint(3, vocab, (1, tail), device=device), past_key_values=cache, use_cache=True,
+    out = model(torch.randint(3, vocab, (1, tail), device=device), **cache_kwargs(cache), use_cache=True,
                 logits_to_keep=1)
-    out = model(out.logits[:, -1].argmax(-1, keepdim=True), past_key_values=out.past_key_values, use_cache=True)
-    return out.past_key_values, out.logits
+    out = model(out.logits[:, -1].argmax(-1, keepdim=True), **cache_kwargs(output_cache(out)), use_cache=True)
+    return output_cache(out), out.logits
 
 
 def fits(name, model, ctx, tail, device) -> bool:

@@ -48,6 +48,7 @@ from tqdm import tqdm
 from mixcon import MixConCache, MixConConfig, MixConForCausalLM  # noqa: E402
 from mixcon.benchmark import copy_bandwidth, header, parse_run_args, portable_path, save_results  # noqa: E402
 from mixcon.models.sizes import active_parameters  # noqa: E402
+from mixcon.models.compat import cache_kwargs, output_cache
 
 MODELS = ("mixcon", "jamba-shaped", "mixtral-shaped", "hf-mixtral")
 PATHS = ("dynamic", "compiled")
@@ -179,8 +180,8 @@ def measure(name, model, batch, context, chunk, decode_tokens, device, path="dyn
     t0 = time.perf_counter()
     out = None
     for s in range(0, context, chunk):
-        out = model(ids[:, s:s + chunk], past_key_values=cache, use_cache=True, logits_to_keep=1)
-        cache = out.past_key_values
+        out = model(ids[:, s:s + chunk], **cache_kwargs(cache), use_cache=True, logits_to_keep=1)
+        cache = output_cache(out)
     if compiled and name == "hf-mixtral":
         cache = _to_static(cache, static_cache(name, model, batch, max_len, device))
     sync(device)
@@ -191,7 +192,7 @@ def measure(name, model, batch, context, chunk, decode_tokens, device, path="dyn
     def step(tok):
         if compiled and device.type == "cuda":
             torch.compiler.cudagraph_mark_step_begin()
-        o = fwd(input_ids=tok, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        o = fwd(input_ids=tok, **cache_kwargs(cache), use_cache=True, logits_to_keep=1)
         return o.logits[:, -1].argmax(-1, keepdim=True)
 
     t_compile = 0.0
