@@ -415,7 +415,7 @@ class MixConCache(Cache):
         self.layers_block_type = list(config.layers_block_type)
         mod = list(getattr(config, "layers_mod_type", None) or ["none"] * len(self.layers_block_type))
         self.is_static = max_cache_len is not None
-        self.max_cache_len = max_cache_len
+        self._max_cache_len = max_cache_len
         self._static_batch = batch_size
         self._counter = None
         if self.is_static:
@@ -435,6 +435,12 @@ class MixConCache(Cache):
         Cache.__init__(self, layers=[_make_layer(k, m, max_cache_len, self._counter)
                                  for k, m in zip(self.layers_block_type, mod)])
         self._seen_tokens = 0  # also counts tokens for models without attention layers (dynamic mode)
+
+    @property
+    def max_cache_len(self):
+        """Static mode: the tokens the cache holds; None in dynamic mode. (A property of our own: some
+        transformers 5.x releases define a read-only, deprecated one on `Cache`.)"""
+        return self._max_cache_len
 
     # views made on access, not kept: the cache holds no reference to itself (code that walks an output's
     # attributes, as transformers' exporters do, would never end)

@@ -58,5 +58,9 @@ def check_kwargs(owner: str, kwargs: dict, allowed=PASS_THROUGH) -> None:
 
 
 def output_cache(output):
-    """The cache an output holds, under whichever field name the installed transformers uses."""
-    return getattr(output, CACHE_FIELD, None) if not isinstance(output, (tuple, list)) else None
+    """The cache a model or generate output holds, under whichever field name the installed
+    transformers gives it (``cache`` from 5.24, ``past_key_values`` before)."""
+    for name in ("cache", "past_key_values"):
+        if name in getattr(output, "__dataclass_fields__", {}):
+            return getattr(output, name)
+    return None
