@@ -18,19 +18,22 @@ def _run(code):
                           timeout=300)
 
 
-def test_import_mixcon_does_not_import_vllm():
-    r = _run("import sys, mixcon, mixcon.serve, mixcon.serve.plugin; "
-             "print(any(m == 'vllm' or m.startswith('vllm.') for m in sys.modules))")
-    assert r.returncode == 0, r.stderr
-    assert r.stdout.strip() == "False"
-
-
-@pytest.mark.skipif(HAS_VLLM, reason="vLLM is installed: the message for its absence cannot be seen")
-def test_model_module_without_vllm_says_how_to_install():
-    r = _run("import mixcon.serve.vllm_model")
-    assert r.returncode != 0
-    assert "ImportError: mixcon's vLLM plugin needs vLLM, which is not installed" in r.stderr
-    assert "tools/setup.sh vllm" in r.stderr
+def test_mixcon_imports_without_vllm():
+    """In a fresh interpreter: `import mixcon` (and the plugin module) loads no vLLM module; without
+    vLLM, the model module raises an ImportError that says how to install it (one subprocess: an
+    import of transformers takes seconds here)."""
+    r = _run("import sys, mixcon, mixcon.serve, mixcon.serve.plugin\n"
+             "print(any(m == 'vllm' or m.startswith('vllm.') for m in sys.modules))\n"
+             "try:\n"
+             "    import mixcon.serve.vllm_model\n"
+             "except ImportError as e:\n"
+             "    print('ImportError:', e)\n")
+    assert r.returncode == 0, r.stderr[-2000:]
+    lines = r.stdout.strip().splitlines()
+    assert lines[0] == "False"
+    if not HAS_VLLM:
+        assert lines[1].startswith("ImportError: mixcon's vLLM plugin needs vLLM, which is not installed")
+        assert "tools/setup.sh vllm" in lines[1]
 
 
 def test_entry_point_is_declared():
