@@ -1,3 +1,5 @@
+import sys
+
 from mixcon.cli import main
 
-main()
+sys.exit(main())

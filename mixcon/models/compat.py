@@ -57,6 +57,13 @@ def check_kwargs(owner: str, kwargs: dict, allowed=PASS_THROUGH) -> None:
         raise TypeError(f"{owner}() got unexpected keyword argument{'s' if len(unknown) > 1 else ''} {names}")
 
 
+def cache_kwargs(cache) -> dict:
+    """``cache`` as the keyword argument a transformers model's forward takes on the installed version
+    (``cache=`` from 5.24, ``past_key_values=`` before; MixCon takes both): for code that runs
+    transformers' own models beside ours (the benchmarks' Mixtral)."""
+    return {GENERATE_CACHE_KEY: cache}
+
+
 def output_cache(output):
     """The cache a model or generate output holds, under whichever field name the installed
     transformers gives it (``cache`` from 5.24, ``past_key_values`` before)."""

@@ -243,6 +243,12 @@ def resolve_mod_layers(block: list[str], ffn: list[str], mod_every: int, mod_off
     return out
 
 
+# The fields that decide which layer goes where; a saved config (it holds one of SAVED_MARKERS) must carry all.
+LAYOUT_FIELDS = ("n_blocks", "layers_per_block", "attn_ratio", "layer_pattern", "moe_every", "moe_offset",
+                 "intermediate_size", "dense_layers", "mod_every", "mod_offset")
+SAVED_MARKERS = ("transformers_version", "layers_block_type", "layers_ffn_type")
+
+
 class MixConConfig(PretrainedConfig):
     r"""Configuration of a MixCon model (docs/architecture.md, docs/conba.md).
 
@@ -452,6 +458,12 @@ class MixConConfig(PretrainedConfig):
     def from_dict(cls, config_dict, **kwargs):
         if not isinstance(config_dict, dict):
             raise ValueError(f"a MixCon config must be built from a dict of fields, got a {type(config_dict).__name__}")
+        if any(k in config_dict for k in SAVED_MARKERS):  # a saved config: its layout is spelled out, never defaulted
+            missing = [k for k in LAYOUT_FIELDS if k not in config_dict]
+            if missing:
+                raise ValueError(f"this saved MixCon config lacks the layout field(s) {missing}; a saved config must "
+                                 f"carry every one of {list(LAYOUT_FIELDS)} (a missing one would silently take its "
+                                 f"default and build another model): add them, or re-save it with this version")
         return super().from_dict(config_dict, **kwargs)
 
     # ---------------------------------------------------------------- validation

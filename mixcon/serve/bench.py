@@ -41,15 +41,11 @@ def _median_time(fn, reps: int) -> float:
 def export_tiny_random(out_dir: str, **overrides) -> str:
     """A random MixCon of configs/tiny.json (head_dim 32: vLLM's CPU attention needs ≥ 32) saved with
     `save_pretrained`."""
-    from mixcon import MixConConfig, MixConForCausalLM
+    from mixcon import MixConForCausalLM
+    from mixcon.resources import load_config
 
-    path = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
-                        "configs", "tiny.json")
-    kw = json.load(open(path))
-    kw.pop("model_type")
-    kw.update(dict(head_dim=32), **overrides)
     torch.manual_seed(0)
-    MixConForCausalLM(MixConConfig(**kw)).save_pretrained(out_dir)
+    MixConForCausalLM(load_config("tiny", **{"head_dim": 32, **overrides})).save_pretrained(out_dir)
     return out_dir
 
 

@@ -34,6 +34,7 @@ import shutil
 import torch
 import torch.distributed as dist
 
+from mixcon.train import faults
 from mixcon.train.files import atomic_write_text, fsync_path, publish
 
 STATE_FILE = "trainer_state.json"
@@ -231,7 +232,7 @@ def save_checkpoint(out_dir: str, model, optimizer, step: int, recipe, rows: lis
                  "data": {"seed": recipe.seed, "next_step": step + 1},  # a batch is a pure function of (seed, step)
                  "rng": rng_state(), "param_groups": osd["param_groups"], "rows": rows}
         atomic_write_text(os.path.join(tmp, STATE_FILE), json.dumps(state))
-        _debug_kill(recipe, step)
+        faults.kill_in_save(step)
         if os.path.exists(final):  # a stale one from an earlier run in this out_dir
             shutil.rmtree(final)
         publish(tmp, final)
@@ -242,13 +243,6 @@ def save_checkpoint(out_dir: str, model, optimizer, step: int, recipe, rows: lis
     if world > 1:
         dist.barrier()
     return final
-
-
-def _debug_kill(recipe, step):
-    if getattr(recipe, "debug_kill_in_save_at_step", -1) == step:  # fault injection for tests
-        import signal
-
-        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def load_checkpoint(path: str, model, optimizer) -> dict:
@@ -329,3 +323,32 @@ def export_pretrained(path: str, out: str, dtype: str = "bf16", tokenizer: str |
         AutoTokenizer.from_pretrained(tokenizer).save_pretrained(out)
     return out
 
+
+
+def save_model_dir(model, out: str, tokenizer: str | None = None) -> str:
+    """The training model as a ``save_pretrained`` directory (config, safetensors, modeling code) with the
+    tokenizer of ``tokenizer`` beside it, replacing ``out`` as a whole: written to ``out.tmp`` and renamed,
+    so a reader sees the previous model or the new one. Collective under torchrun (FSDP gathers the
+    full weights to rank 0, which writes)."""
+    rank, world = _rank_world()
+    state_dict = None
+    if world > 1:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        state_dict = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if rank == 0:
+        tmp, old = out.rstrip("/") + ".tmp", out.rstrip("/") + ".old"
+        for p in (tmp, old):
+            shutil.rmtree(p, ignore_errors=True)
+        unwrap(model).save_pretrained(tmp, state_dict=state_dict)
+        if tokenizer:
+            from transformers import AutoTokenizer
+
+            AutoTokenizer.from_pretrained(tokenizer).save_pretrained(tmp)
+        if os.path.exists(out):
+            os.replace(out, old)
+        os.replace(tmp, out)
+        shutil.rmtree(old, ignore_errors=True)
+    if world > 1:
+        dist.barrier()
+    return out

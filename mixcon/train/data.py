@@ -95,7 +95,10 @@ class TokenShards:
     def __init__(self, data_dir: str, split: str = "train", vocab_size: int | None = None):
         meta_path = os.path.join(data_dir, "meta.json")
         if not os.path.exists(meta_path):
-            raise ValueError(f"{data_dir} has no meta.json: run tools/prepare_data.py first")
+            from mixcon.resources import UsageError
+
+            raise UsageError(f"data {data_dir!r} has no meta.json: prepare it with `mixcon prepare-data FILES "
+                             f"--tokenizer DIR --out {data_dir}` (or use corpus=stdlib)")
         meta = json.load(open(meta_path))
         if vocab_size is not None and meta["tokenizer"]["vocab_size"] > vocab_size:
             raise ValueError(f"data tokenized with a {meta['tokenizer']['vocab_size']}-token vocabulary does not fit "

@@ -15,7 +15,8 @@ from tqdm import tqdm
 
 from mixcon import MixConConfig, MixConForCausalLM
 from mixcon.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from mixcon.train.checkpoint import unwrap  # noqa: F401  (tools import it from here)
+from mixcon.train.checkpoint import save_model_dir, unwrap
+from mixcon.train import faults
 from mixcon.train.data import TokenShards
 from mixcon.train.files import atomic_write_text, publish
 from mixcon.train.recipe import Recipe
@@ -53,15 +54,18 @@ def setup_distributed():
 
 
 def build_model(r: Recipe, vocab_size: int) -> MixConForCausalLM:
-    import json
+    from mixcon.resources import UsageError, read_config_dict
 
-    kw = json.load(open(r.model_config))
-    kw.pop("model_type", None)
+    kw = read_config_dict(r.model_config)
     kw.update(r.model_overrides)
     if kw.get("vocab_size", 0) < vocab_size:
         kw["vocab_size"] = vocab_size  # the tokenizer decides the vocabulary of a new model
+    try:
+        config = MixConConfig(**kw)
+    except (ValueError, TypeError) as exc:
+        raise UsageError(f"model config {r.model_config!r} with model_overrides {r.model_overrides}: {exc}") from None
     torch.manual_seed(r.seed)
-    model = MixConForCausalLM(MixConConfig(**kw))
+    model = MixConForCausalLM(config)
     if r.init_from:
         init_model_from(model, r.init_from)
     return model
@@ -181,8 +185,11 @@ def make_optimizer(model, r: Recipe, device) -> torch.optim.AdamW:
 
 
 def train(r: Recipe, resume: bool = False, progress: bool = True) -> list[dict]:
-    """Run the recipe; returns the logged rows. Writes out_dir/{log.csv, loss.png} and sharded
-    checkpoints out_dir/checkpoints/step-N (see mixcon.train.checkpoint)."""
+    """Run the recipe; returns the logged rows. Writes out_dir/{log.csv, loss.png}, sharded checkpoints
+    out_dir/checkpoints/step-N (see mixcon.train.checkpoint) and, at each of them, out_dir/model: a
+    save_pretrained model with its tokenizer (float32) that `from_pretrained` and `mixcon generate` load."""
+    if r.cpu_threads:
+        torch.set_num_threads(r.cpu_threads)
     own_group = not (dist.is_available() and dist.is_initialized())
     rank, world = setup_distributed()
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
@@ -226,6 +233,7 @@ def train(r: Recipe, resume: bool = False, progress: bool = True) -> list[dict]:
     moe_layers = [m for m in model.modules() if type(m).__name__ == "SparseMoE"]
     bar = tqdm(range(start + 1, r.max_steps + 1), desc="training", disable=not progress or rank != 0,
                initial=start, total=r.max_steps)
+    nan_step = faults.nan_at_step()
     t_last = time.perf_counter()
     for step in bar:
         lr = lr_at(step, r)
@@ -241,7 +249,7 @@ def train(r: Recipe, resume: bool = False, progress: bool = True) -> list[dict]:
                 out = model(rows_k[:, :-1], labels=rows_k, use_cache=False)
             aux = out.aux_loss if out.aux_loss is not None else torch.zeros((), device=device)
             lm = out.loss - aux
-            if step == r.debug_nan_at_step:
+            if step == nan_step:
                 lm = lm * float("nan")
             (lm + aux).div(r.grad_accum).backward()
             lm_sum += lm.detach().double() / r.grad_accum
@@ -286,6 +294,7 @@ def train(r: Recipe, resume: bool = False, progress: bool = True) -> list[dict]:
                         writer.add_scalar(key, row[key], step)
         if step % r.save_every == 0 or step == r.max_steps:
             save_checkpoint(r.out_dir, model, optimizer, step, r, rows, keep=r.keep_checkpoints)
+            save_model_dir(model, os.path.join(r.out_dir, "model"), tokenizer=r.tokenizer)
             if rank == 0:
                 _write_csv(os.path.join(r.out_dir, "log.csv"), rows)
                 plot_losses(rows, os.path.join(r.out_dir, "loss.png"))

@@ -86,3 +86,26 @@ def train_tokenizer(files: Iterable[str], out_dir: str, vocab_size: int = 32000,
     cfg["tokenizer_class"] = "PreTrainedTokenizerFast"
     json.dump(cfg, open(cfg_path, "w"), indent=2)
     return hf
+
+
+def train_tokenizer_files(paths: Iterable[str], out_dir: str, vocab_size: int = 32000):
+    """``train_tokenizer`` on text files and JSONL files ({"text": ...} per line, flattened to text first)."""
+    import tempfile
+
+    paths = list(paths)
+    with tempfile.TemporaryDirectory() as tmp:
+        files = []
+        for p in paths:
+            if p.endswith(".jsonl"):
+                q = os.path.join(tmp, os.path.basename(p) + ".txt")
+                with open(p, encoding="utf-8") as f, open(q, "w", encoding="utf-8") as g:
+                    for i, line in enumerate(f):
+                        if line.strip():
+                            obj = json.loads(line)
+                            if not isinstance(obj, dict) or "text" not in obj:
+                                raise ValueError(f"{p}:{i + 1}: a JSONL line needs a 'text' field")
+                            g.write(obj["text"].replace("\n", " ") + "\n")
+                files.append(q)
+            else:
+                files.append(p)
+        return train_tokenizer(files, out_dir, vocab_size)

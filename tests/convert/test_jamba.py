@@ -1,5 +1,6 @@
 """Jamba import: logits equal transformers' JambaForCausalLM on random weights."""
 
+import os
 import subprocess
 import sys
 
@@ -44,8 +45,9 @@ def test_jamba_import_logits_match(kw):
 def test_convert_jamba_tool(tmp_path):
     jamba = tiny_jamba()
     jamba.save_pretrained(tmp_path / "jamba")
-    res = subprocess.run([sys.executable, f"{ROOT}/tools/convert_jamba.py", str(tmp_path / "jamba"),
-                          str(tmp_path / "mixcon")], capture_output=True, text=True)
+    res = subprocess.run([sys.executable, "-m", "mixcon", "convert", "jamba", str(tmp_path / "jamba"),
+                          str(tmp_path / "mixcon")], capture_output=True, text=True, cwd=tmp_path,
+                         env={**os.environ, "PYTHONPATH": ROOT})
     assert res.returncode == 0, res.stderr[-2000:]
     import mixcon  # noqa: F401
     from transformers import AutoModelForCausalLM

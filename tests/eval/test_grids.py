@@ -12,12 +12,11 @@ import pytest
 
 from helpers import ROOT
 
-sys.path.insert(0, os.path.join(ROOT, "eval"))
 
 
 @pytest.mark.parametrize("seq_len,pairs,vocab", [(64, 4, 64), (128, 8, 256), (40, 10, 24)])
 def test_mqar_answers_are_the_values_paired_with_the_queried_keys(seq_len, pairs, vocab):
-    from recall import mqar
+    from mixcon.eval.recall import mqar
 
     x, y = mqar(7, 50, seq_len, pairs, vocab)
     assert x.shape == y.shape == (50, seq_len) and x.dtype == y.dtype == np.int64
@@ -35,7 +34,7 @@ def test_mqar_answers_are_the_values_paired_with_the_queried_keys(seq_len, pairs
 
 
 def test_mqar_is_a_pure_function_of_the_seed():
-    from recall import mqar
+    from mixcon.eval.recall import mqar
 
     a, b = mqar((3, 11), 8, 64, 4, 64), mqar((3, 11), 8, 64, 4, 64)
     assert all((u == v).all() for u, v in zip(a, b))
@@ -49,7 +48,7 @@ def test_mqar_is_a_pure_function_of_the_seed():
 
 
 def test_mqar_queries_follow_the_power_law():
-    from recall import mqar
+    from mixcon.eval.recall import mqar
 
     # with power_a = 0.01 the weight of slot i is ∝ i^(-0.99): the first slot is chosen far more often
     # than the last (uniform slots would choose them equally)
@@ -65,7 +64,7 @@ def test_mqar_queries_follow_the_power_law():
 
 
 def test_mqar_rejects_impossible_cells():
-    from recall import mqar
+    from mixcon.eval.recall import mqar
 
     with pytest.raises(ValueError, match="seq_len"):
         mqar(0, 1, 30, 8, 64)
@@ -74,7 +73,7 @@ def test_mqar_rejects_impossible_cells():
 
 
 def test_recall_members_are_what_they_say():
-    from recall import MEMBERS, member_config
+    from mixcon.eval.recall import MEMBERS, member_config
 
     from mixcon import MixConForCausalLM
 
@@ -98,7 +97,7 @@ def test_recall_members_are_what_they_say():
 
 
 def test_recall_smoke_has_every_member(tmp_path):
-    import recall
+    from mixcon.eval import recall
 
     rows, skipped = recall.main(["--smoke", "--out", str(tmp_path), "--no-progress", "--seeds", "0", "1"])
     assert not skipped
@@ -117,7 +116,7 @@ def test_recall_smoke_has_every_member(tmp_path):
 def test_recall_runs_the_claims_members_first(tmp_path):
     """When the budget runs out the mechanism-alone members are the ones left out: the claim's members
     run in every width before any of them (rows come back in the order the jobs ran)."""
-    import recall
+    from mixcon.eval import recall
 
     rows, _ = recall.main(["--smoke", "--out", str(tmp_path), "--no-progress", "--widths", "8", "16",
                            "--members", "conba+delay", "attention", "conba+noise", "mamba"])
@@ -127,7 +126,7 @@ def test_recall_runs_the_claims_members_first(tmp_path):
 
 
 def test_run_jobs_stops_at_the_budget_and_says_what_did_not_run():
-    from grid import Job, run_jobs
+    from mixcon.eval.grid import Job, run_jobs
 
     jobs = [Job(key=i, fn=time.sleep, args=(0.3,), cost_key="sleep") for i in range(3)]
     done, skipped = run_jobs(jobs, 0.5, progress=False)
@@ -139,7 +138,7 @@ def test_run_jobs_stops_at_the_budget_and_says_what_did_not_run():
 
 
 def test_spread():
-    from grid import spread
+    from mixcon.eval.grid import spread
 
     s = spread([1.0, 2.0, 4.0, float("nan")])
     assert s["n"] == 3 and s["mean"] == pytest.approx(7 / 3) and s["std"] == pytest.approx(np.std([1, 2, 4], ddof=1))
@@ -147,12 +146,12 @@ def test_spread():
 
 
 def test_ablation_members_build_what_they_say():
-    import ablation
-    import grid
+    from mixcon.eval import ablation
+    from mixcon.eval import grid
 
     from mixcon import MixConConfig
 
-    kw = json.load(open(os.path.join(ROOT, "configs", "tiny.json")))
+    kw = json.load(open(os.path.join(ROOT, "mixcon", "configs", "tiny.json")))
     kw.pop("model_type")
     fields = grid.config_fields()
     for a in (0, 1, 2, 4, 8):
@@ -191,7 +190,7 @@ def small_corpus(tmp_path_factory):
 
 
 def test_ablation_smoke_has_every_member_and_seed(tmp_path, small_corpus):
-    import ablation
+    from mixcon.eval import ablation
 
     members = ["off", "+control", "all"]
     summary, runs, not_run = ablation.main(
@@ -207,7 +206,7 @@ def test_ablation_smoke_has_every_member_and_seed(tmp_path, small_corpus):
         losses = [r["heldout_loss"] for r in runs if r["member"] == s["member"]]
         assert s["heldout_loss_mean"] == pytest.approx(sum(losses) / 2) and s["seeds"] == 2
     assert res["meta"]["shapes"]["seq_len"] == 16 and res["meta"]["rev"]
-    import grid
+    from mixcon.eval import grid
 
     assert ("control_period" in res["meta"]["config_defaults"]) == ("control_period" in grid.config_fields())
     md = (tmp_path / "out" / "ablation.md").read_text()
@@ -220,7 +219,7 @@ def test_ablation_resume_keeps_earlier_runs_and_refuses_another_recipe(tmp_path,
     """A grid cut by its budget is finished by a second call with --resume: the first call's runs are kept
     as they were (not trained again), the table covers both calls, and a folder made with another recipe
     is refused (its runs would not be comparable)."""
-    import ablation
+    from mixcon.eval import ablation
 
     common = ["ratio", "--smoke", "--recipe", str(small_corpus / "r.yaml"), "--runs", str(tmp_path / "runs"),
               "--out", str(tmp_path / "out"), "--no-progress"]
@@ -239,7 +238,7 @@ def test_ablation_resume_keeps_earlier_runs_and_refuses_another_recipe(tmp_path,
 
 
 def test_ablation_period_grid_keeps_its_sequence_and_shrinks_the_model(tmp_path, small_corpus):
-    import ablation
+    from mixcon.eval import ablation
 
     summary, runs, _ = ablation.main(
         ["period", "--smoke", "--recipe", str(small_corpus / "r.yaml"), "--members", "control off", "--lr", "1e-3",
@@ -252,8 +251,8 @@ def test_ablation_period_grid_keeps_its_sequence_and_shrinks_the_model(tmp_path,
 
 
 def test_estimates_time_every_member(small_corpus, capsys):
-    import ablation
-    import recall
+    from mixcon.eval import ablation
+    from mixcon.eval import recall
 
     rows = ablation.main(["ratio", "--smoke", "--estimate", "--recipe", str(small_corpus / "r.yaml")])
     assert [r["member"] for r in rows] == list(ablation.GRIDS["ratio"]["members"])

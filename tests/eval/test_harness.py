@@ -21,7 +21,6 @@ pytest.importorskip("lm_eval")
 from helpers import ROOT, randomize_, tiny_config  # noqa: E402
 
 STDLIB = sorted(glob.glob(os.path.join(sysconfig.get_paths()["stdlib"], "*.py")))
-sys.path.insert(0, os.path.join(ROOT, "eval"))
 
 WORDS = ["alpha", "beta", "gamma", "delta", "import os", "def main():", "return None", "class Foo:", "self.x = 1"]
 
@@ -83,7 +82,7 @@ NAMES = ["mixcon_offline_mc", "mixcon_offline_gen", "mixcon_offline_roll"]
 
 
 def _batched_equals_unbatched(model, tok, tasks):
-    from harness import evaluate
+    from mixcon.eval.harness import evaluate
 
     runs = [evaluate(model, tok, NAMES, include_path=str(tasks), batch_size=bs, log_samples=True)
             for bs in (1, 4)]
@@ -103,7 +102,7 @@ def test_members_through_the_harness_batched_equal_unbatched(saved, config):
     from mixcon import MixConConfig, MixConForCausalLM
 
     d, _, tok = saved
-    kw = json.load(open(os.path.join(ROOT, "configs", config)))
+    kw = json.load(open(os.path.join(ROOT, "mixcon", "configs", config)))
     kw.pop("model_type")
     kw.update(vocab_size=len(tok), bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
               pad_token_id=tok.pad_token_id, max_position_embeddings=256)

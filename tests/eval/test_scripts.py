@@ -8,11 +8,10 @@ import torch
 
 from helpers import ROOT
 
-sys.path.insert(0, os.path.join(ROOT, "eval"))
 
 
 def test_max_context_search_finds_the_boundary():
-    from max_context import search
+    from mixcon.bench.max_context import search
 
     for limit in (5_000, 123_456, 1_000_000):
         found, capped = search(lambda c: c <= limit, 1024, 512, 4 * 2**20)
@@ -23,10 +22,10 @@ def test_max_context_search_finds_the_boundary():
 
 @pytest.mark.parametrize("name", ["mixcon", "hf-mixtral"])
 def test_max_context_runs_the_model_at_the_end_of_a_grown_cache(name):
-    import throughput
-    from max_context import run_at_context
+    from mixcon.bench import throughput
+    from mixcon.bench.max_context import run_at_context
 
-    cfgs = throughput.variants(throughput.os.path.join(throughput.ROOT, "configs", "mixcon-1b.json"), 4096, smoke=True)
+    cfgs = throughput.variants("mixcon-1b", 4096, smoke=True)
     model = throughput.build(name, cfgs, torch.device("cpu"), torch.float32)
     cache, logits = run_at_context(name, model, 300, 64, torch.device("cpu"))
     assert cache.get_seq_length() == 301 and torch.isfinite(logits).all()
@@ -38,7 +37,7 @@ def test_max_context_runs_the_model_at_the_end_of_a_grown_cache(name):
 
 
 def test_throughput_smoke_run_consistent_caches(tmp_path):
-    import throughput
+    from mixcon.bench import throughput
 
     rows = throughput.main(["--smoke", "--out", str(tmp_path)])
     assert {r["model"] for r in rows} == set(throughput.MODELS)
@@ -53,7 +52,7 @@ def test_throughput_smoke_run_consistent_caches(tmp_path):
 
 
 def test_kv_cache_table(tmp_path, capsys):
-    import kv_cache
+    from mixcon.bench import kv_cache
 
     from mixcon.models.configuration_mixcon import cache_nbytes
 
@@ -89,7 +88,7 @@ def test_study_smoke_run_writes_table_and_plot(tmp_path):
     import json
     import sysconfig
 
-    import study
+    from mixcon.eval import study
     from transformers import AutoTokenizer
 
     from mixcon.train.data import prepare_data

@@ -168,3 +168,33 @@ def test_continuing_a_generate_from_its_returned_cache(name):
     more = model.generate(first.sequences, do_sample=False, max_new_tokens=NEW - half, min_new_tokens=NEW - half,
                           pad_token_id=0, **{GENERATE_CACHE_KEY: cache})
     assert more[0, len(p):].tolist() == greedy_reference(name, p)
+
+
+@pytest.mark.parametrize("name", ["cache", "past_key_values", "cache_params"])
+def test_forward_takes_the_cache_under_each_name_and_returns_it_where_generate_reads_it(name):
+    """A prefill then a decode step with the cache passed as ``name`` gives the logits of one uncached
+    forward over the whole sequence; the output holds the cache in the installed transformers' field."""
+    from mixcon.models.compat import CACHE_FIELD
+
+    model = model_for("tiny")
+    (p,) = prompts(model, (4 * P + 1,))
+    with torch.no_grad():
+        out = model(torch.tensor([p[:-1]]), use_cache=True)
+        cache = getattr(out, CACHE_FIELD)
+        assert isinstance(cache, MixConCache) and cache.get_seq_length() == len(p) - 1
+        step = model(torch.tensor([p[-1:]]), use_cache=True, **{name: cache})
+    assert getattr(step, CACHE_FIELD) is cache and cache.get_seq_length() == len(p)
+    # the cache keeps Conba's state in float32 whatever the model's dtype: agreement to float32's precision
+    torch.testing.assert_close(step.logits[0, -1], uncached_logits(model, p)[-1], rtol=1e-5, atol=1e-5)
+
+
+def test_unknown_keyword_arguments_raise_instead_of_being_swallowed():
+    model = model_for("tiny")
+    ids = torch.tensor([prompts(model, (5,))[0]])
+    for target in (model, model.model):
+        with pytest.raises(TypeError, match="'past_key_value'"):  # a misspelt cache: would decode without history
+            target(ids, past_key_value=MixConCache(model.config))
+    with pytest.raises(ValueError, match="two different caches"):
+        model(ids, cache=MixConCache(model.config), past_key_values=MixConCache(model.config))
+    # what transformers documents for every forward (attention backends, outputs) passes through
+    model(ids, output_router_logits=True, cu_seq_lens_q=None, max_length_q=None)

@@ -168,7 +168,7 @@ def test_conba_triton_step_is_traceable_through_its_registered_op():
     s = state()
     args = (*s, step["u"], step["delta"], step["A"], step["B"], step["C"], step["D"], step["z"], step["delta_bias"],
             True, step["alpha"], step["rho"], step["tau"], step["k0"], step["eta"], step["lam"], step["w_r"],
-            step["k_max"], 8, 0.0, 0.0, 0, None, 0)
+            step["k_max"], 8, 0.0, 0.0, 0, None, 0, 1)
     torch.library.opcheck(conba_step_op, args, test_utils=("test_schema", "test_faketensor"))
 
 

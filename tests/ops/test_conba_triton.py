@@ -135,10 +135,12 @@ def test_model_with_triton_backend_matches_reference():
     from mixcon import MixConForCausalLM
 
     torch.manual_seed(0)
-    cfg = tiny_config(conba_backend="ref")
+    # one block (three Conba layers, one attention layer) at width 32, a control period that samples
+    # three times inside the 13 tokens: the model's plumbing of the backend, at the interpreter's pace
+    cfg = tiny_config(conba_backend="ref", n_blocks=1, hidden_size=32, control_period=4)
     model = randomize_(MixConForCausalLM(cfg), scale=0.1).eval().to(DEVICE)  # well-conditioned in fp32
-    ids = torch.randint(0, cfg.vocab_size, (2, 7), device=DEVICE)
-    mask = torch.ones(2, 7, dtype=torch.long, device=DEVICE)
+    ids = torch.randint(0, cfg.vocab_size, (2, 13), device=DEVICE)
+    mask = torch.ones(2, 13, dtype=torch.long, device=DEVICE)
     mask[1, :2] = 0
     with torch.no_grad():
         ref = model(ids, attention_mask=mask).logits

@@ -74,7 +74,7 @@ def test_prepare_data_is_resumable_and_refuses_another_tokenizer(tok_and_data, t
 def _run(args, env_extra=None, torchrun=0):
     env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1", **(env_extra or {})}
     cmd = [sys.executable] + (["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={torchrun}"]
-                              if torchrun else []) + [os.path.join(ROOT, "tools", "train.py"), "--no-progress"] + args
+                              if torchrun else []) + ["-m", "mixcon", "train", "--no-progress"] + args
     return subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
 
 
@@ -84,11 +84,11 @@ def _losses(out_dir):
 
 
 def _recipe(d, out, **kw):
-    base = dict(model_config=f"{ROOT}/configs/tiny.json", tokenizer=str(d / "tok"), data=str(d / "data"),
+    base = dict(model_config="tiny", tokenizer=str(d / "tok"), data=str(d / "data"), corpus="null",
                 out_dir=str(out), seq_len=24, batch_size=4, max_steps=4, warmup_steps=2, eval_every=2,
-                eval_batches=1, save_every=2, lr=0.01)
+                eval_batches=1, save_every=2, lr=0.01, sample_prompt="null", cpu_threads=1)
     base.update(kw)
-    return ["--recipe", os.path.join(ROOT, "configs", "train-tiny.yaml")] + [f"{k}={v}" for k, v in base.items()]
+    return ["--recipe", "tiny"] + [f"{k}={v}" for k, v in base.items()]
 
 
 def _rows(out_dir):
@@ -104,9 +104,9 @@ def test_kill_while_saving_then_resume_continues_bit_for_bit_and_export_loads(to
 
     d, _ = tok_and_data
     kw = dict(grad_accum=2, **{"model_overrides.process_noise": 0.05, "model_overrides.observation_noise": 0.05})
-    full = _run(_recipe(d, tmp_path / "full", **kw) + ["--export", str(tmp_path / "export")])
+    full = _run(_recipe(d, tmp_path / "full", **kw))
     assert full.returncode == 0, full.stderr[-3000:]
-    killed = _run(_recipe(d, tmp_path / "split", debug_kill_in_save_at_step=4, **kw))
+    killed = _run(_recipe(d, tmp_path / "split", **kw), env_extra={"MIXCON_FAULT_KILL_IN_SAVE_AT_STEP": "4"})
     assert killed.returncode == -9, (killed.returncode, killed.stderr[-3000:])
     assert [s for s, _ in list_checkpoints(tmp_path / "split")] == [2]
     assert os.path.exists(tmp_path / "split" / "checkpoints" / ".tmp-step-00000004" / "trainer_state.json")
@@ -121,8 +121,8 @@ def test_kill_while_saving_then_resume_continues_bit_for_bit_and_export_loads(to
     assert os.path.exists(tmp_path / "full" / "loss.png")
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    model = AutoModelForCausalLM.from_pretrained(tmp_path / "export", trust_remote_code=True)
-    tok = AutoTokenizer.from_pretrained(tmp_path / "export")
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "full" / "model", trust_remote_code=True)
+    tok = AutoTokenizer.from_pretrained(tmp_path / "full" / "model")
     ids = tok("def f(x):", return_tensors="pt").input_ids
     assert model.generate(ids, max_new_tokens=3, do_sample=False).shape[1] == ids.shape[1] + 3
 
@@ -131,7 +131,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tok_and_data, tmp_pat
     from mixcon.train.checkpoint import latest_checkpoint, model_from_checkpoint, read_trainer_state
 
     d, _ = tok_and_data
-    res = _run(_recipe(d, tmp_path, debug_nan_at_step=3))
+    res = _run(_recipe(d, tmp_path), env_extra={"MIXCON_FAULT_NAN_AT_STEP": "3"})
     assert res.returncode != 0 and "non-finite loss" in (res.stdout + res.stderr)
     ckpt = latest_checkpoint(tmp_path)
     assert read_trainer_state(ckpt)["step"] == 2 and ckpt in res.stdout + res.stderr
@@ -157,12 +157,11 @@ def test_two_processes_give_the_loss_of_one_on_the_same_global_batch(tok_and_dat
 @pytest.mark.parametrize("config", ["mod-tiny.json", "smlp-tiny.json"])
 def test_members_train_export_and_generate(tok_and_data, tmp_path, config):
     d, _ = tok_and_data
-    res = _run(_recipe(d, tmp_path / "run", model_config=f"{ROOT}/configs/{config}")
-               + ["--export", str(tmp_path / "export")])
+    res = _run(_recipe(d, tmp_path / "run", model_config=config))
     assert res.returncode == 0, res.stderr[-3000:]
     losses = [l for _, l in _losses(tmp_path / "run")]
     assert len(losses) == 4 and all(l == l for l in losses) and losses[-1] < losses[0]
-    _generate_from(tmp_path / "export")
+    _generate_from(tmp_path / "run" / "model")
 
 
 def _generate_from(path):
@@ -179,17 +178,15 @@ def _generate_from(path):
 def test_mom_second_stage_starts_from_a_trained_dense_export(tok_and_data, tmp_path):
     """MoM's two-stage training through the tool: a dense transformer, exported, fills the pool."""
     d, _ = tok_and_data
-    dense = _run(_recipe(d, tmp_path / "dense", model_config=f"{ROOT}/configs/dense-tiny.json")
-                 + ["--export", str(tmp_path / "dense-export")])
+    dense = _run(_recipe(d, tmp_path / "dense", model_config="dense-tiny"))
     assert dense.returncode == 0, dense.stderr[-3000:]
-    mom = _run(_recipe(d, tmp_path / "mom", model_config=f"{ROOT}/configs/mom-tiny.json", max_steps=2,
-                       init_from=str(tmp_path / "dense-export"), lr=0.0, warmup_steps=1)
-               + ["--export", str(tmp_path / "mom-export")])
+    mom = _run(_recipe(d, tmp_path / "mom", model_config="mom-tiny", max_steps=2,
+                       init_from=str(tmp_path / "dense" / "model"), lr=0.0, warmup_steps=1))
     assert mom.returncode == 0, mom.stderr[-3000:]
-    model = _generate_from(tmp_path / "mom-export")
+    model = _generate_from(tmp_path / "mom" / "model")
     from transformers import AutoModelForCausalLM
 
-    dense_model = AutoModelForCausalLM.from_pretrained(tmp_path / "dense-export")
+    dense_model = AutoModelForCausalLM.from_pretrained(tmp_path / "dense" / "model")
     # lr = 0: the exported pool is exactly the dense layers (8 layers → 8 modules, layer j → module j)
     for j, layer in enumerate(dense_model.model.layers):
         assert torch.equal(model.model.mom_pool.q_proj[j], layer.mixer.q_proj.weight)
@@ -299,10 +296,9 @@ def test_sharded_checkpoint_resumes_on_another_world_size_and_exports(tok_and_da
     original = DefaultLoadPlanner.resolve_tensor
     monkeypatch.setattr(DefaultLoadPlanner, "resolve_tensor",
                         lambda self, item: read.append(item.dest_index.fqn) or original(self, item))
-    spec = importlib.util.spec_from_file_location("export_tool", os.path.join(ROOT, "tools", "export.py"))
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
-    tool.main([str(tmp_path / "full"), str(tmp_path / "export"), "--tokenizer", str(d / "tok")])
+    from mixcon.cli import main as cli
+
+    assert cli(["export", str(tmp_path / "full"), str(tmp_path / "export"), "--tokenizer", str(d / "tok")]) == 0
     assert read and all(k.startswith("model.") for k in read)  # no optimizer state was read
     from transformers import AutoModelForCausalLM
 

@@ -227,15 +227,19 @@ def conba_step(
     kwargs = dict(D=D, z=z, delta_bias=delta_bias, delta_softplus=delta_softplus, alpha=alpha, rho=rho,
                   tau=tau, k0=k0, eta=eta, lam=lam, w_r=w_r, k_max=k_max, group_size=group_size,
                   sigma_w=sigma_w, sigma_v=sigma_v, seed=seed, mask=mask, t=t)
-    control = k0 is not None or eta is not None
-    if control and control_period > 1:
-        return conba_step_ref(state, u, delta, A, B, C, **kwargs, control_period=control_period)
-    if resolve_backend(backend, u.device) == "triton":
+    if resolve_backend(backend, u.device) == "triton" and not (backend == "auto" and _needs_grad(kwargs, u, delta, A, B, C)):
+        # the fused step serves every control period (the phase advances inside the kernel); it has no
+        # backward: "auto" takes the reference step when a gradient is needed, "triton" raises
         if torch.compiler.is_compiling():  # the registered op: traceable, capturable (library.py)
             from .library import conba_step_compiled
 
-            return conba_step_compiled(state, u, delta, A, B, C, **kwargs)
+            return conba_step_compiled(state, u, delta, A, B, C, **kwargs, control_period=control_period)
         from .fused_recurrent import conba_step_triton
 
-        return conba_step_triton(state, u, delta, A, B, C, **kwargs)
-    return conba_step_ref(state, u, delta, A, B, C, **kwargs)
+        return conba_step_triton(state, u, delta, A, B, C, **kwargs, control_period=control_period)
+    return conba_step_ref(state, u, delta, A, B, C, **kwargs, control_period=control_period)
+
+
+def _needs_grad(kwargs, *tensors) -> bool:
+    xs = (*tensors, *(v for v in kwargs.values() if isinstance(v, torch.Tensor)))
+    return torch.is_grad_enabled() and any(x.requires_grad for x in xs)

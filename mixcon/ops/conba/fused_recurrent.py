@@ -30,56 +30,13 @@ import torch
 import triton
 import triton.language as tl
 
-from .naive import ConbaState, conba_step_ref
-from .noise import SEED_SALT, M32
+from .common import _mix32, _normal, _rows, _seed_key, _softplus, _strides, _tanh
+from .naive import ConbaState
 
 DEFAULT_CHUNK = 64
 
 
 # ---------------------------------------------------------------------------------- helpers
-@triton.jit
-def _mix32(x):
-    x = x ^ (x >> 16)
-    x = x * 0x7FEB352D
-    x = x ^ (x >> 15)
-    x = x * 0x846CA68B
-    x = x ^ (x >> 16)
-    return x
-
-
-@triton.jit
-def _normal(key, lane):
-    """Standard normal from a uint32 key and lane: the arithmetic of noise.normal_from_key."""
-    h1 = _mix32(lane ^ key)
-    h2 = _mix32(h1 ^ 0x68E31DA4)
-    u1 = ((h1 >> 8).to(tl.float32) + 0.5) * 5.9604644775390625e-08
-    u2 = (h2 >> 8).to(tl.float32) * 5.9604644775390625e-08
-    return tl.sqrt(-2.0 * tl.log(u1)) * tl.cos(6.283185307179586 * u2)
-
-
-@triton.jit
-def _tanh(x):
-    """tanh without libdevice: an odd series near 0 (no cancellation), exp form elsewhere."""
-    ax = tl.abs(x)
-    e2 = tl.exp(-2.0 * ax)
-    big = (1.0 - e2) / (1.0 + e2)
-    x2 = ax * ax
-    small = ax * (1.0 + x2 * (-0.3333333333333333 + x2 * (0.13333333333333333
-                                                            + x2 * (-0.05396825396825397 + x2 * 0.021869488536155203))))
-    r = tl.where(ax < 0.25, small, big)
-    return tl.where(x < 0, -r, r)
-
-
-@triton.jit
-def _softplus(x):
-    """torch's softplus (threshold 20) with Kahan's accurate log1p."""
-    ex = tl.exp(tl.minimum(x, 20.0))
-    w = 1.0 + ex
-    dw = w - 1.0
-    lp = tl.where(dw == 0.0, ex, tl.log(w) * (ex / tl.where(dw == 0.0, 1.0, dw)))
-    return tl.where(x > 20.0, x, lp)
-
-
 @triton.jit
 def _dlast(D0, D1, D2, D3, TAU: tl.constexpr):
     """The delay line's last entry, h_{t−τ}."""
@@ -226,13 +183,15 @@ def _load_params(A_ptr, bias_ptr, D_ptr, wr_ptr, rho_ptr, eta_ptr, lam_ptr, sidx
 
 @triton.jit
 def _fwd_step(h, D0, D1, D2, D3, k, e,
-              u, dl, z, Bv, Cv, a, m,
+              u, dl, z, Bv, Cv, a, m, ctl,
               A, bias, Dp, wr, rho, eta, lam, k_max, sigma_w, sigma_v, key, lane_w, lane_v, smask, cmask,
               G: tl.constexpr, TAU: tl.constexpr, CONTROL: tl.constexpr, HAS_ALPHA: tl.constexpr,
               HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr,
               NOISE_W: tl.constexpr, NOISE_V: tl.constexpr):
     """One step of docs/conba.md (6) on a [N, groups, G] tile. Returns the gated output and the
-    state after the step (unchanged, output 0, where m is false)."""
+    state after the step (unchanged, output 0, where m is false). ``ctl``: where the controller
+    samples (k and e updated) — ``m`` itself for the per-step controller (P = 1), the real steps
+    that close a period for the decode step at P > 1."""
     if HAS_BIAS:
         dl = dl + bias
     if SOFTPLUS:
@@ -262,8 +221,8 @@ def _fwd_step(h, D0, D1, D2, D3, k, e,
         en = tl.where(cmask, y - wr * u, 0.0)
         rr = tl.sqrt(tl.sum(en * en, axis=1) + 1e-12) / tl.sqrt(G * 1.0)
         kn = tl.minimum(tl.maximum((1.0 - lam) * k + eta * rr, 0.0), k_max)
-        k = tl.where(tl.max(m.to(tl.int32), axis=1) != 0, kn, k)
-        e = tl.where(m, en, e)
+        k = tl.where(tl.max(ctl.to(tl.int32), axis=1) != 0, kn, k)
+        e = tl.where(ctl, en, e)
     if HAS_Z:
         y = y * (z * tl.sigmoid(z))
     y = tl.where(m, y, 0.0)
@@ -334,7 +293,7 @@ def _conba_fwd_kernel(
                                                         HAS_Z, HAS_ALPHA, HAS_MASK)
         key = _mix32(kb ^ tl.cast(t, tl.uint32))
         y, h, D0, D1, D2, D3, k, e = _fwd_step(
-            h, D0, D1, D2, D3, k, e, u, dl, z, Bv, Cv, a, m,
+            h, D0, D1, D2, D3, k, e, u, dl, z, Bv, Cv, a, m, m,
             A, bias, Dp, wr, rho, eta, lam, k_max, sigma_w, sigma_v, key, lane_w, lane_v, smask, cmask,
             G, TAU, CONTROL, HAS_ALPHA, HAS_BIAS, SOFTPLUS, HAS_D, HAS_Z, NOISE_W, NOISE_V)
         tl.store(y_b + t * s_u_t + ch, y.to(y_ptr.dtype.element_ty), mask=cmask)
@@ -428,7 +387,7 @@ def _conba_bwd_kernel(
                                                 HAS_Z, HAS_ALPHA, HAS_MASK)
             key = _mix32(kb ^ tl.cast(t, tl.uint32))
             y, h, D0, D1, D2, D3, k, e = _fwd_step(
-                h, D0, D1, D2, D3, k, e, u, dl, z, Bv, Cv, a, m,
+                h, D0, D1, D2, D3, k, e, u, dl, z, Bv, Cv, a, m, m,
                 A, bias, Dp, wr, rho, eta, lam, k_max, sigma_w, sigma_v, key, lane_w, lane_v, smask, cmask,
                 G, TAU, CONTROL, HAS_ALPHA, HAS_BIAS, SOFTPLUS, HAS_D, HAS_Z, NOISE_W, NOISE_V)
         tl.debug_barrier()
@@ -594,25 +553,38 @@ def _conba_bwd_kernel(
 
 
 # ---------------------------------------------------------------------------------- decode step
-@triton.jit(do_not_specialize=["t_idx"])  # t = 1 would otherwise become a constant (and a recompile)
+TICKET = 1 << 32  # one program's mark in the phase word's high half (see _conba_step_kernel)
+
+
+@triton.jit(do_not_specialize=["t_idx", "period"])  # t = 1 would otherwise become a constant (and a recompile)
 def _conba_step_kernel(
     u_ptr, dl_ptr, z_ptr, B_ptr, C_ptr, al_ptr, m_ptr, y_ptr,
     A_ptr, bias_ptr, D_ptr, wr_ptr, rho_ptr, eta_ptr, lam_ptr,
-    h_ptr, dls_ptr, k_ptr, e_ptr,  # the state, read and written in place
-    d, NG, N, t_idx,
+    h_ptr, dls_ptr, k_ptr, e_ptr, ph_ptr,  # the state, read and written in place (ph: int64 phase)
+    d, NG, N, t_idx, period,
     s_u_b, s_dl_b, s_z_b, s_B_b, s_C_b, s_al_b, s_y_b,
     k_max, sigma_w, sigma_v, seed_key,
     G: tl.constexpr, GP: tl.constexpr, BG: tl.constexpr, NP: tl.constexpr,
     TAU: tl.constexpr, CONTROL: tl.constexpr, HAS_ALPHA: tl.constexpr, HAS_BIAS: tl.constexpr,
     SOFTPLUS: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_MASK: tl.constexpr,
-    NOISE_W: tl.constexpr, NOISE_V: tl.constexpr,
+    NOISE_W: tl.constexpr, NOISE_V: tl.constexpr, PERIODIC: tl.constexpr,
 ):
+    """One decode token. PERIODIC (control with P = ``period`` > 1): the controller keeps its gain and
+    held error between sampling instants and samples when this real token closes the period; the
+    row's phase (real steps since the last instant) advances by one real token and wraps to 0 there.
+
+    The phase is one word per row shared by the row's programs, read and written in one launch: each
+    program reads it with an atomic add of TICKET (2^32), so the high half counts the programs that
+    have read it, and the last of them (it saw n_programs − 1 tickets) stores the new phase, high half
+    0. No program can read after that store, and nothing else runs between two steps."""
     pid_b = tl.program_id(0).to(tl.int64)  # batch offsets (b·T·d, checkpoints) can pass 2^31
     pid_g = tl.program_id(1)
     offs_n, offs_g, nmask, gmask, cmask, ch, smask, sidx, lane_w, lane_v, kb = _tile(
         pid_b, pid_g, N, NG, seed_key, G, GP, BG, NP)
     key = _mix32(kb ^ t_idx.to(tl.uint32))
     sd = d * N
+    if PERIODIC:
+        word = tl.atomic_add(ph_ptr + pid_b, 4294967296)  # TICKET
     A, bias, Dp, wr, rho, eta, lam = _load_params(
         A_ptr, bias_ptr, D_ptr, wr_ptr, rho_ptr, eta_ptr, lam_ptr, sidx, smask, ch, cmask, offs_g, gmask,
         BG, GP, TAU, CONTROL, HAS_BIAS, HAS_D)
@@ -622,8 +594,19 @@ def _conba_step_kernel(
                                         ch, cmask, offs_n, nmask, offs_g, gmask, HAS_Z, HAS_ALPHA, HAS_MASK)
     h, D0, D1, D2, D3, k, e = _load_state(h_ptr, dls_ptr, k_ptr, e_ptr, pid_b, sd, NG, d, sidx, smask,
                                           offs_g, gmask, ch, cmask, TAU, CONTROL, NP, BG, GP)
+    ctl = m
+    if PERIODIC:
+        if HAS_MASK:
+            real = (tl.load(m_ptr + pid_b) != 0).to(tl.int64)
+        else:
+            real = 1
+        phase = (word & 0xFFFFFFFF) + real
+        sample = phase == period  # never on a padded token: the phase is below the period before it
+        ctl = m & sample
+        last = (word >> 32) == tl.num_programs(1) - 1
+        tl.store(ph_ptr + pid_b, tl.where(sample, 0, phase), mask=last)
     y, h, D0, D1, D2, D3, k, e = _fwd_step(
-        h, D0, D1, D2, D3, k, e, u, dl, z, Bv, Cv, a, m,
+        h, D0, D1, D2, D3, k, e, u, dl, z, Bv, Cv, a, m, ctl,
         A, bias, Dp, wr, rho, eta, lam, k_max, sigma_w, sigma_v, key, lane_w, lane_v, smask, cmask,
         G, TAU, CONTROL, HAS_ALPHA, HAS_BIAS, SOFTPLUS, HAS_D, HAS_Z, NOISE_W, NOISE_V)
     tl.store(y_ptr + pid_b * s_y_b + ch, y.to(y_ptr.dtype.element_ty), mask=cmask)
@@ -632,21 +615,6 @@ def _conba_step_kernel(
 
 
 # ---------------------------------------------------------------------------------- Python side
-def _mix32_int(x: int) -> int:
-    x ^= x >> 16
-    x = (x * 0x7FEB352D) & M32
-    x ^= x >> 15
-    x = (x * 0x846CA68B) & M32
-    x ^= x >> 16
-    return x
-
-
-def _seed_key(seed: int) -> int:
-    """noise.step_key's per-seed part, as a signed int32 kernel argument (the kernel bitcasts it)."""
-    s = _mix32_int((int(seed) ^ SEED_SALT) & M32)
-    return s - (1 << 32) if s >= (1 << 31) else s
-
-
 # channels per program (whole groups, a power of two; None: by batch, see _channels) and the cap on
 # warps; tools/tune_conba.py sweeps them on a GPU
 TUNING = dict(channels=None, max_warps=4)
@@ -675,13 +643,6 @@ def _blocking(d: int, group_size: int, n: int, batch: int = 1):
     return gp, bg, np_, n_blocks, num_warps
 
 
-def _rows(x):
-    """x with a unit stride on its last dim (strides of the leading dims are passed to the kernel)."""
-    if x is None:
-        return None
-    return x if x.stride(-1) == 1 else x.contiguous()
-
-
 class _Cfg:
     __slots__ = ("tau", "group_size", "control", "softplus", "k_max", "sigma_w", "sigma_v", "seed", "chunk",
                  "has_D", "has_bias", "has_z", "has_alpha", "has_mask")
@@ -695,13 +656,6 @@ def _flags(cfg):
     return dict(TAU=cfg.tau, CONTROL=cfg.control, HAS_ALPHA=cfg.has_alpha, HAS_BIAS=cfg.has_bias,
                 SOFTPLUS=cfg.softplus, HAS_D=cfg.has_D, HAS_Z=cfg.has_z, HAS_MASK=cfg.has_mask,
                 NOISE_W=cfg.sigma_w > 0.0, NOISE_V=cfg.sigma_v > 0.0)
-
-
-def _strides(*xs):
-    out = []
-    for x in xs:
-        out += [x.stride(0), x.stride(1)] if x is not None else [0, 0]
-    return out
 
 
 def _launch_fwd(cfg, u, delta, A, B, C, D, z, delta_bias, alpha, rho, eta, lam, w_r, h0, dl0, k_init, e0, mask,
@@ -873,29 +827,34 @@ def conba_scan_triton(
 def conba_step_triton(
     state, u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False, alpha=None, rho=None,
     tau=0, k0=None, eta=None, lam=None, w_r=None, k_max=1.0, group_size=8, sigma_w=0.0, sigma_v=0.0, seed=0,
-    mask=None, t=0,
+    mask=None, t=0, control_period=1,
 ):
-    """The fused decode step: updates ``state`` (float32) in place and returns y (batch, d_inner).
-    No host synchronisation and fixed shapes, so it can be captured in a CUDA graph (with a fixed
-    ``t``, which only keys the noise). Under autograd it falls back to the reference step."""
-    kw = dict(D=D, z=z, delta_bias=delta_bias, delta_softplus=delta_softplus, alpha=alpha, rho=rho, tau=tau,
-              k0=k0, eta=eta, lam=lam, w_r=w_r, k_max=k_max, group_size=group_size, sigma_w=sigma_w,
-              sigma_v=sigma_v, seed=seed, mask=mask, t=t)
+    """The fused decode step: updates ``state`` (float32; the phase int64) in place and returns y
+    (batch, d_inner). Every control period P: with control and P > 1 the kernel advances the phase and
+    updates the gain only when the token closes a period (`_conba_step_kernel`). No host
+    synchronisation and fixed shapes, so it can be captured in a CUDA graph (with a fixed ``t``, which
+    only keys the noise). The kernel has no backward: with a gradient required it raises."""
     if torch.is_grad_enabled() and any(isinstance(x, torch.Tensor) and x.requires_grad
                                        for x in (u, delta, A, B, C, D, z, delta_bias, alpha, rho, k0, eta, lam, w_r)):
-        return conba_step_ref(state, u, delta, A, B, C, **kw)
+        raise ValueError("conba_step (triton): the fused decode step has no backward; run it under torch.no_grad() "
+                         "or use backend='ref' (or 'auto', which takes the reference step when a gradient is needed)")
     b, d = u.shape
     n = A.shape[1]
     ng = d // group_size
     control = eta is not None or k0 is not None
+    periodic = control and int(control_period) > 1
     f32 = dict(device=u.device, dtype=torch.float32)
     if control:
         eta = eta if eta is not None else torch.zeros(ng, **f32)
         lam = lam if lam is not None else torch.zeros(ng, **f32)
         w_r = w_r if w_r is not None else torch.ones(d, **f32)
-    # the kernel needs contiguous float32 state; other layouts run on a copy that is written back
-    # (the phase, state[4], stays 0 at P = 1: the kernel does not touch it)
+    # the kernel needs contiguous float32 state and an int64 phase; other layouts run on a copy that is
+    # written back (the phase is only read and written with control at P > 1)
     work = [s if (s.dtype == torch.float32 and s.is_contiguous()) else s.float().contiguous() for s in state[:4]]
+    ph = state[4]
+    if periodic and not (ph.dtype == torch.int64 and ph.is_contiguous()):
+        ph = ph.to(torch.int64).contiguous()
+    work.append(ph)
     gp, bg, np_, n_blocks, num_warps = _blocking(d, group_size, n, b)
     y = torch.empty(b, d, device=u.device, dtype=u.dtype)
     dummy = torch.empty(1, **f32)
@@ -908,12 +867,12 @@ def conba_step_triton(
     _conba_step_kernel[(b, n_blocks)](
         u, delta, o(z), B, C, o(alpha), o(m), y,
         A.contiguous(), o(delta_bias), o(D), o(w_r), o(rho), o(eta), o(lam),
-        work[0], work[1] if tau else dummy, work[2], work[3],
-        d, ng, n, int(t),
+        work[0], work[1] if tau else dummy, work[2], work[3], work[4] if periodic else dummy,
+        d, ng, n, int(t), int(control_period),
         u.stride(0), delta.stride(0), z.stride(0) if z is not None else 0, B.stride(0), C.stride(0),
         alpha.stride(0) if alpha is not None else 0, y.stride(0),
         float(k_max), float(sigma_w), float(sigma_v), _seed_key(seed),
-        G=group_size, GP=gp, BG=bg, NP=np_, **_flags(cfg), num_warps=num_warps,
+        G=group_size, GP=gp, BG=bg, NP=np_, PERIODIC=periodic, **_flags(cfg), num_warps=num_warps,
     )
     for s, w in zip(state, work):
         if w is not s:

@@ -7,9 +7,13 @@ one opaque call inside the graph: the decode step compiles with ``fullgraph=True
 a CUDA graph (``mode="reduce-overhead"``). The op writes the state (h, delay line, k, e) in place, as
 the step does; it is declared to do so (``mutates_args``), so functionalisation keeps the writes.
 
+The op serves every control period: with control at P > 1 the kernel advances the phase (also written
+in place, and declared so) and updates the gain only at sampling instants.
+
 `conba_step` (``mixcon.ops.conba``) calls `conba_step_compiled` for the Triton backend while
 compiling; eager calls keep the direct launch (the dispatcher adds a few µs a call). Inference only:
-with gradients required it runs the reference step (plain PyTorch, which the compiler traces).
+with gradients required the dispatcher's "auto" runs the reference step (plain PyTorch, which the
+compiler traces) and an explicit "triton" raises.
 """
 
 from __future__ import annotations
@@ -19,12 +23,12 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .naive import ConbaState, conba_step_ref
+from .naive import ConbaState
 
 __all__ = ["conba_step_op", "conba_step_compiled"]
 
 
-@torch.library.custom_op("mixcon::conba_step", mutates_args=("h", "delay", "k", "e"))
+@torch.library.custom_op("mixcon::conba_step", mutates_args=("h", "delay", "k", "e", "phase"))
 def conba_step_op(
     h: Tensor, delay: Tensor, k: Tensor, e: Tensor, phase: Tensor,
     u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor,
@@ -32,35 +36,34 @@ def conba_step_op(
     alpha: Optional[Tensor], rho: Optional[Tensor], tau: int,
     k0: Optional[Tensor], eta: Optional[Tensor], lam: Optional[Tensor], w_r: Optional[Tensor],
     k_max: float, group_size: int, sigma_w: float, sigma_v: float, seed: int,
-    mask: Optional[Tensor], t: int,
+    mask: Optional[Tensor], t: int, control_period: int,
 ) -> Tensor:
     """One fused decode step (see `fused_recurrent.conba_step_triton`): y (batch, d_inner); the state
-    tensors h, delay, k, e are updated in place (the phase is not touched: P = 1)."""
+    tensors h, delay, k, e and (with control at P > 1) the phase are updated in place."""
     from .fused_recurrent import conba_step_triton
 
     return conba_step_triton(
         ConbaState(h, delay, k, e, phase), u, delta, A, B, C, D=D, z=z, delta_bias=delta_bias,
         delta_softplus=delta_softplus, alpha=alpha, rho=rho, tau=tau, k0=k0, eta=eta, lam=lam, w_r=w_r,
-        k_max=k_max, group_size=group_size, sigma_w=sigma_w, sigma_v=sigma_v, seed=seed, mask=mask, t=t)
+        k_max=k_max, group_size=group_size, sigma_w=sigma_w, sigma_v=sigma_v, seed=seed, mask=mask, t=t,
+        control_period=control_period)
 
 
 @conba_step_op.register_fake
 def _(h, delay, k, e, phase, u, delta, A, B, C, D, z, delta_bias, delta_softplus, alpha, rho, tau, k0, eta, lam,
-      w_r, k_max, group_size, sigma_w, sigma_v, seed, mask, t):
+      w_r, k_max, group_size, sigma_w, sigma_v, seed, mask, t, control_period):
     return torch.empty_like(u)
 
 
 def conba_step_compiled(state: ConbaState, u, delta, A, B, C, D=None, z=None, delta_bias=None,
                         delta_softplus=False, alpha=None, rho=None, tau=0, k0=None, eta=None, lam=None, w_r=None,
-                        k_max=1.0, group_size=8, sigma_w=0.0, sigma_v=0.0, seed=0, mask=None, t=0):
-    """`conba_step_triton`'s signature, through the registered op (the reference step when a gradient
-    is needed: the op has no backward)."""
+                        k_max=1.0, group_size=8, sigma_w=0.0, sigma_v=0.0, seed=0, mask=None, t=0, control_period=1):
+    """`conba_step_triton`'s signature, through the registered op (which has no backward: with a
+    gradient required it raises, as the eager kernel does)."""
     args = (u, delta, A, B, C, D, z, delta_bias, alpha, rho, k0, eta, lam, w_r)
     if torch.is_grad_enabled() and any(isinstance(x, Tensor) and x.requires_grad for x in args):
-        return conba_step_ref(state, u, delta, A, B, C, D=D, z=z, delta_bias=delta_bias,
-                              delta_softplus=delta_softplus, alpha=alpha, rho=rho, tau=tau, k0=k0, eta=eta,
-                              lam=lam, w_r=w_r, k_max=k_max, group_size=group_size, sigma_w=sigma_w,
-                              sigma_v=sigma_v, seed=seed, mask=mask, t=t)
+        raise ValueError("conba_step (triton): the fused decode step has no backward; run it under torch.no_grad() "
+                         "or use backend='ref' (or 'auto', which takes the reference step when a gradient is needed)")
     return conba_step_op(*state, u, delta, A, B, C, D, z, delta_bias, bool(delta_softplus), alpha, rho, int(tau),
                          k0, eta, lam, w_r, float(k_max), int(group_size), float(sigma_w), float(sigma_v), int(seed),
-                         mask, int(t))
+                         mask, int(t), int(control_period))

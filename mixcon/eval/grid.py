@@ -15,7 +15,6 @@ import sys
 import time
 from typing import Any, Callable, Optional
 
-ROOT = os.path.abspath(os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 # Conba's switches (docs/conba.md). With all of them off Conba is a Mamba-1 mixer.
 NOISE = 0.01  # σ_w = σ_v when the training noise is on (the config's default is 0 = off)
@@ -68,17 +67,16 @@ def missing_fields(overrides: dict) -> list:
 
 def load_builtin(recipe_path: str, overrides=()):
     """The recipe (YAML + ``key=value`` overrides) and its tokenizer; the built-in corpus (a tokenizer and
-    shards from the Python standard library's source, as `tools/train.py` makes them) is prepared
+    shards from the Python standard library's source, as `mixcon train` makes them) is prepared
     when the recipe's tokenizer or data directory is missing."""
-    sys.path.insert(0, os.path.join(ROOT, "tools"))
     from transformers import AutoTokenizer
 
     from mixcon.train.recipe import load_recipe
-    from train import ensure_builtin_data
+    from mixcon.train.run import ensure_stdlib_corpus
 
     base = load_recipe(recipe_path, list(overrides))
     if not os.path.exists(os.path.join(base.tokenizer, "tokenizer.json")) or not os.path.isdir(base.data):
-        ensure_builtin_data(base)
+        ensure_stdlib_corpus(base)
     return base, AutoTokenizer.from_pretrained(base.tokenizer)
 
 

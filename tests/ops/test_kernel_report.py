@@ -1,0 +1,58 @@
+"""tools/kernel_report.py (mixcon/ops/kernel_report.py): the ahead-of-time compile report of the shipped
+Triton kernels. Its configurations cover every kernel entry point of the Conba modules; one small kernel
+compiled for sm_90 here (Triton's compiler, no GPU) gives a row with ptxas's figures and the last line."""
+
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+pytest.importorskip("triton")
+
+from helpers import ROOT  # noqa: E402
+from mixcon.ops import kernel_report as kr  # noqa: E402
+from mixcon.ops.conba import chunk, fused_recurrent  # noqa: E402
+
+
+def test_configs_cover_every_kernel_entry_point():
+    entry = {f"{m.__name__}.{name}" for m in (chunk, fused_recurrent) for name in dir(m)
+             if name.endswith("_kernel") and hasattr(getattr(m, name), "fn")}
+    covered = {f"{kc.fn.fn.__module__}.{kc.fn.fn.__name__}" for kc in kr.configs()}
+    assert entry and entry <= covered, entry - covered
+    names = [kc.name for kc in kr.configs()]
+    assert len(names) == len(set(names))
+    assert "step[P=64,b1,8ch]" in names  # the decode step at the default period
+
+
+def test_every_constexpr_of_every_config_is_given():
+    import inspect
+
+    for kc in kr.configs():
+        params = inspect.signature(kc.fn.fn).parameters
+        flags = {n for n, p in params.items() if "constexpr" in str(p.annotation)}
+        assert flags == set(kc.constexprs), (kc.name, flags ^ set(kc.constexprs))
+
+
+def test_bad_arch_is_refused():
+    assert kr.parse_arch("sm_90") == 90 and kr.parse_arch("sm_80") == 80 and kr.parse_arch("sm_90a") == 90
+    with pytest.raises(ValueError, match="sm_<capability>"):
+        kr.parse_arch("hopper")
+
+
+@pytest.mark.slow
+def test_compiles_one_kernel_for_sm90_and_prints_the_spill_total():
+    """The mechanisms-off decode step (the smallest kernel, ~1 s) through the script, in a process without
+    the interpreter."""
+    pytest.importorskip("triton.backends.nvidia")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "kernel_report.py"), "--arch", "sm_90",
+                        "--only", "step[off"], env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    lines = r.stdout.strip().splitlines()
+    row = next(line for line in lines if line.startswith("step[off"))
+    regs, stores, loads, stack, shared, warps = map(int, row.split()[1:7])
+    assert 0 < regs <= 255 and warps >= 1 and shared >= 0
+    assert re.fullmatch(r"spills: \d+", lines[-1]) and int(lines[-1].split()[1]) == stores

@@ -1,0 +1,63 @@
+"""A model saved by `mixcon train` loads in a new process, from another directory, in an environment where
+this project was installed with plain `pip install <repository>` (not editable, not on the path), and its
+tokenizer loads without any prompt (stdin closed: a prompt would fail)."""
+
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from helpers import ROOT
+
+LOAD = """
+import sys
+import mixcon, torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+assert not mixcon.__file__.startswith(sys.argv[2]), mixcon.__file__  # the installed copy, not the checkout
+tok = AutoTokenizer.from_pretrained(sys.argv[1])
+model = AutoModelForCausalLM.from_pretrained(sys.argv[1]).eval()
+ids = tok("def f(x):", return_tensors="pt").input_ids
+print("ok", model.generate(ids, max_new_tokens=4, do_sample=False).shape[1] - ids.shape[1])
+"""
+
+
+@pytest.mark.slow
+def test_saved_model_loads_after_pip_install_in_a_fresh_venv(tmp_path):
+    from mixcon import MixConForCausalLM
+    from mixcon.resources import load_config
+    from mixcon.train.tokenizer import train_tokenizer
+    import glob
+    import sysconfig
+
+    files = sorted(glob.glob(os.path.join(sysconfig.get_paths()["stdlib"], "*.py")))[:5]
+    train_tokenizer(files, str(tmp_path / "tok"), vocab_size=500, input_sentence_size=20_000)
+    from transformers import AutoTokenizer
+
+    MixConForCausalLM(load_config("tiny", vocab_size=500)).save_pretrained(tmp_path / "model")
+    AutoTokenizer.from_pretrained(tmp_path / "tok").save_pretrained(tmp_path / "model")
+    # the venv sees the system's torch and transformers (not reinstalled); this project goes in as a wheel
+    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(tmp_path / "venv")], check=True)
+    py = str(tmp_path / "venv" / "bin" / "python")
+    src = tmp_path / "src"  # a copy, so the build leaves nothing in the checkout
+    shutil.copytree(ROOT, src, ignore=shutil.ignore_patterns(".git", "runs", "build", "*.egg-info", "__pycache__",
+                                                             "eval", "tests"), symlinks=True)
+    # the wheel is built by this interpreter's setuptools (the venv's own may predate bdist_wheel), offline
+    res = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "--no-index",
+                          "-w", str(tmp_path / "wheel"), str(src)], capture_output=True, text=True, cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    wheel = next((tmp_path / "wheel").glob("mixcon-*.whl"))
+    res = subprocess.run([py, "-m", "pip", "install", "-q", "--no-deps", "--no-index", str(wheel)],
+                         capture_output=True, text=True, cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    work = tmp_path / "elsewhere"
+    work.mkdir()
+    res = subprocess.run([py, "-c", LOAD, str(tmp_path / "model"), ROOT], capture_output=True, text=True, cwd=work,
+                         env=env, stdin=subprocess.DEVNULL, timeout=300)
+    assert res.returncode == 0 and "ok 4" in res.stdout, (res.stdout[-1000:], res.stderr[-3000:])
+    assert "trust_remote_code" not in res.stderr and "[y/N]" not in res.stdout + res.stderr
+    res = subprocess.run([str(tmp_path / "venv" / "bin" / "mixcon"), "layout", "mixcon-1b"], capture_output=True,
+                         text=True, cwd=work, env=env)
+    assert res.returncode == 0 and "block 3" in res.stdout, res.stderr[-2000:]  # package data in the wheel
