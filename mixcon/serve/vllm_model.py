@@ -1,0 +1,308 @@
+"""MixCon as a vLLM model (docs/serving.md): attention through vLLM's paged `Attention`, Conba layers
+with their state in vLLM's per-sequence state slots, MoE and MLP as this project's modules.
+
+The modules reuse this project's layers (`ConbaMixer` and its scan/step, `SparseMoE`, `SwiGLUMLP`,
+`RMSNorm`, the attention projections and RoPE), under the same parameter names as the transformers
+model, so the safetensors that `save_pretrained` writes load as they are.
+
+vLLM hands the model a flat batch of tokens: the decode requests first (one token each), then the
+prefill requests (a prompt, or a piece of one with chunked prefill) back to back. Attention reads
+its paged K/V; a Conba layer reads its metadata (`Mamba1AttentionMetadata`: slot of each request,
+whether a prefill continues a state) and runs `conba_step` on the decodes (batched) and the
+chunked scan on each prefill, reading and writing the request's slot. A slot is reset (the state
+before the first token: zeros and k = k₀) when a prefill starts a new sequence.
+
+Supported: tensor parallel size 1, eager mode (``enforce_eager=True``), no prefix caching, no
+speculative decoding; layers of attention or Conba with an MLP, MoE or no FFN (no Mixture of Depths,
+Mixture of Modules or spatial layers).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+import torch
+from torch import nn
+
+try:
+    from vllm.config import VllmConfig, get_current_vllm_config
+    from vllm.forward_context import get_forward_context
+    from vllm.model_executor.layers.attention import Attention
+    from vllm.model_executor.layers.mamba.abstract import MambaBase
+    from vllm.model_executor.layers.mamba.mamba_utils import MambaCopySpec
+    from vllm.model_executor.models.interfaces import HasInnerState, IsHybrid
+    from vllm.v1.attention.backends.registry import MambaAttentionBackendEnum
+except ImportError as e:  # pragma: no cover - exercised without vLLM in tests/serve/test_plugin.py
+    from mixcon.serve.plugin import VLLM_MISSING
+
+    raise ImportError(VLLM_MISSING) from e
+
+from mixcon.layers.attention import MixConAttention, apply_rope, rope_cos_sin
+from mixcon.layers.conba import ConbaMixer
+from mixcon.layers.mlp import SwiGLUMLP
+from mixcon.layers.moe import SparseMoE
+from mixcon.layers.norm import RMSNorm
+from mixcon.models.configuration_mixcon import MixConConfig
+from mixcon.ops.conba import ConbaState
+
+# ------------------------------------------------------------------------------------ Conba state
+
+def conba_state_layout(config) -> tuple[tuple[str, tuple[int, ...], torch.dtype], ...]:
+    """(name, shape of one slot, dtype) of every state a Conba layer keeps between tokens.
+
+    conv (d_inner, d_conv − 1): the conv window; h (d_inner, N): the SSM state; delay (τ, d_inner, N):
+    the delay line (only with τ > 0); k (d_inner / G,), e (d_inner,), phase (1,): the controller's gain,
+    the error sampled at its last instant and the steps since (only with control). Everything is
+    float32 (the scan accumulates in float32; the conv window holds inputs of the model's dtype, which
+    float32 holds exactly) and the phase int32, so every state starts at a 4-byte boundary of a page."""
+    d, N = config.d_inner, config.d_state
+    out = [("conv", (d, config.d_conv - 1), torch.float32), ("h", (d, N), torch.float32)]
+    if config.delay > 0:
+        out.append(("delay", (config.delay, d, N), torch.float32))
+    if config.control:
+        out += [("k", (d // config.control_group,), torch.float32), ("e", (d,), torch.float32),
+                ("phase", (1,), torch.int32)]
+    return tuple(out)
+
+
+def _whole_state_copy(state: torch.Tensor, block_ids: list[int], cur_block_idx: int,
+                      num_accepted_tokens: int) -> MambaCopySpec:
+    """Copy spec of one state for vLLM's prefix caching in align mode: the whole slot."""
+    src = state[block_ids[cur_block_idx + num_accepted_tokens - 1]]
+    return MambaCopySpec(start_addr=src.data_ptr(), num_elements=src.numel())
+
+
+class VllmConbaMixer(ConbaMixer, MambaBase):
+    """`ConbaMixer` (same parameters, same scan and step) whose state lives in vLLM's state slots."""
+
+    def __init__(self, config, layer_idx: int, prefix: str):
+        super().__init__(config, layer_idx)
+        self.prefix = prefix
+        self.layout = conba_state_layout(config)
+        self.kv_cache = tuple(torch.tensor([]) for _ in self.layout)
+        context = get_current_vllm_config().compilation_config.static_forward_context
+        if prefix in context:
+            raise ValueError(f"duplicate layer name {prefix!r}")
+        context[prefix] = self  # vLLM binds the layer's slots and metadata by this name
+
+    # MambaBase
+    def get_state_shape(self) -> tuple[tuple[int, ...], ...]:
+        d, N, tau = self.d_inner, self.d_state, self.tau
+        shapes = [(d, self.d_conv - 1), (d, N)] + ([(tau, d, N)] if tau > 0 else [])
+        if self.control:
+            shapes += [(self.n_groups,), (d,), (1,)]
+        return tuple(shapes)
+
+    def get_state_dtype(self) -> tuple[torch.dtype, ...]:
+        return tuple(torch.int32 if name == "phase" else torch.float32 for name, _, _ in self.layout)
+
+    @property
+    def mamba_type(self) -> MambaAttentionBackendEnum:
+        return MambaAttentionBackendEnum.MAMBA1  # its metadata (slots, has_initial_states) is what we read
+
+    # state slots
+    def _slots(self) -> dict[str, torch.Tensor]:
+        return {name: t for (name, _, _), t in zip(self.layout, self.kv_cache)}
+
+    def _read(self, slots, idx: torch.Tensor, fresh: torch.Tensor | None = None):
+        """The states of slots ``idx`` as the mixer's cache dict; rows where ``fresh`` is true start empty."""
+        n, device = idx.shape[0], idx.device
+        conv0, empty = self.empty_state(n, device)
+        conv = slots["conv"][idx].to(conv0.dtype)
+        h = slots["h"][idx]
+        delay = slots["delay"][idx] if self.tau > 0 else empty.delay
+        if self.control:
+            k, e, phase = slots["k"][idx], slots["e"][idx], slots["phase"][idx, 0].long()
+        else:
+            k, e, phase = empty.k, empty.e, empty.phase
+        state = ConbaState(h, delay, k, e, phase)
+        if fresh is not None:
+            conv = torch.where(fresh[:, None, None], conv0, conv)
+            state = ConbaState(*(torch.where(fresh.view(-1, *[1] * (a.dim() - 1)), b.to(a.dtype), a)
+                                 for a, b in zip(state, empty)))
+        return {"conv": conv, "ssm": state}
+
+    def _write(self, slots, idx: torch.Tensor, state) -> None:
+        slots["conv"][idx] = state["conv"].to(slots["conv"].dtype)
+        s = state["ssm"]
+        slots["h"][idx] = s.h.float()
+        if self.tau > 0:
+            slots["delay"][idx] = s.delay.float()
+        if self.control:
+            slots["k"][idx] = s.k.float()
+            slots["e"][idx] = s.e.float()
+            slots["phase"][idx, 0] = s.phase.to(torch.int32)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """hidden_states (tokens, hidden), decodes first then prefills → (tokens, hidden)."""
+        meta = get_forward_context().attn_metadata
+        meta = meta.get(self.prefix) if isinstance(meta, dict) else None
+        if meta is None:  # vLLM's profiling run: no slots yet, only the shapes matter
+            return self.out_proj(self.in_proj(hidden_states).chunk(2, dim=-1)[0])
+        nd, npf = meta.num_decode_tokens, meta.num_prefill_tokens
+        out = hidden_states.new_zeros(hidden_states.shape)
+        slots = self._slots()
+        if nd > 0:
+            if meta.num_decodes != nd:
+                raise NotImplementedError("MixCon's vLLM model runs one token per decode step "
+                                          "(speculative decoding is not supported)")
+            idx = meta.state_indices_tensor_d[:, 0].long()
+            state = self._read(slots, idx)
+            out[:nd] = super().forward(hidden_states[:nd, None], state=state)[:, 0]
+            self._write(slots, idx, state)
+        if npf > 0:
+            starts = meta.query_start_loc_p.tolist()
+            idx_p = meta.state_indices_tensor_p.long()
+            fresh_p = ~meta.has_initial_states_p.bool()
+            x = hidden_states[nd:nd + npf]
+            for i in range(len(starts) - 1):  # one prompt (piece) at a time: the chunked scan over it
+                s, e = starts[i], starts[i + 1]
+                idx = idx_p[i:i + 1]
+                state = self._read(slots, idx, fresh_p[i:i + 1])
+                out[nd + s:nd + e] = super().forward(x[None, s:e], state=state)[0]
+                self._write(slots, idx, state)
+        return out
+
+
+# ------------------------------------------------------------------------------------ attention
+
+
+class VllmAttention(MixConAttention):
+    """MixCon's attention projections and RoPE; the softmax over vLLM's paged K/V."""
+
+    def __init__(self, config, layer_idx: int, prefix: str, cache_config=None):
+        super().__init__(config, layer_idx)
+        self.use_rope, self.rope_theta = config.use_rope, config.rope_theta
+        self.attn = Attention(self.num_heads, self.head_dim, self.head_dim ** -0.5, num_kv_heads=self.num_kv_heads,
+                              cache_config=cache_config, prefix=f"{prefix}.attn")
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """x (tokens, hidden), positions (tokens,) → (tokens, hidden)."""
+        T = x.shape[0]
+        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        if self.use_rope:
+            cos, sin = rope_cos_sin(positions[None], self.head_dim, self.rope_theta, x.dtype)  # (1, 1, T, hd)
+            q = apply_rope(q.view(1, T, -1, self.head_dim).transpose(1, 2), cos, sin).transpose(1, 2).reshape(T, -1)
+            k = apply_rope(k.view(1, T, -1, self.head_dim).transpose(1, 2), cos, sin).transpose(1, 2).reshape(T, -1)
+        return self.o_proj(self.attn(q, k, v))
+
+
+# ------------------------------------------------------------------------------------ the model
+
+
+def check_servable(config) -> None:
+    """What this vLLM model runs: one clear error for anything else."""
+    kinds = set(config.layers_block_type) - {"attention", "conba"}
+    if kinds:
+        raise ValueError(f"MixCon's vLLM model serves attention and Conba layers; this model has "
+                         f"{', '.join(sorted(kinds))} layers (serve it with transformers' generate)")
+    if any(m != "none" for m in config.layers_mod_type):
+        raise ValueError("MixCon's vLLM model does not serve Mixture-of-Depths layers (layers_mod_type); "
+                         "serve this model with transformers' generate")
+
+
+class MixConDecoderLayer(nn.Module):
+    def __init__(self, config, layer_idx: int, prefix: str, cache_config=None):
+        super().__init__()
+        self.mixer_type = config.layers_block_type[layer_idx]
+        self.ffn_type = config.layers_ffn_type[layer_idx]
+        self.input_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        if self.mixer_type == "attention":
+            self.mixer = VllmAttention(config, layer_idx, f"{prefix}.mixer", cache_config)
+        else:
+            self.mixer = VllmConbaMixer(config, layer_idx, f"{prefix}.mixer")
+        if self.ffn_type != "none":
+            self.pre_ff_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        if self.ffn_type == "moe":
+            self.feed_forward = SparseMoE(config)
+        elif self.ffn_type == "mlp":
+            self.feed_forward = SwiGLUMLP(config.hidden_size, config.intermediate_size)
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        h = self.input_layernorm(x)
+        h = self.mixer(h, positions) if self.mixer_type == "attention" else self.mixer(h)
+        x = x + h
+        if self.ffn_type == "none":
+            return x
+        h = self.pre_ff_layernorm(x)
+        if self.ffn_type == "moe":
+            return x + self.feed_forward(h[None])[0][0]
+        return x + self.feed_forward(h)
+
+
+class MixConModel(nn.Module):
+    def __init__(self, config, prefix: str, cache_config=None):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList([MixConDecoderLayer(config, i, f"{prefix}.layers.{i}", cache_config)
+                                     for i in range(config.num_hidden_layers)])
+        self.final_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+
+    def forward(self, input_ids, positions, inputs_embeds=None):
+        x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
+        for layer in self.layers:
+            x = layer(x, positions)
+        return self.final_layernorm(x)
+
+
+class MixConForCausalLM(nn.Module, HasInnerState, IsHybrid):
+    """vLLM's MixCon. Parameter names are the transformers model's (model.layers.{i}.mixer.in_proj.weight, …)."""
+
+    def __init__(self, *, vllm_config: VllmConfig, prefix: str = ""):
+        super().__init__()
+        config = vllm_config.model_config.hf_config
+        if not isinstance(config, MixConConfig):
+            config = MixConConfig.from_dict(config.to_dict())
+        check_servable(config)
+        if vllm_config.parallel_config.tensor_parallel_size != 1:
+            raise ValueError(f"MixCon's vLLM model runs with tensor_parallel_size=1, got "
+                             f"{vllm_config.parallel_config.tensor_parallel_size}")
+        self.config = config
+        p = f"{prefix}." if prefix else ""
+        self.model = MixConModel(config, f"{p}model", vllm_config.cache_config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self.eval()  # no training noise, no router jitter
+
+    def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.model.embed_tokens(input_ids)
+
+    def forward(self, input_ids: torch.Tensor | None, positions: torch.Tensor, intermediate_tensors=None,
+                inputs_embeds: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
+        return self.model(input_ids, positions, inputs_embeds)
+
+    def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(hidden_states)
+
+    # IsHybrid: the state of one Conba layer, declared from the config (the layers declare the same)
+    @classmethod
+    def get_mamba_state_shape_from_config(cls, vllm_config: VllmConfig) -> tuple[tuple[int, ...], ...]:
+        return tuple(shape for _, shape, _ in conba_state_layout(vllm_config.model_config.hf_config))
+
+    @classmethod
+    def get_mamba_state_dtype_from_config(cls, vllm_config: VllmConfig) -> tuple[torch.dtype, ...]:
+        return tuple(dtype for _, _, dtype in conba_state_layout(vllm_config.model_config.hf_config))
+
+    @classmethod
+    def get_mamba_state_copy_func(cls) -> tuple:
+        """vLLM reads these only for prefix caching in align mode, which this model does not declare
+        (no `SupportsMambaPrefixCaching`): the two states every Conba layer has (conv, h), whole."""
+        return (_whole_state_copy, _whole_state_copy)
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+        """The checkpoint's tensors by their transformers names; an unknown name is an error."""
+        params = dict(self.named_parameters())
+        loaded = set()
+        for name, tensor in weights:
+            if name == "lm_head.weight" and self.config.tie_word_embeddings:
+                continue  # the embedding's
+            if name not in params:
+                raise ValueError(f"the checkpoint holds {name!r}, which MixCon's vLLM model does not have "
+                                 f"(is it a MixCon save_pretrained directory of this config?)")
+            p = params[name]
+            if tuple(p.shape) != tuple(tensor.shape):
+                raise ValueError(f"{name}: the checkpoint's shape {tuple(tensor.shape)} != the model's {tuple(p.shape)}")
+            with torch.no_grad():
+                p.copy_(tensor.to(p.dtype))
+            loaded.add(name)
+        return loaded
