@@ -49,7 +49,8 @@ from .noise import normal_from_key, step_key
 
 __all__ = ["conba_scan_chunk_torch"]
 
-BLOCK = 64  # time steps per block without control (measured: README, "Kernels")
+BLOCK = 64  # time steps per block without control in the PyTorch path (measured: README, "Kernels")
+COMPILED = True  # run blocks in the compiled CPU kernel (cpu.py) where it builds; False: always PyTorch
 
 
 class _BlockScan(torch.autograd.Function):
@@ -150,6 +151,39 @@ def _block_scan(dt, ut, coef, r, At, B, C, xi, h0, dl0, tau):
     return _BlockScan.apply(dt, ut, coef, r, At, B, C, xi, h0, dl0, tau)
 
 
+def _use_compiled(x: torch.Tensor) -> bool:
+    """Whether the block runs in the compiled kernel (cpu.py): on CPU, float32/float64, where it builds."""
+    if not COMPILED or x.device.type != "cpu" or x.dtype not in (torch.float32, torch.float64):
+        return False
+    from .cpu import kernels
+
+    return kernels() is not None
+
+
+def _solve_block(dt, ut, coef, r, At, B, C, xi, h0, dl0, tau, steps):
+    """(y (L, b, d), h_last (b, N, d), dl_last (τ, b, N, d)) of one block in which row b runs its first
+    ``steps[b]`` steps (None: all L): h_last = h_{steps−1} (h0 when none), dl_last[i] = h_{steps−1−i}
+    (reaching back into dl0). The compiled kernel where it is available, else `_BlockScan`."""
+    if _use_compiled(dt):
+        from .cpu import block_scan
+
+        return block_scan(dt, ut, coef, r, At, B, C, xi, h0, dl0, tau, steps)
+    y, h = _block_scan(dt, ut, coef, r, At, B, C, xi, h0, dl0, tau)
+    L, b, n, d = h.shape
+    if steps is not None:
+        steps = steps.clamp(max=L)
+    if steps is None:
+        dl = torch.cat([h[max(0, L - tau):].flip(0), dl0[: max(0, tau - L)]], 0) if tau > 0 else dl0
+        return y, h[L - 1], dl
+    ext_h = torch.cat([h0[None], h], 0)  # index steps_b: the state after the row's last step
+    h_last = ext_h.gather(0, steps[None, :, None, None].expand(1, b, n, d))[0]
+    if tau == 0:
+        return y, h_last, dl0
+    ext_d = torch.cat([dl0.flip(0), h], 0)  # ext_d[τ + p] = h_p, ext_d[τ − 1 − i] = h_{−1−i}
+    idx = tau + steps[None, :] - 1 - torch.arange(tau, device=h.device)[:, None]  # (τ, b)
+    return y, h_last, ext_d.gather(0, idx[:, :, None, None].expand(tau, b, n, d))
+
+
 def _block_noise(seed, src_t, d, n, device):
     """(ξ (L, b, N, d), ζ (L, b, d)) keyed by (seed, b, t) with t = src_t (L, b), the original
     positions (docs/conba.md: the noise is a pure function of its key; lanes as in noise.py)."""
@@ -239,9 +273,10 @@ def conba_scan_chunk_torch(
         return (sigma_w * xi.to(acc) if sigma_w > 0.0 else None,
                 sigma_v * zeta.to(acc) if sigma_v > 0.0 else None)
 
-    hs, ys = [], []
-    if not control:  # one linear recurrence: blocks only keep the working set small
-        starts = list(range(0, Tc, BLOCK))
+    ys = []
+    fused = _use_compiled(u_l)
+    if not control:  # one linear recurrence: the kernel runs it whole; blocks keep PyTorch's working set small
+        starts = [0] if fused and Tc > 0 else list(range(0, Tc, BLOCK))
         uniform = True
     elif b == 0 or bool((phase0 == phase0[0]).all()):  # blocks cut at the common sampling instants
         starts = [0] + list(range(P - (int(phase0[0]) if b else 0), Tc, P)) if Tc > 0 else []
@@ -263,8 +298,9 @@ def conba_scan_chunk_torch(
         extra = Du_j
         if zeta is not None:
             extra = zeta if extra is None else extra + zeta
+        steps = torch.clamp(Rb - s, 0, L) if R is not None else None  # each row's real steps in the block
         if not control:
-            y, h = _block_scan(dt_j, u_j, coef_j, r_j, At, B_j, C_j, xi, h_run, dl_run, tau)
+            y, h_run, dl_run = _solve_block(dt_j, u_j, coef_j, r_j, At, B_j, C_j, xi, h_run, dl_run, tau, steps)
         else:
             f_old = _per_channel(k, G) * torch.tanh(e)
             inst = s + torch.remainder(P - 1 - phase0 - s, P)  # (b,) each row's first instant ≥ s
@@ -272,8 +308,9 @@ def conba_scan_chunk_torch(
             o = torch.clamp(inst - s, max=L - 1)
             resolve = not uniform and bool((has & (o < L - 1)).any())  # an instant before the end
             Lm = int(o.max()) + 1 if resolve else L  # the error is needed up to the last instant
-            y, h = _block_scan(head(dt_j, Lm), head(u_j, Lm) - f_old, head(coef_j, Lm), head(r_j, Lm), At,
-                               head(B_j, Lm), head(C_j, Lm), head(xi, Lm), h_run, dl_run, tau)
+            y, h_new, dl_new = _solve_block(head(dt_j, Lm), head(u_j, Lm) - f_old, head(coef_j, Lm), head(r_j, Lm),
+                                            At, head(B_j, Lm), head(C_j, Lm), head(xi, Lm), h_run, dl_run, tau,
+                                            steps)
             y_o = y[o, bidx] + (extra[o, bidx] if extra is not None else 0.0)
             e_at = y_o - w_r_f * u_j[o, bidx]  # tracking error at the instant (b, d)
             rms = torch.sqrt((e_at.view(b, ng, G) ** 2).sum(-1) + 1e-12) / math.sqrt(G)
@@ -284,15 +321,12 @@ def conba_scan_chunk_torch(
                 # the new held signal acts after each row's instant: solve the block again with it
                 f_new = _per_channel(k, G) * torch.tanh(e)
                 after = (torch.arange(s, s + L, device=dev)[:, None] > inst[None, :])[..., None]  # (L, b, 1)
-                y, h = _block_scan(dt_j, u_j - torch.where(after, f_new, f_old), coef_j, r_j, At, B_j, C_j,
-                                   xi, h_run, dl_run, tau)
+                y, h_new, dl_new = _solve_block(dt_j, u_j - torch.where(after, f_new, f_old), coef_j, r_j, At, B_j,
+                                                C_j, xi, h_run, dl_run, tau, steps)
+            h_run, dl_run = h_new, dl_new
         if extra is not None:
             y = y + extra
-        hs.append(h)
         ys.append(y)
-        h_run = h[L - 1]
-        if tau > 0:
-            dl_run = torch.cat([h[max(0, L - tau):].flip(0), dl_run[: max(0, tau - L)]], 0)
 
     y_l = torch.cat(ys, 0) if ys else u_l.new_zeros(0, b, d)  # (Tc, b, d)
     y = y_l.transpose(0, 1)  # (b, Tc, d)
@@ -315,16 +349,5 @@ def conba_scan_chunk_torch(
         phase = torch.remainder(phase0 + real, P)
     else:
         phase = phase0
-    if mask is None:  # every row ends at the line's end
-        h_fin, dl_fin = h_run, dl_run
-    else:
-        h_all = torch.cat(hs, 0) if hs else h_init.new_zeros(0, b, n, d)
-        ext_h = torch.cat([h_init[None], h_all], 0)  # index R_b: the state after the last real step
-        h_fin = ext_h.gather(0, R[None, :, None, None].expand(1, b, n, d))[0]
-        if tau > 0:
-            ext_d = torch.cat([dl_init.flip(0), h_all], 0)  # ext_d[τ + p] = h_p, ext_d[τ − 1 − i] = h_{−1−i}
-            idx = tau + R[None, :] - 1 - torch.arange(tau, device=dev)[:, None]  # (τ, b)
-            dl_fin = ext_d.gather(0, idx[:, :, None, None].expand(tau, b, n, d))
-        else:
-            dl_fin = dl_init
-    return y, ConbaState(h_fin.transpose(1, 2), dl_fin.permute(1, 0, 3, 2), k, e, phase)
+    # every block stops each row at its last real step: the running state is the final one
+    return y, ConbaState(h_run.transpose(1, 2), dl_run.permute(1, 0, 3, 2), k, e, phase)

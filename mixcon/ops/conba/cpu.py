@@ -1,0 +1,112 @@
+"""Conba's plant on CPU, compiled: the fused block scan (forward and backward) and the decode step
+of csrc/conba_cpu.cpp, built at first use with torch.utils.cpp_extension.
+
+`kernels()` returns the built module, or None where it cannot be built (no C++ compiler or ninja,
+``MIXCON_CPU_KERNELS=0``, a failed build): callers then run the pure-PyTorch path (chunk_torch.py,
+naive.py), which gives the same results. `pip install` needs no compiler; the build happens once
+per machine and is cached by torch (TORCH_EXTENSIONS_DIR, default ~/.cache/torch_extensions).
+
+Why compiled (measured, README "Kernels"): the pure-PyTorch block scan forms (L, batch, N, d_inner)
+tensors for Ā, the inputs, the states and, in the backward, the adjoints and their products, a
+dozen full-size passes over memory per block. A task here holds one (row, tile of channels) state
+in cache and runs the whole time line over it: nothing of size (L, batch, N, d_inner) is formed,
+forward or backward (the backward recomputes the states from checkpoints every 32 steps).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import threading
+import warnings
+from typing import Optional
+
+import torch
+
+__all__ = ["kernels", "block_scan"]
+
+_lock = threading.Lock()
+_module = None
+_tried = False
+
+
+def _flags() -> list[str]:
+    cap = torch.backends.cpu.get_cpu_capability()
+    if cap in ("AVX2", "AVX512"):  # ATen's 256-bit vectors (and Sleef's exp) exported by libtorch_cpu
+        return ["-O3", "-mavx2", "-mfma", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"]
+    return ["-O3"]  # ATen's portable vectors: correct everywhere, slower
+
+
+def kernels():
+    """The compiled module, or None (then use the PyTorch path)."""
+    global _module, _tried
+    if _tried:
+        return _module
+    with _lock:
+        if _tried:
+            return _module
+        _tried = True
+        if os.environ.get("MIXCON_CPU_KERNELS", "1") == "0":
+            return None
+        if shutil.which(os.environ.get("CXX", "c++")) is None or shutil.which("ninja") is None:
+            return None
+        try:
+            from torch.utils.cpp_extension import load
+
+            src = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc", "conba_cpu.cpp")
+            flags = _flags()
+            name = "mixcon_conba_cpu_" + ("avx2" if "-mavx2" in flags else "base")
+            _module = load(name=name, sources=[src], extra_cflags=flags, verbose=False)
+        except Exception as exc:  # noqa: BLE001 — any build failure means: use the PyTorch path
+            warnings.warn(f"mixcon: the compiled CPU Conba kernels could not be built ({type(exc).__name__}: "
+                          f"{str(exc)[:200]}); using the pure-PyTorch path (same results, slower). "
+                          f"Set MIXCON_CPU_KERNELS=0 to skip the attempt.")
+            _module = None
+    return _module
+
+
+def _empty(like: torch.Tensor) -> torch.Tensor:
+    return like.new_empty(0)
+
+
+def _c(x: Optional[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
+    return _empty(like) if x is None else x.contiguous()
+
+
+class _FusedBlockScan(torch.autograd.Function):
+    """(y, h_last, dl_last) of the block scan (csrc/conba_cpu.cpp): row b runs its first steps[b]
+    steps, y is 0 after them, h_last = h_{steps−1} (h0 when none) and dl_last[i] = h_{steps−1−i}
+    (from the delay line dl0 before the block)."""
+
+    @staticmethod
+    def forward(ctx, dt, ut, coef, r, At, B, C, xi, h0, dl0, steps, tau):
+        ctx.set_materialize_grads(False)
+        args = [_c(x, dt) for x in (dt, ut, coef, r, At, B, C, xi, h0, dl0)]
+        st = steps.contiguous() if steps is not None else steps_none(dt)
+        y, h_last, dl_last = kernels().scan_fwd(*args, st, tau)
+        ctx.save_for_backward(*args, st)
+        ctx.tau = tau
+        ctx.has = (coef is not None, r is not None)
+        return y, h_last, dl_last
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, gy, gh, gdl):
+        *args, st = ctx.saved_tensors
+        like = args[0]
+        gdt, gu, gcoef, gr, gAt, gB, gC, gh0, gdl0 = kernels().scan_bwd(
+            *args, st, ctx.tau, _c(gy, like), _c(gh, like), _c(gdl, like) if ctx.tau > 0 else _empty(like))
+        has_coef, has_r = ctx.has
+        return (gdt, gu, gcoef if has_coef else None, gr if has_r else None, gAt, gB, gC, None, gh0,
+                gdl0 if ctx.tau > 0 else None, None, None)
+
+
+def steps_none(like: torch.Tensor) -> torch.Tensor:
+    return torch.empty(0, dtype=torch.long, device=like.device)
+
+
+def block_scan(dt, ut, coef, r, At, B, C, xi, h0, dl0, tau, steps=None):
+    """The fused block scan; see `_FusedBlockScan`. dl0 (τ, b, N, d) is ignored when τ = 0."""
+    if tau == 0:
+        r, dl0 = None, None
+    return _FusedBlockScan.apply(dt, ut, coef, r, At, B, C, xi, h0, dl0, steps, tau)

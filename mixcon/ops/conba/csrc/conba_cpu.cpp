@@ -1,0 +1,377 @@
+// Conba's plant on CPU, fused: the block scan (forward, and its adjoint for the backward) and the
+// decode step. Built at run time by mixcon/ops/conba/cpu.py (torch.utils.cpp_extension), which
+// falls back to the pure-PyTorch path (chunk_torch.py) where no compiler is present.
+//
+// The block scan, for each row b and each step t < steps[b] (time-major; state laid out (N, d)):
+//
+//   a_t = coef_t · exp(Δ_t A),   h_t = a_t ⊙ h_{t−1} + r_t ⊙ h_{t−τ} + (Δ_t u_t) B_t + ξ_t,
+//   y_t = Σ_n C_t[n] h_t[n, ·]
+//
+// with h_{−1} = h0 in the a-term and h_{−1−i} = dl0[i] in the r-term (the reference keeps h and the
+// delay line apart). Work is split into tasks of (row, tile of channels); a task keeps its tile's
+// state in a small buffer and runs the whole time line over it, so nothing of size (L, b, N, d) is
+// ever formed. The backward recomputes the states from checkpoints taken every SEG steps.
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/vec.h>
+
+#include <algorithm>
+#include <cstring>
+#include <vector>
+
+using at::vec::Vectorized;
+
+namespace {
+
+constexpr int64_t SEG = 32;  // steps per recompute segment of the backward (>= the largest delay)
+
+template <typename T>
+struct Scan {
+  const T* dt;     // (L, b, d)
+  const T* u;      // (L, b, d), the plant's input (u − f)
+  const T* coef;   // (L, b, d) or null (1)
+  const T* r;      // (L, b, d) or null (no delay)
+  const T* At;     // (N, d)
+  const T* B;      // (L, b, N)
+  const T* C;      // (L, b, N)
+  const T* xi;     // (L, b, N, d) or null
+  const T* h0;     // (b, N, d)
+  const T* dl0;    // (tau, b, N, d)
+  const int64_t* steps;  // (b,) or null (L)
+  int64_t L, b, d, N, tau;
+};
+
+template <typename T>
+constexpr int64_t tile_width() { return 8 * Vectorized<T>::size(); }
+
+template <typename T>
+inline int64_t row_steps(const Scan<T>& s, int64_t bi) {
+  return s.steps ? std::min(std::max<int64_t>(s.steps[bi], 0), s.L) : s.L;
+}
+
+// a (N, d) slab of row bi ↔ the task's (N, TW) tile buffer
+template <typename T>
+inline void load_tile(T* dst, const T* src, int64_t N, int64_t d, int64_t c0, int64_t w) {
+  constexpr int64_t TW = tile_width<T>();
+  for (int64_t n = 0; n < N; ++n) {
+    std::memcpy(dst + n * TW, src + n * d + c0, w * sizeof(T));
+    std::fill(dst + n * TW + w, dst + (n + 1) * TW, T(0));
+  }
+}
+
+template <typename T>
+inline void store_tile(T* dst, const T* src, int64_t N, int64_t d, int64_t c0, int64_t w) {
+  constexpr int64_t TW = tile_width<T>();
+  for (int64_t n = 0; n < N; ++n) std::memcpy(dst + n * d + c0, src + n * TW, w * sizeof(T));
+}
+
+template <typename T>
+inline void add_tile(T* dst, const T* src, int64_t N, int64_t d, int64_t c0, int64_t w) {
+  constexpr int64_t TW = tile_width<T>();
+  for (int64_t n = 0; n < N; ++n)
+    for (int64_t j = 0; j < w; ++j) dst[n * d + c0 + j] += src[n * TW + j];
+}
+
+// One step of one tile: hc = a ⊙ hp + r ⊙ hd + x B (+ ξ); y (w values) when yout; exp(Δ A) into ebuf
+// when given.
+template <typename T>
+inline void step_tile(const Scan<T>& s, int64_t t, int64_t bi, int64_t c0, int64_t w, const T* hp,
+                      const T* hd, T* hc, T* yout, T* ebuf) {
+  using V = Vectorized<T>;
+  constexpr int64_t VS = V::size();
+  constexpr int64_t TW = tile_width<T>();
+  const int64_t row = t * s.b + bi;
+  const T* Bt = s.B + row * s.N;
+  const T* Ct = s.C + row * s.N;
+  const int64_t off = row * s.d + c0;
+  for (int64_t v = 0; v < w; v += VS) {
+    const int64_t cnt = std::min(VS, w - v);
+    const V dtv = V::loadu(s.dt + off + v, cnt);
+    const V x = dtv * V::loadu(s.u + off + v, cnt);
+    const V cf = s.coef ? V::loadu(s.coef + off + v, cnt) : V(T(1));
+    const V rv = s.r ? V::loadu(s.r + off + v, cnt) : V(T(0));
+    V y(T(0));
+    for (int64_t n = 0; n < s.N; ++n) {
+      const V e = (dtv * V::loadu(s.At + n * s.d + c0 + v, cnt)).exp();
+      V h = (e * cf) * V::loadu(hp + n * TW + v) + x * V(Bt[n]);
+      if (hd) h = h + rv * V::loadu(hd + n * TW + v);
+      if (s.xi) h = h + V::loadu(s.xi + (row * s.N + n) * s.d + c0 + v, cnt);
+      h.store(hc + n * TW + v);
+      if (ebuf) e.store(ebuf + n * TW + v);
+      y = y + V(Ct[n]) * h;
+    }
+    if (yout) y.store(yout + v, cnt);
+  }
+}
+
+// The task's buffer H holds hist = max(τ, 1) rows of history then SEG rows: H[hist + k] = h_{s0 + k},
+// H[j] = h_{s0 − hist + j}; at s0 = 0 the history is the delay line (h0 when τ = 0).
+template <typename T>
+inline void init_history(const Scan<T>& s, int64_t bi, int64_t c0, int64_t w, T* H, T* H0) {
+  constexpr int64_t TW = tile_width<T>();
+  const int64_t NS = s.N * s.d, hist = std::max<int64_t>(s.tau, 1);
+  load_tile(H0, s.h0 + bi * NS, s.N, s.d, c0, w);
+  for (int64_t j = 0; j < hist; ++j) {
+    const T* src = s.tau > 0 ? s.dl0 + ((hist - 1 - j) * s.b + bi) * NS : s.h0 + bi * NS;
+    load_tile(H + j * s.N * TW, src, s.N, s.d, c0, w);
+  }
+}
+
+template <typename T>
+inline void run_segment(const Scan<T>& s, int64_t bi, int64_t c0, int64_t w, int64_t s0, int64_t len, T* H,
+                        const T* H0, T* y, T* E) {
+  constexpr int64_t TW = tile_width<T>();
+  const int64_t R = s.N * TW, hist = std::max<int64_t>(s.tau, 1);
+  for (int64_t k = 0; k < len; ++k) {
+    const int64_t t = s0 + k;
+    const T* hp = t == 0 ? H0 : H + (hist + k - 1) * R;
+    const T* hd = s.tau > 0 ? H + (hist + k - s.tau) * R : nullptr;
+    step_tile(s, t, bi, c0, w, hp, hd, H + (hist + k) * R, y ? y + (t * s.b + bi) * s.d + c0 : nullptr,
+              E ? E + k * R : nullptr);
+  }
+}
+
+template <typename T>
+void scan_fwd_task(const Scan<T>& s, int64_t bi, int64_t c0, int64_t w, T* y, T* h_last, T* dl_last) {
+  constexpr int64_t TW = tile_width<T>();
+  const int64_t R = s.N * TW, NS = s.N * s.d, hist = std::max<int64_t>(s.tau, 1);
+  const int64_t Lb = row_steps(s, bi);
+  std::vector<T> Hv((hist + SEG) * R), H0v(R);
+  T* H = Hv.data();
+  init_history(s, bi, c0, w, H, H0v.data());
+  int64_t last = hist - 1;  // row of h_{Lb−1} in H
+  for (int64_t s0 = 0; s0 < Lb; s0 += SEG) {
+    const int64_t len = std::min(SEG, Lb - s0);
+    run_segment(s, bi, c0, w, s0, len, H, H0v.data(), y, static_cast<T*>(nullptr));
+    last = hist + len - 1;
+    if (s0 + len < Lb) {
+      std::memmove(H, H + len * R, hist * R * sizeof(T));
+      last = hist - 1;
+    }
+  }
+  for (int64_t t = Lb; t < s.L; ++t) std::fill_n(y + (t * s.b + bi) * s.d + c0, w, T(0));
+  store_tile(h_last + bi * NS, Lb > 0 ? H + last * R : H0v.data(), s.N, s.d, c0, w);
+  for (int64_t i = 0; i < s.tau; ++i)  // dl_last[i] = h_{Lb−1−i}: history rows below `last`
+    store_tile(dl_last + (i * s.b + bi) * NS, H + (last - i) * R, s.N, s.d, c0, w);
+}
+
+template <typename T>
+struct Grads {
+  const T* gy;       // (L, b, d) or null
+  const T* gh_last;  // (b, N, d) or null
+  const T* gdl_last; // (tau, b, N, d) or null
+  T* gdt; T* gu; T* gcoef; T* gr;  // (L, b, d); gcoef, gr null when absent
+  T* gAt;            // (b, N, d): per row, summed by the caller
+  T* gB; T* gC;      // (L, b, ntiles, N): per tile, summed by the caller
+  T* gh0;            // (b, N, d)
+  T* gdl0;           // (tau, b, N, d)
+  int64_t ntiles;
+};
+
+template <typename T>
+void scan_bwd_task(const Scan<T>& s, const Grads<T>& g, int64_t bi, int64_t tile, int64_t c0, int64_t w) {
+  using V = Vectorized<T>;
+  constexpr int64_t VS = V::size();
+  constexpr int64_t TW = tile_width<T>();
+  const int64_t R = s.N * TW, NS = s.N * s.d, N = s.N, tau = s.tau, hist = std::max<int64_t>(tau, 1);
+  const int64_t Lb = row_steps(s, bi);
+  const int64_t nseg = (Lb + SEG - 1) / SEG;
+  std::vector<T> Hv((hist + SEG) * R), H0v(R), Ev(SEG * R), Lv((hist + SEG) * R, T(0)), ckv(nseg * hist * R);
+  std::vector<T> gA(R, T(0)), gh0(R, T(0)), tmp(R), gBv(N * VS), gCv(N * VS);
+  T *H = Hv.data(), *H0 = H0v.data(), *E = Ev.data(), *Lam = Lv.data();
+  init_history(s, bi, c0, w, H, H0);
+  // checkpoints: the history rows at the start of every segment
+  for (int64_t sg = 0; sg < nseg; ++sg) {
+    const int64_t s0 = sg * SEG, len = std::min(SEG, Lb - s0);
+    std::memcpy(ckv.data() + sg * hist * R, H, hist * R * sizeof(T));
+    if (sg + 1 < nseg) {
+      run_segment(s, bi, c0, w, s0, len, H, H0, static_cast<T*>(nullptr), static_cast<T*>(nullptr));
+      std::memmove(H, H + len * R, hist * R * sizeof(T));
+    }
+  }
+  // the final state's gradients enter at t = Lb − 1 (h) and t = Lb − 1 − i (delay line)
+  for (int64_t sg = nseg - 1; sg >= 0; --sg) {
+    const int64_t s0 = sg * SEG, len = std::min(SEG, Lb - s0);
+    std::memcpy(H, ckv.data() + sg * hist * R, hist * R * sizeof(T));
+    run_segment(s, bi, c0, w, s0, len, H, H0, static_cast<T*>(nullptr), E);
+    for (int64_t k = len - 1; k >= 0; --k) {
+      const int64_t t = s0 + k, row = t * s.b + bi, off = row * s.d + c0;
+      T* lam = Lam + (hist + k) * R;
+      if (g.gh_last && t == Lb - 1) {
+        load_tile(tmp.data(), g.gh_last + bi * NS, N, s.d, c0, w);
+        for (int64_t j = 0; j < R; ++j) lam[j] += tmp[j];
+      }
+      if (g.gdl_last && Lb - 1 - t < tau) {
+        load_tile(tmp.data(), g.gdl_last + ((Lb - 1 - t) * s.b + bi) * NS, N, s.d, c0, w);
+        for (int64_t j = 0; j < R; ++j) lam[j] += tmp[j];
+      }
+      const T* ht = H + (hist + k) * R;
+      const T* hp = t == 0 ? H0 : H + (hist + k - 1) * R;
+      const T* hd = tau > 0 ? H + (hist + k - tau) * R : nullptr;
+      T* pp = t == 0 ? gh0.data() : Lam + (hist + k - 1) * R;  // pending of h_{t−1}
+      T* pd = tau > 0 ? Lam + (hist + k - tau) * R : nullptr;   // pending of h_{t−τ}
+      const T* Bt = s.B + row * N;
+      const T* Ct = s.C + row * N;
+      std::fill(gBv.begin(), gBv.end(), T(0));
+      std::fill(gCv.begin(), gCv.end(), T(0));
+      for (int64_t v = 0; v < w; v += VS) {
+        const int64_t cnt = std::min(VS, w - v);
+        const V dtv = V::loadu(s.dt + off + v, cnt);
+        const V uv = V::loadu(s.u + off + v, cnt);
+        const V dtu = dtv * uv;
+        const V cf = s.coef ? V::loadu(s.coef + off + v, cnt) : V(T(1));
+        const V rv = s.r ? V::loadu(s.r + off + v, cnt) : V(T(0));
+        const V gyv = g.gy ? V::loadu(g.gy + off + v, cnt) : V(T(0));
+        V g_dtu(T(0)), g_cf(T(0)), g_dta(T(0)), g_r(T(0));
+        for (int64_t n = 0; n < N; ++n) {
+          const int64_t o = n * TW + v;
+          const V l = V::loadu(lam + o) + V(Ct[n]) * gyv;
+          const V e = V::loadu(E + k * R + o);
+          const V Av = V::loadu(s.At + n * s.d + c0 + v, cnt);
+          (V::loadu(gCv.data() + n * VS) + gyv * V::loadu(ht + o)).store(gCv.data() + n * VS);
+          (V::loadu(gBv.data() + n * VS) + l * dtu).store(gBv.data() + n * VS);
+          g_dtu = g_dtu + l * V(Bt[n]);
+          const V ga = l * V::loadu(hp + o);  // ∂/∂a_t
+          g_cf = g_cf + ga * e;
+          const V gda = ga * e * cf;  // ∂/∂(Δ_t A)
+          g_dta = g_dta + gda * Av;
+          (V::loadu(gA.data() + o) + gda * dtv).store(gA.data() + o);
+          (V::loadu(pp + o) + e * cf * l).store(pp + o);
+          if (tau > 0) {
+            g_r = g_r + l * V::loadu(hd + o);
+            (V::loadu(pd + o) + rv * l).store(pd + o);
+          }
+        }
+        (g_dta + g_dtu * uv).store(g.gdt + off + v, cnt);
+        (g_dtu * dtv).store(g.gu + off + v, cnt);
+        if (g.gcoef) g_cf.store(g.gcoef + off + v, cnt);
+        if (g.gr) g_r.store(g.gr + off + v, cnt);
+      }
+      T* gBo = g.gB + (row * g.ntiles + tile) * N;
+      T* gCo = g.gC + (row * g.ntiles + tile) * N;
+      for (int64_t n = 0; n < N; ++n) {
+        T sb = 0, sc = 0;
+        for (int64_t j = 0; j < VS; ++j) { sb += gBv[n * VS + j]; sc += gCv[n * VS + j]; }
+        gBo[n] = sb;
+        gCo[n] = sc;
+      }
+    }
+    // the pending adjoints of h_{s0−hist} … h_{s0−1} become the previous segment's last rows
+    if (sg > 0) {
+      std::vector<T> front(Lam, Lam + hist * R);
+      std::fill(Lv.begin(), Lv.end(), T(0));
+      std::memcpy(Lam + SEG * R, front.data(), hist * R * sizeof(T));
+    }
+  }
+  // h0 and the delay line: what reached them through the scan, plus the final state's own gradient
+  // where a row had fewer steps than the line is long
+  if (g.gh_last && Lb == 0) {
+    load_tile(tmp.data(), g.gh_last + bi * NS, N, s.d, c0, w);
+    for (int64_t j = 0; j < R; ++j) gh0[j] += tmp[j];
+  }
+  store_tile(g.gh0 + bi * NS, gh0.data(), N, s.d, c0, w);
+  if (tau > 0) {
+    for (int64_t i = 0; i < tau; ++i) {  // H row j ↔ h_{−hist+j} = dl0[hist−1−j]; nseg == 0: no scan
+      std::vector<T> acc(R, T(0));
+      if (nseg > 0) std::memcpy(acc.data(), Lam + (hist - 1 - i) * R, R * sizeof(T));
+      if (g.gdl_last && i + Lb < tau) {  // dl_last[i + Lb] = dl0[i]
+        load_tile(tmp.data(), g.gdl_last + ((i + Lb) * s.b + bi) * NS, N, s.d, c0, w);
+        for (int64_t j = 0; j < R; ++j) acc[j] += tmp[j];
+      }
+      store_tile(g.gdl0 + (i * s.b + bi) * NS, acc.data(), N, s.d, c0, w);
+    }
+  }
+  store_tile(g.gAt + bi * NS, gA.data(), N, s.d, c0, w);
+}
+
+template <typename T>
+const T* opt(const torch::Tensor& x) { return x.numel() ? x.data_ptr<T>() : nullptr; }
+
+template <typename T>
+Scan<T> make_scan(const torch::Tensor& dt, const torch::Tensor& u, const torch::Tensor& coef, const torch::Tensor& r,
+                  const torch::Tensor& At, const torch::Tensor& B, const torch::Tensor& C, const torch::Tensor& xi,
+                  const torch::Tensor& h0, const torch::Tensor& dl0, const torch::Tensor& steps, int64_t tau) {
+  Scan<T> s;
+  s.dt = dt.data_ptr<T>(); s.u = u.data_ptr<T>(); s.coef = opt<T>(coef); s.r = opt<T>(r);
+  s.At = At.data_ptr<T>(); s.B = B.data_ptr<T>(); s.C = C.data_ptr<T>(); s.xi = opt<T>(xi);
+  s.h0 = h0.data_ptr<T>(); s.dl0 = opt<T>(dl0);
+  s.steps = steps.numel() ? steps.data_ptr<int64_t>() : nullptr;
+  s.L = dt.size(0); s.b = dt.size(1); s.d = dt.size(2); s.N = At.size(0); s.tau = tau;
+  return s;
+}
+
+void check(const std::vector<torch::Tensor>& xs, const torch::Tensor& like) {
+  for (const auto& x : xs) {
+    TORCH_CHECK(x.numel() == 0 || (x.is_contiguous() && x.scalar_type() == like.scalar_type() && x.device().is_cpu()),
+                "conba_cpu: every tensor must be a contiguous CPU tensor of the scan's dtype");
+  }
+}
+
+template <typename T, typename F>
+void for_tasks(int64_t b, int64_t d, F f) {
+  constexpr int64_t TW = tile_width<T>();
+  const int64_t nt = (d + TW - 1) / TW;
+  at::parallel_for(0, b * nt, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t bi = i / nt, tile = i % nt, c0 = tile * TW;
+      f(bi, tile, c0, std::min(TW, d - c0));
+    }
+  });
+}
+
+std::vector<torch::Tensor> scan_fwd(torch::Tensor dt, torch::Tensor u, torch::Tensor coef, torch::Tensor r,
+                                    torch::Tensor At, torch::Tensor B, torch::Tensor C, torch::Tensor xi,
+                                    torch::Tensor h0, torch::Tensor dl0, torch::Tensor steps, int64_t tau) {
+  check({dt, u, coef, r, At, B, C, xi, h0, dl0}, dt);
+  TORCH_CHECK(tau >= 0 && tau <= SEG, "conba_cpu: tau out of range");
+  auto y = torch::empty_like(dt);
+  auto h_last = torch::empty_like(h0);
+  auto dl_last = torch::empty({tau, dt.size(1), At.size(0), dt.size(2)}, dt.options());
+  AT_DISPATCH_FLOATING_TYPES(dt.scalar_type(), "conba_scan_fwd", [&] {
+    auto s = make_scan<scalar_t>(dt, u, coef, r, At, B, C, xi, h0, dl0, steps, tau);
+    for_tasks<scalar_t>(s.b, s.d, [&](int64_t bi, int64_t, int64_t c0, int64_t w) {
+      scan_fwd_task(s, bi, c0, w, y.data_ptr<scalar_t>(), h_last.data_ptr<scalar_t>(),
+                    tau > 0 ? dl_last.data_ptr<scalar_t>() : nullptr);
+    });
+  });
+  return {y, h_last, dl_last};
+}
+
+std::vector<torch::Tensor> scan_bwd(torch::Tensor dt, torch::Tensor u, torch::Tensor coef, torch::Tensor r,
+                                    torch::Tensor At, torch::Tensor B, torch::Tensor C, torch::Tensor xi,
+                                    torch::Tensor h0, torch::Tensor dl0, torch::Tensor steps, int64_t tau,
+                                    torch::Tensor gy, torch::Tensor gh_last, torch::Tensor gdl_last) {
+  check({dt, u, coef, r, At, B, C, xi, h0, dl0, gy, gh_last, gdl_last}, dt);
+  const int64_t L = dt.size(0), b = dt.size(1), d = dt.size(2), N = At.size(0);
+  torch::Tensor gdt, gu, gcoef, gr, gAt, gB, gC, gh0, gdl0;
+  AT_DISPATCH_FLOATING_TYPES(dt.scalar_type(), "conba_scan_bwd", [&] {
+    constexpr int64_t TW = tile_width<scalar_t>();
+    const int64_t nt = (d + TW - 1) / TW;
+    auto o = dt.options();
+    gdt = torch::zeros_like(dt); gu = torch::zeros_like(dt);
+    gcoef = coef.numel() ? torch::zeros_like(dt) : torch::empty({0}, o);
+    gr = r.numel() ? torch::zeros_like(dt) : torch::empty({0}, o);
+    gAt = torch::empty({b, N, d}, o);
+    gB = torch::zeros({L, b, nt, N}, o); gC = torch::zeros({L, b, nt, N}, o);
+    gh0 = torch::empty_like(h0); gdl0 = torch::empty({tau, b, N, d}, o);
+    auto s = make_scan<scalar_t>(dt, u, coef, r, At, B, C, xi, h0, dl0, steps, tau);
+    Grads<scalar_t> g;
+    g.gy = opt<scalar_t>(gy); g.gh_last = opt<scalar_t>(gh_last); g.gdl_last = opt<scalar_t>(gdl_last);
+    g.gdt = gdt.data_ptr<scalar_t>(); g.gu = gu.data_ptr<scalar_t>();
+    g.gcoef = coef.numel() ? gcoef.data_ptr<scalar_t>() : nullptr;
+    g.gr = r.numel() ? gr.data_ptr<scalar_t>() : nullptr;
+    g.gAt = gAt.data_ptr<scalar_t>(); g.gB = gB.data_ptr<scalar_t>(); g.gC = gC.data_ptr<scalar_t>();
+    g.gh0 = gh0.data_ptr<scalar_t>(); g.gdl0 = tau > 0 ? gdl0.data_ptr<scalar_t>() : nullptr; g.ntiles = nt;
+    for_tasks<scalar_t>(b, d, [&](int64_t bi, int64_t tile, int64_t c0, int64_t w) {
+      scan_bwd_task(s, g, bi, tile, c0, w);
+    });
+  });
+  return {gdt, gu, gcoef, gr, gAt.sum(0), gB.sum(2), gC.sum(2), gh0, gdl0};
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("scan_fwd", &scan_fwd, "Conba block scan, forward (CPU)");
+  m.def("scan_bwd", &scan_bwd, "Conba block scan, backward (CPU)");
+}
