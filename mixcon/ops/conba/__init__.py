@@ -187,6 +187,20 @@ def conba_scan(
     return conba_scan_ref(u, delta, A, B, C, **kwargs, control_period=control_period)
 
 
+_NOT_STEP = ("sigma_w", "sigma_v", "seed", "t")  # the compiled step runs without noise
+
+
+def _cpu_step_applies(state, kwargs, *tensors) -> bool:
+    """Whether a CPU decode step can run compiled: no noise, no gradient wanted, not under a trace."""
+    if kwargs["sigma_w"] > 0.0 or kwargs["sigma_v"] > 0.0 or _tracing():
+        return False
+    if torch.is_grad_enabled():
+        xs = (*tensors, *state[:4], *(v for v in kwargs.values() if isinstance(v, torch.Tensor)))
+        if any(x.requires_grad for x in xs):
+            return False
+    return True
+
+
 def conba_step(
     state: ConbaState,
     u: torch.Tensor,
@@ -228,6 +242,13 @@ def conba_step(
                   tau=tau, k0=k0, eta=eta, lam=lam, w_r=w_r, k_max=k_max, group_size=group_size,
                   sigma_w=sigma_w, sigma_v=sigma_v, seed=seed, mask=mask, t=t)
     control = k0 is not None or eta is not None
+    if u.device.type == "cpu" and backend in ("auto", "chunk_torch") and _cpu_step_applies(state, kwargs, u, delta, A, B, C):
+        from .cpu import decode_step  # every control period: one compiled call (cpu.py)
+
+        y = decode_step(state, u, delta, A, B, C, **{k: v for k, v in kwargs.items() if k not in _NOT_STEP},
+                        control_period=control_period)
+        if y is not None:
+            return y
     if control and control_period > 1:
         return conba_step_ref(state, u, delta, A, B, C, **kwargs, control_period=control_period)
     if resolve_backend(backend, u.device) == "triton":

@@ -110,3 +110,26 @@ def block_scan(dt, ut, coef, r, At, B, C, xi, h0, dl0, tau, steps=None):
     if tau == 0:
         r, dl0 = None, None
     return _FusedBlockScan.apply(dt, ut, coef, r, At, B, C, xi, h0, dl0, steps, tau)
+
+
+def decode_step(state, u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False, alpha=None,
+                rho=None, tau=0, k0=None, eta=None, lam=None, w_r=None, k_max=1.0, group_size=8, mask=None,
+                control_period=1):
+    """`naive.conba_step_ref` (noise off, no gradient) in one compiled call; the state is updated in
+    place. Returns y (b, d) in u's dtype, or None where the kernel does not apply (no module, a state
+    not in the accumulation dtype or not contiguous, a group wider than 64): then run the loop."""
+    mod = kernels()
+    acc = torch.float64 if u.dtype == torch.float64 else torch.float32
+    if (mod is None or group_size > 64 or state.phase.dtype != torch.long
+            or not state.phase.is_contiguous()
+            or any(s.dtype != acc or not s.is_contiguous() or s.device.type != "cpu" for s in state[:4])):
+        return None
+    e = u.new_empty(0, dtype=acc)
+    c = lambda x: e if x is None else x.to(acc).contiguous()  # noqa: E731
+    m = mask.to(torch.long).contiguous() if mask is not None else e.long()
+    control = eta is not None or k0 is not None
+    y = torch.empty(u.shape, dtype=acc)
+    mod.step(state.h, state.delay, state.k, state.e, state.phase, c(u), c(delta), c(A), c(B), c(C), c(D), c(z),
+             c(delta_bias), bool(delta_softplus), c(alpha), c(rho), int(tau), control, c(eta), c(lam), c(w_r),
+             float(k_max), int(group_size), m, int(control_period), y)
+    return y.to(u.dtype)
