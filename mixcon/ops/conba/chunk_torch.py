@@ -350,4 +350,5 @@ def conba_scan_chunk_torch(
     else:
         phase = phase0
     # every block stops each row at its last real step: the running state is the final one
-    return y, ConbaState(h_run.transpose(1, 2), dl_run.permute(1, 0, 3, 2), k, e, phase)
+    # contiguous in the state's own layout: the decode step updates it in place (cpu.decode_step)
+    return y, ConbaState(h_run.transpose(1, 2).contiguous(), dl_run.permute(1, 0, 3, 2).contiguous(), k, e, phase)
