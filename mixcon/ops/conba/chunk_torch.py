@@ -160,14 +160,18 @@ def _use_compiled(x: torch.Tensor) -> bool:
     return kernels() is not None
 
 
-def _solve_block(dt, ut, coef, r, At, B, C, xi, h0, dl0, tau, steps):
+def _records_grad(*xs) -> bool:
+    return torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in xs)
+
+
+def _solve_block(dt, ut, coef, r, At, B, C, xi, h0, dl0, tau, steps, out=None):
     """(y (L, b, d), h_last (b, N, d), dl_last (τ, b, N, d)) of one block in which row b runs its first
     ``steps[b]`` steps (None: all L): h_last = h_{steps−1} (h0 when none), dl_last[i] = h_{steps−1−i}
     (reaching back into dl0). The compiled kernel where it is available, else `_BlockScan`."""
     if _use_compiled(dt):
         from .cpu import block_scan
 
-        return block_scan(dt, ut, coef, r, At, B, C, xi, h0, dl0, tau, steps)
+        return block_scan(dt, ut, coef, r, At, B, C, xi, h0, dl0, tau, steps, out)
     y, h = _block_scan(dt, ut, coef, r, At, B, C, xi, h0, dl0, tau)
     L, b, n, d = h.shape
     if steps is not None:
@@ -232,6 +236,7 @@ def conba_scan_chunk_torch(
     if mask is None:
         Tc = T
         R = None  # every row has T real steps
+        dst = None
         src_t = torch.arange(T, device=dev)[:, None].expand(T, b)
 
         def line(x):  # (b, T, F) → (T, b, F)
@@ -273,8 +278,27 @@ def conba_scan_chunk_torch(
         return (sigma_w * xi.to(acc) if sigma_w > 0.0 else None,
                 sigma_v * zeta.to(acc) if sigma_v > 0.0 else None)
 
-    ys = []
+    ys, extras = [], []
     fused = _use_compiled(u_l)
+    if control and fused and Tc > 0 and not _records_grad(u_l, dt_l, coef, r_l, B_l, C_l, D_u, At, h_init, dl_init, k, e,
+                                                          eta_f, lam_f, w_r_f):
+        # a prefill: the whole line and its controller in one compiled call (every row at its own instants)
+        from .cpu import controlled_scan
+
+        xi, zeta = noise(0, Tc)
+        extra_l = zeta if D_u is None else (D_u if zeta is None else D_u + zeta)
+        out = controlled_scan(dt_l, u_l, coef, r_l, At, B_l, C_l, xi, h_init, dl_init, tau, R, extra_l, k, e,
+                              phase0, P, G, eta_f, lam_f, w_r_f, k_max)
+        if out is not None:
+            y_l, h_run, dl_run, k, e = out
+            if extra_l is not None:
+                y_l = y_l + extra_l
+            return _finish(y_l, h_run, dl_run, k, e, mask, dst, z, acc, u, b, T, d, control, eta_f, lam_f, w_r_f,
+                           return_final_state, R, phase0, P)
+    # without a gradient the kernel writes every block's y into one buffer (no concatenation)
+    y_buf = u_l.new_empty(Tc, b, d) if fused and not _records_grad(u_l, dt_l, coef, r_l, B_l, C_l, h_init, dl_init) \
+        else None
+    view = lambda s_, L_: y_buf[s_:s_ + L_] if y_buf is not None else None  # noqa: E731
     if not control:  # one linear recurrence: the kernel runs it whole; blocks keep PyTorch's working set small
         starts = [0] if fused and Tc > 0 else list(range(0, Tc, BLOCK))
         uniform = True
@@ -300,7 +324,8 @@ def conba_scan_chunk_torch(
             extra = zeta if extra is None else extra + zeta
         steps = torch.clamp(Rb - s, 0, L) if R is not None else None  # each row's real steps in the block
         if not control:
-            y, h_run, dl_run = _solve_block(dt_j, u_j, coef_j, r_j, At, B_j, C_j, xi, h_run, dl_run, tau, steps)
+            y, h_run, dl_run = _solve_block(dt_j, u_j, coef_j, r_j, At, B_j, C_j, xi, h_run, dl_run, tau, steps,
+                                            view(s, L))
         else:
             f_old = _per_channel(k, G) * torch.tanh(e)
             inst = s + torch.remainder(P - 1 - phase0 - s, P)  # (b,) each row's first instant ≥ s
@@ -310,7 +335,7 @@ def conba_scan_chunk_torch(
             Lm = int(o.max()) + 1 if resolve else L  # the error is needed up to the last instant
             y, h_new, dl_new = _solve_block(head(dt_j, Lm), head(u_j, Lm) - f_old, head(coef_j, Lm), head(r_j, Lm),
                                             At, head(B_j, Lm), head(C_j, Lm), head(xi, Lm), h_run, dl_run, tau,
-                                            steps)
+                                            steps, view(s, Lm))
             y_o = y[o, bidx] + (extra[o, bidx] if extra is not None else 0.0)
             e_at = y_o - w_r_f * u_j[o, bidx]  # tracking error at the instant (b, d)
             rms = torch.sqrt((e_at.view(b, ng, G) ** 2).sum(-1) + 1e-12) / math.sqrt(G)
@@ -322,13 +347,29 @@ def conba_scan_chunk_torch(
                 f_new = _per_channel(k, G) * torch.tanh(e)
                 after = (torch.arange(s, s + L, device=dev)[:, None] > inst[None, :])[..., None]  # (L, b, 1)
                 y, h_new, dl_new = _solve_block(dt_j, u_j - torch.where(after, f_new, f_old), coef_j, r_j, At, B_j,
-                                                C_j, xi, h_run, dl_run, tau, steps)
+                                                C_j, xi, h_run, dl_run, tau, steps, view(s, L))
             h_run, dl_run = h_new, dl_new
-        if extra is not None:
-            y = y + extra
-        ys.append(y)
+        if y_buf is None:
+            ys.append(y)
+        if zeta is not None:
+            extras.append(extra)
 
-    y_l = torch.cat(ys, 0) if ys else u_l.new_zeros(0, b, d)  # (Tc, b, d)
+    if y_buf is not None:
+        y_l = y_buf
+    else:
+        y_l = torch.cat(ys, 0) if ys else u_l.new_zeros(0, b, d)  # (Tc, b, d)
+    # D u (+ σ_v ζ), added once over the line (the errors at the instants added their own above)
+    extra_l = torch.cat(extras, 0) if extras else D_u
+    if extra_l is not None:
+        y_l = y_l + extra_l
+    return _finish(y_l, h_run, dl_run, k, e, mask, dst, z, acc, u, b, T, d, control,
+                   eta_f, lam_f, w_r_f, return_final_state, R, phase0, P)
+
+
+def _finish(y_l, h_run, dl_run, k, e, mask, dst, z, acc, u, b, T, d, control, eta_f, lam_f, w_r_f,
+            return_final_state, R, phase0, P):
+    """The line's y back to (b, T, d) (padding 0), the gate, and the final state."""
+    dev = y_l.device
     y = y_l.transpose(0, 1)  # (b, Tc, d)
     if mask is not None:
         y = torch.cat([y, y.new_zeros(b, 1, d)], 1).gather(1, dst[..., None].expand(b, T, d))

@@ -83,7 +83,7 @@ class _FusedBlockScan(torch.autograd.Function):
         ctx.set_materialize_grads(False)
         args = [_c(x, dt) for x in (dt, ut, coef, r, At, B, C, xi, h0, dl0)]
         st = steps.contiguous() if steps is not None else steps_none(dt)
-        y, h_last, dl_last = kernels().scan_fwd(*args, st, tau)
+        y, h_last, dl_last = kernels().scan_fwd(*args, st, tau, _empty(dt))
         ctx.save_for_backward(*args, st)
         ctx.tau = tau
         ctx.has = (coef is not None, r is not None)
@@ -105,11 +105,17 @@ def steps_none(like: torch.Tensor) -> torch.Tensor:
     return torch.empty(0, dtype=torch.long, device=like.device)
 
 
-def block_scan(dt, ut, coef, r, At, B, C, xi, h0, dl0, tau, steps=None):
-    """The fused block scan; see `_FusedBlockScan`. dl0 (τ, b, N, d) is ignored when τ = 0."""
+def block_scan(dt, ut, coef, r, At, B, C, xi, h0, dl0, tau, steps=None, out=None):
+    """The fused block scan; see `_FusedBlockScan`. dl0 (τ, b, N, d) is ignored when τ = 0. ``out``: a
+    contiguous (L, b, d) tensor that receives y, used only when no gradient is recorded (a prefill
+    writes every block into one buffer instead of concatenating them)."""
     if tau == 0:
         r, dl0 = None, None
-    return _FusedBlockScan.apply(dt, ut, coef, r, At, B, C, xi, h0, dl0, steps, tau)
+    xs = (dt, ut, coef, r, At, B, C, xi, h0, dl0)
+    if out is not None and not (torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in xs)):
+        st = steps.contiguous() if steps is not None else steps_none(dt)
+        return kernels().scan_fwd(*[_c(x, dt) for x in xs], st, tau, out)
+    return _FusedBlockScan.apply(*xs, steps, tau)
 
 
 def decode_step(state, u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False, alpha=None,
@@ -133,3 +139,19 @@ def decode_step(state, u, delta, A, B, C, D=None, z=None, delta_bias=None, delta
              c(delta_bias), bool(delta_softplus), c(alpha), c(rho), int(tau), control, c(eta), c(lam), c(w_r),
              float(k_max), int(group_size), m, int(control_period), y)
     return y.to(u.dtype)
+
+
+def controlled_scan(dt, ut, coef, r, At, B, C, xi, h0, dl0, tau, steps, extra, k0, e0, phase0, P, G, eta, lam, w_r,
+                    k_max):
+    """The whole compacted line with its controller in one call, forward only (no gradient): every
+    row's held signal, its sampling instants ((phase0 + t + 1) % P == 0), error, gain law. Returns
+    (y without ``extra``, h_last, dl_last, k, e), or None where a tile would split a control group."""
+    tile = 64 if dt.dtype == torch.float32 else 32
+    if tile % G or not (phase0.dtype == torch.long and bool(((phase0 >= 0) & (phase0 < P)).all())):
+        return None
+    if tau == 0:
+        r, dl0 = None, None
+    args = [_c(x, dt) for x in (dt, ut, coef, r, At, B, C, xi, h0, dl0)]
+    st = steps.contiguous() if steps is not None else steps_none(dt)
+    return kernels().scan_ctl_fwd(*args, st, tau, _c(extra, dt), _c(k0, dt), _c(e0, dt), phase0.contiguous(), int(P),
+                                  int(G), _c(eta, dt), _c(lam, dt), _c(w_r, dt), float(k_max))

@@ -76,7 +76,7 @@ inline void add_tile(T* dst, const T* src, int64_t N, int64_t d, int64_t c0, int
 // when given.
 template <typename T>
 inline void step_tile(const Scan<T>& s, int64_t t, int64_t bi, int64_t c0, int64_t w, const T* hp,
-                      const T* hd, T* hc, T* yout, T* ebuf) {
+                      const T* hd, T* hc, T* yout, T* ebuf, const T* f = nullptr) {
   using V = Vectorized<T>;
   constexpr int64_t VS = V::size();
   constexpr int64_t TW = tile_width<T>();
@@ -87,7 +87,8 @@ inline void step_tile(const Scan<T>& s, int64_t t, int64_t bi, int64_t c0, int64
   for (int64_t v = 0; v < w; v += VS) {
     const int64_t cnt = std::min(VS, w - v);
     const V dtv = V::loadu(s.dt + off + v, cnt);
-    const V x = dtv * V::loadu(s.u + off + v, cnt);
+    const V uv = f ? V::loadu(s.u + off + v, cnt) - V::loadu(f + v, cnt) : V::loadu(s.u + off + v, cnt);
+    const V x = dtv * uv;
     const V cf = s.coef ? V::loadu(s.coef + off + v, cnt) : V(T(1));
     const V rv = s.r ? V::loadu(s.r + off + v, cnt) : V(T(0));
     V y(T(0));
@@ -153,6 +154,69 @@ void scan_fwd_task(const Scan<T>& s, int64_t bi, int64_t c0, int64_t w, T* y, T*
   store_tile(h_last + bi * NS, Lb > 0 ? H + last * R : H0v.data(), s.N, s.d, c0, w);
   for (int64_t i = 0; i < s.tau; ++i)  // dl_last[i] = h_{Lb−1−i}: history rows below `last`
     store_tile(dl_last + (i * s.b + bi) * NS, H + (last - i) * R, s.N, s.d, c0, w);
+}
+
+// The controller of docs/conba.md (6) inside the forward (no gradient): a task holds whole control
+// groups (the tile width is a multiple of G), so it runs its row's held signal f = k[g] · tanh(e), and at
+// each of its row's sampling instants ((phase0 + t + 1) % P == 0) the error e = y + extra − w_r u, its
+// group rms and the gain law, with no other task involved.
+template <typename T>
+struct Ctl {
+  const T* extra;          // (L, b, d) or null: D u (+ σ_v ζ), part of the measured output
+  const T* k0; const T* e0; const int64_t* phase0;  // (b, ng), (b, d), (b,)
+  const T* eta; const T* lam; const T* w_r;          // (ng), (ng), (d); null: 0, 0, 1
+  T* k; T* e;              // (b, ng), (b, d) out
+  int64_t P, G;
+  T k_max;
+};
+
+template <typename T>
+void scan_ctl_task(const Scan<T>& s, const Ctl<T>& c, int64_t bi, int64_t c0, int64_t w, T* y, T* h_last,
+                   T* dl_last) {
+  constexpr int64_t TW = tile_width<T>();
+  const int64_t R = s.N * TW, NS = s.N * s.d, hist = std::max<int64_t>(s.tau, 1), G = c.G, ng = s.d / G;
+  const int64_t Lb = row_steps(s, bi), g0 = c0 / G, ngt = w / G;
+  std::vector<T> Hv((hist + 1) * R), H0v(R), k(ngt), e(w), f(TW, T(0));
+  T* H = Hv.data();
+  init_history(s, bi, c0, w, H, H0v.data());
+  for (int64_t j = 0; j < ngt; ++j) k[j] = c.k0[bi * ng + g0 + j];
+  for (int64_t j = 0; j < w; ++j) e[j] = c.e0[bi * s.d + c0 + j];
+  auto held = [&] {
+    for (int64_t j = 0; j < w; ++j) f[j] = k[j / G] * std::tanh(e[j]);
+  };
+  held();
+  // H is a ring of hist + 1 rows: h_t goes to row (t + hist) % (hist + 1)
+  const int64_t ring = hist + 1;
+  auto row = [&](int64_t t) { return H + ((t + hist) % ring + ring) % ring * R; };
+  // history: ring row of t = −hist + j is (j % ring): init_history put h_{−hist+j} at row j ✓
+  const int64_t ph0 = c.phase0[bi];
+  for (int64_t t = 0; t < Lb; ++t) {
+    const T* hp = t == 0 ? H0v.data() : row(t - 1);
+    const T* hd = s.tau > 0 ? row(t - s.tau) : nullptr;
+    T* yt = y + (t * s.b + bi) * s.d + c0;
+    step_tile(s, t, bi, c0, w, hp, hd, row(t), yt, static_cast<T*>(nullptr), f.data());
+    if ((ph0 + t + 1) % c.P == 0) {  // a sampling instant of this row
+      const T* ex = c.extra ? c.extra + (t * s.b + bi) * s.d + c0 : nullptr;
+      const T* ut = s.u + (t * s.b + bi) * s.d + c0;
+      for (int64_t j = 0; j < ngt; ++j) {
+        T ss = 0;
+        for (int64_t i = j * G; i < (j + 1) * G; ++i) {
+          const T et = yt[i] + (ex ? ex[i] : T(0)) - (c.w_r ? c.w_r[c0 + i] : T(1)) * ut[i];
+          e[i] = et;
+          ss += et * et;
+        }
+        const T rms = std::sqrt(ss + T(1e-12)) / std::sqrt(T(G));
+        const T lam = c.lam ? c.lam[g0 + j] : T(0), eta = c.eta ? c.eta[g0 + j] : T(0);
+        k[j] = std::min(std::max((T(1) - lam) * k[j] + eta * rms, T(0)), c.k_max);
+      }
+      held();
+    }
+  }
+  for (int64_t t = Lb; t < s.L; ++t) std::fill_n(y + (t * s.b + bi) * s.d + c0, w, T(0));
+  store_tile(h_last + bi * NS, Lb > 0 ? row(Lb - 1) : H0v.data(), s.N, s.d, c0, w);
+  for (int64_t i = 0; i < s.tau; ++i) store_tile(dl_last + (i * s.b + bi) * NS, row(Lb - 1 - i), s.N, s.d, c0, w);
+  for (int64_t j = 0; j < ngt; ++j) c.k[bi * ng + g0 + j] = k[j];
+  for (int64_t j = 0; j < w; ++j) c.e[bi * s.d + c0 + j] = e[j];
 }
 
 template <typename T>
@@ -321,10 +385,12 @@ void for_tasks(int64_t b, int64_t d, F f) {
 
 std::vector<torch::Tensor> scan_fwd(torch::Tensor dt, torch::Tensor u, torch::Tensor coef, torch::Tensor r,
                                     torch::Tensor At, torch::Tensor B, torch::Tensor C, torch::Tensor xi,
-                                    torch::Tensor h0, torch::Tensor dl0, torch::Tensor steps, int64_t tau) {
-  check({dt, u, coef, r, At, B, C, xi, h0, dl0}, dt);
+                                    torch::Tensor h0, torch::Tensor dl0, torch::Tensor steps, int64_t tau,
+                                    torch::Tensor y_out) {
+  check({dt, u, coef, r, At, B, C, xi, h0, dl0, y_out}, dt);
   TORCH_CHECK(tau >= 0 && tau <= SEG, "conba_cpu: tau out of range");
-  auto y = torch::empty_like(dt);
+  TORCH_CHECK(y_out.numel() == 0 || y_out.sizes() == dt.sizes(), "conba_cpu: y_out must have dt's shape");
+  auto y = y_out.numel() ? y_out : torch::empty_like(dt);  // written in place when given
   auto h_last = torch::empty_like(h0);
   auto dl_last = torch::empty({tau, dt.size(1), At.size(0), dt.size(2)}, dt.options());
   AT_DISPATCH_FLOATING_TYPES(dt.scalar_type(), "conba_scan_fwd", [&] {
@@ -335,6 +401,37 @@ std::vector<torch::Tensor> scan_fwd(torch::Tensor dt, torch::Tensor u, torch::Te
     });
   });
   return {y, h_last, dl_last};
+}
+
+std::vector<torch::Tensor> scan_ctl_fwd(torch::Tensor dt, torch::Tensor u, torch::Tensor coef, torch::Tensor r,
+                                        torch::Tensor At, torch::Tensor B, torch::Tensor C, torch::Tensor xi,
+                                        torch::Tensor h0, torch::Tensor dl0, torch::Tensor steps, int64_t tau,
+                                        torch::Tensor extra, torch::Tensor k0, torch::Tensor e0, torch::Tensor phase0,
+                                        int64_t P, int64_t G, torch::Tensor eta, torch::Tensor lam, torch::Tensor w_r,
+                                        double k_max) {
+  check({dt, u, coef, r, At, B, C, xi, h0, dl0, extra, k0, e0, eta, lam, w_r}, dt);
+  TORCH_CHECK(tau >= 0 && tau <= SEG, "conba_cpu: tau out of range");
+  TORCH_CHECK(phase0.scalar_type() == at::kLong && phase0.is_contiguous(), "conba_cpu: phase0 must be int64");
+  auto y = torch::empty_like(dt);
+  auto h_last = torch::empty_like(h0);
+  auto dl_last = torch::empty({tau, dt.size(1), At.size(0), dt.size(2)}, dt.options());
+  auto k = torch::empty_like(k0);
+  auto e = torch::empty_like(e0);
+  AT_DISPATCH_FLOATING_TYPES(dt.scalar_type(), "conba_scan_ctl_fwd", [&] {
+    TORCH_CHECK(G >= 1 && tile_width<scalar_t>() % G == 0 && dt.size(2) % G == 0,
+                "conba_cpu: the group size must divide the tile width and d_inner");
+    auto s = make_scan<scalar_t>(dt, u, coef, r, At, B, C, xi, h0, dl0, steps, tau);
+    Ctl<scalar_t> c;
+    c.extra = opt<scalar_t>(extra); c.k0 = k0.data_ptr<scalar_t>(); c.e0 = e0.data_ptr<scalar_t>();
+    c.phase0 = phase0.data_ptr<int64_t>(); c.eta = opt<scalar_t>(eta); c.lam = opt<scalar_t>(lam);
+    c.w_r = opt<scalar_t>(w_r); c.k = k.data_ptr<scalar_t>(); c.e = e.data_ptr<scalar_t>();
+    c.P = P; c.G = G; c.k_max = static_cast<scalar_t>(k_max);
+    for_tasks<scalar_t>(s.b, s.d, [&](int64_t bi, int64_t, int64_t c0, int64_t w) {
+      scan_ctl_task(s, c, bi, c0, w, y.data_ptr<scalar_t>(), h_last.data_ptr<scalar_t>(),
+                    tau > 0 ? dl_last.data_ptr<scalar_t>() : nullptr);
+    });
+  });
+  return {y, h_last, dl_last, k, e};
 }
 
 std::vector<torch::Tensor> scan_bwd(torch::Tensor dt, torch::Tensor u, torch::Tensor coef, torch::Tensor r,
@@ -506,5 +603,6 @@ void step(torch::Tensor h, torch::Tensor delay, torch::Tensor k, torch::Tensor e
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("scan_fwd", &scan_fwd, "Conba block scan, forward (CPU)");
   m.def("scan_bwd", &scan_bwd, "Conba block scan, backward (CPU)");
+  m.def("scan_ctl_fwd", &scan_ctl_fwd, "Conba scan with its controller, forward only (CPU)");
   m.def("step", &step, "Conba decode step, state updated in place (CPU)");
 }
