@@ -214,9 +214,7 @@ def conba_scan_chunk_torch(
     P = control_period
     acc = acc_dtype(u)
     dev = u.device
-    dt, A32, control, eta_f, lam_f, w_r_f = _prepare(
-        delta, delta_bias, delta_softplus, A, eta, lam, w_r, k0, d, ng, dev, acc
-    )
+    control = eta is not None or k0 is not None
     if initial_state is None:
         initial_state = empty_state(b, d, n, tau, G, k0 if control else None, dev, acc)
     phase0 = initial_state.phase
@@ -258,6 +256,27 @@ def conba_scan_chunk_torch(
             x = torch.cat([x, x.new_zeros(b, 1, x.shape[-1])], 1)
             return x.gather(1, src[..., None].expand(b, Tc, x.shape[-1])).transpose(0, 1).contiguous()
 
+    noisy = sigma_w > 0.0 or sigma_v > 0.0
+    if Tc > 0 and _use_compiled(u.to(acc)) and not _records_grad(
+            u, delta, A, B, C, D, z, delta_bias, alpha, rho, k0, eta, lam, w_r, *initial_state[:4]):
+        # a prefill (no gradient): the whole line, its controller and the gate in one compiled call
+        from .cpu import prefill
+
+        xi = zeta = None
+        if noisy:
+            xi, zeta = _block_noise(seed, src_t, d, n, dev)
+            xi = sigma_w * xi.to(acc) if sigma_w > 0.0 else None
+            zeta = sigma_v * zeta.to(acc) if sigma_v > 0.0 else None
+        out = prefill(line(delta), delta_bias, delta_softplus, line(u), line(alpha) if alpha is not None else None,
+                      rho, A.to(acc).t(), line(B), line(C), D, line(z) if z is not None else None, xi, zeta, h_init,
+                      dl_init, tau, R, G, control, k, e, phase0, P, eta, lam, w_r, k_max)
+        if out is not None:
+            y_l, h_run, dl_run, k, e = out
+            return _finish(y_l, h_run, dl_run, k, e, mask, dst, None, acc, u, b, T, d, control, None, None, None,
+                           return_final_state, R, phase0, P)
+    dt, A32, control, eta_f, lam_f, w_r_f = _prepare(
+        delta, delta_bias, delta_softplus, A, eta, lam, w_r, k0, d, ng, dev, acc
+    )
     u_l, dt_l, B_l, C_l = line(u), line(dt), line(B), line(C)
     # a_t = coef_t exp(Δ_t A) with coef = α_t (1 − ρ), and r_t = α_t ρ, per channel
     coef = _per_channel(line(alpha), G) if alpha is not None else None  # (Tc, b, d)
@@ -268,7 +287,6 @@ def conba_scan_chunk_torch(
         coef = coef * (1.0 - rho_c) if coef is not None else (1.0 - rho_c).expand(Tc, b, d)
     D_u = D.to(acc) * u_l if D is not None else None
     At = A32.t()
-    noisy = sigma_w > 0.0 or sigma_v > 0.0
 
     def noise(s, L):
         """σ_w ξ (L, b, N, d) and σ_v ζ (L, b, d) at line positions [s, s+L), or Nones."""
@@ -280,21 +298,6 @@ def conba_scan_chunk_torch(
 
     ys, extras = [], []
     fused = _use_compiled(u_l)
-    if control and fused and Tc > 0 and not _records_grad(u_l, dt_l, coef, r_l, B_l, C_l, D_u, At, h_init, dl_init, k, e,
-                                                          eta_f, lam_f, w_r_f):
-        # a prefill: the whole line and its controller in one compiled call (every row at its own instants)
-        from .cpu import controlled_scan
-
-        xi, zeta = noise(0, Tc)
-        extra_l = zeta if D_u is None else (D_u if zeta is None else D_u + zeta)
-        out = controlled_scan(dt_l, u_l, coef, r_l, At, B_l, C_l, xi, h_init, dl_init, tau, R, extra_l, k, e,
-                              phase0, P, G, eta_f, lam_f, w_r_f, k_max)
-        if out is not None:
-            y_l, h_run, dl_run, k, e = out
-            if extra_l is not None:
-                y_l = y_l + extra_l
-            return _finish(y_l, h_run, dl_run, k, e, mask, dst, z, acc, u, b, T, d, control, eta_f, lam_f, w_r_f,
-                           return_final_state, R, phase0, P)
     # without a gradient the kernel writes every block's y into one buffer (no concatenation)
     y_buf = u_l.new_empty(Tc, b, d) if fused and not _records_grad(u_l, dt_l, coef, r_l, B_l, C_l, h_init, dl_init) \
         else None
@@ -375,7 +378,7 @@ def _finish(y_l, h_run, dl_run, k, e, mask, dst, z, acc, u, b, T, d, control, et
         y = torch.cat([y, y.new_zeros(b, 1, d)], 1).gather(1, dst[..., None].expand(b, T, d))
     if z is not None:
         y = y * F.silu(z.to(acc))
-    if control and torch.is_grad_enabled():
+    if control and eta_f is not None and torch.is_grad_enabled():
         # The loop (naive.py) computes every step's error and gain update and keeps them by a
         # torch.where, so η, λ and w_r get a (zero) gradient even when no sampling instant falls in
         # the sequence; here they would get none, and an optimiser or DDP would see them as unused

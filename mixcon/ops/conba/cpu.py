@@ -141,17 +141,24 @@ def decode_step(state, u, delta, A, B, C, D=None, z=None, delta_bias=None, delta
     return y.to(u.dtype)
 
 
-def controlled_scan(dt, ut, coef, r, At, B, C, xi, h0, dl0, tau, steps, extra, k0, e0, phase0, P, G, eta, lam, w_r,
-                    k_max):
-    """The whole compacted line with its controller in one call, forward only (no gradient): every
-    row's held signal, its sampling instants ((phase0 + t + 1) % P == 0), error, gain law. Returns
-    (y without ``extra``, h_last, dl_last, k, e), or None where a tile would split a control group."""
-    tile = 64 if dt.dtype == torch.float32 else 32
-    if tile % G or not (phase0.dtype == torch.long and bool(((phase0 >= 0) & (phase0 < P)).all())):
+def prefill(delta, delta_bias, softplus, u, alpha, rho, At, B, C, D, z, xi, zeta, h0, dl0, tau, steps, G, control,
+            k0, e0, phase0, P, eta, lam, w_r, k_max):
+    """A whole compacted line in one call, forward only (no gradient), from the raw per-token inputs
+    (time-major (L, b, ·); alpha per group): Δ = softplus(δ + bias), the decay, the delay line, the
+    held signal and each row's sampling instants ((phase0 + t + 1) % P == 0) with the error and gain
+    law, y + D u (+ ζ), gated by silu(z). Returns (y, h_last, dl_last, k, e), or None where a tile
+    would split a control group (then the block path runs)."""
+    tile = 64 if delta.dtype == torch.float32 else 32
+    if tile % G:
         return None
     if tau == 0:
-        r, dl0 = None, None
-    args = [_c(x, dt) for x in (dt, ut, coef, r, At, B, C, xi, h0, dl0)]
-    st = steps.contiguous() if steps is not None else steps_none(dt)
-    return kernels().scan_ctl_fwd(*args, st, tau, _c(extra, dt), _c(k0, dt), _c(e0, dt), phase0.contiguous(), int(P),
-                                  int(G), _c(eta, dt), _c(lam, dt), _c(w_r, dt), float(k_max))
+        rho, dl0 = None, None
+    like = delta
+    st = steps.contiguous() if steps is not None else steps_none(like)
+    ph = phase0.contiguous() if control else like.new_empty(0, dtype=torch.long)
+    return kernels().prefill(
+        _c(delta, like), _c(delta_bias.to(like.dtype) if delta_bias is not None else None, like), bool(softplus),
+        _c(u, like), _c(alpha, like), _c(rho.to(like.dtype) if rho is not None else None, like), _c(At, like),
+        _c(B, like), _c(C, like), _c(D.to(like.dtype) if D is not None else None, like), _c(z, like), _c(xi, like),
+        _c(zeta, like), _c(h0, like), _c(dl0, like), st, int(tau), int(G), bool(control), _c(k0, like), _c(e0, like),
+        ph, int(P), *(_c(x.to(like.dtype) if x is not None else None, like) for x in (eta, lam, w_r)), float(k_max))

@@ -72,34 +72,45 @@ inline void add_tile(T* dst, const T* src, int64_t N, int64_t d, int64_t c0, int
     for (int64_t j = 0; j < w; ++j) dst[n * d + c0 + j] += src[n * TW + j];
 }
 
-// One step of one tile: hc = a ⊙ hp + r ⊙ hd + x B (+ ξ); y (w values) when yout; exp(Δ A) into ebuf
-// when given.
+// One step's inputs for one tile, already offset to (t, row, first channel): dt, u, coef, r (w values;
+// coef, r may be null), B, C (N values), xi (N rows of stride d, or null).
 template <typename T>
-inline void step_tile(const Scan<T>& s, int64_t t, int64_t bi, int64_t c0, int64_t w, const T* hp,
-                      const T* hd, T* hc, T* yout, T* ebuf, const T* f = nullptr) {
+struct StepIn {
+  const T* dt; const T* u; const T* coef; const T* r; const T* B; const T* C; const T* xi;
+};
+
+template <typename T>
+inline StepIn<T> step_in(const Scan<T>& s, int64_t t, int64_t bi, int64_t c0) {
+  const int64_t row = t * s.b + bi, off = row * s.d + c0;
+  return {s.dt + off, s.u + off, s.coef ? s.coef + off : nullptr, s.r ? s.r + off : nullptr, s.B + row * s.N,
+          s.C + row * s.N, s.xi ? s.xi + row * s.N * s.d + c0 : nullptr};
+}
+
+// One step of one tile: hc = a ⊙ hp + r ⊙ hd + Δ (u − f) B (+ ξ); y (w values) when yout; exp(Δ A) into
+// ebuf when given. At: A transposed, offset to the tile's first channel, rows of stride d.
+template <typename T>
+inline void step_tile(const StepIn<T>& in, const T* At, int64_t d, int64_t N, int64_t w, const T* hp, const T* hd,
+                      T* hc, T* yout, T* ebuf, const T* f = nullptr) {
   using V = Vectorized<T>;
   constexpr int64_t VS = V::size();
   constexpr int64_t TW = tile_width<T>();
-  const int64_t row = t * s.b + bi;
-  const T* Bt = s.B + row * s.N;
-  const T* Ct = s.C + row * s.N;
-  const int64_t off = row * s.d + c0;
   for (int64_t v = 0; v < w; v += VS) {
     const int64_t cnt = std::min(VS, w - v);
-    const V dtv = V::loadu(s.dt + off + v, cnt);
-    const V uv = f ? V::loadu(s.u + off + v, cnt) - V::loadu(f + v, cnt) : V::loadu(s.u + off + v, cnt);
+    const V dtv = V::loadu(in.dt + v, cnt);
+    const V uv = f ? V::loadu(in.u + v, cnt) - V::loadu(f + v, cnt) : V::loadu(in.u + v, cnt);
     const V x = dtv * uv;
-    const V cf = s.coef ? V::loadu(s.coef + off + v, cnt) : V(T(1));
-    const V rv = s.r ? V::loadu(s.r + off + v, cnt) : V(T(0));
+    const V cf = in.coef ? V::loadu(in.coef + v, cnt) : V(T(1));
+    const V rv = in.r ? V::loadu(in.r + v, cnt) : V(T(0));
     V y(T(0));
-    for (int64_t n = 0; n < s.N; ++n) {
-      const V e = (dtv * V::loadu(s.At + n * s.d + c0 + v, cnt)).exp_u20();
-      V h = (e * cf) * V::loadu(hp + n * TW + v) + x * V(Bt[n]);
+    for (int64_t n = 0; n < N; ++n) {
+      // exp_u20 (float: ATen's polynomial, within 4e-7 relative, half the time of Sleef's u10; double: Sleef)
+      const V e = (dtv * V::loadu(At + n * d + v, cnt)).exp_u20();
+      V h = (e * cf) * V::loadu(hp + n * TW + v) + x * V(in.B[n]);
       if (hd) h = h + rv * V::loadu(hd + n * TW + v);
-      if (s.xi) h = h + V::loadu(s.xi + (row * s.N + n) * s.d + c0 + v, cnt);
+      if (in.xi) h = h + V::loadu(in.xi + n * d + v, cnt);
       h.store(hc + n * TW + v);
       if (ebuf) e.store(ebuf + n * TW + v);
-      y = y + V(Ct[n]) * h;
+      y = y + V(in.C[n]) * h;
     }
     if (yout) y.store(yout + v, cnt);
   }
@@ -127,8 +138,8 @@ inline void run_segment(const Scan<T>& s, int64_t bi, int64_t c0, int64_t w, int
     const int64_t t = s0 + k;
     const T* hp = t == 0 ? H0 : H + (hist + k - 1) * R;
     const T* hd = s.tau > 0 ? H + (hist + k - s.tau) * R : nullptr;
-    step_tile(s, t, bi, c0, w, hp, hd, H + (hist + k) * R, y ? y + (t * s.b + bi) * s.d + c0 : nullptr,
-              E ? E + k * R : nullptr);
+    step_tile(step_in(s, t, bi, c0), s.At + c0, s.d, s.N, w, hp, hd, H + (hist + k) * R,
+              y ? y + (t * s.b + bi) * s.d + c0 : nullptr, E ? E + k * R : nullptr);
   }
 }
 
@@ -158,11 +169,10 @@ void scan_fwd_task(const Scan<T>& s, int64_t bi, int64_t c0, int64_t w, T* y, T*
 
 // The controller of docs/conba.md (6) inside the forward (no gradient): a task holds whole control
 // groups (the tile width is a multiple of G), so it runs its row's held signal f = k[g] · tanh(e), and at
-// each of its row's sampling instants ((phase0 + t + 1) % P == 0) the error e = y + extra − w_r u, its
+// each of its row's sampling instants ((phase0 + t + 1) % P == 0) the error e = y + D u (+ σ_v ζ) − w_r u, its
 // group rms and the gain law, with no other task involved.
 template <typename T>
 struct Ctl {
-  const T* extra;          // (L, b, d) or null: D u (+ σ_v ζ), part of the measured output
   const T* k0; const T* e0; const int64_t* phase0;  // (b, ng), (b, d), (b,)
   const T* eta; const T* lam; const T* w_r;          // (ng), (ng), (d); null: 0, 0, 1
   T* k; T* e;              // (b, ng), (b, d) out
@@ -170,53 +180,109 @@ struct Ctl {
   T k_max;
 };
 
+// The prefill: the whole line from the raw per-token inputs, so that no (L, b, d) intermediate is formed
+// in PyTorch: Δ = softplus(δ + bias) per step, coef = α (1 − ρ) and r = α ρ from the per-group α and ρ,
+// the measured output y + D u (+ σ_v ζ), and the gate silu(z) applied to what is written out.
 template <typename T>
-void scan_ctl_task(const Scan<T>& s, const Ctl<T>& c, int64_t bi, int64_t c0, int64_t w, T* y, T* h_last,
-                   T* dl_last) {
+struct Raw {
+  const T* delta; const T* bias;   // (L, b, d), (d) or null
+  const T* alpha; const T* rho;    // (L, b, ng) or null, (ng) or null (no delay)
+  const T* D; const T* z;          // (d) or null, (L, b, d) or null
+  const T* zeta;                   // (L, b, d) or null: σ_v ζ
+  bool softplus;
+  int64_t G;                       // channels per group of α and ρ
+};
+
+template <typename T>
+void prefill_task(const Scan<T>& s, const Raw<T>& q, const Ctl<T>* c, int64_t bi, int64_t c0, int64_t w, T* y,
+                  T* h_last, T* dl_last) {
+  using V = Vectorized<T>;
+  constexpr int64_t VS = V::size();
   constexpr int64_t TW = tile_width<T>();
-  const int64_t R = s.N * TW, NS = s.N * s.d, hist = std::max<int64_t>(s.tau, 1), G = c.G, ng = s.d / G;
+  const int64_t R = s.N * TW, NS = s.N * s.d, hist = std::max<int64_t>(s.tau, 1);
+  const int64_t G = c ? c->G : 1, ng = c ? s.d / G : 0, Ga = q.G, nga = s.d / Ga;
   const int64_t Lb = row_steps(s, bi), g0 = c0 / G, ngt = w / G;
-  std::vector<T> Hv((hist + 1) * R), H0v(R), k(ngt), e(w), f(TW, T(0));
+  const int64_t ring = hist + 1;
+  std::vector<T> Hv(ring * R), H0v(R), k(c ? ngt : 0), e(c ? w : 0), f(TW, T(0)), dtb(TW, T(0)), cfb(TW, T(1)),
+      rb(TW, T(0)), yb(TW, T(0));
   T* H = Hv.data();
   init_history(s, bi, c0, w, H, H0v.data());
-  for (int64_t j = 0; j < ngt; ++j) k[j] = c.k0[bi * ng + g0 + j];
-  for (int64_t j = 0; j < w; ++j) e[j] = c.e0[bi * s.d + c0 + j];
+  auto row = [&](int64_t t) { return H + ((t + hist) % ring + ring) % ring * R; };
+  if (c) {
+    for (int64_t j = 0; j < ngt; ++j) k[j] = c->k0[bi * ng + g0 + j];
+    for (int64_t j = 0; j < w; ++j) e[j] = c->e0[bi * s.d + c0 + j];
+  }
   auto held = [&] {
     for (int64_t j = 0; j < w; ++j) f[j] = k[j / G] * std::tanh(e[j]);
   };
-  held();
-  // H is a ring of hist + 1 rows: h_t goes to row (t + hist) % (hist + 1)
-  const int64_t ring = hist + 1;
-  auto row = [&](int64_t t) { return H + ((t + hist) % ring + ring) % ring * R; };
-  // history: ring row of t = −hist + j is (j % ring): init_history put h_{−hist+j} at row j ✓
-  const int64_t ph0 = c.phase0[bi];
+  if (c) held();
+  const int64_t ph0 = c ? c->phase0[bi] : 0;
   for (int64_t t = 0; t < Lb; ++t) {
+    const int64_t rw = t * s.b + bi, off = rw * s.d + c0;
+    // per-step, per-channel quantities of the tile
+    for (int64_t v = 0; v < w; v += VS) {
+      const int64_t cnt = std::min(VS, w - v);
+      V x = V::loadu(q.delta + off + v, cnt);
+      if (q.bias) x = x + V::loadu(q.bias + c0 + v, cnt);
+      if (q.softplus) x = V::blendv(x.exp().log1p(), x, x > V(T(20)));
+      x.store(dtb.data() + v, cnt);
+    }
+    for (int64_t j = 0; j < w; ++j) {
+      const int64_t gc = (c0 + j) / Ga;
+      const T a = q.alpha ? q.alpha[rw * nga + gc] : T(1);
+      if (q.rho) {
+        cfb[j] = a * (T(1) - q.rho[gc]);
+        rb[j] = a * q.rho[gc];
+      } else {
+        cfb[j] = a;
+      }
+    }
+    StepIn<T> in = step_in(s, t, bi, c0);
+    in.dt = dtb.data();
+    in.coef = (q.alpha || q.rho) ? cfb.data() : nullptr;
+    in.r = q.rho ? rb.data() : nullptr;
     const T* hp = t == 0 ? H0v.data() : row(t - 1);
     const T* hd = s.tau > 0 ? row(t - s.tau) : nullptr;
-    T* yt = y + (t * s.b + bi) * s.d + c0;
-    step_tile(s, t, bi, c0, w, hp, hd, row(t), yt, static_cast<T*>(nullptr), f.data());
-    if ((ph0 + t + 1) % c.P == 0) {  // a sampling instant of this row
-      const T* ex = c.extra ? c.extra + (t * s.b + bi) * s.d + c0 : nullptr;
-      const T* ut = s.u + (t * s.b + bi) * s.d + c0;
+    step_tile(in, s.At + c0, s.d, s.N, w, hp, hd, row(t), yb.data(), static_cast<T*>(nullptr), c ? f.data() : nullptr);
+    const T* ut = s.u + off;
+    for (int64_t j = 0; j < w; ++j) {  // the measured output
+      T yv = yb[j];
+      if (q.D) yv += q.D[c0 + j] * ut[j];
+      if (q.zeta) yv += q.zeta[off + j];
+      yb[j] = yv;
+    }
+    if (c && (ph0 + t + 1) % c->P == 0) {  // a sampling instant of this row
       for (int64_t j = 0; j < ngt; ++j) {
         T ss = 0;
         for (int64_t i = j * G; i < (j + 1) * G; ++i) {
-          const T et = yt[i] + (ex ? ex[i] : T(0)) - (c.w_r ? c.w_r[c0 + i] : T(1)) * ut[i];
+          const T et = yb[i] - (c->w_r ? c->w_r[c0 + i] : T(1)) * ut[i];
           e[i] = et;
           ss += et * et;
         }
         const T rms = std::sqrt(ss + T(1e-12)) / std::sqrt(T(G));
-        const T lam = c.lam ? c.lam[g0 + j] : T(0), eta = c.eta ? c.eta[g0 + j] : T(0);
-        k[j] = std::min(std::max((T(1) - lam) * k[j] + eta * rms, T(0)), c.k_max);
+        const T lam = c->lam ? c->lam[g0 + j] : T(0), eta = c->eta ? c->eta[g0 + j] : T(0);
+        k[j] = std::min(std::max((T(1) - lam) * k[j] + eta * rms, T(0)), c->k_max);
       }
       held();
+    }
+    T* yo = y + off;
+    if (q.z) {
+      for (int64_t v = 0; v < w; v += VS) {
+        const int64_t cnt = std::min(VS, w - v);
+        const V zv = V::loadu(q.z + off + v, cnt);
+        (V::loadu(yb.data() + v, cnt) * (zv / (V(T(1)) + zv.neg().exp()))).store(yo + v, cnt);
+      }
+    } else {
+      std::memcpy(yo, yb.data(), w * sizeof(T));
     }
   }
   for (int64_t t = Lb; t < s.L; ++t) std::fill_n(y + (t * s.b + bi) * s.d + c0, w, T(0));
   store_tile(h_last + bi * NS, Lb > 0 ? row(Lb - 1) : H0v.data(), s.N, s.d, c0, w);
   for (int64_t i = 0; i < s.tau; ++i) store_tile(dl_last + (i * s.b + bi) * NS, row(Lb - 1 - i), s.N, s.d, c0, w);
-  for (int64_t j = 0; j < ngt; ++j) c.k[bi * ng + g0 + j] = k[j];
-  for (int64_t j = 0; j < w; ++j) c.e[bi * s.d + c0 + j] = e[j];
+  if (c) {
+    for (int64_t j = 0; j < ngt; ++j) c->k[bi * ng + g0 + j] = k[j];
+    for (int64_t j = 0; j < w; ++j) c->e[bi * s.d + c0 + j] = e[j];
+  }
 }
 
 template <typename T>
@@ -403,32 +469,40 @@ std::vector<torch::Tensor> scan_fwd(torch::Tensor dt, torch::Tensor u, torch::Te
   return {y, h_last, dl_last};
 }
 
-std::vector<torch::Tensor> scan_ctl_fwd(torch::Tensor dt, torch::Tensor u, torch::Tensor coef, torch::Tensor r,
-                                        torch::Tensor At, torch::Tensor B, torch::Tensor C, torch::Tensor xi,
-                                        torch::Tensor h0, torch::Tensor dl0, torch::Tensor steps, int64_t tau,
-                                        torch::Tensor extra, torch::Tensor k0, torch::Tensor e0, torch::Tensor phase0,
-                                        int64_t P, int64_t G, torch::Tensor eta, torch::Tensor lam, torch::Tensor w_r,
-                                        double k_max) {
-  check({dt, u, coef, r, At, B, C, xi, h0, dl0, extra, k0, e0, eta, lam, w_r}, dt);
+std::vector<torch::Tensor> prefill(torch::Tensor delta, torch::Tensor bias, bool softplus_, torch::Tensor u,
+                                   torch::Tensor alpha, torch::Tensor rho, torch::Tensor At, torch::Tensor B,
+                                   torch::Tensor C, torch::Tensor D, torch::Tensor z, torch::Tensor xi,
+                                   torch::Tensor zeta, torch::Tensor h0, torch::Tensor dl0, torch::Tensor steps,
+                                   int64_t tau, int64_t G, bool control, torch::Tensor k0, torch::Tensor e0,
+                                   torch::Tensor phase0, int64_t P, torch::Tensor eta, torch::Tensor lam,
+                                   torch::Tensor w_r, double k_max) {
+  check({delta, bias, u, alpha, rho, At, B, C, D, z, xi, zeta, h0, dl0, k0, e0, eta, lam, w_r}, delta);
   TORCH_CHECK(tau >= 0 && tau <= SEG, "conba_cpu: tau out of range");
-  TORCH_CHECK(phase0.scalar_type() == at::kLong && phase0.is_contiguous(), "conba_cpu: phase0 must be int64");
-  auto y = torch::empty_like(dt);
+  TORCH_CHECK(!control || (phase0.scalar_type() == at::kLong && phase0.is_contiguous()), "conba_cpu: phase0 must be int64");
+  auto y = torch::empty_like(delta);
   auto h_last = torch::empty_like(h0);
-  auto dl_last = torch::empty({tau, dt.size(1), At.size(0), dt.size(2)}, dt.options());
-  auto k = torch::empty_like(k0);
-  auto e = torch::empty_like(e0);
-  AT_DISPATCH_FLOATING_TYPES(dt.scalar_type(), "conba_scan_ctl_fwd", [&] {
-    TORCH_CHECK(G >= 1 && tile_width<scalar_t>() % G == 0 && dt.size(2) % G == 0,
+  auto dl_last = torch::empty({tau, delta.size(1), At.size(0), delta.size(2)}, delta.options());
+  auto k = control ? torch::empty_like(k0) : k0;
+  auto e = control ? torch::empty_like(e0) : e0;
+  AT_DISPATCH_FLOATING_TYPES(delta.scalar_type(), "conba_prefill", [&] {
+    TORCH_CHECK(G >= 1 && tile_width<scalar_t>() % G == 0 && delta.size(2) % G == 0,
                 "conba_cpu: the group size must divide the tile width and d_inner");
-    auto s = make_scan<scalar_t>(dt, u, coef, r, At, B, C, xi, h0, dl0, steps, tau);
+    auto empty = torch::empty({0}, delta.options());
+    auto s = make_scan<scalar_t>(delta, u, empty, empty, At, B, C, xi, h0, dl0, steps, tau);
+    Raw<scalar_t> q;
+    q.delta = delta.data_ptr<scalar_t>(); q.bias = opt<scalar_t>(bias); q.alpha = opt<scalar_t>(alpha);
+    q.rho = tau > 0 ? opt<scalar_t>(rho) : nullptr; q.D = opt<scalar_t>(D); q.z = opt<scalar_t>(z);
+    q.zeta = opt<scalar_t>(zeta); q.softplus = softplus_; q.G = G;
     Ctl<scalar_t> c;
-    c.extra = opt<scalar_t>(extra); c.k0 = k0.data_ptr<scalar_t>(); c.e0 = e0.data_ptr<scalar_t>();
-    c.phase0 = phase0.data_ptr<int64_t>(); c.eta = opt<scalar_t>(eta); c.lam = opt<scalar_t>(lam);
-    c.w_r = opt<scalar_t>(w_r); c.k = k.data_ptr<scalar_t>(); c.e = e.data_ptr<scalar_t>();
-    c.P = P; c.G = G; c.k_max = static_cast<scalar_t>(k_max);
+    if (control) {
+      c.k0 = k0.data_ptr<scalar_t>(); c.e0 = e0.data_ptr<scalar_t>();
+      c.phase0 = phase0.data_ptr<int64_t>(); c.eta = opt<scalar_t>(eta); c.lam = opt<scalar_t>(lam);
+      c.w_r = opt<scalar_t>(w_r); c.k = k.data_ptr<scalar_t>(); c.e = e.data_ptr<scalar_t>();
+      c.P = P; c.G = G; c.k_max = static_cast<scalar_t>(k_max);
+    }
     for_tasks<scalar_t>(s.b, s.d, [&](int64_t bi, int64_t, int64_t c0, int64_t w) {
-      scan_ctl_task(s, c, bi, c0, w, y.data_ptr<scalar_t>(), h_last.data_ptr<scalar_t>(),
-                    tau > 0 ? dl_last.data_ptr<scalar_t>() : nullptr);
+      prefill_task(s, q, control ? &c : nullptr, bi, c0, w, y.data_ptr<scalar_t>(), h_last.data_ptr<scalar_t>(),
+                   tau > 0 ? dl_last.data_ptr<scalar_t>() : nullptr);
     });
   });
   return {y, h_last, dl_last, k, e};
@@ -603,6 +677,6 @@ void step(torch::Tensor h, torch::Tensor delay, torch::Tensor k, torch::Tensor e
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("scan_fwd", &scan_fwd, "Conba block scan, forward (CPU)");
   m.def("scan_bwd", &scan_bwd, "Conba block scan, backward (CPU)");
-  m.def("scan_ctl_fwd", &scan_ctl_fwd, "Conba scan with its controller, forward only (CPU)");
+  m.def("prefill", &prefill, "Conba prefill from the raw inputs, controller and gate included (CPU)");
   m.def("step", &step, "Conba decode step, state updated in place (CPU)");
 }
