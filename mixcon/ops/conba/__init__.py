@@ -3,9 +3,10 @@
 `conba_scan` runs a whole sequence, `conba_step` one decode token. Both dispatch to a
 backend: ``"ref"`` (the pure-PyTorch loop in `naive.py`, the oracle), ``"triton"`` (the fused
 kernels: `chunk.py`, chunk-parallel, for a control period P > 1; `fused_recurrent.py`, per step,
-for P = 1), ``"chunk_torch"`` (`chunk_torch.py`: pure PyTorch, one control period per block, the
-CPU path), or ``"auto"`` (Triton on a CUDA device when it is importable; ``chunk_torch`` on CPU —
-see `_auto_cpu`).
+for P = 1), ``"chunk_torch"`` (`chunk_torch.py`: one control period per block, the CPU path; its
+blocks, a prefill and the decode step run compiled (`cpu.py`) where a C++ compiler is present, pure
+PyTorch otherwise), or ``"auto"`` (Triton on a CUDA device when it is importable; ``chunk_torch`` on
+CPU — see `_auto_cpu`).
 
 With none of the extras given (alpha, rho/tau, k0/eta/lam/w_r, noise, mask) `conba_scan` is
 exactly Mamba-1's selective scan, in time-major layout.

@@ -31,10 +31,13 @@ _tried = False
 
 
 def _flags() -> list[str]:
+    # OpenMP where torch runs on it, so that at::parallel_for splits the tasks over torch's threads (the
+    # module then uses the libgomp torch has already loaded); without it the kernels run on one thread
+    omp = ["-fopenmp"] if "OpenMP" in torch.__config__.parallel_info() else []
     cap = torch.backends.cpu.get_cpu_capability()
     if cap in ("AVX2", "AVX512"):  # ATen's 256-bit vectors (and Sleef's exp) exported by libtorch_cpu
-        return ["-O3", "-mavx2", "-mfma", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"]
-    return ["-O3"]  # ATen's portable vectors: correct everywhere, slower
+        return ["-O3", "-mavx2", "-mfma", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2", *omp]
+    return ["-O3", *omp]  # ATen's portable vectors: correct everywhere, slower
 
 
 def kernels():
@@ -56,7 +59,8 @@ def kernels():
             src = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc", "conba_cpu.cpp")
             flags = _flags()
             name = "mixcon_conba_cpu_" + ("avx2" if "-mavx2" in flags else "base")
-            _module = load(name=name, sources=[src], extra_cflags=flags, verbose=False)
+            _module = load(name=name, sources=[src], extra_cflags=flags,
+                           extra_ldflags=["-fopenmp"] if "-fopenmp" in flags else [], verbose=False)
         except Exception as exc:  # noqa: BLE001 — any build failure means: use the PyTorch path
             warnings.warn(f"mixcon: the compiled CPU Conba kernels could not be built ({type(exc).__name__}: "
                           f"{str(exc)[:200]}); using the pure-PyTorch path (same results, slower). "
