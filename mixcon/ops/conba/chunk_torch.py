@@ -161,9 +161,10 @@ def _block_scan(dt, ut, coef, r, At, B, C, xi, h0, dl0, tau):
     return _BlockScan.apply(dt, ut, coef, r, At, B, C, xi, h0, dl0, tau)
 
 
-def _use_compiled(x: torch.Tensor) -> bool:
-    """Whether the block runs in the compiled kernel (cpu.py): on CPU, float32/float64, where it builds."""
-    if not COMPILED or x.device.type != "cpu" or x.dtype not in (torch.float32, torch.float64):
+def _use_compiled(x: torch.Tensor, dtype: Optional[torch.dtype] = None) -> bool:
+    """Whether the work runs in the compiled kernels (cpu.py): on CPU, accumulating in float32/float64
+    (``dtype``, default x's), where they build."""
+    if not COMPILED or x.device.type != "cpu" or (dtype or x.dtype) not in (torch.float32, torch.float64):
         return False
     from .cpu import kernels
 
@@ -267,7 +268,7 @@ def conba_scan_chunk_torch(
             return x.gather(1, src[..., None].expand(b, Tc, x.shape[-1])).transpose(0, 1).contiguous()
 
     noisy = sigma_w > 0.0 or sigma_v > 0.0
-    if Tc > 0 and _use_compiled(u.to(acc)) and not _records_grad(
+    if Tc > 0 and _use_compiled(u, acc) and not _records_grad(
             u, delta, A, B, C, D, z, delta_bias, alpha, rho, k0, eta, lam, w_r, *initial_state[:4]):
         # a prefill (no gradient): the whole line, its controller and the gate in one compiled call
         from .cpu import prefill
