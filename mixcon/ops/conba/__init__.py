@@ -3,9 +3,10 @@
 `conba_scan` runs a whole sequence, `conba_step` one decode token. Both dispatch to a
 backend: ``"ref"`` (the pure-PyTorch loop in `naive.py`, the oracle), ``"triton"`` (the fused
 kernels: `chunk.py`, chunk-parallel, for a control period P > 1; `fused_recurrent.py`, per step,
-for P = 1), ``"chunk_torch"`` (`chunk_torch.py`: pure PyTorch, one control period per block, the
-CPU path), or ``"auto"`` (Triton on a CUDA device when it is importable; ``chunk_torch`` on CPU —
-see `_auto_cpu`).
+for P = 1), ``"chunk_torch"`` (`chunk_torch.py`: one control period per block, the CPU path; its
+blocks, a prefill and the decode step run compiled (`cpu.py`) where a C++ compiler is present, pure
+PyTorch otherwise), or ``"auto"`` (Triton on a CUDA device when it is importable; ``chunk_torch`` on
+CPU — see `_auto_cpu`).
 
 With none of the extras given (alpha, rho/tau, k0/eta/lam/w_r, noise, mask) `conba_scan` is
 exactly Mamba-1's selective scan, in time-major layout.
@@ -187,6 +188,20 @@ def conba_scan(
     return conba_scan_ref(u, delta, A, B, C, **kwargs, control_period=control_period)
 
 
+_NOT_STEP = ("sigma_w", "sigma_v", "seed", "t")  # the compiled step runs without noise
+
+
+def _cpu_step_applies(state, kwargs, *tensors) -> bool:
+    """Whether a CPU decode step can run compiled: no noise, no gradient wanted, not under a trace."""
+    if kwargs["sigma_w"] > 0.0 or kwargs["sigma_v"] > 0.0 or _tracing():
+        return False
+    if torch.is_grad_enabled():
+        xs = (*tensors, *state[:4], *(v for v in kwargs.values() if isinstance(v, torch.Tensor)))
+        if any(x.requires_grad for x in xs):
+            return False
+    return True
+
+
 def conba_step(
     state: ConbaState,
     u: torch.Tensor,
@@ -227,6 +242,13 @@ def conba_step(
     kwargs = dict(D=D, z=z, delta_bias=delta_bias, delta_softplus=delta_softplus, alpha=alpha, rho=rho,
                   tau=tau, k0=k0, eta=eta, lam=lam, w_r=w_r, k_max=k_max, group_size=group_size,
                   sigma_w=sigma_w, sigma_v=sigma_v, seed=seed, mask=mask, t=t)
+    if u.device.type == "cpu" and backend in ("auto", "chunk_torch") and _cpu_step_applies(state, kwargs, u, delta, A, B, C):
+        from .cpu import decode_step  # every control period: one compiled call (cpu.py)
+
+        y = decode_step(state, u, delta, A, B, C, **{k: v for k, v in kwargs.items() if k not in _NOT_STEP},
+                        control_period=control_period)
+        if y is not None:
+            return y
     if resolve_backend(backend, u.device) == "triton" and not (backend == "auto" and _needs_grad(kwargs, u, delta, A, B, C)):
         # the fused step serves every control period (the phase advances inside the kernel); it has no
         # backward: "auto" takes the reference step when a gradient is needed, "triton" raises

@@ -32,6 +32,16 @@ How a block is computed:
 - Without control the sequence is one linear recurrence, run in blocks of `BLOCK` steps only
   to keep the working set small.
 
+Where a C++ compiler is present the blocks run compiled (cpu.py, csrc/conba_cpu.cpp; one layer's forward +
+backward measured 2.2–2.6× faster than with the PyTorch block scan, README "Kernels"):
+each task keeps one (row, 64-channel tile) state in cache over the whole time line, so no
+(L, b, N, d) tensor is formed, forward or backward (the backward recomputes the states from
+checkpoints). With a gradient, one kernel call per control period, the controller in autograd as
+above. Without one (a prefill), the whole compacted line of raw inputs goes to a single call that
+also runs the softplus, the controller at every row's own instants, D u and the gate. Without a
+compiler the PyTorch blocks below run, with the same results. Blocks stop each row at its last real
+step, so the running state is the final state.
+
 Numerics: float32 accumulation (float64 for float64 inputs), as the reference; no cumulative
 products or exp of sums are formed, so a large Δ cannot overflow.
 """
@@ -49,7 +59,8 @@ from .noise import normal_from_key, step_key
 
 __all__ = ["conba_scan_chunk_torch"]
 
-BLOCK = 64  # time steps per block without control (measured: README, "Kernels")
+BLOCK = 64  # time steps per block without control in the PyTorch path (measured: README, "Kernels")
+COMPILED = True  # run blocks in the compiled CPU kernel (cpu.py) where it builds; False: always PyTorch
 
 
 class _BlockScan(torch.autograd.Function):
@@ -150,6 +161,44 @@ def _block_scan(dt, ut, coef, r, At, B, C, xi, h0, dl0, tau):
     return _BlockScan.apply(dt, ut, coef, r, At, B, C, xi, h0, dl0, tau)
 
 
+def _use_compiled(x: torch.Tensor, dtype: Optional[torch.dtype] = None) -> bool:
+    """Whether the work runs in the compiled kernels (cpu.py): on CPU, accumulating in float32/float64
+    (``dtype``, default x's), where they build."""
+    if not COMPILED or x.device.type != "cpu" or (dtype or x.dtype) not in (torch.float32, torch.float64):
+        return False
+    from .cpu import kernels
+
+    return kernels() is not None
+
+
+def _records_grad(*xs) -> bool:
+    return torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in xs)
+
+
+def _solve_block(dt, ut, coef, r, At, B, C, xi, h0, dl0, tau, steps, out=None):
+    """(y (L, b, d), h_last (b, N, d), dl_last (τ, b, N, d)) of one block in which row b runs its first
+    ``steps[b]`` steps (None: all L): h_last = h_{steps−1} (h0 when none), dl_last[i] = h_{steps−1−i}
+    (reaching back into dl0). The compiled kernel where it is available, else `_BlockScan`."""
+    if _use_compiled(dt):
+        from .cpu import block_scan
+
+        return block_scan(dt, ut, coef, r, At, B, C, xi, h0, dl0, tau, steps, out)
+    y, h = _block_scan(dt, ut, coef, r, At, B, C, xi, h0, dl0, tau)
+    L, b, n, d = h.shape
+    if steps is not None:
+        steps = steps.clamp(max=L)
+    if steps is None:
+        dl = torch.cat([h[max(0, L - tau):].flip(0), dl0[: max(0, tau - L)]], 0) if tau > 0 else dl0
+        return y, h[L - 1], dl
+    ext_h = torch.cat([h0[None], h], 0)  # index steps_b: the state after the row's last step
+    h_last = ext_h.gather(0, steps[None, :, None, None].expand(1, b, n, d))[0]
+    if tau == 0:
+        return y, h_last, dl0
+    ext_d = torch.cat([dl0.flip(0), h], 0)  # ext_d[τ + p] = h_p, ext_d[τ − 1 − i] = h_{−1−i}
+    idx = tau + steps[None, :] - 1 - torch.arange(tau, device=h.device)[:, None]  # (τ, b)
+    return y, h_last, ext_d.gather(0, idx[:, :, None, None].expand(tau, b, n, d))
+
+
 def _block_noise(seed, src_t, d, n, device):
     """(ξ (L, b, N, d), ζ (L, b, d)) keyed by (seed, b, t) with t = src_t (L, b), the original
     positions (docs/conba.md: the noise is a pure function of its key; lanes as in noise.py)."""
@@ -176,9 +225,7 @@ def conba_scan_chunk_torch(
     P = control_period
     acc = acc_dtype(u)
     dev = u.device
-    dt, A32, control, eta_f, lam_f, w_r_f = _prepare(
-        delta, delta_bias, delta_softplus, A, eta, lam, w_r, k0, d, ng, dev, acc
-    )
+    control = eta is not None or k0 is not None
     if initial_state is None:
         initial_state = empty_state(b, d, n, tau, G, k0 if control else None, dev, acc)
     phase0 = initial_state.phase
@@ -198,6 +245,7 @@ def conba_scan_chunk_torch(
     if mask is None:
         Tc = T
         R = None  # every row has T real steps
+        dst = None
         src_t = torch.arange(T, device=dev)[:, None].expand(T, b)
 
         def line(x):  # (b, T, F) → (T, b, F)
@@ -219,6 +267,27 @@ def conba_scan_chunk_torch(
             x = torch.cat([x, x.new_zeros(b, 1, x.shape[-1])], 1)
             return x.gather(1, src[..., None].expand(b, Tc, x.shape[-1])).transpose(0, 1).contiguous()
 
+    noisy = sigma_w > 0.0 or sigma_v > 0.0
+    if Tc > 0 and _use_compiled(u, acc) and not _records_grad(
+            u, delta, A, B, C, D, z, delta_bias, alpha, rho, k0, eta, lam, w_r, *initial_state[:4]):
+        # a prefill (no gradient): the whole line, its controller and the gate in one compiled call
+        from .cpu import prefill
+
+        xi = zeta = None
+        if noisy:
+            xi, zeta = _block_noise(seed, src_t, d, n, dev)
+            xi = sigma_w * xi.to(acc) if sigma_w > 0.0 else None
+            zeta = sigma_v * zeta.to(acc) if sigma_v > 0.0 else None
+        out = prefill(line(delta), delta_bias, delta_softplus, line(u), line(alpha) if alpha is not None else None,
+                      rho, A.to(acc).t(), line(B), line(C), D, line(z) if z is not None else None, xi, zeta, h_init,
+                      dl_init, tau, R, G, control, k, e, phase0, P, eta, lam, w_r, k_max)
+        if out is not None:
+            y_l, h_run, dl_run, k, e = out
+            return _finish(y_l, h_run, dl_run, k, e, mask, dst, None, acc, u, b, T, d, control, None, None, None,
+                           return_final_state, R, phase0, P)
+    dt, A32, control, eta_f, lam_f, w_r_f = _prepare(
+        delta, delta_bias, delta_softplus, A, eta, lam, w_r, k0, d, ng, dev, acc
+    )
     u_l, dt_l, B_l, C_l = line(u), line(dt), line(B), line(C)
     # a_t = coef_t exp(Δ_t A) with coef = α_t (1 − ρ), and r_t = α_t ρ, per channel
     coef = _per_channel(line(alpha), G) if alpha is not None else None  # (Tc, b, d)
@@ -229,7 +298,6 @@ def conba_scan_chunk_torch(
         coef = coef * (1.0 - rho_c) if coef is not None else (1.0 - rho_c).expand(Tc, b, d)
     D_u = D.to(acc) * u_l if D is not None else None
     At = A32.t()
-    noisy = sigma_w > 0.0 or sigma_v > 0.0
 
     def noise(s, L):
         """σ_w ξ (L, b, N, d) and σ_v ζ (L, b, d) at line positions [s, s+L), or Nones."""
@@ -239,9 +307,14 @@ def conba_scan_chunk_torch(
         return (sigma_w * xi.to(acc) if sigma_w > 0.0 else None,
                 sigma_v * zeta.to(acc) if sigma_v > 0.0 else None)
 
-    hs, ys = [], []
-    if not control:  # one linear recurrence: blocks only keep the working set small
-        starts = list(range(0, Tc, BLOCK))
+    ys, extras = [], []
+    fused = _use_compiled(u_l)
+    # without a gradient the kernel writes every block's y into one buffer (no concatenation)
+    y_buf = u_l.new_empty(Tc, b, d) if fused and not _records_grad(u_l, dt_l, coef, r_l, B_l, C_l, h_init, dl_init) \
+        else None
+    view = lambda s_, L_: y_buf[s_:s_ + L_] if y_buf is not None else None  # noqa: E731
+    if not control:  # one linear recurrence: the kernel runs it whole; blocks keep PyTorch's working set small
+        starts = [0] if fused and Tc > 0 else list(range(0, Tc, BLOCK))
         uniform = True
     elif b == 0 or bool((phase0 == phase0[0]).all()):  # blocks cut at the common sampling instants
         starts = [0] + list(range(P - (int(phase0[0]) if b else 0), Tc, P)) if Tc > 0 else []
@@ -263,8 +336,10 @@ def conba_scan_chunk_torch(
         extra = Du_j
         if zeta is not None:
             extra = zeta if extra is None else extra + zeta
+        steps = torch.clamp(Rb - s, 0, L) if R is not None else None  # each row's real steps in the block
         if not control:
-            y, h = _block_scan(dt_j, u_j, coef_j, r_j, At, B_j, C_j, xi, h_run, dl_run, tau)
+            y, h_run, dl_run = _solve_block(dt_j, u_j, coef_j, r_j, At, B_j, C_j, xi, h_run, dl_run, tau, steps,
+                                            view(s, L))
         else:
             f_old = _per_channel(k, G) * torch.tanh(e)
             inst = s + torch.remainder(P - 1 - phase0 - s, P)  # (b,) each row's first instant ≥ s
@@ -272,8 +347,9 @@ def conba_scan_chunk_torch(
             o = torch.clamp(inst - s, max=L - 1)
             resolve = not uniform and bool((has & (o < L - 1)).any())  # an instant before the end
             Lm = int(o.max()) + 1 if resolve else L  # the error is needed up to the last instant
-            y, h = _block_scan(head(dt_j, Lm), head(u_j, Lm) - f_old, head(coef_j, Lm), head(r_j, Lm), At,
-                               head(B_j, Lm), head(C_j, Lm), head(xi, Lm), h_run, dl_run, tau)
+            y, h_new, dl_new = _solve_block(head(dt_j, Lm), head(u_j, Lm) - f_old, head(coef_j, Lm), head(r_j, Lm),
+                                            At, head(B_j, Lm), head(C_j, Lm), head(xi, Lm), h_run, dl_run, tau,
+                                            steps, view(s, Lm))
             y_o = y[o, bidx] + (extra[o, bidx] if extra is not None else 0.0)
             e_at = y_o - w_r_f * u_j[o, bidx]  # tracking error at the instant (b, d)
             rms = torch.sqrt((e_at.view(b, ng, G) ** 2).sum(-1) + 1e-12) / math.sqrt(G)
@@ -284,23 +360,36 @@ def conba_scan_chunk_torch(
                 # the new held signal acts after each row's instant: solve the block again with it
                 f_new = _per_channel(k, G) * torch.tanh(e)
                 after = (torch.arange(s, s + L, device=dev)[:, None] > inst[None, :])[..., None]  # (L, b, 1)
-                y, h = _block_scan(dt_j, u_j - torch.where(after, f_new, f_old), coef_j, r_j, At, B_j, C_j,
-                                   xi, h_run, dl_run, tau)
-        if extra is not None:
-            y = y + extra
-        hs.append(h)
-        ys.append(y)
-        h_run = h[L - 1]
-        if tau > 0:
-            dl_run = torch.cat([h[max(0, L - tau):].flip(0), dl_run[: max(0, tau - L)]], 0)
+                y, h_new, dl_new = _solve_block(dt_j, u_j - torch.where(after, f_new, f_old), coef_j, r_j, At, B_j,
+                                                C_j, xi, h_run, dl_run, tau, steps, view(s, L))
+            h_run, dl_run = h_new, dl_new
+        if y_buf is None:
+            ys.append(y)
+        if zeta is not None:
+            extras.append(extra)
 
-    y_l = torch.cat(ys, 0) if ys else u_l.new_zeros(0, b, d)  # (Tc, b, d)
+    if y_buf is not None:
+        y_l = y_buf
+    else:
+        y_l = torch.cat(ys, 0) if ys else u_l.new_zeros(0, b, d)  # (Tc, b, d)
+    # D u (+ σ_v ζ), added once over the line (the errors at the instants added their own above)
+    extra_l = torch.cat(extras, 0) if extras else D_u
+    if extra_l is not None:
+        y_l = y_l + extra_l
+    return _finish(y_l, h_run, dl_run, k, e, mask, dst, z, acc, u, b, T, d, control,
+                   eta_f, lam_f, w_r_f, return_final_state, R, phase0, P)
+
+
+def _finish(y_l, h_run, dl_run, k, e, mask, dst, z, acc, u, b, T, d, control, eta_f, lam_f, w_r_f,
+            return_final_state, R, phase0, P):
+    """The line's y back to (b, T, d) (padding 0), the gate, and the final state."""
+    dev = y_l.device
     y = y_l.transpose(0, 1)  # (b, Tc, d)
     if mask is not None:
         y = torch.cat([y, y.new_zeros(b, 1, d)], 1).gather(1, dst[..., None].expand(b, T, d))
     if z is not None:
         y = y * F.silu(z.to(acc))
-    if control and torch.is_grad_enabled():
+    if control and eta_f is not None and torch.is_grad_enabled():
         # The loop (naive.py) computes every step's error and gain update and keeps them by a
         # torch.where, so η, λ and w_r get a (zero) gradient even when no sampling instant falls in
         # the sequence; here they would get none, and an optimiser or DDP would see them as unused
@@ -315,16 +404,6 @@ def conba_scan_chunk_torch(
         phase = torch.remainder(phase0 + real, P)
     else:
         phase = phase0
-    if mask is None:  # every row ends at the line's end
-        h_fin, dl_fin = h_run, dl_run
-    else:
-        h_all = torch.cat(hs, 0) if hs else h_init.new_zeros(0, b, n, d)
-        ext_h = torch.cat([h_init[None], h_all], 0)  # index R_b: the state after the last real step
-        h_fin = ext_h.gather(0, R[None, :, None, None].expand(1, b, n, d))[0]
-        if tau > 0:
-            ext_d = torch.cat([dl_init.flip(0), h_all], 0)  # ext_d[τ + p] = h_p, ext_d[τ − 1 − i] = h_{−1−i}
-            idx = tau + R[None, :] - 1 - torch.arange(tau, device=dev)[:, None]  # (τ, b)
-            dl_fin = ext_d.gather(0, idx[:, :, None, None].expand(tau, b, n, d))
-        else:
-            dl_fin = dl_init
-    return y, ConbaState(h_fin.transpose(1, 2), dl_fin.permute(1, 0, 3, 2), k, e, phase)
+    # every block stops each row at its last real step: the running state is the final one
+    # contiguous in the state's own layout: the decode step updates it in place (cpu.decode_step)
+    return y, ConbaState(h_run.transpose(1, 2).contiguous(), dl_run.permute(1, 0, 3, 2).contiguous(), k, e, phase)

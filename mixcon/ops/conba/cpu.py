@@ -1,0 +1,168 @@
+"""Conba's plant on CPU, compiled: the fused block scan (forward and backward) and the decode step
+of csrc/conba_cpu.cpp, built at first use with torch.utils.cpp_extension.
+
+`kernels()` returns the built module, or None where it cannot be built (no C++ compiler or ninja,
+``MIXCON_CPU_KERNELS=0``, a failed build): callers then run the pure-PyTorch path (chunk_torch.py,
+naive.py), which gives the same results. `pip install` needs no compiler; the build happens once
+per machine and is cached by torch (TORCH_EXTENSIONS_DIR, default ~/.cache/torch_extensions).
+
+Why compiled (measured, README "Kernels"): the pure-PyTorch block scan forms (L, batch, N, d_inner)
+tensors for Ā, the inputs, the states and, in the backward, the adjoints and their products, a
+dozen full-size passes over memory per block. A task here holds one (row, tile of channels) state
+in cache and runs the whole time line over it: nothing of size (L, batch, N, d_inner) is formed,
+forward or backward (the backward recomputes the states from checkpoints every 32 steps).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import threading
+import warnings
+from typing import Optional
+
+import torch
+
+__all__ = ["kernels", "block_scan"]
+
+_lock = threading.Lock()
+_module = None
+_tried = False
+
+
+def _flags() -> list[str]:
+    # OpenMP where torch runs on it, so that at::parallel_for splits the tasks over torch's threads (the
+    # module then uses the libgomp torch has already loaded); without it the kernels run on one thread
+    omp = ["-fopenmp"] if "OpenMP" in torch.__config__.parallel_info() else []
+    cap = torch.backends.cpu.get_cpu_capability()
+    if cap in ("AVX2", "AVX512"):  # ATen's 256-bit vectors (and Sleef's exp) exported by libtorch_cpu
+        return ["-O3", "-mavx2", "-mfma", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2", *omp]
+    return ["-O3", *omp]  # ATen's portable vectors: correct everywhere, slower
+
+
+def kernels():
+    """The compiled module, or None (then use the PyTorch path)."""
+    global _module, _tried
+    if _tried:
+        return _module
+    with _lock:
+        if _tried:
+            return _module
+        _tried = True
+        if os.environ.get("MIXCON_CPU_KERNELS", "1") == "0":
+            return None
+        if shutil.which(os.environ.get("CXX", "c++")) is None or shutil.which("ninja") is None:
+            return None
+        try:
+            from torch.utils.cpp_extension import load
+
+            src = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc", "conba_cpu.cpp")
+            flags = _flags()
+            name = "mixcon_conba_cpu_" + ("avx2" if "-mavx2" in flags else "base")
+            _module = load(name=name, sources=[src], extra_cflags=flags,
+                           extra_ldflags=["-fopenmp"] if "-fopenmp" in flags else [], verbose=False)
+        except Exception as exc:  # noqa: BLE001 — any build failure means: use the PyTorch path
+            warnings.warn(f"mixcon: the compiled CPU Conba kernels could not be built ({type(exc).__name__}: "
+                          f"{str(exc)[:200]}); using the pure-PyTorch path (same results, slower). "
+                          f"Set MIXCON_CPU_KERNELS=0 to skip the attempt.")
+            _module = None
+    return _module
+
+
+def _empty(like: torch.Tensor) -> torch.Tensor:
+    return like.new_empty(0)
+
+
+def _c(x: Optional[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
+    return _empty(like) if x is None else x.contiguous()
+
+
+class _FusedBlockScan(torch.autograd.Function):
+    """(y, h_last, dl_last) of the block scan (csrc/conba_cpu.cpp): row b runs its first steps[b]
+    steps, y is 0 after them, h_last = h_{steps−1} (h0 when none) and dl_last[i] = h_{steps−1−i}
+    (from the delay line dl0 before the block)."""
+
+    @staticmethod
+    def forward(ctx, dt, ut, coef, r, At, B, C, xi, h0, dl0, steps, tau):
+        ctx.set_materialize_grads(False)
+        args = [_c(x, dt) for x in (dt, ut, coef, r, At, B, C, xi, h0, dl0)]
+        st = steps.contiguous() if steps is not None else steps_none(dt)
+        y, h_last, dl_last = kernels().scan_fwd(*args, st, tau, _empty(dt))
+        ctx.save_for_backward(*args, st)
+        ctx.tau = tau
+        ctx.has = (coef is not None, r is not None)
+        return y, h_last, dl_last
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, gy, gh, gdl):
+        *args, st = ctx.saved_tensors
+        like = args[0]
+        gdt, gu, gcoef, gr, gAt, gB, gC, gh0, gdl0 = kernels().scan_bwd(
+            *args, st, ctx.tau, _c(gy, like), _c(gh, like), _c(gdl, like) if ctx.tau > 0 else _empty(like))
+        has_coef, has_r = ctx.has
+        return (gdt, gu, gcoef if has_coef else None, gr if has_r else None, gAt, gB, gC, None, gh0,
+                gdl0 if ctx.tau > 0 else None, None, None)
+
+
+def steps_none(like: torch.Tensor) -> torch.Tensor:
+    return torch.empty(0, dtype=torch.long, device=like.device)
+
+
+def block_scan(dt, ut, coef, r, At, B, C, xi, h0, dl0, tau, steps=None, out=None):
+    """The fused block scan; see `_FusedBlockScan`. dl0 (τ, b, N, d) is ignored when τ = 0. ``out``: a
+    contiguous (L, b, d) tensor that receives y, used only when no gradient is recorded (a prefill
+    writes every block into one buffer instead of concatenating them)."""
+    if tau == 0:
+        r, dl0 = None, None
+    xs = (dt, ut, coef, r, At, B, C, xi, h0, dl0)
+    if out is not None and not (torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in xs)):
+        st = steps.contiguous() if steps is not None else steps_none(dt)
+        return kernels().scan_fwd(*[_c(x, dt) for x in xs], st, tau, out)
+    return _FusedBlockScan.apply(*xs, steps, tau)
+
+
+def decode_step(state, u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False, alpha=None,
+                rho=None, tau=0, k0=None, eta=None, lam=None, w_r=None, k_max=1.0, group_size=8, mask=None,
+                control_period=1):
+    """`naive.conba_step_ref` (noise off, no gradient) in one compiled call; the state is updated in
+    place. Returns y (b, d) in u's dtype, or None where the kernel does not apply (no module, a state
+    not in the accumulation dtype or not contiguous, a group wider than 64): then run the loop."""
+    mod = kernels()
+    acc = torch.float64 if u.dtype == torch.float64 else torch.float32
+    if (mod is None or group_size > 64 or state.phase.dtype != torch.long
+            or not state.phase.is_contiguous()
+            or any(s.dtype != acc or not s.is_contiguous() or s.device.type != "cpu" for s in state[:4])):
+        return None
+    e = u.new_empty(0, dtype=acc)
+    c = lambda x: e if x is None else x.to(acc).contiguous()  # noqa: E731
+    m = mask.to(torch.long).contiguous() if mask is not None else e.long()
+    control = eta is not None or k0 is not None
+    y = torch.empty(u.shape, dtype=acc)
+    mod.step(state.h, state.delay, state.k, state.e, state.phase, c(u), c(delta), c(A), c(B), c(C), c(D), c(z),
+             c(delta_bias), bool(delta_softplus), c(alpha), c(rho), int(tau), control, c(eta), c(lam), c(w_r),
+             float(k_max), int(group_size), m, int(control_period), y)
+    return y.to(u.dtype)
+
+
+def prefill(delta, delta_bias, softplus, u, alpha, rho, At, B, C, D, z, xi, zeta, h0, dl0, tau, steps, G, control,
+            k0, e0, phase0, P, eta, lam, w_r, k_max):
+    """A whole compacted line in one call, forward only (no gradient), from the raw per-token inputs
+    (time-major (L, b, ·); alpha per group): Δ = softplus(δ + bias), the decay, the delay line, the
+    held signal and each row's sampling instants ((phase0 + t + 1) % P == 0) with the error and gain
+    law, y + D u (+ ζ), gated by silu(z). Returns (y, h_last, dl_last, k, e), or None where a tile
+    would split a control group (then the block path runs)."""
+    tile = 64 if delta.dtype == torch.float32 else 32
+    if tile % G:
+        return None
+    if tau == 0:
+        rho, dl0 = None, None
+    like = delta
+    st = steps.contiguous() if steps is not None else steps_none(like)
+    ph = phase0.contiguous() if control else like.new_empty(0, dtype=torch.long)
+    return kernels().prefill(
+        _c(delta, like), _c(delta_bias.to(like.dtype) if delta_bias is not None else None, like), bool(softplus),
+        _c(u, like), _c(alpha, like), _c(rho.to(like.dtype) if rho is not None else None, like), _c(At, like),
+        _c(B, like), _c(C, like), _c(D.to(like.dtype) if D is not None else None, like), _c(z, like), _c(xi, like),
+        _c(zeta, like), _c(h0, like), _c(dl0, like), st, int(tau), int(G), bool(control), _c(k0, like), _c(e0, like),
+        ph, int(P), *(_c(x.to(like.dtype) if x is not None else None, like) for x in (eta, lam, w_r)), float(k_max))

@@ -1,0 +1,682 @@
+// Conba's plant on CPU, fused: the block scan (forward, and its adjoint for the backward) and the
+// decode step. Built at run time by mixcon/ops/conba/cpu.py (torch.utils.cpp_extension), which
+// falls back to the pure-PyTorch path (chunk_torch.py) where no compiler is present.
+//
+// The block scan, for each row b and each step t < steps[b] (time-major; state laid out (N, d)):
+//
+//   a_t = coef_t · exp(Δ_t A),   h_t = a_t ⊙ h_{t−1} + r_t ⊙ h_{t−τ} + (Δ_t u_t) B_t + ξ_t,
+//   y_t = Σ_n C_t[n] h_t[n, ·]
+//
+// with h_{−1} = h0 in the a-term and h_{−1−i} = dl0[i] in the r-term (the reference keeps h and the
+// delay line apart). Work is split into tasks of (row, tile of channels); a task keeps its tile's
+// state in a small buffer and runs the whole time line over it, so nothing of size (L, b, N, d) is
+// ever formed. The backward recomputes the states from checkpoints taken every SEG steps.
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/vec.h>
+
+#include <algorithm>
+#include <cstring>
+#include <vector>
+
+using at::vec::Vectorized;
+
+namespace {
+
+constexpr int64_t SEG = 32;  // steps per recompute segment of the backward (>= the largest delay)
+
+template <typename T>
+struct Scan {
+  const T* dt;     // (L, b, d)
+  const T* u;      // (L, b, d), the plant's input (u − f)
+  const T* coef;   // (L, b, d) or null (1)
+  const T* r;      // (L, b, d) or null (no delay)
+  const T* At;     // (N, d)
+  const T* B;      // (L, b, N)
+  const T* C;      // (L, b, N)
+  const T* xi;     // (L, b, N, d) or null
+  const T* h0;     // (b, N, d)
+  const T* dl0;    // (tau, b, N, d)
+  const int64_t* steps;  // (b,) or null (L)
+  int64_t L, b, d, N, tau;
+};
+
+template <typename T>
+constexpr int64_t tile_width() { return 8 * Vectorized<T>::size(); }
+
+template <typename T>
+inline int64_t row_steps(const Scan<T>& s, int64_t bi) {
+  return s.steps ? std::min(std::max<int64_t>(s.steps[bi], 0), s.L) : s.L;
+}
+
+// a (N, d) slab of row bi ↔ the task's (N, TW) tile buffer
+template <typename T>
+inline void load_tile(T* dst, const T* src, int64_t N, int64_t d, int64_t c0, int64_t w) {
+  constexpr int64_t TW = tile_width<T>();
+  for (int64_t n = 0; n < N; ++n) {
+    std::memcpy(dst + n * TW, src + n * d + c0, w * sizeof(T));
+    std::fill(dst + n * TW + w, dst + (n + 1) * TW, T(0));
+  }
+}
+
+template <typename T>
+inline void store_tile(T* dst, const T* src, int64_t N, int64_t d, int64_t c0, int64_t w) {
+  constexpr int64_t TW = tile_width<T>();
+  for (int64_t n = 0; n < N; ++n) std::memcpy(dst + n * d + c0, src + n * TW, w * sizeof(T));
+}
+
+template <typename T>
+inline void add_tile(T* dst, const T* src, int64_t N, int64_t d, int64_t c0, int64_t w) {
+  constexpr int64_t TW = tile_width<T>();
+  for (int64_t n = 0; n < N; ++n)
+    for (int64_t j = 0; j < w; ++j) dst[n * d + c0 + j] += src[n * TW + j];
+}
+
+// One step's inputs for one tile, already offset to (t, row, first channel): dt, u, coef, r (w values;
+// coef, r may be null), B, C (N values), xi (N rows of stride d, or null).
+template <typename T>
+struct StepIn {
+  const T* dt; const T* u; const T* coef; const T* r; const T* B; const T* C; const T* xi;
+};
+
+template <typename T>
+inline StepIn<T> step_in(const Scan<T>& s, int64_t t, int64_t bi, int64_t c0) {
+  const int64_t row = t * s.b + bi, off = row * s.d + c0;
+  return {s.dt + off, s.u + off, s.coef ? s.coef + off : nullptr, s.r ? s.r + off : nullptr, s.B + row * s.N,
+          s.C + row * s.N, s.xi ? s.xi + row * s.N * s.d + c0 : nullptr};
+}
+
+// One step of one tile: hc = a ⊙ hp + r ⊙ hd + Δ (u − f) B (+ ξ); y (w values) when yout; exp(Δ A) into
+// ebuf when given. At: A transposed, offset to the tile's first channel, rows of stride d.
+template <typename T>
+inline void step_tile(const StepIn<T>& in, const T* At, int64_t d, int64_t N, int64_t w, const T* hp, const T* hd,
+                      T* hc, T* yout, T* ebuf, const T* f = nullptr) {
+  using V = Vectorized<T>;
+  constexpr int64_t VS = V::size();
+  constexpr int64_t TW = tile_width<T>();
+  for (int64_t v = 0; v < w; v += VS) {
+    const int64_t cnt = std::min(VS, w - v);
+    const V dtv = V::loadu(in.dt + v, cnt);
+    const V uv = f ? V::loadu(in.u + v, cnt) - V::loadu(f + v, cnt) : V::loadu(in.u + v, cnt);
+    const V x = dtv * uv;
+    const V cf = in.coef ? V::loadu(in.coef + v, cnt) : V(T(1));
+    const V rv = in.r ? V::loadu(in.r + v, cnt) : V(T(0));
+    V y(T(0));
+    for (int64_t n = 0; n < N; ++n) {
+      // exp_u20 (float: ATen's polynomial, within 4e-7 relative, half the time of Sleef's u10; double: Sleef)
+      const V e = (dtv * V::loadu(At + n * d + v, cnt)).exp_u20();
+      V h = (e * cf) * V::loadu(hp + n * TW + v) + x * V(in.B[n]);
+      if (hd) h = h + rv * V::loadu(hd + n * TW + v);
+      if (in.xi) h = h + V::loadu(in.xi + n * d + v, cnt);
+      h.store(hc + n * TW + v);
+      if (ebuf) e.store(ebuf + n * TW + v);
+      y = y + V(in.C[n]) * h;
+    }
+    if (yout) y.store(yout + v, cnt);
+  }
+}
+
+// The task's buffer H holds hist = max(τ, 1) rows of history then SEG rows: H[hist + k] = h_{s0 + k},
+// H[j] = h_{s0 − hist + j}; at s0 = 0 the history is the delay line (h0 when τ = 0).
+template <typename T>
+inline void init_history(const Scan<T>& s, int64_t bi, int64_t c0, int64_t w, T* H, T* H0) {
+  constexpr int64_t TW = tile_width<T>();
+  const int64_t NS = s.N * s.d, hist = std::max<int64_t>(s.tau, 1);
+  load_tile(H0, s.h0 + bi * NS, s.N, s.d, c0, w);
+  for (int64_t j = 0; j < hist; ++j) {
+    const T* src = s.tau > 0 ? s.dl0 + ((hist - 1 - j) * s.b + bi) * NS : s.h0 + bi * NS;
+    load_tile(H + j * s.N * TW, src, s.N, s.d, c0, w);
+  }
+}
+
+template <typename T>
+inline void run_segment(const Scan<T>& s, int64_t bi, int64_t c0, int64_t w, int64_t s0, int64_t len, T* H,
+                        const T* H0, T* y, T* E) {
+  constexpr int64_t TW = tile_width<T>();
+  const int64_t R = s.N * TW, hist = std::max<int64_t>(s.tau, 1);
+  for (int64_t k = 0; k < len; ++k) {
+    const int64_t t = s0 + k;
+    const T* hp = t == 0 ? H0 : H + (hist + k - 1) * R;
+    const T* hd = s.tau > 0 ? H + (hist + k - s.tau) * R : nullptr;
+    step_tile(step_in(s, t, bi, c0), s.At + c0, s.d, s.N, w, hp, hd, H + (hist + k) * R,
+              y ? y + (t * s.b + bi) * s.d + c0 : nullptr, E ? E + k * R : nullptr);
+  }
+}
+
+template <typename T>
+void scan_fwd_task(const Scan<T>& s, int64_t bi, int64_t c0, int64_t w, T* y, T* h_last, T* dl_last) {
+  constexpr int64_t TW = tile_width<T>();
+  const int64_t R = s.N * TW, NS = s.N * s.d, hist = std::max<int64_t>(s.tau, 1);
+  const int64_t Lb = row_steps(s, bi);
+  std::vector<T> Hv((hist + SEG) * R), H0v(R);
+  T* H = Hv.data();
+  init_history(s, bi, c0, w, H, H0v.data());
+  int64_t last = hist - 1;  // row of h_{Lb−1} in H
+  for (int64_t s0 = 0; s0 < Lb; s0 += SEG) {
+    const int64_t len = std::min(SEG, Lb - s0);
+    run_segment(s, bi, c0, w, s0, len, H, H0v.data(), y, static_cast<T*>(nullptr));
+    last = hist + len - 1;
+    if (s0 + len < Lb) {
+      std::memmove(H, H + len * R, hist * R * sizeof(T));
+      last = hist - 1;
+    }
+  }
+  for (int64_t t = Lb; t < s.L; ++t) std::fill_n(y + (t * s.b + bi) * s.d + c0, w, T(0));
+  store_tile(h_last + bi * NS, Lb > 0 ? H + last * R : H0v.data(), s.N, s.d, c0, w);
+  for (int64_t i = 0; i < s.tau; ++i)  // dl_last[i] = h_{Lb−1−i}: history rows below `last`
+    store_tile(dl_last + (i * s.b + bi) * NS, H + (last - i) * R, s.N, s.d, c0, w);
+}
+
+// The controller of docs/conba.md (6) inside the forward (no gradient): a task holds whole control
+// groups (the tile width is a multiple of G), so it runs its row's held signal f = k[g] · tanh(e), and at
+// each of its row's sampling instants ((phase0 + t + 1) % P == 0) the error e = y + D u (+ σ_v ζ) − w_r u, its
+// group rms and the gain law, with no other task involved.
+template <typename T>
+struct Ctl {
+  const T* k0; const T* e0; const int64_t* phase0;  // (b, ng), (b, d), (b,)
+  const T* eta; const T* lam; const T* w_r;          // (ng), (ng), (d); null: 0, 0, 1
+  T* k; T* e;              // (b, ng), (b, d) out
+  int64_t P, G;
+  T k_max;
+};
+
+// The prefill: the whole line from the raw per-token inputs, so that no (L, b, d) intermediate is formed
+// in PyTorch: Δ = softplus(δ + bias) per step, coef = α (1 − ρ) and r = α ρ from the per-group α and ρ,
+// the measured output y + D u (+ σ_v ζ), and the gate silu(z) applied to what is written out.
+template <typename T>
+struct Raw {
+  const T* delta; const T* bias;   // (L, b, d), (d) or null
+  const T* alpha; const T* rho;    // (L, b, ng) or null, (ng) or null (no delay)
+  const T* D; const T* z;          // (d) or null, (L, b, d) or null
+  const T* zeta;                   // (L, b, d) or null: σ_v ζ
+  bool softplus;
+  int64_t G;                       // channels per group of α and ρ
+};
+
+template <typename T>
+void prefill_task(const Scan<T>& s, const Raw<T>& q, const Ctl<T>* c, int64_t bi, int64_t c0, int64_t w, T* y,
+                  T* h_last, T* dl_last) {
+  using V = Vectorized<T>;
+  constexpr int64_t VS = V::size();
+  constexpr int64_t TW = tile_width<T>();
+  const int64_t R = s.N * TW, NS = s.N * s.d, hist = std::max<int64_t>(s.tau, 1);
+  const int64_t G = c ? c->G : 1, ng = c ? s.d / G : 0, Ga = q.G, nga = s.d / Ga;
+  const int64_t Lb = row_steps(s, bi), g0 = c0 / G, ngt = w / G;
+  const int64_t ring = hist + 1;
+  std::vector<T> Hv(ring * R), H0v(R), k(c ? ngt : 0), e(c ? w : 0), f(TW, T(0)), dtb(TW, T(0)), cfb(TW, T(1)),
+      rb(TW, T(0)), yb(TW, T(0));
+  T* H = Hv.data();
+  init_history(s, bi, c0, w, H, H0v.data());
+  auto row = [&](int64_t t) { return H + ((t + hist) % ring + ring) % ring * R; };
+  if (c) {
+    for (int64_t j = 0; j < ngt; ++j) k[j] = c->k0[bi * ng + g0 + j];
+    for (int64_t j = 0; j < w; ++j) e[j] = c->e0[bi * s.d + c0 + j];
+  }
+  auto held = [&] {
+    for (int64_t j = 0; j < w; ++j) f[j] = k[j / G] * std::tanh(e[j]);
+  };
+  if (c) held();
+  const int64_t ph0 = c ? c->phase0[bi] : 0;
+  for (int64_t t = 0; t < Lb; ++t) {
+    const int64_t rw = t * s.b + bi, off = rw * s.d + c0;
+    // per-step, per-channel quantities of the tile
+    for (int64_t v = 0; v < w; v += VS) {
+      const int64_t cnt = std::min(VS, w - v);
+      V x = V::loadu(q.delta + off + v, cnt);
+      if (q.bias) x = x + V::loadu(q.bias + c0 + v, cnt);
+      if (q.softplus) x = V::blendv(x.exp().log1p(), x, x > V(T(20)));
+      x.store(dtb.data() + v, cnt);
+    }
+    for (int64_t j = 0; j < w; ++j) {
+      const int64_t gc = (c0 + j) / Ga;
+      const T a = q.alpha ? q.alpha[rw * nga + gc] : T(1);
+      if (q.rho) {
+        cfb[j] = a * (T(1) - q.rho[gc]);
+        rb[j] = a * q.rho[gc];
+      } else {
+        cfb[j] = a;
+      }
+    }
+    StepIn<T> in = step_in(s, t, bi, c0);
+    in.dt = dtb.data();
+    in.coef = (q.alpha || q.rho) ? cfb.data() : nullptr;
+    in.r = q.rho ? rb.data() : nullptr;
+    const T* hp = t == 0 ? H0v.data() : row(t - 1);
+    const T* hd = s.tau > 0 ? row(t - s.tau) : nullptr;
+    step_tile(in, s.At + c0, s.d, s.N, w, hp, hd, row(t), yb.data(), static_cast<T*>(nullptr), c ? f.data() : nullptr);
+    const T* ut = s.u + off;
+    for (int64_t j = 0; j < w; ++j) {  // the measured output
+      T yv = yb[j];
+      if (q.D) yv += q.D[c0 + j] * ut[j];
+      if (q.zeta) yv += q.zeta[off + j];
+      yb[j] = yv;
+    }
+    if (c && (ph0 + t + 1) % c->P == 0) {  // a sampling instant of this row
+      for (int64_t j = 0; j < ngt; ++j) {
+        T ss = 0;
+        for (int64_t i = j * G; i < (j + 1) * G; ++i) {
+          const T et = yb[i] - (c->w_r ? c->w_r[c0 + i] : T(1)) * ut[i];
+          e[i] = et;
+          ss += et * et;
+        }
+        const T rms = std::sqrt(ss + T(1e-12)) / std::sqrt(T(G));
+        const T lam = c->lam ? c->lam[g0 + j] : T(0), eta = c->eta ? c->eta[g0 + j] : T(0);
+        k[j] = std::min(std::max((T(1) - lam) * k[j] + eta * rms, T(0)), c->k_max);
+      }
+      held();
+    }
+    T* yo = y + off;
+    if (q.z) {
+      for (int64_t v = 0; v < w; v += VS) {
+        const int64_t cnt = std::min(VS, w - v);
+        const V zv = V::loadu(q.z + off + v, cnt);
+        (V::loadu(yb.data() + v, cnt) * (zv / (V(T(1)) + zv.neg().exp()))).store(yo + v, cnt);
+      }
+    } else {
+      std::memcpy(yo, yb.data(), w * sizeof(T));
+    }
+  }
+  for (int64_t t = Lb; t < s.L; ++t) std::fill_n(y + (t * s.b + bi) * s.d + c0, w, T(0));
+  store_tile(h_last + bi * NS, Lb > 0 ? row(Lb - 1) : H0v.data(), s.N, s.d, c0, w);
+  for (int64_t i = 0; i < s.tau; ++i) store_tile(dl_last + (i * s.b + bi) * NS, row(Lb - 1 - i), s.N, s.d, c0, w);
+  if (c) {
+    for (int64_t j = 0; j < ngt; ++j) c->k[bi * ng + g0 + j] = k[j];
+    for (int64_t j = 0; j < w; ++j) c->e[bi * s.d + c0 + j] = e[j];
+  }
+}
+
+template <typename T>
+struct Grads {
+  const T* gy;       // (L, b, d) or null
+  const T* gh_last;  // (b, N, d) or null
+  const T* gdl_last; // (tau, b, N, d) or null
+  T* gdt; T* gu; T* gcoef; T* gr;  // (L, b, d); gcoef, gr null when absent
+  T* gAt;            // (b, N, d): per row, summed by the caller
+  T* gB; T* gC;      // (L, b, ntiles, N): per tile, summed by the caller
+  T* gh0;            // (b, N, d)
+  T* gdl0;           // (tau, b, N, d)
+  int64_t ntiles;
+};
+
+template <typename T>
+void scan_bwd_task(const Scan<T>& s, const Grads<T>& g, int64_t bi, int64_t tile, int64_t c0, int64_t w) {
+  using V = Vectorized<T>;
+  constexpr int64_t VS = V::size();
+  constexpr int64_t TW = tile_width<T>();
+  const int64_t R = s.N * TW, NS = s.N * s.d, N = s.N, tau = s.tau, hist = std::max<int64_t>(tau, 1);
+  const int64_t Lb = row_steps(s, bi);
+  const int64_t nseg = (Lb + SEG - 1) / SEG;
+  std::vector<T> Hv((hist + SEG) * R), H0v(R), Ev(SEG * R), Lv((hist + SEG) * R, T(0)), ckv(nseg * hist * R);
+  std::vector<T> gA(R, T(0)), gh0(R, T(0)), tmp(R), gBv(N * VS), gCv(N * VS);
+  T *H = Hv.data(), *H0 = H0v.data(), *E = Ev.data(), *Lam = Lv.data();
+  init_history(s, bi, c0, w, H, H0);
+  // checkpoints: the history rows at the start of every segment
+  for (int64_t sg = 0; sg < nseg; ++sg) {
+    const int64_t s0 = sg * SEG, len = std::min(SEG, Lb - s0);
+    std::memcpy(ckv.data() + sg * hist * R, H, hist * R * sizeof(T));
+    if (sg + 1 < nseg) {
+      run_segment(s, bi, c0, w, s0, len, H, H0, static_cast<T*>(nullptr), static_cast<T*>(nullptr));
+      std::memmove(H, H + len * R, hist * R * sizeof(T));
+    }
+  }
+  // the final state's gradients enter at t = Lb − 1 (h) and t = Lb − 1 − i (delay line)
+  for (int64_t sg = nseg - 1; sg >= 0; --sg) {
+    const int64_t s0 = sg * SEG, len = std::min(SEG, Lb - s0);
+    std::memcpy(H, ckv.data() + sg * hist * R, hist * R * sizeof(T));
+    run_segment(s, bi, c0, w, s0, len, H, H0, static_cast<T*>(nullptr), E);
+    for (int64_t k = len - 1; k >= 0; --k) {
+      const int64_t t = s0 + k, row = t * s.b + bi, off = row * s.d + c0;
+      T* lam = Lam + (hist + k) * R;
+      if (g.gh_last && t == Lb - 1) {
+        load_tile(tmp.data(), g.gh_last + bi * NS, N, s.d, c0, w);
+        for (int64_t j = 0; j < R; ++j) lam[j] += tmp[j];
+      }
+      if (g.gdl_last && Lb - 1 - t < tau) {
+        load_tile(tmp.data(), g.gdl_last + ((Lb - 1 - t) * s.b + bi) * NS, N, s.d, c0, w);
+        for (int64_t j = 0; j < R; ++j) lam[j] += tmp[j];
+      }
+      const T* ht = H + (hist + k) * R;
+      const T* hp = t == 0 ? H0 : H + (hist + k - 1) * R;
+      const T* hd = tau > 0 ? H + (hist + k - tau) * R : nullptr;
+      T* pp = t == 0 ? gh0.data() : Lam + (hist + k - 1) * R;  // pending of h_{t−1}
+      T* pd = tau > 0 ? Lam + (hist + k - tau) * R : nullptr;   // pending of h_{t−τ}
+      const T* Bt = s.B + row * N;
+      const T* Ct = s.C + row * N;
+      std::fill(gBv.begin(), gBv.end(), T(0));
+      std::fill(gCv.begin(), gCv.end(), T(0));
+      for (int64_t v = 0; v < w; v += VS) {
+        const int64_t cnt = std::min(VS, w - v);
+        const V dtv = V::loadu(s.dt + off + v, cnt);
+        const V uv = V::loadu(s.u + off + v, cnt);
+        const V dtu = dtv * uv;
+        const V cf = s.coef ? V::loadu(s.coef + off + v, cnt) : V(T(1));
+        const V rv = s.r ? V::loadu(s.r + off + v, cnt) : V(T(0));
+        const V gyv = g.gy ? V::loadu(g.gy + off + v, cnt) : V(T(0));
+        V g_dtu(T(0)), g_cf(T(0)), g_dta(T(0)), g_r(T(0));
+        for (int64_t n = 0; n < N; ++n) {
+          const int64_t o = n * TW + v;
+          const V l = V::loadu(lam + o) + V(Ct[n]) * gyv;
+          const V e = V::loadu(E + k * R + o);
+          const V Av = V::loadu(s.At + n * s.d + c0 + v, cnt);
+          (V::loadu(gCv.data() + n * VS) + gyv * V::loadu(ht + o)).store(gCv.data() + n * VS);
+          (V::loadu(gBv.data() + n * VS) + l * dtu).store(gBv.data() + n * VS);
+          g_dtu = g_dtu + l * V(Bt[n]);
+          const V ga = l * V::loadu(hp + o);  // ∂/∂a_t
+          g_cf = g_cf + ga * e;
+          const V gda = ga * e * cf;  // ∂/∂(Δ_t A)
+          g_dta = g_dta + gda * Av;
+          (V::loadu(gA.data() + o) + gda * dtv).store(gA.data() + o);
+          (V::loadu(pp + o) + e * cf * l).store(pp + o);
+          if (tau > 0) {
+            g_r = g_r + l * V::loadu(hd + o);
+            (V::loadu(pd + o) + rv * l).store(pd + o);
+          }
+        }
+        (g_dta + g_dtu * uv).store(g.gdt + off + v, cnt);
+        (g_dtu * dtv).store(g.gu + off + v, cnt);
+        if (g.gcoef) g_cf.store(g.gcoef + off + v, cnt);
+        if (g.gr) g_r.store(g.gr + off + v, cnt);
+      }
+      T* gBo = g.gB + (row * g.ntiles + tile) * N;
+      T* gCo = g.gC + (row * g.ntiles + tile) * N;
+      for (int64_t n = 0; n < N; ++n) {
+        T sb = 0, sc = 0;
+        for (int64_t j = 0; j < VS; ++j) { sb += gBv[n * VS + j]; sc += gCv[n * VS + j]; }
+        gBo[n] = sb;
+        gCo[n] = sc;
+      }
+    }
+    // the pending adjoints of h_{s0−hist} … h_{s0−1} become the previous segment's last rows
+    if (sg > 0) {
+      std::vector<T> front(Lam, Lam + hist * R);
+      std::fill(Lv.begin(), Lv.end(), T(0));
+      std::memcpy(Lam + SEG * R, front.data(), hist * R * sizeof(T));
+    }
+  }
+  // h0 and the delay line: what reached them through the scan, plus the final state's own gradient
+  // where a row had fewer steps than the line is long
+  if (g.gh_last && Lb == 0) {
+    load_tile(tmp.data(), g.gh_last + bi * NS, N, s.d, c0, w);
+    for (int64_t j = 0; j < R; ++j) gh0[j] += tmp[j];
+  }
+  store_tile(g.gh0 + bi * NS, gh0.data(), N, s.d, c0, w);
+  if (tau > 0) {
+    for (int64_t i = 0; i < tau; ++i) {  // H row j ↔ h_{−hist+j} = dl0[hist−1−j]; nseg == 0: no scan
+      std::vector<T> acc(R, T(0));
+      if (nseg > 0) std::memcpy(acc.data(), Lam + (hist - 1 - i) * R, R * sizeof(T));
+      if (g.gdl_last && i + Lb < tau) {  // dl_last[i + Lb] = dl0[i]
+        load_tile(tmp.data(), g.gdl_last + ((i + Lb) * s.b + bi) * NS, N, s.d, c0, w);
+        for (int64_t j = 0; j < R; ++j) acc[j] += tmp[j];
+      }
+      store_tile(g.gdl0 + (i * s.b + bi) * NS, acc.data(), N, s.d, c0, w);
+    }
+  }
+  store_tile(g.gAt + bi * NS, gA.data(), N, s.d, c0, w);
+}
+
+template <typename T>
+const T* opt(const torch::Tensor& x) { return x.numel() ? x.data_ptr<T>() : nullptr; }
+
+template <typename T>
+Scan<T> make_scan(const torch::Tensor& dt, const torch::Tensor& u, const torch::Tensor& coef, const torch::Tensor& r,
+                  const torch::Tensor& At, const torch::Tensor& B, const torch::Tensor& C, const torch::Tensor& xi,
+                  const torch::Tensor& h0, const torch::Tensor& dl0, const torch::Tensor& steps, int64_t tau) {
+  Scan<T> s;
+  s.dt = dt.data_ptr<T>(); s.u = u.data_ptr<T>(); s.coef = opt<T>(coef); s.r = opt<T>(r);
+  s.At = At.data_ptr<T>(); s.B = B.data_ptr<T>(); s.C = C.data_ptr<T>(); s.xi = opt<T>(xi);
+  s.h0 = h0.data_ptr<T>(); s.dl0 = opt<T>(dl0);
+  s.steps = steps.numel() ? steps.data_ptr<int64_t>() : nullptr;
+  s.L = dt.size(0); s.b = dt.size(1); s.d = dt.size(2); s.N = At.size(0); s.tau = tau;
+  return s;
+}
+
+void check(const std::vector<torch::Tensor>& xs, const torch::Tensor& like) {
+  for (const auto& x : xs) {
+    TORCH_CHECK(x.numel() == 0 || (x.is_contiguous() && x.scalar_type() == like.scalar_type() && x.device().is_cpu()),
+                "conba_cpu: every tensor must be a contiguous CPU tensor of the scan's dtype");
+  }
+}
+
+template <typename T, typename F>
+void for_tasks(int64_t b, int64_t d, F f) {
+  constexpr int64_t TW = tile_width<T>();
+  const int64_t nt = (d + TW - 1) / TW;
+  at::parallel_for(0, b * nt, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t bi = i / nt, tile = i % nt, c0 = tile * TW;
+      f(bi, tile, c0, std::min(TW, d - c0));
+    }
+  });
+}
+
+std::vector<torch::Tensor> scan_fwd(torch::Tensor dt, torch::Tensor u, torch::Tensor coef, torch::Tensor r,
+                                    torch::Tensor At, torch::Tensor B, torch::Tensor C, torch::Tensor xi,
+                                    torch::Tensor h0, torch::Tensor dl0, torch::Tensor steps, int64_t tau,
+                                    torch::Tensor y_out) {
+  check({dt, u, coef, r, At, B, C, xi, h0, dl0, y_out}, dt);
+  TORCH_CHECK(tau >= 0 && tau <= SEG, "conba_cpu: tau out of range");
+  TORCH_CHECK(y_out.numel() == 0 || y_out.sizes() == dt.sizes(), "conba_cpu: y_out must have dt's shape");
+  auto y = y_out.numel() ? y_out : torch::empty_like(dt);  // written in place when given
+  auto h_last = torch::empty_like(h0);
+  auto dl_last = torch::empty({tau, dt.size(1), At.size(0), dt.size(2)}, dt.options());
+  AT_DISPATCH_FLOATING_TYPES(dt.scalar_type(), "conba_scan_fwd", [&] {
+    auto s = make_scan<scalar_t>(dt, u, coef, r, At, B, C, xi, h0, dl0, steps, tau);
+    for_tasks<scalar_t>(s.b, s.d, [&](int64_t bi, int64_t, int64_t c0, int64_t w) {
+      scan_fwd_task(s, bi, c0, w, y.data_ptr<scalar_t>(), h_last.data_ptr<scalar_t>(),
+                    tau > 0 ? dl_last.data_ptr<scalar_t>() : nullptr);
+    });
+  });
+  return {y, h_last, dl_last};
+}
+
+std::vector<torch::Tensor> prefill(torch::Tensor delta, torch::Tensor bias, bool softplus_, torch::Tensor u,
+                                   torch::Tensor alpha, torch::Tensor rho, torch::Tensor At, torch::Tensor B,
+                                   torch::Tensor C, torch::Tensor D, torch::Tensor z, torch::Tensor xi,
+                                   torch::Tensor zeta, torch::Tensor h0, torch::Tensor dl0, torch::Tensor steps,
+                                   int64_t tau, int64_t G, bool control, torch::Tensor k0, torch::Tensor e0,
+                                   torch::Tensor phase0, int64_t P, torch::Tensor eta, torch::Tensor lam,
+                                   torch::Tensor w_r, double k_max) {
+  check({delta, bias, u, alpha, rho, At, B, C, D, z, xi, zeta, h0, dl0, k0, e0, eta, lam, w_r}, delta);
+  TORCH_CHECK(tau >= 0 && tau <= SEG, "conba_cpu: tau out of range");
+  TORCH_CHECK(!control || (phase0.scalar_type() == at::kLong && phase0.is_contiguous()), "conba_cpu: phase0 must be int64");
+  auto y = torch::empty_like(delta);
+  auto h_last = torch::empty_like(h0);
+  auto dl_last = torch::empty({tau, delta.size(1), At.size(0), delta.size(2)}, delta.options());
+  auto k = control ? torch::empty_like(k0) : k0;
+  auto e = control ? torch::empty_like(e0) : e0;
+  AT_DISPATCH_FLOATING_TYPES(delta.scalar_type(), "conba_prefill", [&] {
+    TORCH_CHECK(G >= 1 && tile_width<scalar_t>() % G == 0 && delta.size(2) % G == 0,
+                "conba_cpu: the group size must divide the tile width and d_inner");
+    auto empty = torch::empty({0}, delta.options());
+    auto s = make_scan<scalar_t>(delta, u, empty, empty, At, B, C, xi, h0, dl0, steps, tau);
+    Raw<scalar_t> q;
+    q.delta = delta.data_ptr<scalar_t>(); q.bias = opt<scalar_t>(bias); q.alpha = opt<scalar_t>(alpha);
+    q.rho = tau > 0 ? opt<scalar_t>(rho) : nullptr; q.D = opt<scalar_t>(D); q.z = opt<scalar_t>(z);
+    q.zeta = opt<scalar_t>(zeta); q.softplus = softplus_; q.G = G;
+    Ctl<scalar_t> c;
+    if (control) {
+      c.k0 = k0.data_ptr<scalar_t>(); c.e0 = e0.data_ptr<scalar_t>();
+      c.phase0 = phase0.data_ptr<int64_t>(); c.eta = opt<scalar_t>(eta); c.lam = opt<scalar_t>(lam);
+      c.w_r = opt<scalar_t>(w_r); c.k = k.data_ptr<scalar_t>(); c.e = e.data_ptr<scalar_t>();
+      c.P = P; c.G = G; c.k_max = static_cast<scalar_t>(k_max);
+    }
+    for_tasks<scalar_t>(s.b, s.d, [&](int64_t bi, int64_t, int64_t c0, int64_t w) {
+      prefill_task(s, q, control ? &c : nullptr, bi, c0, w, y.data_ptr<scalar_t>(), h_last.data_ptr<scalar_t>(),
+                   tau > 0 ? dl_last.data_ptr<scalar_t>() : nullptr);
+    });
+  });
+  return {y, h_last, dl_last, k, e};
+}
+
+std::vector<torch::Tensor> scan_bwd(torch::Tensor dt, torch::Tensor u, torch::Tensor coef, torch::Tensor r,
+                                    torch::Tensor At, torch::Tensor B, torch::Tensor C, torch::Tensor xi,
+                                    torch::Tensor h0, torch::Tensor dl0, torch::Tensor steps, int64_t tau,
+                                    torch::Tensor gy, torch::Tensor gh_last, torch::Tensor gdl_last) {
+  check({dt, u, coef, r, At, B, C, xi, h0, dl0, gy, gh_last, gdl_last}, dt);
+  const int64_t L = dt.size(0), b = dt.size(1), d = dt.size(2), N = At.size(0);
+  torch::Tensor gdt, gu, gcoef, gr, gAt, gB, gC, gh0, gdl0;
+  AT_DISPATCH_FLOATING_TYPES(dt.scalar_type(), "conba_scan_bwd", [&] {
+    constexpr int64_t TW = tile_width<scalar_t>();
+    const int64_t nt = (d + TW - 1) / TW;
+    auto o = dt.options();
+    gdt = torch::zeros_like(dt); gu = torch::zeros_like(dt);
+    gcoef = coef.numel() ? torch::zeros_like(dt) : torch::empty({0}, o);
+    gr = r.numel() ? torch::zeros_like(dt) : torch::empty({0}, o);
+    gAt = torch::empty({b, N, d}, o);
+    gB = torch::zeros({L, b, nt, N}, o); gC = torch::zeros({L, b, nt, N}, o);
+    gh0 = torch::empty_like(h0); gdl0 = torch::empty({tau, b, N, d}, o);
+    auto s = make_scan<scalar_t>(dt, u, coef, r, At, B, C, xi, h0, dl0, steps, tau);
+    Grads<scalar_t> g;
+    g.gy = opt<scalar_t>(gy); g.gh_last = opt<scalar_t>(gh_last); g.gdl_last = opt<scalar_t>(gdl_last);
+    g.gdt = gdt.data_ptr<scalar_t>(); g.gu = gu.data_ptr<scalar_t>();
+    g.gcoef = coef.numel() ? gcoef.data_ptr<scalar_t>() : nullptr;
+    g.gr = r.numel() ? gr.data_ptr<scalar_t>() : nullptr;
+    g.gAt = gAt.data_ptr<scalar_t>(); g.gB = gB.data_ptr<scalar_t>(); g.gC = gC.data_ptr<scalar_t>();
+    g.gh0 = gh0.data_ptr<scalar_t>(); g.gdl0 = tau > 0 ? gdl0.data_ptr<scalar_t>() : nullptr; g.ntiles = nt;
+    for_tasks<scalar_t>(b, d, [&](int64_t bi, int64_t tile, int64_t c0, int64_t w) {
+      scan_bwd_task(s, g, bi, tile, c0, w);
+    });
+  });
+  return {gdt, gu, gcoef, gr, gAt.sum(0), gB.sum(2), gC.sum(2), gh0, gdl0};
+}
+
+// ---------------------------------------------------------------------------------------------
+// The decode step: docs/conba.md (6) for one token, as naive._one_step, the state updated in place.
+// State layout as ConbaState: h (b, d, N), delay (b, τ, d, N), k (b, ng), e (b, d), phase (b,).
+template <typename T>
+struct Step {
+  T* h; T* delay; T* k; T* e; int64_t* phase;
+  const T* u; const T* delta; const T* A; const T* B; const T* C;
+  const T* D; const T* z; const T* bias; const T* alpha; const T* rho;
+  const T* eta; const T* lam; const T* w_r; const int64_t* mask;
+  T* y;
+  int64_t b, d, N, tau, G, P;
+  bool softplus, control;
+  T k_max;
+};
+
+template <typename T>
+inline T softplus(T x) { return x > T(20) ? x : std::log1p(std::exp(x)); }
+
+template <typename T>
+inline T silu(T x) { return x / (T(1) + std::exp(-x)); }
+
+template <typename T>
+void step_group(const Step<T>& s, int64_t bi, int64_t g, T* hn /* G*N scratch */) {
+  using V = Vectorized<T>;
+  constexpr int64_t VS = V::size();
+  const int64_t N = s.N, G = s.G, ng = s.d / G;
+  const bool real = s.mask ? s.mask[bi] != 0 : true;
+  const T kf = s.control ? s.k[bi * ng + g] : T(0);
+  const T al = s.alpha ? s.alpha[bi * ng + g] : T(1);
+  const T rh = s.tau > 0 ? s.rho[g] : T(0);
+  const T* Bt = s.B + bi * N;
+  const T* Ct = s.C + bi * N;
+  T yv[64];  // G <= 64 (checked by the caller)
+  for (int64_t j = 0; j < G; ++j) {
+    const int64_t c = g * G + j, bc = bi * s.d + c;
+    T dt = s.delta[bc] + (s.bias ? s.bias[c] : T(0));
+    if (s.softplus) dt = softplus(dt);
+    const T u = s.u[bc];
+    const T uc = s.control ? u - kf * std::tanh(s.e[bc]) : u;
+    const T* hp = s.h + bc * N;
+    const T* hd = s.tau > 0 ? s.delay + ((bi * s.tau + (s.tau - 1)) * s.d + c) * N : nullptr;
+    const T* Ac = s.A + c * N;
+    T* ho = hn + j * N;
+    V yacc(T(0));
+    for (int64_t n = 0; n < N; n += VS) {
+      const int64_t cnt = std::min(VS, N - n);
+      V h = (V(dt) * V::loadu(Ac + n, cnt)).exp() * V::loadu(hp + n, cnt);
+      if (hd) h = V(T(1) - rh) * h + V(rh) * V::loadu(hd + n, cnt);
+      if (s.alpha) h = V(al) * h;
+      h = h + V(dt * uc) * V::loadu(Bt + n, cnt);
+      h.store(ho + n, cnt);
+      yacc = yacc + h * V::loadu(Ct + n, cnt);  // lanes past N hold 0 · 0
+    }
+    T buf[VS];
+    yacc.store(buf);
+    T y = 0;
+    for (int64_t i = 0; i < VS; ++i) y += buf[i];
+    if (s.D) y += s.D[c] * u;
+    yv[j] = y;
+  }
+  if (s.control) {
+    T ss = 0;
+    for (int64_t j = 0; j < G; ++j) {
+      const T et = yv[j] - (s.w_r ? s.w_r[g * G + j] : T(1)) * s.u[bi * s.d + g * G + j];
+      ss += et * et;
+    }
+    // the phase is the row's: every group of the row sees the same count, group 0 writes it back
+    const bool sample = s.phase[bi] + (real ? 1 : 0) == s.P;  // as the loop: never on a padded step
+    if (sample) {
+      const T rms = std::sqrt(ss + T(1e-12)) / std::sqrt(T(G));
+      const T lam = s.lam ? s.lam[g] : T(0), eta = s.eta ? s.eta[g] : T(0);
+      s.k[bi * ng + g] = std::min(std::max((T(1) - lam) * kf + eta * rms, T(0)), s.k_max);
+      for (int64_t j = 0; j < G; ++j) {
+        const int64_t bc = bi * s.d + g * G + j;
+        s.e[bc] = yv[j] - (s.w_r ? s.w_r[g * G + j] : T(1)) * s.u[bc];
+      }
+    }
+  }
+  for (int64_t j = 0; j < G; ++j) {
+    const int64_t c = g * G + j, bc = bi * s.d + c;
+    T y = real ? yv[j] : T(0);
+    if (s.z) y *= silu(s.z[bc]);
+    s.y[bc] = y;
+    if (!real) continue;
+    if (s.tau > 0) {  // delay[:, i] ← delay[:, i − 1], delay[:, 0] ← h_new
+      for (int64_t i = s.tau - 1; i > 0; --i)
+        std::memcpy(s.delay + ((bi * s.tau + i) * s.d + c) * N, s.delay + ((bi * s.tau + i - 1) * s.d + c) * N,
+                    N * sizeof(T));
+      std::memcpy(s.delay + (bi * s.tau * s.d + c) * N, hn + j * N, N * sizeof(T));
+    }
+    std::memcpy(s.h + bc * N, hn + j * N, N * sizeof(T));
+  }
+}
+
+void step(torch::Tensor h, torch::Tensor delay, torch::Tensor k, torch::Tensor e, torch::Tensor phase,
+          torch::Tensor u, torch::Tensor delta, torch::Tensor A, torch::Tensor B, torch::Tensor C, torch::Tensor D,
+          torch::Tensor z, torch::Tensor bias, bool softplus_, torch::Tensor alpha, torch::Tensor rho, int64_t tau,
+          bool control, torch::Tensor eta, torch::Tensor lam, torch::Tensor w_r, double k_max, int64_t G,
+          torch::Tensor mask, int64_t P, torch::Tensor y) {
+  check({h, delay, k, e, u, delta, A, B, C, D, z, bias, alpha, rho, eta, lam, w_r, y}, h);
+  TORCH_CHECK(G >= 1 && G <= 64 && u.size(1) % G == 0, "conba_cpu.step: group size must divide d_inner, <= 64");
+  TORCH_CHECK(phase.scalar_type() == at::kLong && phase.is_contiguous(), "conba_cpu.step: phase must be int64");
+  TORCH_CHECK(mask.numel() == 0 || (mask.scalar_type() == at::kLong && mask.is_contiguous()),
+              "conba_cpu.step: mask must be int64");
+  AT_DISPATCH_FLOATING_TYPES(h.scalar_type(), "conba_step", [&] {
+    Step<scalar_t> s;
+    s.h = h.data_ptr<scalar_t>(); s.delay = tau > 0 ? delay.data_ptr<scalar_t>() : nullptr;
+    s.k = k.data_ptr<scalar_t>(); s.e = e.data_ptr<scalar_t>(); s.phase = phase.data_ptr<int64_t>();
+    s.u = u.data_ptr<scalar_t>(); s.delta = delta.data_ptr<scalar_t>(); s.A = A.data_ptr<scalar_t>();
+    s.B = B.data_ptr<scalar_t>(); s.C = C.data_ptr<scalar_t>();
+    s.D = opt<scalar_t>(D); s.z = opt<scalar_t>(z); s.bias = opt<scalar_t>(bias); s.alpha = opt<scalar_t>(alpha);
+    s.rho = opt<scalar_t>(rho); s.eta = opt<scalar_t>(eta); s.lam = opt<scalar_t>(lam); s.w_r = opt<scalar_t>(w_r);
+    s.mask = mask.numel() ? mask.data_ptr<int64_t>() : nullptr;
+    s.y = y.data_ptr<scalar_t>();
+    s.b = u.size(0); s.d = u.size(1); s.N = A.size(1); s.tau = tau; s.G = G; s.P = P;
+    s.softplus = softplus_; s.control = control; s.k_max = static_cast<scalar_t>(k_max);
+    const int64_t ng = s.d / G;
+    // one token is ~b·d·N work: split it over threads only when there is enough of it
+    const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, G * s.N));
+    at::parallel_for(0, s.b * ng, grain, [&](int64_t begin, int64_t end) {
+      std::vector<scalar_t> hn(G * s.N);
+      for (int64_t i = begin; i < end; ++i) step_group(s, i / ng, i % ng, hn.data());
+    });
+    if (control) {  // the controller's clock: real steps since the last instant
+      for (int64_t bi = 0; bi < s.b; ++bi) {
+        const int64_t ph = s.phase[bi] + ((s.mask ? s.mask[bi] != 0 : true) ? 1 : 0);
+        s.phase[bi] = ph == P ? 0 : ph;
+      }
+    }
+  });
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("scan_fwd", &scan_fwd, "Conba block scan, forward (CPU)");
+  m.def("scan_bwd", &scan_bwd, "Conba block scan, backward (CPU)");
+  m.def("prefill", &prefill, "Conba prefill from the raw inputs, controller and gate included (CPU)");
+  m.def("step", &step, "Conba decode step, state updated in place (CPU)");
+}

@@ -1,0 +1,242 @@
+"""The compiled CPU kernels (mixcon/ops/conba/cpu.py, csrc/conba_cpu.cpp) against the float64 loop in
+naive.py and against the PyTorch block scan they replace: the block scan with its gradients, the
+whole chunk_torch scan both ways, memory under no_grad, large steps, and the decode step across
+sampling instants."""
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from helpers import conba_inputs, rel_rms
+from mixcon.ops.conba import ConbaState, chunk_torch, conba_scan, conba_scan_ref, conba_step, conba_step_ref, cpu
+from mixcon.ops.conba import empty_state
+from mixcon.ops.conba.chunk_torch import _block_scan, conba_scan_chunk_torch
+
+pytestmark = pytest.mark.skipif(cpu.kernels() is None, reason="the CPU kernels could not be built (no compiler)")
+
+SEQ = ("u", "delta", "B", "C", "z", "alpha")
+
+
+def _block_inputs(L, b, d, N, tau, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    r = lambda *s: torch.randn(*s, generator=g, dtype=dtype)  # noqa: E731
+    return dict(dt=torch.nn.functional.softplus(r(L, b, d)), ut=r(L, b, d),
+                coef=torch.rand(L, b, d, generator=g, dtype=dtype) * 0.5 + 0.5,
+                r=torch.rand(L, b, d, generator=g, dtype=dtype) * 0.3, At=-torch.rand(N, d, generator=g, dtype=dtype) * 2,
+                B=r(L, b, N), C=r(L, b, N), h0=r(b, N, d), dl0=r(tau, b, N, d))
+
+
+def _pytorch_block(x, tau, steps):
+    """(y, h_last, dl_last) from the PyTorch block scan, each row stopped at its steps."""
+    y, h = _block_scan(x["dt"], x["ut"], x["coef"], x["r"], x["At"], x["B"], x["C"], None, x["h0"],
+                       x["dl0"] if tau else None, tau)
+    L = y.shape[0]
+    ext_h = torch.cat([x["h0"][None], h], 0)
+    h_last = torch.stack([ext_h[int(s), i] for i, s in enumerate(steps)])
+    ext_d = torch.cat([x["dl0"].flip(0), h], 0)  # ext_d[τ + p] = h_p
+    dl = torch.stack([torch.stack([ext_d[tau + int(s) - 1 - i, bi] for bi, s in enumerate(steps)]) for i in range(tau)]) \
+        if tau else x["dl0"]
+    keep = (torch.arange(L)[:, None] < steps[None, :])[..., None]  # the kernel's y is 0 past a row's steps
+    return y * keep, h_last, dl
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("tau", [0, 1, 2, 4])
+def test_block_scan_and_every_gradient(tau, dtype):
+    """Rows stopped at different steps (0, mid-segment, past a recompute checkpoint, the whole block),
+    the final state and delay line as outputs, gradients of every input."""
+    L, b, d, N = 77, 4, 40, 5  # d: one full tile and a part one in float64; N odd
+    x = _block_inputs(L, b, d, N, tau, dtype)
+    steps = torch.tensor([L, 0, 2, 45])
+    x1 = {k: v.clone().requires_grad_() for k, v in x.items()}
+    x2 = {k: v.clone().requires_grad_() for k, v in x.items()}
+    out1 = _pytorch_block(x1, tau, steps)
+    out2 = cpu.block_scan(x2["dt"], x2["ut"], x2["coef"], x2["r"], x2["At"], x2["B"], x2["C"], None, x2["h0"],
+                          x2["dl0"], tau, steps)
+    tol = 1e-12 if dtype == torch.float64 else 1e-5
+    for a, c in zip(out1, out2):
+        assert a.shape == c.shape and (a.numel() == 0 or rel_rms(c, a) < tol)
+    g = torch.Generator().manual_seed(3)
+    weights = [torch.randn(o.shape, generator=g, dtype=dtype) for o in out1]
+    sum(((o * w).sum() for o, w in zip(out1, weights)), torch.zeros((), dtype=dtype)).backward()
+    sum(((o * w).sum() for o, w in zip(out2, weights)), torch.zeros((), dtype=dtype)).backward()
+    for k in x:
+        a, c = x1[k].grad, x2[k].grad
+        if k in ("r", "dl0") and tau == 0:  # no delay: r unused, the delay line empty
+            assert c is None or c.numel() == 0
+            continue
+        assert c is not None and torch.isfinite(c).all() and rel_rms(c, a) < tol * 10, (k, rel_rms(c, a))
+
+
+def _conba(P, mech, tau=2, b=4, T=None, dtype=torch.float64, seed=0):
+    x = conba_inputs(b=b, T=T or {1: 13, 4: 23, 64: 150}[P], d=24, n=5, mechanisms=mech, dtype=dtype, seed=seed)
+    for k, v in x.items():
+        if torch.is_tensor(v) and k not in SEQ:
+            x[k] = v.to(dtype)
+    if "rho" in x:
+        x["tau"] = tau
+    if "eta" in x:
+        x["eta"], x["k_max"] = x["eta"] * 0.3, 3.0
+    return x
+
+
+def _mask(b, T):
+    m = torch.ones(b, T)
+    m[1, :5] = 0
+    m[0, 7:9] = 0
+    m[3] = 0
+    return m
+
+
+@pytest.mark.parametrize("compiled", [True, False], ids=["compiled", "pytorch"])
+@pytest.mark.parametrize("P, tau", [(1, 3), (4, 4), (64, 2), (4, 0)])
+def test_scan_with_masks_state_and_gradients(P, tau, compiled, monkeypatch):
+    """chunk_torch with and without the kernel: every mechanism, left padding, a hole, an empty row and
+    an initial state with per-row phases, against the float64 loop, outputs, final state, gradients."""
+    monkeypatch.setattr(chunk_torch, "COMPILED", compiled)
+    x = _conba(P, "all", tau=tau)
+    b, T, d = x["u"].shape
+    n, ng = x["A"].shape[1], d // x["group_size"]
+    g = torch.Generator().manual_seed(1)
+    r = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64)  # noqa: E731
+    state = ConbaState(r(b, d, n), r(b, tau, d, n), torch.rand(b, ng, generator=g, dtype=torch.float64), r(b, d),
+                       torch.tensor([0, 1, P - 1, 2]) % P)
+    mask = _mask(b, T)
+
+    def run(fn):
+        xs = {k: (v.detach().clone().requires_grad_() if torch.is_tensor(v) and v.is_floating_point() else v)
+              for k, v in x.items()}
+        st = ConbaState(*[s.clone().requires_grad_(s.is_floating_point()) for s in state])
+        y, fin = fn(**xs, mask=mask, initial_state=st, return_final_state=True, control_period=P)
+        gg = torch.Generator().manual_seed(5)
+        loss = (y * torch.randn(y.shape, generator=gg, dtype=y.dtype)).sum()
+        for f in fin[:4]:
+            loss = loss + (f * torch.randn(f.shape, generator=gg, dtype=f.dtype)).sum()
+        loss.backward()
+        grads = {k: v.grad for k, v in xs.items() if torch.is_tensor(v) and v.requires_grad}
+        grads.update({"state." + f: s.grad for f, s in zip(ConbaState._fields[:4], st)})
+        return y, fin, grads
+
+    y1, s1, g1 = run(conba_scan_ref)
+    y2, s2, g2 = run(conba_scan_chunk_torch)
+    assert rel_rms(y2, y1) < 1e-12 and torch.all(y2[mask == 0] == 0)
+    for f, a, c in zip(ConbaState._fields, s1, s2):
+        assert a.shape == c.shape and (torch.equal(a, c) if f == "phase" else a.numel() == 0 or rel_rms(c, a) < 1e-12)
+    assert s2.h.is_contiguous() and s2.delay.is_contiguous()  # the decode step updates them in place
+    with torch.no_grad():  # the prefill path: every block written into one buffer
+        y3, s3 = conba_scan_chunk_torch(**x, mask=mask, initial_state=ConbaState(*[t.clone() for t in state]),
+                                        return_final_state=True, control_period=P)
+    assert rel_rms(y3, y1) < 1e-12 and all(torch.equal(a, c) or rel_rms(c, a) < 1e-12 for a, c in zip(s1, s3))
+    for k, a in g1.items():
+        c = g2[k]
+        if a is None or not a.abs().sum():
+            assert c is None or not c.abs().sum(), k
+        else:
+            assert rel_rms(c, a) < 1e-10, (k, rel_rms(c, a))
+
+
+class _Largest(TorchDispatchMode):
+    """The largest tensor any op returns."""
+
+    def __init__(self):
+        super().__init__()
+        self.numel = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for o in (out if isinstance(out, (tuple, list)) else [out]):
+            if isinstance(o, torch.Tensor):
+                self.numel = max(self.numel, o.numel())
+        return out
+
+
+@pytest.mark.parametrize("control", [True, False])
+def test_nothing_of_size_time_by_state(control):
+    """Under no_grad no op makes a (T, b, N, d) tensor (the compiled kernel is opaque to the dispatch
+    mode, so its scratch is not counted: it holds tiles of 32 steps); with a gradient, autograd saves
+    nothing that size either."""
+    T, b, d, n = 256, 2, 16, 8
+    x = conba_inputs(b=b, T=T, d=d, n=n, mechanisms=("scaling", "delay", "control") if control else ("scaling",))
+    full = T * b * n * d
+    with torch.no_grad(), _Largest() as seen:
+        conba_scan(**x, control_period=64)
+    assert seen.numel <= T * b * d < full
+    saved = []
+    xs = {k: (v.requires_grad_() if torch.is_tensor(v) and k in SEQ else v) for k, v in x.items()}
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+        y = conba_scan(**xs, control_period=64)
+    y.sum().backward()
+    assert max(saved) <= T * b * d < full
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_large_steps_stay_finite(dtype):
+    """Δ from 30 to ~1000 after softplus: exp(Δ·A) underflows to 0, nothing overflows, forward or backward."""
+    x = _conba(4, "all", tau=3, dtype=dtype)
+    x["delta"] = x["delta"].abs() * 300 + 30.0
+    for k in ("u", "delta", "B", "C"):
+        x[k].requires_grad_(True)
+    y = conba_scan(**x, control_period=4)
+    y_ref = conba_scan_ref(**{k: (v.detach().double() if torch.is_tensor(v) and v.is_floating_point() else v)
+                              for k, v in x.items()}, control_period=4)
+    assert torch.isfinite(y).all() and rel_rms(y, y_ref) < (1e-12 if dtype == torch.float64 else 1e-5)
+    y.square().sum().backward()
+    assert all(torch.isfinite(x[k].grad).all() for k in ("u", "delta", "B", "C"))
+
+
+def _decode_cases():
+    for P in (1, 4, 64):
+        for mech in ("all", ("control",), ("scaling", "delay"), ()):
+            yield P, mech
+    yield 4, ("delay",)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("P, mech", list(_decode_cases()), ids=str)
+def test_decode_step_equals_the_loop(P, mech, dtype):
+    """Token by token across several sampling instants (T ≥ 2P), with a padded prefix, a hole and a
+    fully padded row: the same outputs and the same state after every token as conba_step_ref."""
+    x = _conba(P, mech, tau=3, dtype=dtype, T=max(2 * P + 5, 13))
+    x = {k: v for k, v in x.items() if k not in ("sigma_w", "sigma_v", "seed")}
+    b, T, d = x["u"].shape
+    mask = _mask(b, T)
+    per = {k: x[k] for k in SEQ if k in x}
+    rest = {k: v for k, v in x.items() if k not in per}
+    mk = lambda: empty_state(b, d, x["A"].shape[1], x.get("tau", 0), x["group_size"], x.get("k0"), dtype=dtype)  # noqa: E731
+    s_ref, s_new = mk(), mk()
+    tol = 1e-13 if dtype == torch.float64 else 1e-6
+    for t in range(T):
+        tok = {k: v[:, t] for k, v in per.items()}
+        y_ref = conba_step_ref(s_ref, **tok, **rest, mask=mask[:, t], t=t, control_period=P)
+        with torch.no_grad():
+            y_new = conba_step(s_new, **tok, **rest, mask=mask[:, t], t=t, control_period=P)
+        assert y_new.dtype == y_ref.dtype and rel_rms(y_new, y_ref) < tol, t
+        for f, a, c in zip(ConbaState._fields, s_ref, s_new):
+            if f == "phase":
+                assert torch.equal(a, c), (t, a, c)
+            elif a.numel() and a.abs().sum():
+                assert rel_rms(c, a) < tol, (t, f, rel_rms(c, a))
+    if "control" in mech or mech == "all":
+        assert not torch.equal(s_new.k, x["k0"].expand(b, -1))  # the gain law acted
+
+
+def test_decode_step_dispatch(monkeypatch):
+    """The compiled step runs without noise and without a gradient; noise or a gradient takes the loop."""
+    calls = []
+    real = cpu.decode_step
+    monkeypatch.setattr(cpu, "decode_step", lambda *a, **k: calls.append(1) or real(*a, **k))
+    x = _conba(4, ("control", "delay"), dtype=torch.float32)
+    b, T, d = x["u"].shape
+    tok = {k: x[k][:, 0] for k in SEQ if k in x}
+    rest = {k: v for k, v in x.items() if k not in tok}
+    state = empty_state(b, d, x["A"].shape[1], x["tau"], x["group_size"], x["k0"])
+    conba_step(state, **tok, **rest, control_period=4)
+    assert calls == [1]
+    conba_step(state, **tok, **rest, control_period=4, sigma_w=0.1, seed=3)  # noise: the loop
+    conba_step(state, **tok, **rest, control_period=4, backend="ref")
+    assert calls == [1]
+    u = tok["u"].clone().requires_grad_()
+    y = conba_step(state, **{**tok, "u": u}, **rest, control_period=4)  # a gradient wanted: the loop
+    assert calls == [1]
+    y.sum().backward()
+    assert u.grad is not None and u.grad.abs().sum() > 0
