@@ -26,20 +26,31 @@ try:
 except ImportError:  # pragma: no cover
     hf_init = None
 
-from mixcon.layers.attention import MixConAttention, attention_impl, rope_cos_sin
-from mixcon.layers.conba import ConbaMixer
-from mixcon.layers.mlp import SwiGLUMLP
-from mixcon.layers.mod import DepthRoutedMixin, DepthRouter
-from mixcon.layers.moe import MoEExperts, SparseMoE
-from mixcon.layers.mom import MoMPool, MoMRound
-from mixcon.layers.spatial import SpatialMixer
-from mixcon.layers.norm import RMSNorm
-from mixcon.models.cache import MixConCache
-from mixcon.models.compat import CACHE_FIELD, GENERATE_CACHE_KEY, check_kwargs, resolve_cache
-from mixcon.models.configuration_mixcon import MixConConfig
-from mixcon.models.inputs import check_inputs, tracing
-from mixcon.models.masks import build_attention_mask, custom_attention_mask, static_masks
-from mixcon.ops.moe import load_balancing_loss, router_z_loss
+# The mixcon imports sit in one try block: transformers' check_imports skips imports inside try blocks,
+# so a process without mixcon gets this message instead of "pip install mixcon" (not on any index).
+try:
+    from mixcon.layers.attention import MixConAttention, attention_impl, rope_cos_sin
+    from mixcon.layers.conba import ConbaMixer
+    from mixcon.layers.mlp import SwiGLUMLP
+    from mixcon.layers.mod import DepthRoutedMixin, DepthRouter
+    from mixcon.layers.moe import MoEExperts, SparseMoE
+    from mixcon.layers.mom import MoMPool, MoMRound
+    from mixcon.layers.spatial import SpatialMixer
+    from mixcon.layers.norm import RMSNorm
+    from mixcon.models.cache import MixConCache
+    from mixcon.models.compat import CACHE_FIELD, GENERATE_CACHE_KEY, check_kwargs, resolve_cache
+    from mixcon.models.configuration_mixcon import MixConConfig
+    from mixcon.models.inputs import check_inputs, tracing
+    from mixcon.models.masks import build_attention_mask, custom_attention_mask, static_masks
+    from mixcon.ops.moe import load_balancing_loss, router_z_loss
+except ImportError as e:
+    if e.name != "mixcon" and not (e.name or "").startswith("mixcon."):
+        raise  # a dependency of mixcon is missing: its own message names it
+    raise ImportError(
+        "this MixCon model needs the mixcon package"
+        + (" (not installed)" if e.name == "mixcon" else f", a version with {e.name} (the installed one is older)")
+        + ": pip install <a checkout of the mixcon repository>, or the wheel `pip wheel --no-deps .` builds in one; "
+        "mixcon is not on a package index") from e
 
 
 def _auto_static(device, generation_config, model_kwargs) -> bool:
