@@ -201,11 +201,12 @@ def _train_tokenizer(ap=None, args=None):
     print(f"saved a {len(tok)}-token tokenizer to {args.out_dir}")
 
 
-BENCHES = {"conba": "mixcon.bench.conba", "moe": "mixcon.bench.moe", "throughput": "mixcon.bench.throughput",
-           "max-context": "mixcon.bench.max_context", "kv-cache": "mixcon.bench.kv_cache"}
+BENCHES = {"conba": "mixcon.bench.conba", "conba-tune": "mixcon.bench.conba_tune", "moe": "mixcon.bench.moe",
+           "throughput": "mixcon.bench.throughput", "max-context": "mixcon.bench.max_context",
+           "kv-cache": "mixcon.bench.kv_cache"}
 
 
-@verb("bench", "benchmarks: conba, moe, throughput, max-context, kv-cache (each prints its run header)")
+@verb("bench", "benchmarks: conba, conba-tune, moe, throughput, max-context, kv-cache (each prints its run header)")
 def _bench(ap=None, args=None):
     if ap is not None:
         ap.add_argument("which", choices=list(BENCHES), help="the benchmark")

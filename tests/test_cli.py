@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from helpers import ROOT
 
@@ -235,6 +236,19 @@ def test_bench_kv_cache_and_moe_smoke(tmp_path, capsys):
     meta = json.load(open(tmp_path / "moe" / "results.json"))["meta"]
     assert {"rev", "device", "torch", "transformers"} <= set(meta)
     assert not any(str(v).startswith("/") or " /" in str(v) for v in meta.values()), meta  # no absolute paths
+
+
+@pytest.mark.parametrize("which", ["conba", "conba-tune"])
+def test_bench_conba_runs_from_the_package(which, capsys, monkeypatch):
+    """The Conba benchmarks are package modules (a wheel has no tools/): their options parse, and on a
+    CPU without --smoke they stop with one line saying they measure a GPU."""
+    with pytest.raises(SystemExit) as exc:
+        run_main(capsys, "bench", which, "--help")
+    assert exc.value.code == 0 and "--d-inner" in capsys.readouterr().out
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit) as exc:
+        run_main(capsys, "bench", which, "--batch", "1")
+    assert str(exc.value.code).startswith(f"mixcon bench {which} ") and "GPU" in str(exc.value.code)
 
 
 def test_bench_bad_inputs(capsys):

@@ -17,6 +17,8 @@
 # importable; a source copy of the package can be put on PYTHONPATH (its CUDA extension is stubbed).
 set -u
 cd "$(dirname "$0")/.."
+# the Python steps (thin scripts over mixcon.bench / mixcon.eval) import this checkout's package, installed or not
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 OUT=${OUT:-.}
 QUICK_BUDGET=480
 export PYTHONUNBUFFERED=1

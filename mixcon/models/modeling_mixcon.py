@@ -26,18 +26,31 @@ try:
 except ImportError:  # pragma: no cover
     hf_init = None
 
-from mixcon.layers.attention import MixConAttention, attention_impl, rope_cos_sin
-from mixcon.layers.conba import ConbaMixer
-from mixcon.layers.mlp import SwiGLUMLP
-from mixcon.layers.mod import DepthRouter, gather_selected, take
-from mixcon.layers.moe import MoEExperts, SparseMoE
-from mixcon.layers.mom import MoMPool, MoMRound
-from mixcon.layers.spatial import SpatialMixer
-from mixcon.layers.norm import RMSNorm
-from mixcon.models.cache import MixConCache
-from mixcon.models.compat import CACHE_FIELD, GENERATE_CACHE_KEY, check_kwargs, resolve_cache
-from mixcon.models.configuration_mixcon import MixConConfig
-from mixcon.ops.moe import load_balancing_loss, router_z_loss
+# The mixcon imports sit in one try block: transformers' check_imports skips imports inside try blocks,
+# so a process without mixcon gets this message instead of "pip install mixcon" (not on any index).
+try:
+    from mixcon.layers.attention import MixConAttention, attention_impl, rope_cos_sin
+    from mixcon.layers.conba import ConbaMixer
+    from mixcon.layers.mlp import SwiGLUMLP
+    from mixcon.layers.mod import DepthRoutedMixin, DepthRouter
+    from mixcon.layers.moe import MoEExperts, SparseMoE
+    from mixcon.layers.mom import MoMPool, MoMRound
+    from mixcon.layers.spatial import SpatialMixer
+    from mixcon.layers.norm import RMSNorm
+    from mixcon.models.cache import MixConCache
+    from mixcon.models.compat import CACHE_FIELD, GENERATE_CACHE_KEY, check_kwargs, resolve_cache
+    from mixcon.models.configuration_mixcon import MixConConfig
+    from mixcon.models.inputs import check_inputs, tracing
+    from mixcon.models.masks import build_attention_mask, custom_attention_mask, static_masks
+    from mixcon.ops.moe import load_balancing_loss, router_z_loss
+except ImportError as e:
+    if e.name != "mixcon" and not (e.name or "").startswith("mixcon."):
+        raise  # a dependency of mixcon is missing: its own message names it
+    raise ImportError(
+        "this MixCon model needs the mixcon package"
+        + (" (not installed)" if e.name == "mixcon" else f", a version with {e.name} (the installed one is older)")
+        + ": pip install <a checkout of the mixcon repository>, or the wheel `pip wheel --no-deps .` builds in one; "
+        "mixcon is not on a package index") from e
 
 
 def _auto_static(device, generation_config, model_kwargs) -> bool:
@@ -60,17 +73,7 @@ def _is_static(cache) -> bool:
     return isinstance(cache, MixConCache) and cache.is_static
 
 
-def _select(selected: torch.Tensor, fixed: bool):
-    """Mixture-of-Depths' selected tokens as (idx, valid) (see `gather_selected`). ``fixed``: every
-    position, ``valid`` = selected: no host sync and no data-dependent shape (a static cache, a
-    compiled step), at the cost of running the routed part on every token."""
-    if not fixed:
-        return gather_selected(selected)
-    b, T = selected.shape
-    return torch.arange(T, device=selected.device).expand(b, T), selected
-
-
-class MixConDecoderLayer(GradientCheckpointingLayer):
+class MixConDecoderLayer(DepthRoutedMixin, GradientCheckpointingLayer):
     """x + mixer(norm(x)); x + ffn(norm(x)), mixer ∈ {attention, conba, spatial}, ffn ∈ {mlp, moe, none};
     or one Mixture-of-Modules round (mixer "mom": assembled attention and FFN from the model's pool).
     With Mixture-of-Depths routing (``layers_mod_type``) only the tokens the router selects pass
@@ -151,94 +154,6 @@ class MixConDecoderLayer(GradientCheckpointingLayer):
         token_mask = seq_mask.reshape(-1).bool() if seq_mask is not None else None
         return x + f, None, None, self.mixer.balance_loss(la, lf, token_mask), weights
 
-    def _scatter_logits(self, logits, idx, valid, b, T):
-        """Router logits of the selected tokens (b·k, E) → (b·T, E) and the mask of real rows."""
-        if logits is None:
-            return None, None
-        E = logits.shape[-1]
-        # empty slots point at position 0 too: add (zeros for them) rather than write, so they never
-        # overwrite a selected token's row
-        vals = logits.view(b, -1, E) * valid[..., None].to(logits.dtype)
-        full = logits.new_zeros(b, T, E).scatter_add(1, idx[..., None].expand(-1, -1, E), vals)
-        sel = torch.zeros(b, T, dtype=torch.long, device=idx.device).scatter_add(1, idx, valid.long()) > 0
-        return full.view(b * T, E), sel.view(-1)
-
-    def _routed_ffn(self, x, seq_mask):
-        """Mixture-of-Depths on the FFN of a Conba/spatial layer: x + σ(r)·ffn(norm(x)) for selected tokens."""
-        b, T, D = x.shape
-        real = seq_mask.bool() if seq_mask is not None else None
-        selected, r, aux = self.depth_router(x, real)
-        idx, valid = _select(selected, fixed=torch.compiler.is_compiling())
-        if idx.shape[1] == 0:
-            return x, None, None, aux, None
-        xs = take(x, idx)
-        f, logits = self._ffn(self.pre_ff_layernorm(xs))
-        w = (torch.sigmoid(take(r, idx)) * valid)[..., None].to(x.dtype)
-        out = x.scatter_add(1, idx[..., None].expand(-1, -1, D), f * w)
-        return (out, *self._scatter_logits(logits, idx, valid, b, T), aux, None)
-
-    def _routed_layer(self, x, seq_mask, rope, cache, positions, attn_impl="sdpa"):
-        """Mixture-of-Depths on a whole attention layer: the selected tokens, in their order and at their
-        positions, attend to the selected tokens before them (the cache keeps only selected keys).
-        Its attention weights (eager) are given at the tokens' places in (b, H, T, past + T) (a static
-        cache: (b, H, T, slots)), zero for tokens the router did not select."""
-        b, T, D = x.shape
-        real = seq_mask.bool() if seq_mask is not None else None
-        selected, r, aux = self.depth_router(x, real)
-        static = _is_static(cache)
-        # static cache: every token passes (fixed shapes), the unselected ones masked out and dropped
-        idx, valid = _select(selected, fixed=static)
-        k = idx.shape[1]
-        eager = attn_impl == "eager"
-        if k == 0 and (cache is None or cache.key_positions[self.layer_idx] is None):
-            return x, None, None, aux, self._full_weights(None, None, None, None, x, cache) if eager else None
-        xs = take(x, idx)
-        qpos = take(positions, idx).masked_fill(~valid, -1)
-        kpos = qpos
-        if static:
-            kpos = cache.layers[self.layer_idx].write_positions(qpos)
-        elif cache is not None:
-            prev = cache.key_positions[self.layer_idx]
-            kpos = torch.cat([prev, qpos], 1) if prev is not None else qpos
-            cache.key_positions[self.layer_idx] = kpos
-        if k == 0:  # nothing to process, nothing new cached (the K/V stay as they were)
-            return x, None, None, aux, self._full_weights(None, None, None, None, x, cache) if eager else None
-        allowed = (kpos[:, None, :] >= 0) & (kpos[:, None, :] <= qpos[:, :, None])
-        allowed = allowed | ~valid[:, :, None]  # empty slots attend anywhere; their output is dropped
-        rope_s = (take(rope[0], idx, 2), take(rope[1], idx, 2)) if rope is not None else None
-        a, weights = self.mixer(self.input_layernorm(xs), attn_mask=allowed[:, None], rope=rope_s,
-                                past_key_values=cache, impl=attn_impl, return_weights=True)
-        if weights is not None and static:
-            # every token is a query and a slot is a key's place in the sequence: the weights are already
-            # (b, H, T, slots); the rows of tokens the router did not select are zero
-            weights = weights * valid[:, None, :, None].to(weights.dtype)
-        elif weights is not None:
-            weights = self._full_weights(weights, idx.masked_fill(~valid, T), kpos, positions, x, cache)
-        delta, logits = a, None
-        if self.ffn_type != "none":
-            f, logits = self._ffn(self.pre_ff_layernorm(xs + a))
-            delta = a + f
-        w = (torch.sigmoid(take(r, idx)) * valid)[..., None].to(x.dtype)
-        out = x.scatter_add(1, idx[..., None].expand(-1, -1, D), delta * w)
-        return (out, *self._scatter_logits(logits, idx, valid, b, T), aux, weights)
-
-    def _full_weights(self, weights, idx, kpos, positions, x, cache):
-        """Weights over the selected queries/keys (b, H, k, n) → (b, H, T, past + T): row = the query's
-        place in this chunk (idx; T for an empty slot), column = the key's place in the whole sequence
-        (left padding counted); zero for tokens the router did not select."""
-        b, T = x.shape[:2]
-        S = (cache.get_seq_length() if cache is not None else 0) + T
-        H = self.mixer.num_heads
-        out = x.new_zeros(b, H, T + 1, S + 1)  # one spare row/column takes the empty slots
-        if weights is None:
-            return out[:, :, :T, :S]
-        offset = (S - 1 - positions[:, -1])[:, None]  # place − position: the row's left padding
-        ki = torch.where(kpos >= 0, kpos + offset, S).clamp(0, S)
-        rows = x.new_zeros(b, H, weights.shape[2], S + 1).scatter_(
-            3, ki[:, None, None, :].expand(-1, H, weights.shape[2], -1), weights)
-        return out.scatter_(2, idx[:, None, :, None].expand(-1, H, -1, S + 1), rows)[:, :, :T, :S]
-
-
 class MixConPreTrainedModel(PreTrainedModel):
     config_class = MixConConfig
     base_model_prefix = "model"
@@ -285,212 +200,6 @@ class _torch_init:  # fallback namespace when transformers.initialization is abs
     normal_ = staticmethod(nn.init.normal_)
     zeros_ = staticmethod(nn.init.zeros_)
     ones_ = staticmethod(nn.init.ones_)
-
-
-def _tracing() -> bool:
-    """True under torch.compile / torch.export / FX tracing: data-dependent checks are skipped there
-    (each would read a value back to the host, a graph break or an export failure)."""
-    if torch.compiler.is_compiling():
-        return True
-    is_exporting = getattr(torch.compiler, "is_exporting", None)
-    if is_exporting is not None and is_exporting():
-        return True
-    try:
-        from torch.fx._symbolic_trace import is_fx_symbolic_tracing
-    except ImportError:  # pragma: no cover - older torch
-        return False
-    return is_fx_symbolic_tracing()
-
-
-_ID_DTYPES = (torch.long, torch.int32)
-
-
-def _check_inputs(config, input_ids, inputs_embeds, attention_mask, past_key_values, labels=None,
-                  shift_labels=None):
-    """Bad input raises a ValueError naming what was given and what is allowed, before any kernel.
-
-    Shapes, dtypes and types are checked always (no device work). The values (token ids within the
-    vocabulary, masks of 0/1, labels within the vocabulary or −100) need the data: they are read back
-    in one transfer in eager mode and skipped under torch.compile / torch.export."""
-    if (input_ids is None) == (inputs_embeds is None):
-        raise ValueError("pass exactly one of input_ids or inputs_embeds")
-    if input_ids is not None:
-        if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
-            raise ValueError(f"input_ids must be a (batch, time) tensor, got {getattr(input_ids, 'shape', type(input_ids))}")
-        if input_ids.dtype not in _ID_DTYPES:
-            raise ValueError(f"input_ids must be an integer tensor of dtype torch.long or torch.int32, got {input_ids.dtype}")
-        b, T = input_ids.shape
-    else:
-        if not isinstance(inputs_embeds, torch.Tensor) or inputs_embeds.dim() != 3 \
-                or inputs_embeds.shape[-1] != config.hidden_size:
-            raise ValueError(f"inputs_embeds has shape {tuple(getattr(inputs_embeds, 'shape', ()))}, expected "
-                             f"(batch, time, {config.hidden_size})")
-        if not inputs_embeds.is_floating_point():
-            raise ValueError(f"inputs_embeds must be floating point, got {inputs_embeds.dtype}")
-        b, T = inputs_embeds.shape[:2]
-    if b == 0 or T == 0:
-        raise ValueError(f"the input is empty: batch {b}, time {T}; pass at least one sequence of at least one token")
-    past_length = 0
-    if past_key_values is not None:
-        if not isinstance(past_key_values, Cache):
-            raise ValueError(
-                f"past_key_values is a {type(past_key_values).__name__}; MixCon takes a MixConCache (or None), not "
-                "the legacy tuple format: a Conba layer's state is not a (key, value) pair")
-        if isinstance(past_key_values, MixConCache):
-            static = past_key_values.is_static
-            # a static cache counts on the device: read back in eager mode only (no sync under compile)
-            past_length = 0 if static and _tracing() else past_key_values.get_seq_length()
-            if static and past_length + T > past_key_values.max_cache_len:
-                raise ValueError(
-                    f"the static cache holds max_cache_len={past_key_values.max_cache_len} tokens; {past_length} are "
-                    f"cached and {T} more were given. Build it larger (generate: max_new_tokens / max_cache_len)")
-            cb = past_key_values.batch_size
-            if cb is not None and cb != b:
-                raise ValueError(f"past_key_values holds a batch of {cb} sequences but the input has {b}; continue a "
-                                 "cache with the batch it was built for (or start a new MixConCache)")
-            if len(past_key_values.layers) != config.num_hidden_layers:
-                raise ValueError(f"past_key_values has {len(past_key_values.layers)} layers, the model "
-                                 f"{config.num_hidden_layers}: it was built for another config")
-    if attention_mask is not None:
-        allowed = {(b, past_length + T)} | ({(b, T)} if past_length == 0 else set())
-        if getattr(past_key_values, "is_static", False):  # create_masks_for_generate's fixed-width mask
-            allowed.add((b, past_key_values.max_cache_len))
-        if not isinstance(attention_mask, torch.Tensor) or attention_mask.dim() != 2 \
-                or tuple(attention_mask.shape) not in allowed:
-            raise ValueError(
-                f"attention_mask has shape {tuple(getattr(attention_mask, 'shape', ()))}, expected (batch, past + "
-                f"time) = {(b, past_length + T)} (a 2-D mask of 1 for tokens and 0 for padding)")
-        if attention_mask.is_complex():
-            raise ValueError(f"attention_mask must be bool, integer or float, got {attention_mask.dtype}")
-    for name, lab in (("labels", labels), ("shift_labels", shift_labels)):
-        if lab is None:
-            continue
-        shapes = {(b, T), (b, T + 1)} if name == "labels" else {(b, T)}
-        if not isinstance(lab, torch.Tensor) or lab.dim() != 2 or tuple(lab.shape) not in shapes:
-            raise ValueError(
-                f"{name} has shape {tuple(getattr(lab, 'shape', ()))}; expected the shape of input_ids {(b, T)}"
-                + (f" (or {(b, T + 1)}: the ids with the token after the last one)" if name == "labels" else "")
-                + ", with −100 where no loss is taken")
-        if lab.dtype not in _ID_DTYPES:
-            raise ValueError(f"{name} must be an integer tensor of dtype torch.long or torch.int32, got {lab.dtype}")
-    if "spatial" in config.layers_block_type and past_length + T > config.spatial_max_len:
-        raise ValueError(
-            f"context of {past_length + T} tokens exceeds spatial_max_len={config.spatial_max_len} (the spatial "
-            "gating units' time × time weights); shorten the input or build the model with a larger spatial_max_len")
-    if config.use_rope and past_length + T > config.max_position_embeddings:
-        raise ValueError(
-            f"context of {past_length + T} tokens exceeds max_position_embeddings={config.max_position_embeddings} "
-            "(RoPE is on); raise max_position_embeddings or shorten the input")
-    if not _tracing():
-        _check_values(config, input_ids, attention_mask, labels, shift_labels)
-    return b, T, past_length
-
-
-def _check_values(config, input_ids, attention_mask, labels, shift_labels):
-    """The data-dependent checks, read back to the host in one transfer."""
-    V = config.vocab_size
-    in_vocab = lambda x: (x >= 0) & (x < V)
-    checks = [  # (name, tensor, elementwise condition, message for the offending values)
-        ("input_ids", input_ids, in_vocab, f"input_ids hold {{}}, outside the vocabulary [0, {V})"),
-        ("attention_mask", attention_mask if attention_mask is not None and attention_mask.dtype != torch.bool
-         else None, lambda m: (m == 0) | (m == 1),
-         "attention_mask holds {}; it must hold only 0 (padding) and 1 (token)"),
-        ("labels", labels, lambda x: in_vocab(x) | (x == -100),
-         f"labels hold {{}}, outside the vocabulary [0, {V}) (−100 = no loss)"),
-        ("shift_labels", shift_labels, lambda x: in_vocab(x) | (x == -100),
-         f"shift_labels hold {{}}, outside the vocabulary [0, {V}) (−100 = no loss)"),
-    ]
-    checks = [c for c in checks if c[1] is not None]
-    if not checks:
-        return
-    ok = torch.stack([cond(x).all() for _, x, cond, _ in checks]).tolist()  # the one host sync
-    for good, (name, x, cond, msg) in zip(ok, checks):
-        if not good:
-            vals = sorted(set(x[~cond(x)].flatten().tolist()))
-            raise ValueError(msg.format(", ".join(map(str, vals[:3])) + (", ..." if len(vals) > 3 else "")))
-
-
-def build_attention_mask(mask2d: Optional[torch.Tensor], T: int, past: int, device) -> Optional[torch.Tensor]:
-    """Bool (b, 1, T, past + T) mask, True = may attend, or None without padding (causal attention,
-    which `mixcon.layers.attention.attend` runs without building a T × (past + T) mask).
-
-    A query at a padded position whose every key is masked would give NaN in SDPA; it is let attend
-    to itself (its output is never read by a real token, whose mask excludes padded keys)."""
-    if mask2d is None:
-        return None
-    q_pos = past + torch.arange(T, device=device)
-    k_pos = torch.arange(past + T, device=device)
-    allowed = (k_pos[None, :] <= q_pos[:, None])[None, None]  # (1, 1, T, past + T)
-    if mask2d is not None:
-        allowed = allowed & mask2d.bool()[:, None, None, :]
-        diag = (k_pos[None, :] == q_pos[:, None])[None, None]
-        allowed = allowed | (diag & ~allowed.any(-1, keepdim=True))
-    return allowed
-
-
-def custom_attention_mask(config, mask4d: torch.Tensor, b: int, T: int, past: int, static: bool) -> torch.Tensor:
-    """A 4-D attention mask given by the caller (one row of keys per query, e.g. sequences packed behind a
-    shared prefix, as transformers' models take it) → bool (b or 1, 1, T, past + T), True = may attend.
-
-    bool: True attends; integer: 1 attends, 0 not; float: additive, 0 attends and ≤ −1e4 (−inf, the
-    dtype's min) does not. Only a model whose every layer attends (no Conba, spatial or Mixture-of-Depths
-    layer: those mix or route tokens in sequence order, which a key mask cannot change) takes one. A
-    query whose every key is masked attends to itself (as with `build_attention_mask`)."""
-    kinds = set(config.layers_block_type) - {"attention", "mom"}
-    routed = any(m != "none" for m in config.layers_mod_type)
-    if kinds or routed:
-        what = ", ".join(sorted(kinds | ({"Mixture-of-Depths"} if routed else set())))
-        raise ValueError(
-            f"a 4-D attention_mask (a mask per query) needs every layer to attend; this model has {what} layers, "
-            "which mix or route tokens in sequence order whatever the mask says. Pass a 2-D (batch, past + time) "
-            "mask of 1 for tokens and 0 for padding (or run each sequence separately)")
-    if static:
-        raise ValueError("a 4-D attention_mask is not supported with a static cache; use the dynamic cache")
-    if tuple(mask4d.shape[1:]) != (1, T, past + T) or mask4d.shape[0] not in (1, b):
-        raise ValueError(f"a 4-D attention_mask has shape {tuple(mask4d.shape)}, expected (batch or 1, 1, time, "
-                         f"past + time) = ({b}, 1, {T}, {past + T})")
-    if mask4d.is_complex():
-        raise ValueError(f"attention_mask must be bool, integer or float, got {mask4d.dtype}")
-    if mask4d.dtype == torch.bool:
-        allowed = mask4d
-    elif mask4d.is_floating_point():
-        if not _tracing() and not bool(((mask4d == 0) | (mask4d <= -1e4)).all()):
-            raise ValueError("a float 4-D attention_mask is additive: it must hold 0 (attend) and large negative "
-                             "values (≤ −1e4, −inf or the dtype's minimum: masked) only")
-        allowed = mask4d == 0
-    else:
-        if not _tracing() and not bool(((mask4d == 0) | (mask4d == 1)).all()):
-            raise ValueError("an integer 4-D attention_mask must hold only 1 (attend) and 0 (masked)")
-        allowed = mask4d == 1
-    diag = (torch.arange(past + T, device=allowed.device)[None, :]
-            == past + torch.arange(T, device=allowed.device)[:, None])[None, None]
-    return allowed | (diag & ~allowed.any(-1, keepdim=True))
-
-
-def _static_masks(cache, attention_mask, position_ids, b: int, T: int, device):
-    """Static cache: (seq_mask (b, T), attention mask (b, 1, T, max_cache_len) bool, position_ids (b, T)),
-    with the fixed shapes a captured decode step needs and no host sync. The queries sit at slots
-    L … L + T − 1 (L = the cache's device counter); a key is visible when its slot is ≤ the query's and
-    holds a token (the 2-D mask: (b, max_cache_len) as `create_masks_for_generate` gives it, or
-    (b, past + T) in eager calls, padded here). A query at a padded place attends to itself only."""
-    M = cache.max_cache_len
-    L = cache.length
-    q_slot = L + torch.arange(T, device=device)  # (T,)
-    k_slot = torch.arange(M, device=device)
-    if attention_mask is None:
-        keymask = torch.ones(b, M, dtype=torch.bool, device=device)
-    else:
-        keymask = attention_mask.to(device).bool()
-        if keymask.shape[1] < M:
-            keymask = F.pad(keymask, (0, M - keymask.shape[1]))
-    seq_mask = keymask.gather(1, q_slot[None].expand(b, T))  # (b, T)
-    causal = k_slot[None, :] <= q_slot[:, None]  # (T, M)
-    allowed = keymask[:, None, None, :] & causal[None, None]
-    diag = (k_slot[None, :] == q_slot[:, None])[None, None]
-    allowed = allowed | (diag & ~seq_mask[:, None, :, None])
-    if position_ids is None:
-        position_ids = (keymask.long().cumsum(-1) - 1).clamp(min=0).gather(1, q_slot[None].expand(b, T))
-    return seq_mask, allowed, position_ids
 
 
 class MixConModel(MixConPreTrainedModel):
@@ -554,7 +263,7 @@ class MixConModel(MixConPreTrainedModel):
         mask4d = None
         if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 4:
             mask4d, attention_mask = attention_mask, None  # a mask per query (see `custom_attention_mask`)
-        b, T, past = _check_inputs(cfg, input_ids, inputs_embeds, attention_mask, past_key_values,
+        b, T, past = check_inputs(cfg, input_ids, inputs_embeds, attention_mask, past_key_values,
                                    labels, shift_labels)
         if use_cache and past_key_values is None:
             past_key_values = MixConCache(cfg)
@@ -569,9 +278,9 @@ class MixConModel(MixConPreTrainedModel):
         if static:
             past_key_values._counter.to_(device)
             past_key_values._counter.window = None
-        if static and _tracing():
+        if static and tracing():
             # fixed shapes: masks over the cache's max_cache_len slots, positions from the device counter
-            seq_mask, attn_mask, position_ids = _static_masks(past_key_values, attention_mask, position_ids, b, T,
+            seq_mask, attn_mask, position_ids = static_masks(past_key_values, attention_mask, position_ids, b, T,
                                                               device)
         else:
             mask2d = attention_mask
@@ -581,7 +290,7 @@ class MixConModel(MixConPreTrainedModel):
                     mask2d = mask2d[:, :past + T]
             # Masks: None wherever there is no padding, so the fast paths (is_causal, no-mask scans) apply
             # (in eager mode only: under compile/export the mask is kept as given, without reading it).
-            if mask2d is not None and not _tracing() and bool(mask2d.all()):
+            if mask2d is not None and not tracing() and bool(mask2d.all()):
                 mask2d = None
             seq_mask = mask2d[:, -T:] if mask2d is not None else None
             attn_mask = build_attention_mask(mask2d, T, past, device) if mask4d is None else mask4d

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from mixcon.layers.attention import attend
-from mixcon.models.modeling_mixcon import build_attention_mask
+from mixcon.models.masks import build_attention_mask
 
 
 def _reference(q, k, v, allowed):

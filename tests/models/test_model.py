@@ -205,6 +205,32 @@ print(type(m).__module__)
     assert "transformers_modules" in res.stdout
 
 
+_BLOCK_MIXCON = """
+import importlib.abc, sys
+class Block(importlib.abc.MetaPathFinder):  # this process has no mixcon, whatever is installed
+    def find_spec(self, name, path=None, target=None):
+        if name == "mixcon" or name.startswith("mixcon."):
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+sys.meta_path.insert(0, Block())
+"""
+
+
+def test_loading_an_export_without_mixcon_says_how_to_install_it(tmp_path):
+    """transformers' own import check would say `pip install mixcon`, which is on no index: the model
+    file's mixcon imports sit in a try block (which that check skips) and raise a message of ours."""
+    make_model().save_pretrained(tmp_path / "ckpt")
+    script = _BLOCK_MIXCON + f"""
+from transformers import AutoModelForCausalLM
+AutoModelForCausalLM.from_pretrained({str(tmp_path / 'ckpt')!r}, trust_remote_code=True)
+"""
+    env = {**os.environ, "PYTHONPATH": ROOT, "HF_MODULES_CACHE": str(tmp_path / "modules")}
+    res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path, env=env)
+    assert res.returncode != 0
+    last = res.stderr.strip().splitlines()[-1]
+    assert last.startswith("ImportError: this MixCon model needs the mixcon package (not installed)"), res.stderr[-3000:]
+    assert "pip install <a checkout of the mixcon repository>" in last and "pip install mixcon`" not in res.stderr
+
+
 def test_save_and_load_in_process_keeps_weights(tmp_path):
     from transformers import AutoModelForCausalLM
 
