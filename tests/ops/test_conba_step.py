@@ -152,7 +152,9 @@ def test_dispatch_every_period_uses_the_kernel_and_triton_never_falls_back(monke
         for P in (1, 8, 64):
             conba_step(state(P), **tok, **rest, backend="triton", control_period=P)
         conba_step(state(8), **tok, **off, backend="triton", control_period=8)
-        monkeypatch.setattr(api, "resolve_backend", lambda b, d: "triton" if b == "auto" else b)  # as on CUDA
+        # as on CUDA: "auto" resolves to Triton, and the compiled CPU step (CPU tensors only) does not apply
+        monkeypatch.setattr(api, "resolve_backend", lambda b, d: "triton" if b == "auto" else b)
+        monkeypatch.setattr(api, "_cpu_step_applies", lambda *a: False)
         conba_step(state(64), **tok, **rest, backend="auto", control_period=64)
     assert launches == [1, 8, 64, 8, 64]
     grad = {k: (v.clone().requires_grad_() if k == "u" else v) for k, v in tok.items()}
