@@ -86,6 +86,8 @@ def mamba_selective_scan_ref():
 # ------------------------------------------------------------- kernel tests: a kernel against the reference
 KERNEL_DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 KERNEL_MECHANISMS = ["none", "scaling", "delay", "control", "noise", "all"]
+# the inputs of conba_scan that carry a time axis (a decode step takes them without it)
+SEQ_INPUTS = ("u", "delta", "B", "C", "z", "alpha", "mask")
 
 
 def nan_prefill(monkeypatch, module):

@@ -14,12 +14,11 @@ import torch
 pytest.importorskip("triton")
 
 from helpers import KERNEL_DEVICE as DEVICE  # noqa: E402
-from helpers import kernel_inputs, nan_prefill, random_state, rel_rms  # noqa: E402
+from helpers import SEQ_INPUTS as SEQ, kernel_inputs, nan_prefill, random_state, rel_rms  # noqa: E402
 from mixcon.ops import conba as api  # noqa: E402
 from mixcon.ops.conba import ConbaState, conba_scan, conba_step  # noqa: E402
 from mixcon.ops.conba import fused_recurrent as fr  # noqa: E402
 
-SEQ = ("u", "delta", "B", "C", "z", "alpha", "mask")
 
 
 @pytest.fixture(autouse=True)

@@ -12,13 +12,13 @@ import torch
 
 pytest.importorskip("triton")
 
+from helpers import SEQ_INPUTS as SEQ  # noqa: E402
 from helpers import KERNEL_DEVICE as DEVICE  # noqa: E402
 from helpers import KERNEL_MECHANISMS as MECHANISMS  # noqa: E402
 from helpers import compare_to_reference, conba_inputs, kernel_inputs, nan_prefill, random_state, rel_rms  # noqa: E402
 from mixcon.ops.conba import ConbaState, conba_scan, conba_step, empty_state, resolve_backend  # noqa: E402
 from mixcon.ops.conba import fused_recurrent as fr  # noqa: E402
 
-SEQ = ("u", "delta", "B", "C", "z", "alpha", "mask")
 
 
 @pytest.fixture(autouse=True)
