@@ -35,7 +35,7 @@ try:
     from lm_eval.api.registry import register_model
     from lm_eval.models.huggingface import HFLM
 except ImportError as e:  # pragma: no cover - lm-eval is the `eval` extra
-    raise ImportError("mixcon eval needs lm-eval: pip install 'lm-eval>=0.4.13' (or this project's [eval] extra)") from e
+    raise ImportError("mixcon eval needs lm-eval, a dependency of mixcon that is missing here: pip install 'lm-eval>=0.4.13'") from e
 
 # The paper's evaluation suite (MixCon, Table 2–3) as lm-eval task names.
 PAPER_TASKS = {
