@@ -38,7 +38,7 @@ try:
     from mixcon.layers.spatial import SpatialMixer
     from mixcon.layers.norm import RMSNorm
     from mixcon.models.cache import MixConCache
-    from mixcon.models.compat import CACHE_FIELD, GENERATE_CACHE_KEY, check_kwargs, resolve_cache
+    from mixcon.models.compat import CACHE_FIELD, CACHE_NAMES, GENERATE_CACHE_KEY, check_kwargs, resolve_cache
     from mixcon.models.configuration_mixcon import MixConConfig
     from mixcon.models.inputs import check_inputs, tracing
     from mixcon.models.masks import build_attention_mask, custom_attention_mask, static_masks
@@ -66,7 +66,7 @@ def _auto_static(device, generation_config, model_kwargs) -> bool:
 
 def _given_cache(model_kwargs):
     """The cache in generate's model kwargs, under whichever name this transformers keeps it."""
-    return resolve_cache(*(model_kwargs.get(k) for k in ("cache", "past_key_values", "cache_params")))
+    return resolve_cache(*(model_kwargs.get(k) for k in CACHE_NAMES))
 
 
 def _is_static(cache) -> bool:
