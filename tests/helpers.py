@@ -199,3 +199,23 @@ def compare_to_reference(x, tol, kernel, reference, init=None, grad=True):
         assert not torch.isnan(g_t[k]).any(), k
         assert g_r[k].abs().max() > 0, f"{k}: the reference gradient is zero; the test would be vacuous"
         close(f"d/d{k}", g_t[k], g_r[k], None if oracle is None else oracle[2][k])
+
+
+def scan_with_grads(fn, x, state, mask, P):
+    """``fn`` (a conba_scan backend) on fresh leaves of ``x`` and ``state`` at control period ``P``: the
+    output, the final state and the gradient of every floating input and of the initial state's h,
+    delay line, gain and error under a random loss of the output and those final-state fields."""
+    from mixcon.ops.conba import ConbaState
+
+    x = {k: (v.detach().clone().requires_grad_(True) if torch.is_tensor(v) and v.is_floating_point() else v)
+         for k, v in x.items()}
+    st = ConbaState(*[s.detach().clone().requires_grad_(s.is_floating_point()) for s in state])
+    y, fin = fn(**x, mask=mask, initial_state=st, return_final_state=True, control_period=P)
+    g = torch.Generator().manual_seed(5)
+    loss = (y * torch.randn(y.shape, generator=g, dtype=y.dtype)).sum()
+    for f in fin[:4]:
+        loss = loss + (f * torch.randn(f.shape, generator=g, dtype=f.dtype)).sum()
+    loss.backward()
+    grads = {k: v.grad for k, v in x.items() if torch.is_tensor(v) and v.requires_grad}
+    grads.update({"state." + f: s.grad for f, s in zip(ConbaState._fields[:4], st)})
+    return y, fin, grads

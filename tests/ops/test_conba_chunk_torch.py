@@ -4,7 +4,7 @@ float64 oracle: outputs, final state (phase exact) and every gradient, on random
 import pytest
 import torch
 
-from helpers import conba_inputs, rel_rms
+from helpers import conba_inputs, rel_rms, scan_with_grads
 from mixcon.ops.conba import ConbaState, chunk_torch, conba_scan, conba_scan_ref
 from mixcon.ops.conba.chunk_torch import conba_scan_chunk_torch
 
@@ -124,21 +124,6 @@ def test_split_mid_period_equals_one_scan(P):
     _assert_same(conba_scan_ref(**x, mask=mask, return_final_state=True, control_period=P), one)
 
 
-def _grads(fn, x, state, mask, P):
-    x = {k: (v.detach().clone().requires_grad_(True) if torch.is_tensor(v) and v.is_floating_point() else v)
-         for k, v in x.items()}
-    st = ConbaState(*[s.detach().clone().requires_grad_(s.is_floating_point()) for s in state])
-    y, fin = fn(**x, mask=mask, initial_state=st, return_final_state=True, control_period=P)
-    g = torch.Generator().manual_seed(5)
-    loss = (y * torch.randn(y.shape, generator=g, dtype=y.dtype)).sum()
-    for f in fin[:4]:
-        loss = loss + (f * torch.randn(f.shape, generator=g, dtype=f.dtype)).sum()
-    loss.backward()
-    out = {k: v.grad for k, v in x.items() if torch.is_tensor(v) and v.requires_grad}
-    out.update({"state." + f: s.grad for f, s in zip(ConbaState._fields[:4], st)})
-    return out
-
-
 def _grad_cases():
     """Every mechanism alone at two settings; the controller's (and all together) at six, since
     the period, the phases and τ ≤ P or τ > P only change its path."""
@@ -158,8 +143,8 @@ def test_every_gradient_matches_the_loop(mech, P, tau, phases):
     ph = [P - 2] * 4 if phases == "uniform" else [0, 1, P - 1, 2]
     state = _state(x, [p % P for p in ph])
     mask = _mask(4, x["u"].shape[1])
-    g_ref = _grads(conba_scan_ref, x, state, mask, P)
-    g_out = _grads(conba_scan_chunk_torch, x, state, mask, P)
+    g_ref = scan_with_grads(conba_scan_ref, x, state, mask, P)[2]
+    g_out = scan_with_grads(conba_scan_chunk_torch, x, state, mask, P)[2]
     assert g_ref.keys() == g_out.keys()
     for k in g_ref:
         a, b = g_out[k], g_ref[k]

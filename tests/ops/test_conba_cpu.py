@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from helpers import conba_inputs, rel_rms
+from helpers import conba_inputs, rel_rms, scan_with_grads
 from mixcon.ops.conba import ConbaState, chunk_torch, conba_scan, conba_scan_ref, conba_step, conba_step_ref, cpu
 from mixcon.ops.conba import empty_state
 from mixcon.ops.conba.chunk_torch import _block_scan, conba_scan_chunk_torch
@@ -103,22 +103,8 @@ def test_scan_with_masks_state_and_gradients(P, tau, compiled, monkeypatch):
                        torch.tensor([0, 1, P - 1, 2]) % P)
     mask = _mask(b, T)
 
-    def run(fn):
-        xs = {k: (v.detach().clone().requires_grad_() if torch.is_tensor(v) and v.is_floating_point() else v)
-              for k, v in x.items()}
-        st = ConbaState(*[s.clone().requires_grad_(s.is_floating_point()) for s in state])
-        y, fin = fn(**xs, mask=mask, initial_state=st, return_final_state=True, control_period=P)
-        gg = torch.Generator().manual_seed(5)
-        loss = (y * torch.randn(y.shape, generator=gg, dtype=y.dtype)).sum()
-        for f in fin[:4]:
-            loss = loss + (f * torch.randn(f.shape, generator=gg, dtype=f.dtype)).sum()
-        loss.backward()
-        grads = {k: v.grad for k, v in xs.items() if torch.is_tensor(v) and v.requires_grad}
-        grads.update({"state." + f: s.grad for f, s in zip(ConbaState._fields[:4], st)})
-        return y, fin, grads
-
-    y1, s1, g1 = run(conba_scan_ref)
-    y2, s2, g2 = run(conba_scan_chunk_torch)
+    y1, s1, g1 = scan_with_grads(conba_scan_ref, x, state, mask, P)
+    y2, s2, g2 = scan_with_grads(conba_scan_chunk_torch, x, state, mask, P)
     assert rel_rms(y2, y1) < 1e-12 and torch.all(y2[mask == 0] == 0)
     for f, a, c in zip(ConbaState._fields, s1, s2):
         assert a.shape == c.shape and (torch.equal(a, c) if f == "phase" else a.numel() == 0 or rel_rms(c, a) < 1e-12)
