@@ -211,7 +211,12 @@ class ConbaMixer(nn.Module):
         state: None (no cache) or a dict {"conv": (b, d_inner, d_conv − 1), "ssm": ConbaState}
         that is read and replaced by the state after this chunk."""
         b, T, _ = x.shape
-        u, z = self.in_proj(x).chunk(2, dim=-1)  # (b, T, d_inner) each
+        xz = self.in_proj(x)
+        if state is not None and T == 1 and state.get("ssm") is not None and self._fused_step_applies(x):
+            y = self._fused_step(xz[:, 0], mask, state)
+            if y is not None:
+                return self.out_proj(y)[:, None]
+        u, z = xz.chunk(2, dim=-1)  # (b, T, d_inner) each
         if mask is not None:
             u = u * mask[..., None].to(u.dtype)  # padded positions are zeroed before the conv
         weight = self.conv1d.weight[:, 0, :]  # (d_inner, d_conv)
@@ -230,6 +235,39 @@ class ConbaMixer(nn.Module):
         else:
             y = out
         return self.out_proj(y)
+
+    def _fused_step_applies(self, x) -> bool:
+        """Whether a decode token can take the compiled CPU layer step: on CPU, the backend not the
+        reference loop, no training noise, no gradient wanted, not under a trace."""
+        from ..ops.conba import _tracing
+
+        if x.device.type != "cpu" or self.backend not in ("auto", "chunk_torch") or _tracing():
+            return False
+        if self.training and (self.process_noise > 0 or self.observation_noise > 0):
+            return False
+        return not (torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters())))
+
+    def _fused_step(self, xz, mask, state):
+        """`_step` from in_proj's output to out_proj's input in one compiled call (ops/conba/cpu.py,
+        `decode_layer`), or None where it does not apply."""
+        from ..ops.conba.cpu import decode_layer
+
+        swiglu = self.selection == "swiglu"
+        w = dict(conv_w=self.conv1d.weight[:, 0, :], conv_b=self.conv1d.bias, x_proj=self.x_proj.weight,
+                 sel_gate=self.sel_gate.weight if swiglu else None, sel_value=self.sel_value.weight if swiglu else None,
+                 sel_out=self.sel_out.weight if swiglu else None, dt_proj=self.dt_proj.weight,
+                 dt_bias=self.dt_proj.bias, A_log=self.A_log, D=self.D,
+                 alpha_bias=self.alpha_bias if self.state_scaling else None,
+                 rho_raw=self.rho_raw if self.tau > 0 else None)
+        eps = 0.0
+        if self.ssm_norm:
+            w.update(dt_norm=self.dt_layernorm.weight, b_norm=self.b_layernorm.weight, c_norm=self.c_layernorm.weight)
+            eps = self.dt_layernorm.variance_epsilon
+        if self.control:
+            w.update(eta_raw=self.eta_raw, lam_raw=self.lam_raw, w_r=self.w_r)
+        m = mask[:, 0] if mask is not None else None
+        return decode_layer(xz, m, state["conv"], state["ssm"], w, self.dt_rank, self.tau, self.group_size,
+                            self.control_period, self.control, self.k_max, eps)
 
     def _step(self, u, z, weight, mask, state):
         """One token with the cache: rolling conv state, then `conba_step` (state updated in place)."""

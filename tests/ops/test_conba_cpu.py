@@ -226,3 +226,99 @@ def test_decode_step_dispatch(monkeypatch):
     assert calls == [1]
     y.sum().backward()
     assert u.grad is not None and u.grad.abs().sum() > 0
+
+
+def _mixer(dtype, **over):
+    from mixcon.layers.conba import ConbaMixer
+    from mixcon.models.configuration_mixcon import MixConConfig
+
+    cfg = MixConConfig(hidden_size=32, d_state=8, n_blocks=1, layers_per_block=2, attn_ratio="0:2", moe_every=0,
+                       vocab_size=64, num_attention_heads=2, num_key_value_heads=1, **over)
+    torch.manual_seed(1)
+    m = ConbaMixer(cfg, 0)
+    m.reset_parameters()
+    with torch.no_grad():  # every parameter off its initial value (sel_out, w_r, k0 start at 0)
+        for p in m.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    return m.to(dtype).eval()
+
+
+LAYER_CASES = {
+    "all, P=4": dict(control_period=4),
+    "all, P=1": dict(control_period=1),
+    "linear selection, ssm_norm, τ=0": dict(selection="linear", ssm_norm=True, delay=0, control_period=3),
+    "control only": dict(state_scaling=False, delay=0, control_period=4),
+    "mamba": dict(state_scaling=False, delay=0, control=False, selection="linear"),
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("case", list(LAYER_CASES))
+def test_decode_layer_equals_the_pytorch_step(case, dtype, monkeypatch):
+    """ConbaMixer's decode token through the compiled layer step (cpu.decode_layer: conv, selection,
+    Δ, parameter transforms, step, gate in one call) against the same layer's PyTorch step, token by
+    token across ≥ 4 sampling instants with a padded prefix and a hole: the same outputs, conv window
+    and Conba state after every token; and against the uncached forward of the whole sequence."""
+    m = _mixer(dtype, **LAYER_CASES[case])
+    P = m.control_period
+    b, T = 3, 4 * P + 6
+    x = torch.randn(b, T, m.hidden_size, dtype=dtype, generator=torch.Generator().manual_seed(2))
+    mask = torch.ones(b, T, dtype=torch.long)
+    mask[1, :3] = 0  # left padding
+    mask[2, 5] = 0  # a hole
+    calls = []
+    real = cpu.decode_layer
+    monkeypatch.setattr(cpu, "decode_layer", lambda *a, **k: calls.append(1) or real(*a, **k))
+
+    def states():
+        conv, ssm = m.empty_state(b, x.device)
+        return {"conv": conv.to(dtype), "ssm": ConbaState(*(s.to(dtype) if s.is_floating_point() else s for s in ssm))}
+
+    fused, plain = states(), states()
+    tol = 1e-12 if dtype == torch.float64 else 2e-5
+    ys = []
+    with torch.no_grad():
+        for t in range(T):
+            y_f = m(x[:, t:t + 1], mask[:, t:t + 1], fused)
+            with monkeypatch.context() as mp:
+                mp.setattr(type(m), "_fused_step_applies", lambda self, x: False)
+                y_p = m(x[:, t:t + 1], mask[:, t:t + 1], plain)
+            assert rel_rms(y_f, y_p) < tol, (t, rel_rms(y_f, y_p))
+            assert rel_rms(fused["conv"], plain["conv"]) < tol
+            for f, a, c in zip(ConbaState._fields, plain["ssm"], fused["ssm"]):
+                if f == "phase":
+                    assert torch.equal(a, c), t
+                elif a.numel():
+                    assert rel_rms(c, a) < tol, (t, f)
+            ys.append(y_f)
+        full = m(x, mask)
+    assert len(calls) == T
+    keep = mask.bool()
+    assert rel_rms(torch.cat(ys, 1)[keep], full[keep]) < (1e-10 if dtype == torch.float64 else 1e-4)
+    if m.control:
+        k0 = m.empty_state(b, x.device)[1].k.to(dtype)
+        assert not torch.allclose(fused["ssm"].k, k0)  # the gain law acted
+
+
+def test_decode_layer_dispatch(monkeypatch):
+    """The compiled layer step runs in eval without a gradient; training noise, a wanted gradient or
+    the reference backend take the PyTorch step."""
+    m = _mixer(torch.float32, control_period=2, process_noise=0.1)
+    calls = []
+    real = cpu.decode_layer
+    monkeypatch.setattr(cpu, "decode_layer", lambda *a, **k: calls.append(1) or real(*a, **k))
+    x = torch.randn(2, 1, m.hidden_size)
+    conv, ssm = m.empty_state(2, x.device)
+    st = {"conv": conv, "ssm": ssm}
+    with torch.no_grad():
+        m(x, None, st)
+    assert calls == [1]
+    m(x, None, st)  # parameters want a gradient
+    m.train()
+    with torch.no_grad():
+        m(x, None, st)  # training noise
+    m.eval()
+    m.backend = "ref"
+    with torch.no_grad():
+        m(x, None, st)
+    assert calls == [1]

@@ -23,7 +23,7 @@ from typing import Optional
 
 import torch
 
-__all__ = ["kernels", "block_scan"]
+__all__ = ["kernels", "block_scan", "decode_step", "decode_layer", "LAYER_WEIGHTS"]
 
 _lock = threading.Lock()
 _module = None
@@ -166,3 +166,33 @@ def prefill(delta, delta_bias, softplus, u, alpha, rho, At, B, C, D, z, xi, zeta
         _c(B, like), _c(C, like), _c(D.to(like.dtype) if D is not None else None, like), _c(z, like), _c(xi, like),
         _c(zeta, like), _c(h0, like), _c(dl0, like), st, int(tau), int(G), bool(control), _c(k0, like), _c(e0, like),
         ph, int(P), *(_c(x.to(like.dtype) if x is not None else None, like) for x in (eta, lam, w_r)), float(k_max))
+
+
+# the order of csrc/conba_cpu.cpp's enum W: a Conba layer's tensors, as decode_layer takes them
+LAYER_WEIGHTS = ("conv_w", "conv_b", "x_proj", "sel_gate", "sel_value", "sel_out", "dt_norm", "b_norm", "c_norm",
+                 "dt_proj", "dt_bias", "A_log", "D", "alpha_bias", "rho_raw", "eta_raw", "lam_raw", "w_r")
+
+
+def decode_layer(xz, mask, conv_state, state, weights: dict, dt_rank: int, tau: int, group_size: int,
+                 control_period: int, control: bool, k_max: float, eps: float):
+    """A Conba layer's decode token from in_proj's output ``xz`` (b, 2·d_inner) to the gated y
+    (b, d_inner) that goes into out_proj, in one compiled call (ConbaMixer._step: mask, conv step,
+    selection, Δ, parameter transforms, `conba_step`); ``conv_state`` and ``state`` are updated in
+    place. ``weights`` maps LAYER_WEIGHTS' names to tensors (missing or None: that part is off).
+    Returns None where the call does not apply (no module; a tensor not contiguous, on another device
+    or of another dtype than the state; a group wider than 64): then run the PyTorch step."""
+    mod = kernels()
+    if mod is None or group_size > 64 or xz.device.type != "cpu":
+        return None
+    acc = state.h.dtype
+    if acc not in (torch.float32, torch.float64) or state.phase.dtype != torch.long:
+        return None
+    tensors = [xz, conv_state, *state]
+    ws = [weights.get(n) for n in LAYER_WEIGHTS]
+    if any(t.dtype != acc or not t.is_contiguous() for t in tensors[:-1] + [w for w in ws if w is not None]):
+        return None
+    e = xz.new_empty(0)
+    m = mask.to(torch.long).contiguous() if mask is not None else e.long()
+    return mod.decode_layer(xz, m, conv_state, state.h, state.delay, state.k, state.e, state.phase,
+                            [e if w is None else w for w in ws], int(dt_rank), int(tau), int(group_size),
+                            int(control_period), bool(control), float(k_max), float(eps))

@@ -634,6 +634,24 @@ void step_group(const Step<T>& s, int64_t bi, int64_t g, T* hn /* G*N scratch */
   }
 }
 
+template <typename T>
+void run_step(Step<T>& s) {
+  const int64_t ng = s.d / s.G, G = s.G, P = s.P;
+  const bool control = s.control;
+  // one token is ~b·d·N work: split it over threads only when there is enough of it
+  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, G * s.N));
+  at::parallel_for(0, s.b * ng, grain, [&](int64_t begin, int64_t end) {
+    std::vector<T> hn(G * s.N);
+    for (int64_t i = begin; i < end; ++i) step_group(s, i / ng, i % ng, hn.data());
+  });
+  if (control) {  // the controller's clock: real steps since the last instant
+    for (int64_t bi = 0; bi < s.b; ++bi) {
+      const int64_t ph = s.phase[bi] + ((s.mask ? s.mask[bi] != 0 : true) ? 1 : 0);
+      s.phase[bi] = ph == P ? 0 : ph;
+    }
+  }
+}
+
 void step(torch::Tensor h, torch::Tensor delay, torch::Tensor k, torch::Tensor e, torch::Tensor phase,
           torch::Tensor u, torch::Tensor delta, torch::Tensor A, torch::Tensor B, torch::Tensor C, torch::Tensor D,
           torch::Tensor z, torch::Tensor bias, bool softplus_, torch::Tensor alpha, torch::Tensor rho, int64_t tau,
@@ -656,20 +674,96 @@ void step(torch::Tensor h, torch::Tensor delay, torch::Tensor k, torch::Tensor e
     s.y = y.data_ptr<scalar_t>();
     s.b = u.size(0); s.d = u.size(1); s.N = A.size(1); s.tau = tau; s.G = G; s.P = P;
     s.softplus = softplus_; s.control = control; s.k_max = static_cast<scalar_t>(k_max);
-    const int64_t ng = s.d / G;
-    // one token is ~b·d·N work: split it over threads only when there is enough of it
-    const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, G * s.N));
-    at::parallel_for(0, s.b * ng, grain, [&](int64_t begin, int64_t end) {
-      std::vector<scalar_t> hn(G * s.N);
-      for (int64_t i = begin; i < end; ++i) step_group(s, i / ng, i % ng, hn.data());
-    });
-    if (control) {  // the controller's clock: real steps since the last instant
-      for (int64_t bi = 0; bi < s.b; ++bi) {
-        const int64_t ph = s.phase[bi] + ((s.mask ? s.mask[bi] != 0 : true) ? 1 : 0);
-        s.phase[bi] = ph == P ? 0 : ph;
+    run_step(s);
+  });
+}
+
+// ---------------------------------------------------------------------------------------------
+// A whole Conba layer's decode token between in_proj and out_proj (docs/conba.md, steps 2–6 and the
+// gate of 8), as ConbaMixer._step computes it, in one call: the padded token zeroed, the causal conv
+// window shifted in place, the selection (x_proj, the SwiGLU correction, the optional RMSNorms of
+// Jamba), Δ's projection, the mechanisms' parameter transforms, then the step above. w holds the
+// layer's tensors in the order of cpu.LAYER_WEIGHTS (empty where a mechanism is off).
+enum W { CONV_W, CONV_B, X_PROJ, SEL_GATE, SEL_VALUE, SEL_OUT, DT_NORM, B_NORM, C_NORM, DT_PROJ, DT_BIAS, A_LOG,
+         D_SKIP, ALPHA_BIAS, RHO_RAW, ETA_RAW, LAM_RAW, W_R, N_WEIGHTS };
+
+torch::Tensor rms_norm(const torch::Tensor& x, const torch::Tensor& weight, double eps) {
+  if (!weight.numel()) return x;
+  const torch::Tensor xf = x.to(at::kFloat);  // as layers/norm.py: computed in float32, scaled in x's dtype
+  return weight * (xf * at::rsqrt(xf.pow(2).mean(-1, true) + eps)).to(x.scalar_type());
+}
+
+torch::Tensor decode_layer(torch::Tensor xz, torch::Tensor mask, torch::Tensor conv_state, torch::Tensor h,
+                           torch::Tensor delay, torch::Tensor k, torch::Tensor e, torch::Tensor phase,
+                           std::vector<torch::Tensor> w, int64_t R, int64_t tau, int64_t G, int64_t P, bool control,
+                           double k_max, double eps) {
+  TORCH_CHECK(w.size() == N_WEIGHTS, "conba_cpu.decode_layer: expected ", int64_t(N_WEIGHTS), " weights");
+  TORCH_CHECK(xz.dim() == 2 && xz.size(1) % 2 == 0, "conba_cpu.decode_layer: xz must be (batch, 2 d_inner)");
+  const int64_t b = xz.size(0), d = xz.size(1) / 2, K = w[CONV_W].size(1), N = w[A_LOG].size(1);
+  TORCH_CHECK(G >= 1 && G <= 64 && d % G == 0, "conba_cpu.decode_layer: group size must divide d_inner, <= 64");
+  TORCH_CHECK(conv_state.is_contiguous() && conv_state.size(2) == K - 1, "conba_cpu.decode_layer: conv state");
+  check({h, delay, k, e, conv_state, xz}, h);
+  check(w, h);
+  torch::Tensor u = xz.narrow(1, 0, d).contiguous(), z = xz.narrow(1, d, d).contiguous();
+  const bool masked = mask.numel() > 0;
+  torch::Tensor uc = torch::empty_like(u);
+  AT_DISPATCH_FLOATING_TYPES(h.scalar_type(), "conba_decode_conv", [&] {
+    using T = scalar_t;
+    const T* cw = w[CONV_W].data_ptr<T>();
+    const T* cb = opt<T>(w[CONV_B]);
+    T* cs = conv_state.data_ptr<T>();
+    const T* up = u.data_ptr<T>();
+    T* out = uc.data_ptr<T>();
+    const int64_t* mk = masked ? mask.data_ptr<int64_t>() : nullptr;
+    for (int64_t bi = 0; bi < b; ++bi) {
+      const bool real = mk ? mk[bi] != 0 : true;  // a padded token shifts a zero into the window
+      for (int64_t c = 0; c < d; ++c) {
+        T* win = cs + (bi * d + c) * (K - 1);
+        const T x = real ? up[bi * d + c] : T(0);
+        T acc = cb ? cb[c] : T(0);
+        for (int64_t j = 0; j < K - 1; ++j) acc += win[j] * cw[c * K + j];
+        acc += x * cw[c * K + K - 1];
+        for (int64_t j = 0; j + 1 < K - 1; ++j) win[j] = win[j + 1];
+        if (K > 1) win[K - 2] = x;
+        out[bi * d + c] = silu(acc);
       }
     }
   });
+  torch::Tensor q = at::linear(uc, w[X_PROJ]);
+  if (w[SEL_GATE].numel())
+    q = q + at::linear(at::silu(at::linear(uc, w[SEL_GATE])) * at::linear(uc, w[SEL_VALUE]), w[SEL_OUT]);
+  torch::Tensor dt = rms_norm(q.narrow(1, 0, R), w[DT_NORM], eps);
+  torch::Tensor B = rms_norm(q.narrow(1, R, N), w[B_NORM], eps).contiguous();
+  torch::Tensor C = rms_norm(q.narrow(1, R + N, N), w[C_NORM], eps).contiguous();
+  torch::Tensor delta = at::linear(dt, w[DT_PROJ]).contiguous();
+  torch::Tensor A = at::exp(w[A_LOG]).neg_().contiguous();
+  torch::Tensor alpha, rho, eta, lam;
+  if (w[ALPHA_BIAS].numel()) alpha = at::sigmoid(q.narrow(1, R + 2 * N, d / G) + w[ALPHA_BIAS]).contiguous();
+  if (tau > 0) rho = at::sigmoid(w[RHO_RAW]).contiguous();
+  if (control) {
+    eta = at::softplus(w[ETA_RAW]).contiguous();
+    lam = at::sigmoid(w[LAM_RAW]).contiguous();
+  }
+  torch::Tensor y = torch::empty_like(u);
+  AT_DISPATCH_FLOATING_TYPES(h.scalar_type(), "conba_decode_step", [&] {
+    Step<scalar_t> s;
+    s.h = h.data_ptr<scalar_t>(); s.delay = tau > 0 ? delay.data_ptr<scalar_t>() : nullptr;
+    s.k = k.data_ptr<scalar_t>(); s.e = e.data_ptr<scalar_t>(); s.phase = phase.data_ptr<int64_t>();
+    s.u = uc.data_ptr<scalar_t>(); s.delta = delta.data_ptr<scalar_t>(); s.A = A.data_ptr<scalar_t>();
+    s.B = B.data_ptr<scalar_t>(); s.C = C.data_ptr<scalar_t>();
+    s.D = opt<scalar_t>(w[D_SKIP]); s.z = z.data_ptr<scalar_t>(); s.bias = opt<scalar_t>(w[DT_BIAS]);
+    s.alpha = alpha.defined() ? alpha.data_ptr<scalar_t>() : nullptr;
+    s.rho = rho.defined() ? rho.data_ptr<scalar_t>() : nullptr;
+    s.eta = eta.defined() ? eta.data_ptr<scalar_t>() : nullptr;
+    s.lam = lam.defined() ? lam.data_ptr<scalar_t>() : nullptr;
+    s.w_r = control ? opt<scalar_t>(w[W_R]) : nullptr;
+    s.mask = masked ? mask.data_ptr<int64_t>() : nullptr;
+    s.y = y.data_ptr<scalar_t>();
+    s.b = b; s.d = d; s.N = N; s.tau = tau; s.G = G; s.P = P;
+    s.softplus = true; s.control = control; s.k_max = static_cast<scalar_t>(k_max);
+    run_step(s);
+  });
+  return y;
 }
 
 }  // namespace
@@ -679,4 +773,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("scan_bwd", &scan_bwd, "Conba block scan, backward (CPU)");
   m.def("prefill", &prefill, "Conba prefill from the raw inputs, controller and gate included (CPU)");
   m.def("step", &step, "Conba decode step, state updated in place (CPU)");
+  m.def("decode_layer", &decode_layer, "a Conba layer's decode token from in_proj's output to the gated y (CPU)");
 }
