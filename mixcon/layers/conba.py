@@ -249,25 +249,33 @@ class ConbaMixer(nn.Module):
 
     def _fused_step(self, xz, mask, state):
         """`_step` from in_proj's output to out_proj's input in one compiled call (ops/conba/cpu.py,
-        `decode_layer`), or None where it does not apply."""
-        from ..ops.conba.cpu import decode_layer
+        `decode_layer`), or None where it does not apply. Runs once per layer and token: the weights
+        are read from the modules' parameter dicts directly (nn.Module's attribute lookup cost more
+        than the rest of this function), A = −exp(A_log) is kept until A_log changes."""
+        from ..ops.conba import cpu
 
+        if self.conv1d.weight.dtype != xz.dtype:
+            return None
+        mods, own = self._modules, self._parameters
+        e = cpu.empty(xz.dtype)
+        A_log = own["A_log"]
+        key = (A_log._version, A_log.data_ptr(), A_log.dtype)
+        if getattr(self, "_A_key", None) != key:
+            self._A_neg, self._A_key = (-torch.exp(A_log)).contiguous(), key
+        conv, dt = mods["conv1d"]._parameters, mods["dt_proj"]._parameters
         swiglu = self.selection == "swiglu"
-        w = dict(conv_w=self.conv1d.weight[:, 0, :], conv_b=self.conv1d.bias, x_proj=self.x_proj.weight,
-                 sel_gate=self.sel_gate.weight if swiglu else None, sel_value=self.sel_value.weight if swiglu else None,
-                 sel_out=self.sel_out.weight if swiglu else None, dt_proj=self.dt_proj.weight,
-                 dt_bias=self.dt_proj.bias, A_log=self.A_log, D=self.D,
-                 alpha_bias=self.alpha_bias if self.state_scaling else None,
-                 rho_raw=self.rho_raw if self.tau > 0 else None)
-        eps = 0.0
-        if self.ssm_norm:
-            w.update(dt_norm=self.dt_layernorm.weight, b_norm=self.b_layernorm.weight, c_norm=self.c_layernorm.weight)
-            eps = self.dt_layernorm.variance_epsilon
-        if self.control:
-            w.update(eta_raw=self.eta_raw, lam_raw=self.lam_raw, w_r=self.w_r)
+        norms = [mods[n]._parameters["weight"] for n in ("dt_layernorm", "b_layernorm", "c_layernorm")] \
+            if self.ssm_norm else [e, e, e]
+        w = [conv["weight"], conv["bias"] if conv["bias"] is not None else e,
+             mods["x_proj"]._parameters["weight"],
+             *([mods[n]._parameters["weight"] for n in ("sel_gate", "sel_value", "sel_out")] if swiglu else [e, e, e]),
+             *norms, dt["weight"], dt["bias"], self._A_neg, own["D"],
+             own["alpha_bias"] if self.state_scaling else e, own["rho_raw"] if self.tau > 0 else e,
+             *((own["eta_raw"], own["lam_raw"], own["w_r"]) if self.control else (e, e, e))]
+        eps = mods["dt_layernorm"].variance_epsilon if self.ssm_norm else 0.0
         m = mask[:, 0] if mask is not None else None
-        return decode_layer(xz, m, state["conv"], state["ssm"], w, self.dt_rank, self.tau, self.group_size,
-                            self.control_period, self.control, self.k_max, eps)
+        return cpu.decode_layer(xz, m, state["conv"], state["ssm"], w, self.dt_rank, self.tau, self.group_size,
+                                self.control_period, self.control, self.k_max, eps)
 
     def _step(self, u, z, weight, mask, state):
         """One token with the cache: rolling conv state, then `conba_step` (state updated in place)."""

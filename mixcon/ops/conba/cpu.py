@@ -15,6 +15,7 @@ forward or backward (the backward recomputes the states from checkpoints every 3
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import threading
@@ -58,7 +59,9 @@ def kernels():
 
             src = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc", "conba_cpu.cpp")
             flags = _flags()
-            name = "mixcon_conba_cpu_" + ("avx2" if "-mavx2" in flags else "base")
+            with open(src, "rb") as f:  # one build per source version: two checkouts never rebuild each other's
+                digest = hashlib.sha1(f.read() + " ".join(flags).encode()).hexdigest()[:10]
+            name = "mixcon_conba_cpu_" + ("avx2" if "-mavx2" in flags else "base") + "_" + digest
             _module = load(name=name, sources=[src], extra_cflags=flags,
                            extra_ldflags=["-fopenmp"] if "-fopenmp" in flags else [], verbose=False)
         except Exception as exc:  # noqa: BLE001 — any build failure means: use the PyTorch path
@@ -170,29 +173,32 @@ def prefill(delta, delta_bias, softplus, u, alpha, rho, At, B, C, D, z, xi, zeta
 
 # the order of csrc/conba_cpu.cpp's enum W: a Conba layer's tensors, as decode_layer takes them
 LAYER_WEIGHTS = ("conv_w", "conv_b", "x_proj", "sel_gate", "sel_value", "sel_out", "dt_norm", "b_norm", "c_norm",
-                 "dt_proj", "dt_bias", "A_log", "D", "alpha_bias", "rho_raw", "eta_raw", "lam_raw", "w_r")
+                 "dt_proj", "dt_bias", "A", "D", "alpha_bias", "rho_raw", "eta_raw", "lam_raw", "w_r")
+_EMPTY: dict = {}
 
 
-def decode_layer(xz, mask, conv_state, state, weights: dict, dt_rank: int, tau: int, group_size: int,
+def empty(dtype) -> torch.Tensor:
+    """The placeholder decode_layer takes for a weight that is off (one per dtype, never written)."""
+    e = _EMPTY.get(dtype)
+    if e is None:
+        e = _EMPTY[dtype] = torch.empty(0, dtype=dtype)
+    return e
+
+
+def decode_layer(xz, mask, conv_state, state, weights: list, dt_rank: int, tau: int, group_size: int,
                  control_period: int, control: bool, k_max: float, eps: float):
     """A Conba layer's decode token from in_proj's output ``xz`` (b, 2·d_inner) to the gated y
     (b, d_inner) that goes into out_proj, in one compiled call (ConbaMixer._step: mask, conv step,
     selection, Δ, parameter transforms, `conba_step`); ``conv_state`` and ``state`` are updated in
-    place. ``weights`` maps LAYER_WEIGHTS' names to tensors (missing or None: that part is off).
-    Returns None where the call does not apply (no module; a tensor not contiguous, on another device
-    or of another dtype than the state; a group wider than 64): then run the PyTorch step."""
+    place. ``weights``: the tensors named by LAYER_WEIGHTS, in that order (`empty(dtype)` where that
+    part is off), contiguous, on CPU, of the state's dtype (the kernel checks). Returns None where the
+    call does not apply (no module, a group wider than 64, xz or the state not float32/float64 of one
+    dtype): then run the PyTorch step. Called once per layer and token, so it checks little: the
+    weights' checks are the kernel's."""
     mod = kernels()
-    if mod is None or group_size > 64 or xz.device.type != "cpu":
-        return None
     acc = state.h.dtype
-    if acc not in (torch.float32, torch.float64) or state.phase.dtype != torch.long:
+    if mod is None or group_size > 64 or xz.dtype != acc or acc not in (torch.float32, torch.float64):
         return None
-    tensors = [xz, conv_state, *state]
-    ws = [weights.get(n) for n in LAYER_WEIGHTS]
-    if any(t.dtype != acc or not t.is_contiguous() for t in tensors[:-1] + [w for w in ws if w is not None]):
-        return None
-    e = xz.new_empty(0)
-    m = mask.to(torch.long).contiguous() if mask is not None else e.long()
-    return mod.decode_layer(xz, m, conv_state, state.h, state.delay, state.k, state.e, state.phase,
-                            [e if w is None else w for w in ws], int(dt_rank), int(tau), int(group_size),
-                            int(control_period), bool(control), float(k_max), float(eps))
+    m = mask.to(torch.long).contiguous() if mask is not None else empty(torch.long)
+    return mod.decode_layer(xz, m, conv_state, state.h, state.delay, state.k, state.e, state.phase, weights,
+                            dt_rank, tau, group_size, control_period, control, k_max, eps)

@@ -683,8 +683,9 @@ void step(torch::Tensor h, torch::Tensor delay, torch::Tensor k, torch::Tensor e
 // gate of 8), as ConbaMixer._step computes it, in one call: the padded token zeroed, the causal conv
 // window shifted in place, the selection (x_proj, the SwiGLU correction, the optional RMSNorms of
 // Jamba), Δ's projection, the mechanisms' parameter transforms, then the step above. w holds the
-// layer's tensors in the order of cpu.LAYER_WEIGHTS (empty where a mechanism is off).
-enum W { CONV_W, CONV_B, X_PROJ, SEL_GATE, SEL_VALUE, SEL_OUT, DT_NORM, B_NORM, C_NORM, DT_PROJ, DT_BIAS, A_LOG,
+// layer's tensors in the order of cpu.LAYER_WEIGHTS (empty where a mechanism is off); the conv weight
+// (d, 1, K) or (d, K).
+enum W { CONV_W, CONV_B, X_PROJ, SEL_GATE, SEL_VALUE, SEL_OUT, DT_NORM, B_NORM, C_NORM, DT_PROJ, DT_BIAS, A_NEG,
          D_SKIP, ALPHA_BIAS, RHO_RAW, ETA_RAW, LAM_RAW, W_R, N_WEIGHTS };
 
 torch::Tensor rms_norm(const torch::Tensor& x, const torch::Tensor& weight, double eps) {
@@ -699,7 +700,7 @@ torch::Tensor decode_layer(torch::Tensor xz, torch::Tensor mask, torch::Tensor c
                            double k_max, double eps) {
   TORCH_CHECK(w.size() == N_WEIGHTS, "conba_cpu.decode_layer: expected ", int64_t(N_WEIGHTS), " weights");
   TORCH_CHECK(xz.dim() == 2 && xz.size(1) % 2 == 0, "conba_cpu.decode_layer: xz must be (batch, 2 d_inner)");
-  const int64_t b = xz.size(0), d = xz.size(1) / 2, K = w[CONV_W].size(1), N = w[A_LOG].size(1);
+  const int64_t b = xz.size(0), d = xz.size(1) / 2, K = w[CONV_W].size(-1), N = w[A_NEG].size(1);
   TORCH_CHECK(G >= 1 && G <= 64 && d % G == 0, "conba_cpu.decode_layer: group size must divide d_inner, <= 64");
   TORCH_CHECK(conv_state.is_contiguous() && conv_state.size(2) == K - 1, "conba_cpu.decode_layer: conv state");
   check({h, delay, k, e, conv_state, xz}, h);
@@ -736,7 +737,7 @@ torch::Tensor decode_layer(torch::Tensor xz, torch::Tensor mask, torch::Tensor c
   torch::Tensor B = rms_norm(q.narrow(1, R, N), w[B_NORM], eps).contiguous();
   torch::Tensor C = rms_norm(q.narrow(1, R + N, N), w[C_NORM], eps).contiguous();
   torch::Tensor delta = at::linear(dt, w[DT_PROJ]).contiguous();
-  torch::Tensor A = at::exp(w[A_LOG]).neg_().contiguous();
+  const torch::Tensor& A = w[A_NEG];  // A = −exp(A_log), computed by the caller (it changes only with A_log)
   torch::Tensor alpha, rho, eta, lam;
   if (w[ALPHA_BIAS].numel()) alpha = at::sigmoid(q.narrow(1, R + 2 * N, d / G) + w[ALPHA_BIAS]).contiguous();
   if (tau > 0) rho = at::sigmoid(w[RHO_RAW]).contiguous();
