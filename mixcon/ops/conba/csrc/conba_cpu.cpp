@@ -550,6 +550,9 @@ struct Step {
   const T* D; const T* z; const T* bias; const T* alpha; const T* rho;
   const T* eta; const T* lam; const T* w_r; const int64_t* mask;
   T* y;
+  // per (row, channel), filled by run_step before the groups run, vectorised: Δ = softplus(δ + bias),
+  // tanh(e) (control) and silu(z) (gate)
+  const T* dtv = nullptr; const T* te = nullptr; const T* gz = nullptr;
   int64_t b, d, N, tau, G, P;
   bool softplus, control;
   T k_max;
@@ -575,10 +578,9 @@ void step_group(const Step<T>& s, int64_t bi, int64_t g, T* hn /* G*N scratch */
   T yv[64];  // G <= 64 (checked by the caller)
   for (int64_t j = 0; j < G; ++j) {
     const int64_t c = g * G + j, bc = bi * s.d + c;
-    T dt = s.delta[bc] + (s.bias ? s.bias[c] : T(0));
-    if (s.softplus) dt = softplus(dt);
+    const T dt = s.dtv[bc];
     const T u = s.u[bc];
-    const T uc = s.control ? u - kf * std::tanh(s.e[bc]) : u;
+    const T uc = s.control ? u - kf * s.te[bc] : u;
     const T* hp = s.h + bc * N;
     const T* hd = s.tau > 0 ? s.delay + ((bi * s.tau + (s.tau - 1)) * s.d + c) * N : nullptr;
     const T* Ac = s.A + c * N;
@@ -621,7 +623,7 @@ void step_group(const Step<T>& s, int64_t bi, int64_t g, T* hn /* G*N scratch */
   for (int64_t j = 0; j < G; ++j) {
     const int64_t c = g * G + j, bc = bi * s.d + c;
     T y = real ? yv[j] : T(0);
-    if (s.z) y *= silu(s.z[bc]);
+    if (s.z) y *= s.gz[bc];
     s.y[bc] = y;
     if (!real) continue;
     if (s.tau > 0) {  // delay[:, i] ← delay[:, i − 1], delay[:, 0] ← h_new
@@ -638,6 +640,26 @@ template <typename T>
 void run_step(Step<T>& s) {
   const int64_t ng = s.d / s.G, G = s.G, P = s.P;
   const bool control = s.control;
+  using V = Vectorized<T>;
+  constexpr int64_t VS = V::size();
+  std::vector<T> dtv(s.b * s.d), te(control ? s.b * s.d : 0), gz(s.z ? s.b * s.d : 0);
+  for (int64_t bi = 0; bi < s.b; ++bi) {
+    for (int64_t c = 0; c < s.d; c += VS) {
+      const int64_t cnt = std::min(VS, s.d - c), bc = bi * s.d + c;
+      V x = V::loadu(s.delta + bc, cnt);
+      if (s.bias) x = x + V::loadu(s.bias + c, cnt);
+      if (s.softplus) x = V::blendv(x.exp().log1p(), x, x > V(T(20)));
+      x.store(dtv.data() + bc, cnt);
+      if (control) V::loadu(s.e + bc, cnt).tanh().store(te.data() + bc, cnt);
+      if (s.z) {
+        const V zv = V::loadu(s.z + bc, cnt);
+        (zv / (V(T(1)) + zv.neg().exp())).store(gz.data() + bc, cnt);
+      }
+    }
+  }
+  s.dtv = dtv.data();
+  s.te = control ? te.data() : nullptr;
+  s.gz = s.z ? gz.data() : nullptr;
   // one token is ~b·d·N work: split it over threads only when there is enough of it
   const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, G * s.N));
   at::parallel_for(0, s.b * ng, grain, [&](int64_t begin, int64_t end) {
@@ -694,6 +716,100 @@ torch::Tensor rms_norm(const torch::Tensor& x, const torch::Tensor& weight, doub
   return weight * (xf * at::rsqrt(xf.pow(2).mean(-1, true) + eps)).to(x.scalar_type());
 }
 
+// y[o] (+)= Σ_i W[o, i] x[i]: a decode token's small projections (a library GEMV call costs more than its
+// arithmetic at these sizes)
+template <typename T>
+void gemv(const T* W, const T* x, T* y, int64_t O, int64_t I, bool accumulate) {
+  using V = Vectorized<T>;
+  constexpr int64_t VS = V::size();
+  for (int64_t o = 0; o < O; ++o) {
+    const T* row = W + o * I;
+    V acc(T(0));
+    int64_t i = 0;
+    for (; i + VS <= I; i += VS) acc = at::vec::fmadd(V::loadu(row + i), V::loadu(x + i), acc);
+    T buf[VS];
+    acc.store(buf);
+    T sum = 0;
+    for (int64_t l = 0; l < VS; ++l) sum += buf[l];
+    for (; i < I; ++i) sum += row[i] * x[i];
+    y[o] = accumulate ? y[o] + sum : sum;
+  }
+}
+
+template <typename T>
+inline T sigmoid(T x) { return T(1) / (T(1) + std::exp(-x)); }
+
+template <typename T>
+void decode_layer_impl(const torch::Tensor& xz, const int64_t* mk, torch::Tensor& conv_state, Step<T>& s,
+                       const std::vector<torch::Tensor>& w, int64_t R, double eps) {
+  const int64_t b = s.b, d = s.d, N = s.N, K = w[CONV_W].size(-1), ng = d / s.G, S = w[SEL_GATE].size(0);
+  const int64_t n_sel = w[X_PROJ].size(0);
+  const bool swiglu = w[SEL_GATE].numel() > 0, norm = w[DT_NORM].numel() > 0;
+  const T* xzp = xz.data_ptr<T>();
+  const T* cw = w[CONV_W].data_ptr<T>();
+  const T* cb = opt<T>(w[CONV_B]);
+  T* cs = conv_state.data_ptr<T>();
+  std::vector<T> uc(b * d), z(b * d), q(n_sel), hs(2 * S), delta(b * d), B(b * N), C(b * N), alpha, rho, eta, lam;
+  for (int64_t bi = 0; bi < b; ++bi) {
+    const bool real = mk ? mk[bi] != 0 : true;  // a padded token shifts a zero into the window
+    const T* u = xzp + bi * 2 * d;
+    T* ur = uc.data() + bi * d;
+    std::memcpy(z.data() + bi * d, u + d, d * sizeof(T));
+    for (int64_t c = 0; c < d; ++c) {  // causal depthwise conv, window shifted in place, then silu
+      T* win = cs + (bi * d + c) * (K - 1);
+      const T x = real ? u[c] : T(0);
+      T acc = cb ? cb[c] : T(0);
+      for (int64_t j = 0; j < K - 1; ++j) acc += win[j] * cw[c * K + j];
+      acc += x * cw[c * K + K - 1];
+      for (int64_t j = 0; j + 1 < K - 1; ++j) win[j] = win[j + 1];
+      if (K > 1) win[K - 2] = x;
+      ur[c] = silu(acc);
+    }
+    // selection: q = x_proj·u (+ sel_out·(silu(sel_gate·u) ⊙ sel_value·u))
+    gemv(w[X_PROJ].data_ptr<T>(), ur, q.data(), n_sel, d, false);
+    if (swiglu) {
+      gemv(w[SEL_GATE].data_ptr<T>(), ur, hs.data(), S, d, false);
+      gemv(w[SEL_VALUE].data_ptr<T>(), ur, hs.data() + S, S, d, false);
+      for (int64_t i = 0; i < S; ++i) hs[i] = silu(hs[i]) * hs[S + i];
+      gemv(w[SEL_OUT].data_ptr<T>(), hs.data(), q.data(), n_sel, S, true);
+    }
+    if (norm) {  // Jamba's RMSNorms on δ, B, C: through ATen, exactly as layers/norm.py (float32 inside)
+      auto qt = torch::from_blob(q.data(), {n_sel}, xz.options());
+      qt.narrow(0, 0, R).copy_(rms_norm(qt.narrow(0, 0, R), w[DT_NORM], eps));
+      qt.narrow(0, R, N).copy_(rms_norm(qt.narrow(0, R, N), w[B_NORM], eps));
+      qt.narrow(0, R + N, N).copy_(rms_norm(qt.narrow(0, R + N, N), w[C_NORM], eps));
+    }
+    gemv(w[DT_PROJ].data_ptr<T>(), q.data(), delta.data() + bi * d, d, R, false);
+    std::memcpy(B.data() + bi * N, q.data() + R, N * sizeof(T));
+    std::memcpy(C.data() + bi * N, q.data() + R + N, N * sizeof(T));
+    if (w[ALPHA_BIAS].numel()) {
+      if (alpha.empty()) alpha.resize(b * ng);
+      const T* ab = w[ALPHA_BIAS].data_ptr<T>();
+      for (int64_t g = 0; g < ng; ++g) alpha[bi * ng + g] = sigmoid(q[R + 2 * N + g] + ab[g]);
+    }
+  }
+  if (s.tau > 0) {
+    rho.resize(ng);
+    for (int64_t g = 0; g < ng; ++g) rho[g] = sigmoid(w[RHO_RAW].data_ptr<T>()[g]);
+  }
+  if (s.control) {
+    eta.resize(ng), lam.resize(ng);
+    for (int64_t g = 0; g < ng; ++g) {
+      eta[g] = softplus(w[ETA_RAW].data_ptr<T>()[g]);
+      lam[g] = sigmoid(w[LAM_RAW].data_ptr<T>()[g]);
+    }
+  }
+  s.u = uc.data(); s.z = z.data(); s.delta = delta.data(); s.B = B.data(); s.C = C.data();
+  s.A = w[A_NEG].data_ptr<T>(); s.D = opt<T>(w[D_SKIP]); s.bias = opt<T>(w[DT_BIAS]);
+  s.alpha = alpha.empty() ? nullptr : alpha.data();
+  s.rho = rho.empty() ? nullptr : rho.data();
+  s.eta = eta.empty() ? nullptr : eta.data();
+  s.lam = lam.empty() ? nullptr : lam.data();
+  s.w_r = s.control ? opt<T>(w[W_R]) : nullptr;
+  s.softplus = true;
+  run_step(s);
+}
+
 torch::Tensor decode_layer(torch::Tensor xz, torch::Tensor mask, torch::Tensor conv_state, torch::Tensor h,
                            torch::Tensor delay, torch::Tensor k, torch::Tensor e, torch::Tensor phase,
                            std::vector<torch::Tensor> w, int64_t R, int64_t tau, int64_t G, int64_t P, bool control,
@@ -702,67 +818,25 @@ torch::Tensor decode_layer(torch::Tensor xz, torch::Tensor mask, torch::Tensor c
   TORCH_CHECK(xz.dim() == 2 && xz.size(1) % 2 == 0, "conba_cpu.decode_layer: xz must be (batch, 2 d_inner)");
   const int64_t b = xz.size(0), d = xz.size(1) / 2, K = w[CONV_W].size(-1), N = w[A_NEG].size(1);
   TORCH_CHECK(G >= 1 && G <= 64 && d % G == 0, "conba_cpu.decode_layer: group size must divide d_inner, <= 64");
-  TORCH_CHECK(conv_state.is_contiguous() && conv_state.size(2) == K - 1, "conba_cpu.decode_layer: conv state");
+  TORCH_CHECK(conv_state.size(0) == b && conv_state.size(1) == d && conv_state.size(2) == K - 1,
+              "conba_cpu.decode_layer: the conv state must be (batch, d_inner, d_conv - 1)");
+  TORCH_CHECK(w[X_PROJ].size(1) == d && w[DT_PROJ].size(0) == d && w[DT_PROJ].size(1) == R &&
+              w[X_PROJ].size(0) >= R + 2 * N + (w[ALPHA_BIAS].numel() ? d / G : 0),
+              "conba_cpu.decode_layer: x_proj / dt_proj do not match d_inner, dt_rank and d_state");
+  TORCH_CHECK(mask.numel() == 0 || (mask.scalar_type() == at::kLong && mask.is_contiguous()),
+              "conba_cpu.decode_layer: mask must be int64");
   check({h, delay, k, e, conv_state, xz}, h);
   check(w, h);
-  torch::Tensor u = xz.narrow(1, 0, d).contiguous(), z = xz.narrow(1, d, d).contiguous();
-  const bool masked = mask.numel() > 0;
-  torch::Tensor uc = torch::empty_like(u);
-  AT_DISPATCH_FLOATING_TYPES(h.scalar_type(), "conba_decode_conv", [&] {
-    using T = scalar_t;
-    const T* cw = w[CONV_W].data_ptr<T>();
-    const T* cb = opt<T>(w[CONV_B]);
-    T* cs = conv_state.data_ptr<T>();
-    const T* up = u.data_ptr<T>();
-    T* out = uc.data_ptr<T>();
-    const int64_t* mk = masked ? mask.data_ptr<int64_t>() : nullptr;
-    for (int64_t bi = 0; bi < b; ++bi) {
-      const bool real = mk ? mk[bi] != 0 : true;  // a padded token shifts a zero into the window
-      for (int64_t c = 0; c < d; ++c) {
-        T* win = cs + (bi * d + c) * (K - 1);
-        const T x = real ? up[bi * d + c] : T(0);
-        T acc = cb ? cb[c] : T(0);
-        for (int64_t j = 0; j < K - 1; ++j) acc += win[j] * cw[c * K + j];
-        acc += x * cw[c * K + K - 1];
-        for (int64_t j = 0; j + 1 < K - 1; ++j) win[j] = win[j + 1];
-        if (K > 1) win[K - 2] = x;
-        out[bi * d + c] = silu(acc);
-      }
-    }
-  });
-  torch::Tensor q = at::linear(uc, w[X_PROJ]);
-  if (w[SEL_GATE].numel())
-    q = q + at::linear(at::silu(at::linear(uc, w[SEL_GATE])) * at::linear(uc, w[SEL_VALUE]), w[SEL_OUT]);
-  torch::Tensor dt = rms_norm(q.narrow(1, 0, R), w[DT_NORM], eps);
-  torch::Tensor B = rms_norm(q.narrow(1, R, N), w[B_NORM], eps).contiguous();
-  torch::Tensor C = rms_norm(q.narrow(1, R + N, N), w[C_NORM], eps).contiguous();
-  torch::Tensor delta = at::linear(dt, w[DT_PROJ]).contiguous();
-  const torch::Tensor& A = w[A_NEG];  // A = −exp(A_log), computed by the caller (it changes only with A_log)
-  torch::Tensor alpha, rho, eta, lam;
-  if (w[ALPHA_BIAS].numel()) alpha = at::sigmoid(q.narrow(1, R + 2 * N, d / G) + w[ALPHA_BIAS]).contiguous();
-  if (tau > 0) rho = at::sigmoid(w[RHO_RAW]).contiguous();
-  if (control) {
-    eta = at::softplus(w[ETA_RAW]).contiguous();
-    lam = at::sigmoid(w[LAM_RAW]).contiguous();
-  }
-  torch::Tensor y = torch::empty_like(u);
-  AT_DISPATCH_FLOATING_TYPES(h.scalar_type(), "conba_decode_step", [&] {
+  torch::Tensor y = torch::empty({b, d}, xz.options());
+  AT_DISPATCH_FLOATING_TYPES(h.scalar_type(), "conba_decode_layer", [&] {
     Step<scalar_t> s;
     s.h = h.data_ptr<scalar_t>(); s.delay = tau > 0 ? delay.data_ptr<scalar_t>() : nullptr;
     s.k = k.data_ptr<scalar_t>(); s.e = e.data_ptr<scalar_t>(); s.phase = phase.data_ptr<int64_t>();
-    s.u = uc.data_ptr<scalar_t>(); s.delta = delta.data_ptr<scalar_t>(); s.A = A.data_ptr<scalar_t>();
-    s.B = B.data_ptr<scalar_t>(); s.C = C.data_ptr<scalar_t>();
-    s.D = opt<scalar_t>(w[D_SKIP]); s.z = z.data_ptr<scalar_t>(); s.bias = opt<scalar_t>(w[DT_BIAS]);
-    s.alpha = alpha.defined() ? alpha.data_ptr<scalar_t>() : nullptr;
-    s.rho = rho.defined() ? rho.data_ptr<scalar_t>() : nullptr;
-    s.eta = eta.defined() ? eta.data_ptr<scalar_t>() : nullptr;
-    s.lam = lam.defined() ? lam.data_ptr<scalar_t>() : nullptr;
-    s.w_r = control ? opt<scalar_t>(w[W_R]) : nullptr;
-    s.mask = masked ? mask.data_ptr<int64_t>() : nullptr;
+    s.mask = mask.numel() ? mask.data_ptr<int64_t>() : nullptr;
     s.y = y.data_ptr<scalar_t>();
     s.b = b; s.d = d; s.N = N; s.tau = tau; s.G = G; s.P = P;
-    s.softplus = true; s.control = control; s.k_max = static_cast<scalar_t>(k_max);
-    run_step(s);
+    s.control = control; s.k_max = static_cast<scalar_t>(k_max);
+    decode_layer_impl<scalar_t>(xz, s.mask, conv_state, s, w, R, eps);
   });
   return y;
 }
