@@ -660,8 +660,8 @@ void run_step(Step<T>& s) {
   s.dtv = dtv.data();
   s.te = control ? te.data() : nullptr;
   s.gz = s.z ? gz.data() : nullptr;
-  // one token is ~b·d·N work: split it over threads only when there is enough of it
-  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, G * s.N));
+  // one token is ~b·d·N work (an exp per state): split it over threads in chunks of ≥ 4K states
+  const int64_t grain = std::max<int64_t>(1, 4096 / std::max<int64_t>(1, G * s.N));
   at::parallel_for(0, s.b * ng, grain, [&](int64_t begin, int64_t end) {
     std::vector<T> hn(G * s.N);
     for (int64_t i = begin; i < end; ++i) step_group(s, i / ng, i % ng, hn.data());
@@ -736,6 +736,15 @@ void gemv(const T* W, const T* x, T* y, int64_t O, int64_t I, bool accumulate) {
   }
 }
 
+// gemv over torch's threads, in chunks of ≥ 16K multiply-adds (a decode token's weights come from memory,
+// so a second thread's bandwidth is worth more than the fork)
+template <typename T>
+void gemv_par(const T* W, const T* x, T* y, int64_t O, int64_t I, bool accumulate) {
+  at::parallel_for(0, O, std::max<int64_t>(1, 16384 / std::max<int64_t>(1, I)), [&](int64_t begin, int64_t end) {
+    gemv(W + begin * I, x, y + begin, end - begin, I, accumulate);
+  });
+}
+
 template <typename T>
 inline T sigmoid(T x) { return T(1) / (T(1) + std::exp(-x)); }
 
@@ -766,12 +775,12 @@ void decode_layer_impl(const torch::Tensor& xz, const int64_t* mk, torch::Tensor
       ur[c] = silu(acc);
     }
     // selection: q = x_proj·u (+ sel_out·(silu(sel_gate·u) ⊙ sel_value·u))
-    gemv(w[X_PROJ].data_ptr<T>(), ur, q.data(), n_sel, d, false);
+    gemv_par(w[X_PROJ].data_ptr<T>(), ur, q.data(), n_sel, d, false);
     if (swiglu) {
-      gemv(w[SEL_GATE].data_ptr<T>(), ur, hs.data(), S, d, false);
-      gemv(w[SEL_VALUE].data_ptr<T>(), ur, hs.data() + S, S, d, false);
+      gemv_par(w[SEL_GATE].data_ptr<T>(), ur, hs.data(), S, d, false);
+      gemv_par(w[SEL_VALUE].data_ptr<T>(), ur, hs.data() + S, S, d, false);
       for (int64_t i = 0; i < S; ++i) hs[i] = silu(hs[i]) * hs[S + i];
-      gemv(w[SEL_OUT].data_ptr<T>(), hs.data(), q.data(), n_sel, S, true);
+      gemv_par(w[SEL_OUT].data_ptr<T>(), hs.data(), q.data(), n_sel, S, true);
     }
     if (norm) {  // Jamba's RMSNorms on δ, B, C: through ATen, exactly as layers/norm.py (float32 inside)
       auto qt = torch::from_blob(q.data(), {n_sel}, xz.options());
@@ -779,7 +788,7 @@ void decode_layer_impl(const torch::Tensor& xz, const int64_t* mk, torch::Tensor
       qt.narrow(0, R, N).copy_(rms_norm(qt.narrow(0, R, N), w[B_NORM], eps));
       qt.narrow(0, R + N, N).copy_(rms_norm(qt.narrow(0, R + N, N), w[C_NORM], eps));
     }
-    gemv(w[DT_PROJ].data_ptr<T>(), q.data(), delta.data() + bi * d, d, R, false);
+    gemv_par(w[DT_PROJ].data_ptr<T>(), q.data(), delta.data() + bi * d, d, R, false);
     std::memcpy(B.data() + bi * N, q.data() + R, N * sizeof(T));
     std::memcpy(C.data() + bi * N, q.data() + R + N, N * sizeof(T));
     if (w[ALPHA_BIAS].numel()) {
