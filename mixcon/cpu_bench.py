@@ -7,7 +7,8 @@ from the same process, runs interleaved and repeated, medians reported:
              same Conba layer without the compiled kernels (the pure-PyTorch path);
   ``model``  an 8-layer width-256 hybrid (2 attention : 6 Conba, dense SwiGLU FFN, P = 64) beside the
              same model with every layer attention (RoPE): prefill seconds (one forward of the whole
-             prompt, batch 1, under no_grad), decode ms per token after it (the growing cache, greedy),
+             prompt, batch 1, under no_grad), decode ms per token after it (the growing cache, greedy,
+             the two models' tokens interleaved),
              and for the longest context the peak resident memory the prefill adds (Linux);
   ``scan``   `conba_scan` alone, chunk_torch against the reference loop (the tiny model's sizes).
 
@@ -124,6 +125,10 @@ def peak_added_bytes(fn) -> int | None:
 
 
 def model_rows(Ts, reps, decode_tokens, memory_T=None):
+    """Prefill seconds and decode ms per token of the two models. Prefills alternate model by model
+    within each repeat; decoding alternates token by token (one token of each model in turn, each from
+    its own cache), so that the machine's load changes hit both alike; medians over every token of
+    every repeat."""
     from .models.modeling_mixcon import MixConForCausalLM
 
     torch.manual_seed(0)
@@ -134,10 +139,12 @@ def model_rows(Ts, reps, decode_tokens, memory_T=None):
         prefill, decode = {k: [] for k in models}, {k: [] for k in models}
         mem = {}
         n_reps = reps if T <= 8192 else 1
-        for _ in range(n_reps):
-            for name, m in models.items():
-                with torch.no_grad():
-                    out = {}
+        for rep in range(n_reps):
+            state = {}
+            order = list(models) if rep % 2 == 0 else list(models)[::-1]
+            with torch.no_grad():
+                for name in order:
+                    m, out = models[name], {}
 
                     def run():
                         out["o"] = m(ids, use_cache=True, logits_to_keep=1)
@@ -148,15 +155,16 @@ def model_rows(Ts, reps, decode_tokens, memory_T=None):
                     else:
                         run()
                     prefill[name].append(time.perf_counter() - t0)
-                    cache, nxt = out["o"].cache, out["o"].logits[:, -1:].argmax(-1)
-                    times = []
-                    for _ in range(decode_tokens):
+                    state[name] = (out["o"].cache, out["o"].logits[:, -1:].argmax(-1))
+                    del out
+                for _ in range(decode_tokens):
+                    for name in order:
+                        cache, nxt = state[name]
                         t0 = time.perf_counter()
-                        o = m(nxt, cache=cache, use_cache=True)
-                        times.append(time.perf_counter() - t0)
-                        cache, nxt = o.cache, o.logits[:, -1:].argmax(-1)
-                    decode[name].append(sorted(times)[len(times) // 2])
-                    del out, cache, o
+                        o = models[name](nxt, cache=cache, use_cache=True)
+                        decode[name].append(time.perf_counter() - t0)
+                        state[name] = (o.cache, o.logits[:, -1:].argmax(-1))
+            del state
         med = lambda v: sorted(v)[len(v) // 2]  # noqa: E731
         row = dict(part="model", T=T, reps=n_reps,
                    attn_prefill_s=med(prefill["attention"]), hybrid_prefill_s=med(prefill["hybrid"]),

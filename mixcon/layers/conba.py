@@ -12,6 +12,7 @@ from torch import nn
 
 from ..ops.conba import ConbaState, conba_scan, conba_step, empty_state
 from ..ops.conv import causal_conv1d, causal_conv1d_step
+from .linear import Linear
 from .norm import RMSNorm
 
 
@@ -93,16 +94,16 @@ class ConbaMixer(nn.Module):
         self.backend = config.conba_backend
         self.n_sel = R + 2 * N + (ng if self.state_scaling else 0)  # δ, B, C and a (one per group)
 
-        self.in_proj = nn.Linear(config.hidden_size, 2 * d, bias=config.proj_bias)
+        self.in_proj = Linear(config.hidden_size, 2 * d, bias=config.proj_bias)
         self.conv1d = nn.Conv1d(d, d, config.d_conv, groups=d, padding=config.d_conv - 1, bias=config.conv_bias)
-        self.x_proj = nn.Linear(d, self.n_sel, bias=False)  # Mamba's linear selection
+        self.x_proj = Linear(d, self.n_sel, bias=False)  # Mamba's linear selection
         if self.selection == "swiglu":  # plus a SwiGLU correction whose output matrix starts at zero
             S = config.selection_hidden
-            self.sel_gate = nn.Linear(d, S, bias=False)
-            self.sel_value = nn.Linear(d, S, bias=False)
-            self.sel_out = nn.Linear(S, self.n_sel, bias=False)
+            self.sel_gate = Linear(d, S, bias=False)
+            self.sel_value = Linear(d, S, bias=False)
+            self.sel_out = Linear(S, self.n_sel, bias=False)
             nn.init.zeros_(self.sel_out.weight)
-        self.dt_proj = nn.Linear(R, d, bias=True)
+        self.dt_proj = Linear(R, d, bias=True)
         if config.ssm_norm:
             self.dt_layernorm = RMSNorm(R, eps=config.rms_norm_eps)
             self.b_layernorm = RMSNorm(N, eps=config.rms_norm_eps)
@@ -120,7 +121,7 @@ class ConbaMixer(nn.Module):
             self.lam_raw = nn.Parameter(torch.full((ng,), _logit(lam0)))
             self.k0 = nn.Parameter(torch.zeros(ng))
             self.w_r = nn.Parameter(torch.zeros(d))  # 0: the error is the output itself
-        self.out_proj = nn.Linear(d, config.hidden_size, bias=config.proj_bias)
+        self.out_proj = Linear(d, config.hidden_size, bias=config.proj_bias)
         self._dt_init = (config.dt_min, config.dt_max, config.dt_init_floor)
 
     @torch.no_grad()

@@ -31,6 +31,7 @@ except ImportError:  # pragma: no cover
 try:
     from mixcon.layers.attention import MixConAttention, attention_impl, rope_cos_sin
     from mixcon.layers.conba import ConbaMixer
+    from mixcon.layers.linear import Linear
     from mixcon.layers.mlp import SwiGLUMLP
     from mixcon.layers.mod import DepthRoutedMixin, DepthRouter
     from mixcon.layers.moe import MoEExperts, SparseMoE
@@ -360,7 +361,7 @@ class MixConForCausalLM(MixConPreTrainedModel, GenerationMixin):
         super().__init__(config)
         self.model = MixConModel(config)
         self.vocab_size = config.vocab_size
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()
 
     def get_input_embeddings(self):
