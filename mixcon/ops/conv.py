@@ -17,6 +17,19 @@ except Exception:  # pragma: no cover - depends on the machine
     _cc1d_fn = None
 
 
+def _compiled_applies(x, weight, bias, initial_state) -> bool:
+    """The compiled CPU conv (ops/conba/cpu.py) for a sequence: on CPU, float32/64 throughout, no gradient
+    wanted, not under a trace, the kernels built."""
+    if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.float64) or torch.compiler.is_compiling():
+        return False
+    ts = [t for t in (x, weight, bias, initial_state) if t is not None]
+    if any(t.dtype != x.dtype for t in ts) or (torch.is_grad_enabled() and any(t.requires_grad for t in ts)):
+        return False
+    from .conba.cpu import kernels
+
+    return kernels() is not None
+
+
 def causal_conv1d(x, weight, bias=None, initial_state=None, activation=None, return_final_state=False):
     """y[b, t, c] = act(bias[c] + Σ_j weight[c, j] · x[b, t − (W − 1) + j, c]), x < 0 from the state."""
     if activation not in (None, "silu"):
@@ -25,6 +38,13 @@ def causal_conv1d(x, weight, bias=None, initial_state=None, activation=None, ret
     width = weight.shape[-1]
     if weight.shape != (ch, width):
         raise ValueError(f"weight has shape {tuple(weight.shape)}, expected (channels={ch}, width)")
+    if _compiled_applies(x, weight, bias, initial_state):
+        from .conba.cpu import empty, kernels
+
+        e = empty(x.dtype)
+        y, final = kernels().conv_prefill(x.contiguous(), weight.contiguous(), e if bias is None else bias.contiguous(),
+                                          e if initial_state is None else initial_state.contiguous(), activation == "silu")
+        return (y, final) if return_final_state else y
     xt = x.transpose(1, 2)  # (b, ch, T)
     if initial_state is None:
         initial_state = xt.new_zeros(b, ch, width - 1)

@@ -843,6 +843,63 @@ void decode_layer_impl(const torch::Tensor& xz, const int64_t* mk, torch::Tensor
   run_step(s);
 }
 
+// The causal depthwise conv of a prefill, time-major: y[b, t, c] = act(bias[c] + Σ_j w[c, j] · xp[b, t + j, c])
+// with xp = (state, x) along time (state (b, ch, K − 1) the inputs before x); returns y (b, T, ch) and the
+// final state (b, ch, K − 1). ATen's route transposes, concatenates and convolves channel-major, three
+// passes over (b, ch, T) and a strided copy; this is one pass, vectorised over channels.
+std::vector<torch::Tensor> conv_prefill(torch::Tensor x, torch::Tensor w, torch::Tensor bias, torch::Tensor state,
+                                        bool silu_) {
+  TORCH_CHECK(x.dim() == 3 && w.dim() == 2 && w.size(0) == x.size(2), "conba_cpu.conv_prefill: x (b, T, ch), w (ch, K)");
+  const int64_t b = x.size(0), T = x.size(1), ch = x.size(2), K = w.size(1);
+  TORCH_CHECK(state.numel() == 0 || (state.size(0) == b && state.size(1) == ch && state.size(2) == K - 1),
+              "conba_cpu.conv_prefill: state (b, ch, K - 1)");
+  check({x, w, bias, state}, x);
+  torch::Tensor y = torch::empty({b, T, ch}, x.options());
+  torch::Tensor fin = torch::empty({b, ch, K - 1}, x.options());
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "conv_prefill", [&] {
+    using T_ = scalar_t;
+    using V = Vectorized<T_>;
+    constexpr int64_t VS = V::size();
+    const T_ *xp = x.data_ptr<T_>(), *wp = w.data_ptr<T_>(), *bp = opt<T_>(bias), *sp = opt<T_>(state);
+    T_ *yp = y.data_ptr<T_>(), *fp = fin.data_ptr<T_>();
+    std::vector<T_> wt(K * ch);  // (K, ch): tap j of every channel contiguous
+    for (int64_t c = 0; c < ch; ++c)
+      for (int64_t j = 0; j < K; ++j) wt[j * ch + c] = wp[c * K + j];
+    // the input at padded time p of row bi, channel c (p < K − 1: the state)
+    auto at_ = [&](int64_t bi, int64_t p, int64_t c) -> T_ {
+      if (p >= K - 1) return xp[(bi * T + p - (K - 1)) * ch + c];
+      return sp ? sp[(bi * ch + c) * (K - 1) + p] : T_(0);
+    };
+    at::parallel_for(0, b * T, std::max<int64_t>(1, 32768 / std::max<int64_t>(1, ch * K)), [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) {
+        const int64_t bi = i / T, t = i % T;
+        T_* yo = yp + i * ch;
+        if (t >= K - 1) {  // every tap inside x: vectorised over channels
+          const T_* x0 = xp + (bi * T + t - (K - 1)) * ch;
+          for (int64_t c = 0; c < ch; c += VS) {
+            const int64_t cnt = std::min(VS, ch - c);
+            V acc = bp ? V::loadu(bp + c, cnt) : V(T_(0));
+            for (int64_t j = 0; j < K; ++j)
+              acc = at::vec::fmadd(V::loadu(wt.data() + j * ch + c, cnt), V::loadu(x0 + j * ch + c, cnt), acc);
+            if (silu_) acc = acc / (V(T_(1)) + acc.neg().exp());
+            acc.store(yo + c, cnt);
+          }
+        } else {
+          for (int64_t c = 0; c < ch; ++c) {
+            T_ acc = bp ? bp[c] : T_(0);
+            for (int64_t j = 0; j < K; ++j) acc += wp[c * K + j] * at_(bi, t + j, c);
+            yo[c] = silu_ ? acc / (T_(1) + std::exp(-acc)) : acc;
+          }
+        }
+      }
+    });
+    for (int64_t bi = 0; bi < b; ++bi)
+      for (int64_t c = 0; c < ch; ++c)
+        for (int64_t k = 0; k < K - 1; ++k) fp[(bi * ch + c) * (K - 1) + k] = at_(bi, T + k, c);
+  });
+  return {y, fin};
+}
+
 // F.linear for a few rows (a decode token): x (M, I), W (O, I), bias (O) or empty → (M, O), the output
 // rows split over torch's threads
 torch::Tensor linear_rows(torch::Tensor x, torch::Tensor W, torch::Tensor bias) {
@@ -904,6 +961,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("scan_bwd", &scan_bwd, "Conba block scan, backward (CPU)");
   m.def("prefill", &prefill, "Conba prefill from the raw inputs, controller and gate included (CPU)");
   m.def("step", &step, "Conba decode step, state updated in place (CPU)");
+  m.def("conv_prefill", &conv_prefill, "causal depthwise conv of a prefill, time-major, with its final state (CPU)");
   m.def("linear_rows", &linear_rows, "F.linear for a few rows, split over threads by output (CPU)");
   m.def("decode_layer", &decode_layer, "a Conba layer's decode token from in_proj's output to the gated y (CPU)");
 }
