@@ -264,3 +264,21 @@ def test_bench_bad_inputs(capsys):
 def test_convert_bad_source(tmp_path, capsys):
     rc, _, err = run_main(capsys, "convert", "jamba", str(tmp_path / "none"), str(tmp_path / "out"))
     assert_usage_error(rc, err, "not a checkpoint directory")
+
+
+def test_bench_conba_cpu_smoke(tmp_path, capsys):
+    """`mixcon bench conba-cpu` at toy sizes: every part runs, each row beside its baseline, the header
+    and the results files written (no absolute paths)."""
+    out = tmp_path / "cpu"
+    rc, stdout, err = run_main(capsys, "bench", "conba-cpu", "--parts", "layer", "model", "scan", "--layer-T", "64",
+                               "--model-T", "64", "--scan-T", "16", "--reps", "1", "--decode-tokens", "2",
+                               "--threads", "1", "--out", str(out))
+    assert rc == 0, err
+    import json
+
+    res = json.loads((out / "results.json").read_text())
+    parts = {r["part"] for r in res["rows"]}
+    assert parts == {"layer fwd+bwd", "model", "scan fwd+bwd"}
+    model = next(r for r in res["rows"] if r["part"] == "model")
+    assert model["attn_decode_ms"] > 0 and model["hybrid_decode_ms"] > 0 and model["decode_speedup"] > 0
+    assert res["meta"]["threads"] == 1 and str(tmp_path) not in (out / "results.json").read_text()

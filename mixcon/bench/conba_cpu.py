@@ -1,5 +1,5 @@
-"""CPU benchmark of Conba (the logic of tools/bench_conba_cpu.py), every number beside its baseline
-from the same process, runs interleaved and repeated, medians reported:
+"""CPU benchmark of Conba (`mixcon bench conba-cpu`, or tools/bench_conba_cpu.py), every number beside
+its baseline from the same process, runs interleaved and repeated, medians reported:
 
   ``layer``  one Conba layer (ConbaMixer, every mechanism on, control period 64) forward + backward
              beside transformers' ``Mamba2Mixer`` (its torch path, as on any CPU without mamba_ssm)
@@ -12,7 +12,7 @@ from the same process, runs interleaved and repeated, medians reported:
              and for the longest context the peak resident memory the prefill adds (Linux);
   ``scan``   `conba_scan` alone, chunk_torch against the reference loop (the tiny model's sizes).
 
-    python tools/bench_conba_cpu.py --threads 2 --out eval/results/cpu
+    mixcon bench conba-cpu --threads 2 --out eval/results/cpu
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import time
 
 import torch
 
-from .benchmark import header, print_row, save_results
+from ..benchmark import header, print_row, save_results
 
 SCAN_SETTINGS = {"P=64": dict(control=True, P=64), "P=16": dict(control=True, P=16),
                  "P=1": dict(control=True, P=1), "control off": dict(control=False, P=1)}
@@ -49,9 +49,9 @@ def layer_rows(Ts, reps, batch=2, hidden=256, d_state=16):
     from transformers.models.mamba2.modeling_mamba2 import Mamba2Mixer
     from transformers.utils import logging
 
-    from .layers.conba import ConbaMixer
-    from .models.configuration_mixcon import MixConConfig
-    from .ops.conba import chunk_torch
+    from ..layers.conba import ConbaMixer
+    from ..models.configuration_mixcon import MixConConfig
+    from ..ops.conba import chunk_torch
 
     logging.set_verbosity_error()  # Mamba2Mixer's notice that it runs its torch path
     cfg = MixConConfig(hidden_size=hidden, d_state=d_state, n_blocks=1, layers_per_block=8, attn_ratio="2:6",
@@ -89,7 +89,7 @@ LAYER_COLS = ["part", "T", "batch", "conba_s", "mamba2_s", "conba_over_mamba2", 
 
 # ---------------------------------------------------------------------------------------- model
 def model_configs(hidden=256, layers=8, intermediate=704, max_ctx=32768):
-    from .models.configuration_mixcon import MixConConfig
+    from ..models.configuration_mixcon import MixConConfig
 
     kw = dict(vocab_size=512, hidden_size=hidden, intermediate_size=intermediate, n_blocks=1,
               layers_per_block=layers, moe_every=0, num_attention_heads=4, num_key_value_heads=2,
@@ -129,7 +129,7 @@ def model_rows(Ts, reps, decode_tokens, memory_T=None):
     within each repeat; decoding alternates token by token (one token of each model in turn, each from
     its own cache), so that the machine's load changes hit both alike; medians over every token of
     every repeat."""
-    from .models.modeling_mixcon import MixConForCausalLM
+    from ..models.modeling_mixcon import MixConForCausalLM
 
     torch.manual_seed(0)
     models = {k: MixConForCausalLM(c).eval() for k, c in model_configs(max_ctx=max(Ts)).items()}
@@ -201,7 +201,7 @@ def scan_inputs(b, T, d, n, G, control, seed=0):
 
 
 def scan_rows(Ts, reps, batch=16, d_inner=128, d_state=8, settings=tuple(SCAN_SETTINGS), ref_max_T=1024):
-    from .ops.conba import conba_scan
+    from ..ops.conba import conba_scan
 
     rows = []
     for T in Ts:
@@ -243,7 +243,7 @@ def main(argv=None):
     ap.add_argument("--out", default=None, help="folder for results.csv / results.json")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
-    from .ops.conba import cpu
+    from ..ops.conba import cpu
 
     t0 = time.perf_counter()
     compiled = cpu.kernels() is not None  # built (or loaded) before anything is timed
