@@ -59,6 +59,7 @@ import triton.language as tl
 
 from .common import _mix32, _normal, _rows, _seed_key, _softplus, _strides, _tanh
 from .naive import ConbaState
+from .params import ConbaParams, keyword_interface
 
 # time positions per block (a power of two; capped at the control period P), channels per program (whole
 # groups) and warps. Not timed on a GPU yet: 16 × 8 channels × 4 warps is the largest block whose
@@ -1236,13 +1237,15 @@ class _ChunkScan(torch.autograd.Function):
         )
 
 
-def conba_scan_chunk(
-    u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False, alpha=None, rho=None, tau=0,
-    k0=None, eta=None, lam=None, w_r=None, k_max=1.0, group_size=8, sigma_w=0.0, sigma_v=0.0, seed=0,
-    initial_state=None, return_final_state=False, mask=None, control_period=64, block_t=None,
-):
+@keyword_interface("u", "delta", defaults={"control_period": 64})
+def conba_scan_chunk(u, delta, B, C, params: ConbaParams, *, z=None, alpha=None, mask=None, initial_state=None,
+                     return_final_state=False, block_t=None):
     """The chunk-parallel scan (arguments as `mixcon.ops.conba.conba_scan`, already validated there).
     ``block_t``: time positions per block (a power of two ≤ P with control on; default `block_size`)."""
+    p = params
+    A, D, delta_bias, delta_softplus, rho, tau = p.A, p.D, p.delta_bias, p.delta_softplus, p.rho, p.tau
+    k0, eta, lam, w_r, k_max, group_size = p.k0, p.eta, p.lam, p.w_r, p.k_max, p.group_size
+    sigma_w, sigma_v, seed, control_period = p.sigma_w, p.sigma_v, p.seed, p.control_period
     b, T, d = u.shape
     n = A.shape[1]
     ng = d // group_size

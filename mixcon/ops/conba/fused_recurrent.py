@@ -32,6 +32,7 @@ import triton.language as tl
 
 from .common import _mix32, _normal, _rows, _seed_key, _softplus, _strides, _tanh
 from .naive import ConbaState
+from .params import ConbaParams, keyword_interface
 
 DEFAULT_CHUNK = 64
 
@@ -765,13 +766,20 @@ class _ConbaScan(torch.autograd.Function):
         )
 
 
-def conba_scan_triton(
-    u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False, alpha=None, rho=None, tau=0,
-    k0=None, eta=None, lam=None, w_r=None, k_max=1.0, group_size=8, sigma_w=0.0, sigma_v=0.0, seed=0,
-    initial_state=None, return_final_state=False, mask=None, chunk_size=None,
-):
+@keyword_interface("u", "delta")
+def conba_scan_triton(u, delta, B, C, params: ConbaParams, *, z=None, alpha=None, mask=None, initial_state=None,
+                      return_final_state=False, chunk_size=None):
     """The fused scan (arguments as `mixcon.ops.conba.conba_scan`, already validated there).
-    ``chunk_size``: steps between the forward's state checkpoints for the backward."""
+    ``chunk_size``: steps between the forward's state checkpoints for the backward. These kernels are
+    the per-step controller: with control on, ``params.control_period`` must be 1 (`conba_scan_chunk`
+    serves P > 1)."""
+    p = params
+    if p.control and p.control_period != 1:
+        raise ValueError(f"conba_scan_triton runs the per-step controller (control_period=1), got "
+                         f"control_period={p.control_period}; use conba_scan_chunk (or conba_scan) for P > 1")
+    A, D, delta_bias, delta_softplus, rho, tau = p.A, p.D, p.delta_bias, p.delta_softplus, p.rho, p.tau
+    k0, eta, lam, w_r, k_max, group_size = p.k0, p.eta, p.lam, p.w_r, p.k_max, p.group_size
+    sigma_w, sigma_v, seed = p.sigma_w, p.sigma_v, p.seed
     b, T, d = u.shape
     n = A.shape[1]
     ng = d // group_size
@@ -824,24 +832,24 @@ def conba_scan_triton(
     return y
 
 
-def conba_step_triton(
-    state, u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False, alpha=None, rho=None,
-    tau=0, k0=None, eta=None, lam=None, w_r=None, k_max=1.0, group_size=8, sigma_w=0.0, sigma_v=0.0, seed=0,
-    mask=None, t=0, control_period=1,
-):
+@keyword_interface("state", "u", "delta")
+def conba_step_triton(state, u, delta, B, C, params: ConbaParams, *, z=None, alpha=None, mask=None, t=0):
     """The fused decode step: updates ``state`` (float32; the phase int64) in place and returns y
     (batch, d_inner). Every control period P: with control and P > 1 the kernel advances the phase and
     updates the gain only when the token closes a period (`_conba_step_kernel`). No host
     synchronisation and fixed shapes, so it can be captured in a CUDA graph (with a fixed ``t``, which
     only keys the noise). The kernel has no backward: with a gradient required it raises."""
-    if torch.is_grad_enabled() and any(isinstance(x, torch.Tensor) and x.requires_grad
-                                       for x in (u, delta, A, B, C, D, z, delta_bias, alpha, rho, k0, eta, lam, w_r)):
+    p = params
+    A, D, delta_bias, delta_softplus, rho, tau = p.A, p.D, p.delta_bias, p.delta_softplus, p.rho, p.tau
+    eta, lam, w_r, k_max, group_size = p.eta, p.lam, p.w_r, p.k_max, p.group_size
+    sigma_w, sigma_v, seed, control_period = p.sigma_w, p.sigma_v, p.seed, p.control_period
+    if torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in (u, delta, B, C, z, alpha, *p.tensors())):
         raise ValueError("conba_step (triton): the fused decode step has no backward; run it under torch.no_grad() "
                          "or use backend='ref' (or 'auto', which takes the reference step when a gradient is needed)")
     b, d = u.shape
     n = A.shape[1]
     ng = d // group_size
-    control = eta is not None or k0 is not None
+    control = p.control
     periodic = control and int(control_period) > 1
     f32 = dict(device=u.device, dtype=torch.float32)
     if control:
