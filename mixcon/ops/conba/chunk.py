@@ -57,7 +57,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from .common import _mix32, _normal, _rows, _seed_key, _softplus, _strides, _tanh
+from .common import SHARED_GROUPS, _groups, _mix32, _normal, _rows, _softplus, _tanh
 from .naive import ConbaState
 from .params import ConbaParams, keyword_interface
 
@@ -1138,15 +1138,12 @@ def _clock(mask, phase0, b, T, bt, period, device):
     return ph, t1.contiguous(), real.sum(1)
 
 
-# The kernels' grouped arguments (tuples; Triton unpacks them at compile time, so a group costs nothing at
-# run time): the names of their members in the kernels, in order. Forward and backward take the same
-# groups for what they share; kernel_report reads this for the ahead-of-time signatures.
+# The kernels' grouped arguments (tuples, unpacked at compile time): their members' names in the kernels,
+# in order; the groups shared with fused_recurrent.py's scan kernels come from common.py. Forward and
+# backward take the same groups for what they share; kernel_report reads this for the ahead-of-time
+# signatures.
 ARG_GROUPS = {
-    "ins": ("u_ptr", "dl_ptr", "z_ptr", "B_ptr", "C_ptr", "al_ptr", "m_ptr"),
-    "prm": ("A_ptr", "bias_ptr", "D_ptr", "wr_ptr", "rho_ptr", "eta_ptr", "lam_ptr"),
-    "strides": ("s_u_b", "s_u_t", "s_dl_b", "s_dl_t", "s_z_b", "s_z_t", "s_B_b", "s_B_t", "s_C_b", "s_C_t",
-                "s_al_b", "s_al_t"),
-    "scalars": ("k_max", "sigma_w", "sigma_v", "seed_key"),
+    **SHARED_GROUPS,
     "dims": ("T", "d", "NG", "N", "n_blk", "n_ck", "period"),
     "clock": ("ph_ptr", "t1_ptr"),  # (b, n_blk) int32 phase at each block's start; (b,) int32 first real step
     "carries": ("ck_s_ptr", "ck_k_ptr", "ck_e_ptr"),  # every SEG-th block's start carry
@@ -1159,14 +1156,6 @@ ARG_GROUPS = {
     "gprm": ("gA_ptr", "gbias_ptr", "gD_ptr", "gwr_ptr", "grho_ptr", "geta_ptr", "glam_ptr"),
     "gstate0": ("gh0_ptr", "gln0_ptr", "gk0_ptr", "ge0_ptr"),
 }
-
-
-def _groups(cfg, u, delta, z, B, C, alpha, mask, A, delta_bias, D, w_r, rho, eta, lam, dummy):
-    """The groups both kernels take: ins, prm, strides, scalars (absent optional inputs: ``dummy``)."""
-    o = lambda x: x if x is not None else dummy  # noqa: E731
-    return ((u, delta, o(z), B, C, o(alpha), o(mask)), (A, o(delta_bias), o(D), o(w_r), o(rho), o(eta), o(lam)),
-            tuple(_strides(u, delta, z, B, C, alpha)),
-            (float(cfg.k_max), float(cfg.sigma_w), float(cfg.sigma_v), _seed_key(cfg.seed)))
 
 
 def _launch_fwd(cfg, u, delta, A, B, C, D, z, delta_bias, alpha, rho, eta, lam, w_r, h0, ln0, k_init, e0, mask,
@@ -1193,7 +1182,8 @@ def _launch_fwd(cfg, u, delta, A, B, C, D, z, delta_bias, alpha, rho, eta, lam, 
               torch.empty(b, n_ck, d, **f32) if cfg.control else dummy)
     else:
         ck = (dummy,) * 3
-    ins, prm, strides, scalars = _groups(cfg, u, delta, z, B, C, alpha, mask, A, delta_bias, D, w_r, rho, eta, lam, dummy)
+    ins, prm, strides, scalars = _groups(cfg, u, delta, z, B, C, alpha, mask, A, delta_bias, D, w_r, rho, eta, lam,
+                                         dummy)
     _chunk_fwd_kernel[(b, n_cb)](
         ins, prm, strides, scalars, (T, d, ng, n, n_blk, n_ck, cfg.period), (ph, t1), ck,
         (h0, ln0 if tau else dummy, k_init, e0), y, (hT, lnT if tau else dummy, kT, eT),

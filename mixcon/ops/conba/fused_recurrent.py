@@ -30,7 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import _mix32, _normal, _rows, _seed_key, _softplus, _strides, _tanh
+from .common import SHARED_GROUPS, _groups, _mix32, _normal, _rows, _seed_key, _softplus, _tanh
 from .naive import ConbaState
 from .params import ConbaParams, keyword_interface
 
@@ -242,19 +242,23 @@ def _fwd_step(h, D0, D1, D2, D3, k, e,
 # ---------------------------------------------------------------------------------- forward
 @triton.jit
 def _conba_fwd_kernel(
-    u_ptr, dl_ptr, z_ptr, B_ptr, C_ptr, al_ptr, m_ptr, y_ptr,
-    A_ptr, bias_ptr, D_ptr, wr_ptr, rho_ptr, eta_ptr, lam_ptr,
-    h0_ptr, dl0_ptr, k0_ptr, e0_ptr,  # initial state (b, d, N), (b, τ, d, N), (b, ng), (b, d)
-    hT_ptr, dlT_ptr, kT_ptr, eT_ptr,  # final state, same shapes
-    ck_h_ptr, ck_dl_ptr, ck_k_ptr, ck_e_ptr,  # checkpoints (b, nC, ...) of the pre-chunk state
-    T, d, NG, N, n_chunks,
-    s_u_b, s_u_t, s_dl_b, s_dl_t, s_z_b, s_z_t, s_B_b, s_B_t, s_C_b, s_C_t, s_al_b, s_al_t,
-    k_max, sigma_w, sigma_v, seed_key,
+    ins, prm, strides, scalars, dims, carries,  # grouped as in the backward (ARG_GROUPS)
+    state0,  # initial state (b, d, N), (b, τ, d, N), (b, ng), (b, d)
+    y_ptr,
+    stateT,  # final state, same shapes
     G: tl.constexpr, GP: tl.constexpr, BG: tl.constexpr, NP: tl.constexpr, CHUNK: tl.constexpr,
     TAU: tl.constexpr, CONTROL: tl.constexpr, HAS_ALPHA: tl.constexpr, HAS_BIAS: tl.constexpr,
     SOFTPLUS: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_MASK: tl.constexpr,
     NOISE_W: tl.constexpr, NOISE_V: tl.constexpr, SAVE: tl.constexpr,
 ):
+    u_ptr, dl_ptr, z_ptr, B_ptr, C_ptr, al_ptr, m_ptr = ins
+    A_ptr, bias_ptr, D_ptr, wr_ptr, rho_ptr, eta_ptr, lam_ptr = prm
+    s_u_b, s_u_t, s_dl_b, s_dl_t, s_z_b, s_z_t, s_B_b, s_B_t, s_C_b, s_C_t, s_al_b, s_al_t = strides
+    k_max, sigma_w, sigma_v, seed_key = scalars
+    T, d, NG, N, n_chunks = dims
+    ck_h_ptr, ck_dl_ptr, ck_k_ptr, ck_e_ptr = carries
+    h0_ptr, dl0_ptr, k0_ptr, e0_ptr = state0
+    hT_ptr, dlT_ptr, kT_ptr, eT_ptr = stateT
     pid_b = tl.program_id(0).to(tl.int64)  # batch offsets (b·T·d, checkpoints) can pass 2^31
     pid_g = tl.program_id(1)
     offs_n, offs_g, nmask, gmask, cmask, ch, smask, sidx, lane_w, lane_v, kb = _tile(
@@ -307,24 +311,31 @@ def _conba_fwd_kernel(
 # ---------------------------------------------------------------------------------- backward
 @triton.jit
 def _conba_bwd_kernel(
-    u_ptr, dl_ptr, z_ptr, B_ptr, C_ptr, al_ptr, m_ptr, gy_ptr,
-    A_ptr, bias_ptr, D_ptr, wr_ptr, rho_ptr, eta_ptr, lam_ptr,
-    ck_h_ptr, ck_dl_ptr, ck_k_ptr, ck_e_ptr,
-    ghT_ptr, gdlT_ptr, gkT_ptr, geT_ptr,  # gradients of the final state (fp32)
-    sc_h_ptr, sc_d_ptr, sc_k_ptr, sc_e_ptr,  # scratch (b, CHUNK, ...) of pre-step states
-    gu_ptr, gdl_ptr, gz_ptr, gal_ptr,  # per-step gradients, contiguous like their inputs
-    gB_ptr, gC_ptr,  # partials (b, T, n_blocks, N) fp32
-    gA_ptr, gbias_ptr, gD_ptr, gwr_ptr,  # partials (b, d, N) and (b, d) fp32
-    grho_ptr, geta_ptr, glam_ptr,  # partials (b, ng) fp32
-    gh0_ptr, gdl0_ptr, gk0_ptr, ge0_ptr,  # gradients of the initial state (fp32)
-    T, d, NG, N, n_chunks, n_blocks,
-    s_u_b, s_u_t, s_dl_b, s_dl_t, s_z_b, s_z_t, s_B_b, s_B_t, s_C_b, s_C_t, s_al_b, s_al_t,
-    k_max, sigma_w, sigma_v, seed_key,
+    ins, prm, strides, scalars, dims, carries,  # the forward's groups (ARG_GROUPS)
+    gy_ptr, n_blocks,
+    gstateT,  # gradients of the final state (fp32)
+    scratch,  # (b, CHUNK, ...) of pre-step states
+    gins,  # per-step gradients (u, Δ, z, α), contiguous like their inputs
+    gBC,  # partials (b, T, n_blocks, N) fp32
+    gprm,  # partials of prm's members: (b, d, N), (b, d) × 3, (b, ng) × 3, fp32
+    gstate0,  # gradients of the initial state (fp32)
     G: tl.constexpr, GP: tl.constexpr, BG: tl.constexpr, NP: tl.constexpr, CHUNK: tl.constexpr,
     TAU: tl.constexpr, CONTROL: tl.constexpr, HAS_ALPHA: tl.constexpr, HAS_BIAS: tl.constexpr,
     SOFTPLUS: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_MASK: tl.constexpr,
     NOISE_W: tl.constexpr, NOISE_V: tl.constexpr, HAS_GFINAL: tl.constexpr,
 ):
+    u_ptr, dl_ptr, z_ptr, B_ptr, C_ptr, al_ptr, m_ptr = ins
+    A_ptr, bias_ptr, D_ptr, wr_ptr, rho_ptr, eta_ptr, lam_ptr = prm
+    s_u_b, s_u_t, s_dl_b, s_dl_t, s_z_b, s_z_t, s_B_b, s_B_t, s_C_b, s_C_t, s_al_b, s_al_t = strides
+    k_max, sigma_w, sigma_v, seed_key = scalars
+    T, d, NG, N, n_chunks = dims
+    ck_h_ptr, ck_dl_ptr, ck_k_ptr, ck_e_ptr = carries
+    ghT_ptr, gdlT_ptr, gkT_ptr, geT_ptr = gstateT
+    sc_h_ptr, sc_d_ptr, sc_k_ptr, sc_e_ptr = scratch
+    gu_ptr, gdl_ptr, gz_ptr, gal_ptr = gins
+    gB_ptr, gC_ptr = gBC
+    gA_ptr, gbias_ptr, gD_ptr, gwr_ptr, grho_ptr, geta_ptr, glam_ptr = gprm
+    gh0_ptr, gdl0_ptr, gk0_ptr, ge0_ptr = gstate0
     pid_b = tl.program_id(0).to(tl.int64)  # batch offsets (b·T·d, checkpoints) can pass 2^31
     pid_g = tl.program_id(1)
     offs_n, offs_g, nmask, gmask, cmask, ch, smask, sidx, lane_w, lane_v, kb = _tile(
@@ -659,6 +670,25 @@ def _flags(cfg):
                 NOISE_W=cfg.sigma_w > 0.0, NOISE_V=cfg.sigma_v > 0.0)
 
 
+# The scan kernels' grouped arguments (tuples, unpacked at compile time): their members' names in the
+# kernels, in order; the groups shared with chunk.py's kernels come from common.py. kernel_report reads
+# this for the ahead-of-time signatures. (The decode step keeps flat arguments: it runs per token, and
+# its ``do_not_specialize`` names t_idx and period.)
+ARG_GROUPS = {
+    **SHARED_GROUPS,
+    "dims": ("T", "d", "NG", "N", "n_chunks"),
+    "carries": ("ck_h_ptr", "ck_dl_ptr", "ck_k_ptr", "ck_e_ptr"),  # checkpoints (b, nC, ...) of the pre-chunk state
+    "state0": ("h0_ptr", "dl0_ptr", "k0_ptr", "e0_ptr"),
+    "stateT": ("hT_ptr", "dlT_ptr", "kT_ptr", "eT_ptr"),
+    "gstateT": ("ghT_ptr", "gdlT_ptr", "gkT_ptr", "geT_ptr"),
+    "scratch": ("sc_h_ptr", "sc_d_ptr", "sc_k_ptr", "sc_e_ptr"),
+    "gins": ("gu_ptr", "gdl_ptr", "gz_ptr", "gal_ptr"),
+    "gBC": ("gB_ptr", "gC_ptr"),
+    "gprm": ("gA_ptr", "gbias_ptr", "gD_ptr", "gwr_ptr", "grho_ptr", "geta_ptr", "glam_ptr"),
+    "gstate0": ("gh0_ptr", "gdl0_ptr", "gk0_ptr", "ge0_ptr"),
+}
+
+
 def _launch_fwd(cfg, u, delta, A, B, C, D, z, delta_bias, alpha, rho, eta, lam, w_r, h0, dl0, k_init, e0, mask,
                 save: bool):
     b, T, d = u.shape
@@ -680,16 +710,11 @@ def _launch_fwd(cfg, u, delta, A, B, C, D, z, delta_bias, alpha, rho, eta, lam, 
               torch.empty(b, n_chunks, d, **f32) if cfg.control else dummy)
     else:
         ck = (dummy,) * 4
-    o = lambda x: x if x is not None else dummy  # noqa: E731 - absent optional inputs
+    ins, prm, strides, scalars = _groups(cfg, u, delta, z, B, C, alpha, mask, A, delta_bias, D, w_r, rho, eta, lam,
+                                         dummy)
     _conba_fwd_kernel[(b, n_blocks)](
-        u, delta, o(z), B, C, o(alpha), o(mask), y,
-        A, o(delta_bias), o(D), o(w_r), o(rho), o(eta), o(lam),
-        h0, dl0 if tau else dummy, k_init, e0,
-        hT, dlT if tau else dummy, kT, eT,
-        *ck,
-        T, d, ng, n, n_chunks,
-        *_strides(u, delta, z, B, C, alpha),
-        float(cfg.k_max), float(cfg.sigma_w), float(cfg.sigma_v), _seed_key(cfg.seed),
+        ins, prm, strides, scalars, (T, d, ng, n, n_chunks), tuple(ck),
+        (h0, dl0 if tau else dummy, k_init, e0), y, (hT, dlT if tau else dummy, kT, eT),
         G=G, GP=gp, BG=bg, NP=np_, CHUNK=cfg.chunk, SAVE=save, **_flags(cfg), num_warps=num_warps,
     )
     return y, (hT, dlT, kT, eT), ck
@@ -739,18 +764,12 @@ class _ConbaScan(torch.autograd.Function):
         gdl0 = torch.empty(b, tau, d, n, **f32)
         gk0 = torch.zeros(b, ng, **f32)
         ge0 = torch.zeros(b, d, **f32)
-        o = lambda x: x if x is not None else dummy  # noqa: E731
+        ins, prm, strides, scalars = _groups(cfg, u, delta, z, B, C, alpha, mask, A, delta_bias, D, w_r, rho, eta,
+                                             lam, dummy)
         _conba_bwd_kernel[(b, n_blocks)](
-            u, delta, o(z), B, C, o(alpha), o(mask), gy,
-            A, o(delta_bias), o(D), o(w_r), o(rho), o(eta), o(lam),
-            *ck,
-            ghT, gdlT if tau else dummy, gkT, geT,
-            *sc,
-            gu, gdelta, gz, galpha, gBp, gCp, gAp, gbp, gDp, gwp, grp, gep, glp,
-            gh0, gdl0 if tau else dummy, gk0, ge0,
-            T, d, ng, n, triton.cdiv(T, cfg.chunk), n_blocks,
-            *_strides(u, delta, z, B, C, alpha),
-            float(cfg.k_max), float(cfg.sigma_w), float(cfg.sigma_v), _seed_key(cfg.seed),
+            ins, prm, strides, scalars, (T, d, ng, n, triton.cdiv(T, cfg.chunk)), tuple(ck), gy, n_blocks,
+            (ghT, gdlT if tau else dummy, gkT, geT), sc, (gu, gdelta, gz, galpha), (gBp, gCp),
+            (gAp, gbp, gDp, gwp, grp, gep, glp), (gh0, gdl0 if tau else dummy, gk0, ge0),
             G=G, GP=gp, BG=bg, NP=np_, CHUNK=cfg.chunk, HAS_GFINAL=has_gfinal, **_flags(cfg),
             num_warps=num_warps,
         )
@@ -843,7 +862,8 @@ def conba_step_triton(state, u, delta, B, C, params: ConbaParams, *, z=None, alp
     A, D, delta_bias, delta_softplus, rho, tau = p.A, p.D, p.delta_bias, p.delta_softplus, p.rho, p.tau
     eta, lam, w_r, k_max, group_size = p.eta, p.lam, p.w_r, p.k_max, p.group_size
     sigma_w, sigma_v, seed, control_period = p.sigma_w, p.sigma_v, p.seed, p.control_period
-    if torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in (u, delta, B, C, z, alpha, *p.tensors())):
+    if torch.is_grad_enabled() and any(x is not None and x.requires_grad
+                                       for x in (u, delta, B, C, z, alpha, *p.tensors())):
         raise ValueError("conba_step (triton): the fused decode step has no backward; run it under torch.no_grad() "
                          "or use backend='ref' (or 'auto', which takes the reference step when a gradient is needed)")
     b, d = u.shape
