@@ -71,6 +71,7 @@ def test_params_is_frozen_and_knows_its_control():
     assert q.control and q.noisy and q.A is p.A and p.eta is None  # replace copies, p is untouched
     assert ConbaParams(p.A, k0=torch.rand(2)).control
     assert [f.name for f in dataclasses.fields(ConbaParams)] == list(FIELDS)
+    assert p == p and p != p.replace() and {p: 1}[p] == 1  # identity: no element-wise tensor comparison
 
 
 @pytest.mark.parametrize("fn", [conba_scan_ref, conba_scan_chunk_torch,

@@ -34,7 +34,7 @@ def check_tensor(name, x, shape, allow_none=True):
         raise ValueError(f"{name} must be a floating tensor, got {x.dtype}")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # eq=False: identity, not an element-wise comparison of tensors
 class ConbaParams:
     """What a Conba layer fixes for a whole call (docs/conba.md, step 6); shapes with d = d_inner,
     N the state size, G = ``group_size``:
