@@ -158,7 +158,6 @@ def keyword_interface(*lead: str, defaults: Optional[dict] = None):
             first = [bound.pop(k) for k in (*lead, "B", "C")]
             return fn(*first, params, **bound)
 
-        adapter.__wrapped_params__ = fn  # the params-only function, for callers that want no adapter
-        return adapter
+        return adapter  # functools.wraps: adapter.__wrapped__ is the params-only function
 
     return wrap
