@@ -30,7 +30,8 @@ import torch
 import torch.nn.functional as F
 
 from mixcon.benchmark import copy_bandwidth, header, parse_run_args, print_row, save_results, timeit
-from mixcon.ops.conba import conba_scan, conba_step, empty_state
+from mixcon.ops.conba import ConbaParams, conba_scan, conba_step, empty_state
+from mixcon.ops.conba.params import FIELDS as PARAM_FIELDS
 from mixcon.ops.conba import chunk, fused_recurrent
 
 
@@ -186,11 +187,14 @@ def main(argv=None):
                         pass
                     del q
                 if T == args.seqlen[0]:  # the decode step does not depend on T
-                    s = {k: (v[:, 0] if k in ("u", "delta", "B", "C", "z", "alpha") else v) for k, v in x.items()}
-                    # the fused decode step at the same P (it advances the phase, samples every P-th token)
+                    s = {k: x[k][:, 0] for k in ("u", "delta", "B", "C", "z", "alpha") if k in x}
+                    # the fused decode step at the same P (it advances the phase, samples every P-th token); the
+                    # parameters built once, as a layer does per token (no keyword adapter in the timing)
+                    p = ConbaParams(**{k: v for k, v in x.items() if k in PARAM_FIELDS})
                     state = empty_state(b, d, args.d_state, 2, args.group_size, x["k0"], device)
                     with torch.no_grad():
-                        row["step_us"] = timeit(lambda: conba_step(state, **s, backend="triton"), device, **reps) * 1e6
+                        row["step_us"] = timeit(lambda: conba_step(state, **s, params=p, backend="triton"), device,
+                                                **reps) * 1e6
                     if state_update is not None and device.type == "cuda":
                         st = torch.zeros(b, d, args.d_state, device=device, dtype=torch.float32)
                         row["mamba_step_us"] = timeit(lambda: state_update(

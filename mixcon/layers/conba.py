@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..ops.conba import ConbaState, conba_scan, conba_step, empty_state
+from ..ops.conba import ConbaParams, ConbaState, conba_scan, conba_step, empty_state
 from ..ops.conv import causal_conv1d, causal_conv1d_step
 from .linear import Linear
 from .norm import RMSNorm
@@ -178,7 +178,8 @@ class ConbaMixer(nn.Module):
         return conv_state, empty_state(batch, self.d_inner, self.d_state, self.tau, self.group_size, k0, device)
 
     def _scan_params(self, u: torch.Tensor):
-        """Selection network (step 3), Δ projection (4) and the mechanisms' parameters (5, 6)."""
+        """Selection network (step 3), Δ projection (4) and the mechanisms' parameters (5, 6): the
+        per-token inputs as a dict (delta, B, C, alpha) and the layer's `ConbaParams` under "params"."""
         q = self.x_proj(u)  # (..., R + 2N [+ ng])
         if self.selection == "swiglu":
             q = q + self.sel_out(F.silu(self.sel_gate(u)) * self.sel_value(u))
@@ -187,14 +188,11 @@ class ConbaMixer(nn.Module):
         dt, B, C = parts[:3]
         if self.ssm_norm:
             dt, B, C = self.dt_layernorm(dt), self.b_layernorm(B), self.c_layernorm(C)
-        p = dict(
-            delta=F.linear(dt, self.dt_proj.weight),  # bias and softplus are applied inside the scan
-            A=-torch.exp(_acc(self.A_log)),
-            B=B, C=C, D=self.D, delta_bias=self.dt_proj.bias, delta_softplus=True,
-            group_size=self.group_size, k_max=self.k_max,
-        )
+        x = dict(delta=F.linear(dt, self.dt_proj.weight), B=B, C=C)  # bias and softplus are applied inside the scan
+        p = dict(A=-torch.exp(_acc(self.A_log)), D=self.D, delta_bias=self.dt_proj.bias, delta_softplus=True,
+                 group_size=self.group_size, k_max=self.k_max)
         if self.state_scaling:
-            p["alpha"] = torch.sigmoid(_acc(parts[3]) + _acc(self.alpha_bias))
+            x["alpha"] = torch.sigmoid(_acc(parts[3]) + _acc(self.alpha_bias))
         if self.tau > 0:
             p["rho"], p["tau"] = torch.sigmoid(_acc(self.rho_raw)), self.tau
         if self.control:
@@ -204,7 +202,8 @@ class ConbaMixer(nn.Module):
             # a fresh key per forward, drawn from torch's RNG so runs are reproducible under manual_seed
             p.update(sigma_w=self.process_noise, sigma_v=self.observation_noise,
                      seed=int(torch.randint(0, 2**31 - 1, (1,)).item()))
-        return p
+        x["params"] = ConbaParams(**p)
+        return x
 
     # ------------------------------------------------------------------ forward
     def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None, state=None):

@@ -29,6 +29,7 @@ import inspect
 import io
 import os
 import re
+import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -63,14 +64,23 @@ class Shape:
 
 
 def _signature(fn, constexprs: dict, int_ptrs: dict, activation: str) -> dict:
+    """Triton's signature of ``fn``: each argument's type from its name (a grouped argument, a tuple whose
+    members the kernel's module names in ``ARG_GROUPS``: a tuple of its members' types)."""
+    groups = getattr(sys.modules[fn.fn.__module__], "ARG_GROUPS", {})
+
+    def type_of(name):
+        if name.endswith("_ptr"):
+            return int_ptrs.get(name, activation if name in ACTIVATIONS else "*fp32")
+        return "fp32" if name in FLOAT_SCALARS else "i32"
+
     sig = {}
     for name in inspect.signature(fn.fn).parameters:
         if name in constexprs:
             sig[name] = "constexpr"
-        elif name.endswith("_ptr"):
-            sig[name] = int_ptrs.get(name, activation if name in ACTIVATIONS else "*fp32")
+        elif name in groups:
+            sig[name] = tuple(type_of(m) for m in groups[name])
         else:
-            sig[name] = "fp32" if name in FLOAT_SCALARS else "i32"
+            sig[name] = type_of(name)
     return sig
 
 

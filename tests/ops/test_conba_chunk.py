@@ -161,14 +161,22 @@ fn = ck._chunk_fwd_kernel if which == "fwd" else ck._chunk_bwd_kernel
 bf16 = {"u_ptr", "dl_ptr", "z_ptr", "B_ptr", "C_ptr", "al_ptr", "y_ptr", "gy_ptr", "gu_ptr", "gdl_ptr", "gz_ptr",
         "gal_ptr"}
 ints = {"m_ptr": "*i8", "ph_ptr": "*i32", "t1_ptr": "*i32"}
+
+
+def ty(name):
+    if name.endswith("_ptr"):
+        return ints.get(name, "*bf16" if name in bf16 else "*fp32")
+    return "fp32" if name in ("k_max", "sigma_w", "sigma_v") else "i32"
+
+
 sig = {}
 for name in inspect.signature(fn.fn).parameters:
     if name in flags:
         sig[name] = "constexpr"
-    elif name.endswith("_ptr"):
-        sig[name] = ints.get(name, "*bf16" if name in bf16 else "*fp32")
+    elif name in ck.ARG_GROUPS:  # a grouped argument: a tuple of its members' types
+        sig[name] = tuple(ty(m) for m in ck.ARG_GROUPS[name])
     else:
-        sig[name] = "fp32" if name in ("k_max", "sigma_w", "sigma_v") else "i32"
+        sig[name] = ty(name)
 k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=flags), target=GPUTarget("cuda", 90, 32),
                    options=dict(num_warps=ck.TUNING["num_warps"]))
 assert k.asm.get("cubin")

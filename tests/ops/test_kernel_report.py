@@ -56,3 +56,29 @@ def test_compiles_one_kernel_for_sm90_and_prints_the_spill_total():
     regs, stores, loads, stack, shared, warps = map(int, row.split()[1:7])
     assert 0 < regs <= 255 and warps >= 1 and shared >= 0
     assert re.fullmatch(r"spills: \d+", lines[-1]) and int(lines[-1].split()[1]) == stores
+
+
+def test_grouped_kernel_arguments_match_arg_groups():
+    """The kernels take some arguments as tuples (chunk.py: forward and backward share ins, prm, strides,
+    scalars, dims, clock, carries); kernel_report types their members by the names in the module's
+    ARG_GROUPS, so each kernel's unpacking line must list exactly those names."""
+    import inspect
+
+    for m in (chunk, fused_recurrent):
+        groups = getattr(m, "ARG_GROUPS", {})
+        for name in dir(m):
+            k = getattr(m, name)
+            if not (name.endswith("_kernel") and hasattr(k, "fn")):
+                continue
+            src = inspect.getsource(k.fn)
+            for arg in inspect.signature(k.fn).parameters:
+                if arg in groups:
+                    line = re.search(rf"^\s+([\w, ]+) = {arg}$", src, re.M)
+                    assert line, (name, arg)
+                    assert tuple(s.strip() for s in line.group(1).split(",")) == groups[arg], (name, arg)
+    shared = ("ins", "prm", "strides", "scalars", "dims", "clock", "carries")
+    for k in (chunk._chunk_fwd_kernel, chunk._chunk_bwd_kernel):
+        assert set(shared) <= set(inspect.signature(k.fn).parameters), k.fn.__name__
+    bwd = [p for p, v in inspect.signature(chunk._chunk_bwd_kernel.fn).parameters.items()
+           if "constexpr" not in str(v.annotation)]
+    assert len(bwd) <= 20, bwd  # was 69 flat arguments (89 with the constexprs)

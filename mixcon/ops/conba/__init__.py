@@ -20,11 +20,12 @@ from typing import Optional
 import torch
 
 from .naive import ConbaState, conba_scan_ref, conba_step_ref, empty_state
+from .params import MAX_DELAY, ConbaParams, check_tensor, keyword_interface
 
-__all__ = ["ConbaState", "conba_scan", "conba_step", "empty_state", "conba_scan_ref", "conba_step_ref"]
+__all__ = ["ConbaParams", "ConbaState", "conba_scan", "conba_step", "empty_state", "conba_scan_ref",
+           "conba_step_ref", "MAX_DELAY"]
 
 BACKENDS = ("auto", "ref", "triton", "chunk_torch")
-MAX_DELAY = 4
 
 
 def _triton_available() -> bool:
@@ -57,50 +58,27 @@ def _tracing() -> bool:
     return any(getattr(compiler, f, lambda: False)() for f in ("is_compiling", "is_exporting"))
 
 
-def _check(name, x, shape, allow_none=True):
-    if x is None:
-        if allow_none:
-            return
-        raise ValueError(f"{name} is required")
-    if not isinstance(x, torch.Tensor):
-        raise ValueError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-    if tuple(x.shape) != tuple(shape):
-        raise ValueError(f"{name} has shape {tuple(x.shape)}, expected {tuple(shape)}")
-    if not (x.is_floating_point() or name == "mask"):
-        raise ValueError(f"{name} must be a floating tensor, got {x.dtype}")
-
-
-def _validate(u, delta, A, B, C, D, z, delta_bias, alpha, rho, tau, k0, eta, lam, w_r, group_size,
-              mask, initial_state, lead, control_period=1):
-    """Shared argument checks; ``lead`` is (batch, T) for a scan and (batch,) for a step."""
-    if isinstance(control_period, bool) or not isinstance(control_period, int) or control_period < 1:
-        raise ValueError(f"control_period={control_period!r} must be an int >= 1 (real steps between two "
-                         f"actions of the controller; 1 = act every step)")
+def _validate(u, delta, B, C, params, z, alpha, mask, initial_state, lead):
+    """Shared argument checks; ``lead`` is (batch, T) for a scan and (batch,) for a step. The
+    parameters' own checks are `ConbaParams.validate`; the per-token inputs and the state are here."""
+    if not isinstance(params, ConbaParams):
+        raise ValueError(f"params must be a ConbaParams, got {type(params).__name__}")
+    params.validate_period()
     if u.dim() != len(lead) + 1:
         raise ValueError(f"u must have {len(lead) + 1} dims {(*('batch', 'time')[:len(lead)], 'd_inner')}, got {tuple(u.shape)}")
     d = u.shape[-1]
-    if A.dim() != 2 or A.shape[0] != d:
-        raise ValueError(f"A has shape {tuple(A.shape)}, expected (d_inner={d}, N)")
-    n = A.shape[1]
-    if not isinstance(group_size, int) or group_size < 1 or d % group_size != 0:
-        raise ValueError(f"group_size={group_size!r} must be a positive int dividing d_inner={d}")
-    if not isinstance(tau, int) or not 0 <= tau <= MAX_DELAY:
-        raise ValueError(f"tau={tau!r} must be an int in [0, {MAX_DELAY}]")
-    ng = d // group_size
-    _check("u", u, (*lead, d), allow_none=False)
-    _check("delta", delta, (*lead, d), allow_none=False)
-    _check("B", B, (*lead, n), allow_none=False)
-    _check("C", C, (*lead, n), allow_none=False)
-    _check("z", z, (*lead, d))
-    _check("alpha", alpha, (*lead, ng))
-    for name, x in (("D", D), ("delta_bias", delta_bias), ("w_r", w_r)):
-        _check(name, x, (d,))
-    for name, x in (("rho", rho), ("k0", k0), ("eta", eta), ("lam", lam)):
-        _check(name, x, (ng,))
-    if tau > 0 and rho is None:
-        raise ValueError("tau > 0 needs rho (shape (d_inner // group_size,)); pass tau=0 for no delay")
+    params.validate(d)
+    n = params.A.shape[1]
+    tau = params.tau
+    ng = d // params.group_size
+    check_tensor("u", u, (*lead, d), allow_none=False)
+    check_tensor("delta", delta, (*lead, d), allow_none=False)
+    check_tensor("B", B, (*lead, n), allow_none=False)
+    check_tensor("C", C, (*lead, n), allow_none=False)
+    check_tensor("z", z, (*lead, d))
+    check_tensor("alpha", alpha, (*lead, ng))
     if mask is not None:
-        _check("mask", mask, lead)
+        check_tensor("mask", mask, lead)
     if initial_state is not None:
         b = lead[0]
         expected = ConbaState((b, d, n), (b, tau, d, n), (b, ng), (b, d), (b,))
@@ -114,45 +92,30 @@ def _validate(u, delta, A, B, C, D, z, delta_bias, alpha, rho, tau, k0, eta, lam
                 raise ValueError(f"state.{field} has shape {tuple(x.shape)}, expected {tuple(shape)}")
 
 
+@keyword_interface("u", "delta")
 def conba_scan(
     u: torch.Tensor,
     delta: torch.Tensor,
-    A: torch.Tensor,
     B: torch.Tensor,
     C: torch.Tensor,
-    D: Optional[torch.Tensor] = None,
+    params: ConbaParams,
+    *,
     z: Optional[torch.Tensor] = None,
-    delta_bias: Optional[torch.Tensor] = None,
-    delta_softplus: bool = False,
     alpha: Optional[torch.Tensor] = None,
-    rho: Optional[torch.Tensor] = None,
-    tau: int = 0,
-    k0: Optional[torch.Tensor] = None,
-    eta: Optional[torch.Tensor] = None,
-    lam: Optional[torch.Tensor] = None,
-    w_r: Optional[torch.Tensor] = None,
-    k_max: float = 1.0,
-    group_size: int = 8,
-    sigma_w: float = 0.0,
-    sigma_v: float = 0.0,
-    seed: int = 0,
+    mask: Optional[torch.Tensor] = None,
     initial_state: Optional[ConbaState] = None,
     return_final_state: bool = False,
     backend: str = "auto",
-    mask: Optional[torch.Tensor] = None,
-    control_period: int = 1,
 ):
     """Conba's selective scan over a whole sequence.
 
     Args:
-        u, delta, z: (batch, time, d_inner). B, C: (batch, time, N). A: (d_inner, N), negative.
-        D, delta_bias, w_r: (d_inner,). alpha: (batch, time, d_inner // group_size), in (0, 1].
-        rho, k0, eta, lam: (d_inner // group_size,), already in their ranges (rho, lam in [0, 1),
-            eta ≥ 0). Control is on when ``k0`` or ``eta`` is given; the delay when ``tau > 0``.
-        sigma_w, sigma_v: process / observation noise scales (0 = off), keyed by ``seed``.
+        u, delta, z: (batch, time, d_inner). B, C: (batch, time, N).
+        params: the layer's `ConbaParams` (A, D, delta_bias, the mechanisms' parameters, the
+            control period, noise). Or, instead, the flat keyword interface ``conba_scan(u, delta,
+            A, B, C, D, z, delta_bias=..., ...)`` with the same names (`keyword_interface`).
+        alpha: (batch, time, d_inner // group_size), in (0, 1].
         mask: optional (batch, time), 1 for a real token, 0 for padding: padded steps are skipped.
-        control_period: P, real steps between two sampling instants of the controller (it holds
-            its signal in between); 1 = the per-step controller.
         initial_state: a `ConbaState` to start from (default: the empty state with k = k0).
     Returns:
         y (batch, time, d_inner) in u's dtype — gated by silu(z) when z is given — and, with
@@ -160,108 +123,87 @@ def conba_scan(
 
     Example::
 
-        y = conba_scan(u, delta, A, B, C, D, z, delta_bias=b_dt, delta_softplus=True)
+        y = conba_scan(u, delta, B, C, ConbaParams(A, D=D, delta_bias=b_dt, delta_softplus=True), z=z)
+        y = conba_scan(u, delta, A, B, C, D, z, delta_bias=b_dt, delta_softplus=True)  # the same
     """
     if not isinstance(u, torch.Tensor) or u.dim() != 3:
         raise ValueError(f"u must be a (batch, time, d_inner) tensor, got {getattr(u, 'shape', type(u))}")
-    _validate(u, delta, A, B, C, D, z, delta_bias, alpha, rho, tau, k0, eta, lam, w_r, group_size,
-              mask, initial_state, tuple(u.shape[:2]), control_period)
-    kwargs = dict(D=D, z=z, delta_bias=delta_bias, delta_softplus=delta_softplus, alpha=alpha, rho=rho,
-                  tau=tau, k0=k0, eta=eta, lam=lam, w_r=w_r, k_max=k_max, group_size=group_size,
-                  sigma_w=sigma_w, sigma_v=sigma_v, seed=seed, initial_state=initial_state,
-                  return_final_state=return_final_state, mask=mask)
-    control = k0 is not None or eta is not None
+    _validate(u, delta, B, C, params, z, alpha, mask, initial_state, tuple(u.shape[:2]))
+    kw = dict(z=z, alpha=alpha, mask=mask, initial_state=initial_state, return_final_state=return_final_state)
+    P = params.control_period
     resolved = resolve_backend(backend, u.device)
-    if resolved == "chunk_torch" or (backend == "auto" and u.device.type == "cpu" and _auto_cpu(control, control_period)):
+    if resolved == "chunk_torch" or (backend == "auto" and u.device.type == "cpu" and _auto_cpu(params.control, P)):
         from .chunk_torch import conba_scan_chunk_torch
 
-        return conba_scan_chunk_torch(u, delta, A, B, C, **kwargs, control_period=control_period)
-    if resolved == "triton" and control_period > 1:
+        return conba_scan_chunk_torch(u, delta, B, C, params, **kw)
+    if resolved == "triton" and P > 1:
         # the held signal (and, without control, any P > 1): the chunk-parallel scan
         from .chunk import conba_scan_chunk
 
-        return conba_scan_chunk(u, delta, A, B, C, **kwargs, control_period=control_period)
+        return conba_scan_chunk(u, delta, B, C, params, **kw)
     if resolved == "triton":  # P = 1: the per-step kernels
         from .fused_recurrent import conba_scan_triton
 
-        return conba_scan_triton(u, delta, A, B, C, **kwargs)
-    return conba_scan_ref(u, delta, A, B, C, **kwargs, control_period=control_period)
+        return conba_scan_triton(u, delta, B, C, params, **kw)
+    return conba_scan_ref(u, delta, B, C, params, **kw)
 
 
-_NOT_STEP = ("sigma_w", "sigma_v", "seed", "t")  # the compiled step runs without noise
-
-
-def _cpu_step_applies(state, kwargs, *tensors) -> bool:
+def _cpu_step_applies(state, params, *tensors) -> bool:
     """Whether a CPU decode step can run compiled: no noise, no gradient wanted, not under a trace."""
-    if kwargs["sigma_w"] > 0.0 or kwargs["sigma_v"] > 0.0 or _tracing():
+    if params.noisy or _tracing():
         return False
     if torch.is_grad_enabled():
-        xs = (*tensors, *state[:4], *(v for v in kwargs.values() if isinstance(v, torch.Tensor)))
-        if any(x.requires_grad for x in xs):
+        xs = (*tensors, *state[:4], *params.tensors())
+        if any(x is not None and x.requires_grad for x in xs):
             return False
     return True
 
 
+@keyword_interface("state", "u", "delta")
 def conba_step(
     state: ConbaState,
     u: torch.Tensor,
     delta: torch.Tensor,
-    A: torch.Tensor,
     B: torch.Tensor,
     C: torch.Tensor,
-    D: Optional[torch.Tensor] = None,
+    params: ConbaParams,
+    *,
     z: Optional[torch.Tensor] = None,
-    delta_bias: Optional[torch.Tensor] = None,
-    delta_softplus: bool = False,
     alpha: Optional[torch.Tensor] = None,
-    rho: Optional[torch.Tensor] = None,
-    tau: int = 0,
-    k0: Optional[torch.Tensor] = None,
-    eta: Optional[torch.Tensor] = None,
-    lam: Optional[torch.Tensor] = None,
-    w_r: Optional[torch.Tensor] = None,
-    k_max: float = 1.0,
-    group_size: int = 8,
-    sigma_w: float = 0.0,
-    sigma_v: float = 0.0,
-    seed: int = 0,
-    backend: str = "auto",
     mask: Optional[torch.Tensor] = None,
     t: int = 0,
-    control_period: int = 1,
+    backend: str = "auto",
 ):
     """One decode step of Conba: the per-token arguments of `conba_scan` without the time axis
-    (u, delta, z: (batch, d_inner); B, C: (batch, N); alpha: (batch, d_inner // G); mask: (batch,)).
-    Updates ``state`` in place and returns y (batch, d_inner). ``t`` is the time index that keys
-    the noise; ``control_period`` as in `conba_scan` (the state's phase says where in the period
-    this token falls)."""
+    (u, delta, z: (batch, d_inner); B, C: (batch, N); alpha: (batch, d_inner // G); mask: (batch,))
+    and the same ``params`` (or flat keywords). Updates ``state`` in place and returns y
+    (batch, d_inner). ``t`` is the time index that keys the noise; the state's phase says where in
+    the control period this token falls."""
     if not isinstance(u, torch.Tensor) or u.dim() != 2:
         raise ValueError(f"u must be a (batch, d_inner) tensor, got {getattr(u, 'shape', type(u))}")
-    _validate(u, delta, A, B, C, D, z, delta_bias, alpha, rho, tau, k0, eta, lam, w_r, group_size,
-              mask, state, (u.shape[0],), control_period)
-    kwargs = dict(D=D, z=z, delta_bias=delta_bias, delta_softplus=delta_softplus, alpha=alpha, rho=rho,
-                  tau=tau, k0=k0, eta=eta, lam=lam, w_r=w_r, k_max=k_max, group_size=group_size,
-                  sigma_w=sigma_w, sigma_v=sigma_v, seed=seed, mask=mask, t=t)
-    if u.device.type == "cpu" and backend in ("auto", "chunk_torch") and _cpu_step_applies(state, kwargs, u, delta, A, B, C):
+    _validate(u, delta, B, C, params, z, alpha, mask, state, (u.shape[0],))
+    if u.device.type == "cpu" and backend in ("auto", "chunk_torch") and _cpu_step_applies(
+            state, params, u, delta, B, C, z, alpha):
         from .cpu import decode_step  # every control period: one compiled call (cpu.py)
 
-        y = decode_step(state, u, delta, A, B, C, **{k: v for k, v in kwargs.items() if k not in _NOT_STEP},
-                        control_period=control_period)
+        y = decode_step(state, u, delta, B, C, params, z=z, alpha=alpha, mask=mask)
         if y is not None:
             return y
-    if resolve_backend(backend, u.device) == "triton" and not (backend == "auto" and _needs_grad(kwargs, u, delta, A, B, C)):
+    kw = dict(z=z, alpha=alpha, mask=mask, t=t)
+    if resolve_backend(backend, u.device) == "triton" and not (
+            backend == "auto" and _needs_grad(params, u, delta, B, C, z, alpha)):
         # the fused step serves every control period (the phase advances inside the kernel); it has no
         # backward: "auto" takes the reference step when a gradient is needed, "triton" raises
         if torch.compiler.is_compiling():  # the registered op: traceable, capturable (library.py)
             from .library import conba_step_compiled
 
-            return conba_step_compiled(state, u, delta, A, B, C, **kwargs, control_period=control_period)
+            return conba_step_compiled(state, u, delta, B, C, params, **kw)
         from .fused_recurrent import conba_step_triton
 
-        return conba_step_triton(state, u, delta, A, B, C, **kwargs, control_period=control_period)
-    return conba_step_ref(state, u, delta, A, B, C, **kwargs, control_period=control_period)
+        return conba_step_triton(state, u, delta, B, C, params, **kw)
+    return conba_step_ref(state, u, delta, B, C, params, **kw)
 
 
-def _needs_grad(kwargs, *tensors) -> bool:
-    xs = (*tensors, *(v for v in kwargs.values() if isinstance(v, torch.Tensor)))
-    return torch.is_grad_enabled() and any(x.requires_grad for x in xs)
+def _needs_grad(params, *tensors) -> bool:
+    xs = (*tensors, *params.tensors())
+    return torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in xs)

@@ -57,8 +57,9 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from .common import _mix32, _normal, _rows, _seed_key, _softplus, _strides, _tanh
+from .common import SHARED_GROUPS, _groups, _mix32, _normal, _rows, _softplus, _tanh
 from .naive import ConbaState
+from .params import ConbaParams, keyword_interface
 
 # time positions per block (a power of two; capped at the control period P), channels per program (whole
 # groups) and warps. Not timed on a GPU yet: 16 × 8 channels × 4 warps is the largest block whose
@@ -648,21 +649,25 @@ def _fwd_block(S0, S1, S2, S3, kg, e, blk, t0, T, ph_b, t1, cdiff, period,
 
 @triton.jit
 def _chunk_fwd_kernel(
-    u_ptr, dl_ptr, z_ptr, B_ptr, C_ptr, al_ptr, m_ptr, y_ptr,
-    A_ptr, bias_ptr, D_ptr, wr_ptr, rho_ptr, eta_ptr, lam_ptr,
-    h0_ptr, ln0_ptr, k0_ptr, e0_ptr,  # initial state (b, d, N), (b, τ, d, N), (b, ng), (b, d)
-    ph_ptr, t1_ptr,  # (b, n_blk) int32 phase at each block's start; (b,) int32 first real step (−1: none)
-    hT_ptr, lnT_ptr, kT_ptr, eT_ptr,  # final state, same shapes
-    ck_s_ptr, ck_k_ptr, ck_e_ptr,  # every SEG-th block's start carry (b, n_ck, MS, d, N), (b, n_ck, ng), (b, n_ck, d)
-    T, d, NG, N, n_blk, n_ck, period,
-    s_u_b, s_u_t, s_dl_b, s_dl_t, s_z_b, s_z_t, s_B_b, s_B_t, s_C_b, s_C_t, s_al_b, s_al_t,
-    k_max, sigma_w, sigma_v, seed_key,
+    ins, prm, strides, scalars, dims, clock, carries,  # grouped as in the backward (ARG_GROUPS)
+    state0,  # initial state (b, d, N), (b, τ, d, N), (b, ng), (b, d)
+    y_ptr,
+    stateT,  # final state, same shapes
     G: tl.constexpr, GP: tl.constexpr, BG: tl.constexpr, NP: tl.constexpr, BT: tl.constexpr, MS: tl.constexpr,
     TAU: tl.constexpr, CONTROL: tl.constexpr, HAS_ALPHA: tl.constexpr, HAS_BIAS: tl.constexpr,
     SOFTPLUS: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_MASK: tl.constexpr,
     NOISE_W: tl.constexpr, NOISE_V: tl.constexpr, FIX_H: tl.constexpr, SAVE: tl.constexpr, SEG: tl.constexpr,
     ALIGNED: tl.constexpr,
 ):
+    u_ptr, dl_ptr, z_ptr, B_ptr, C_ptr, al_ptr, m_ptr = ins
+    A_ptr, bias_ptr, D_ptr, wr_ptr, rho_ptr, eta_ptr, lam_ptr = prm
+    s_u_b, s_u_t, s_dl_b, s_dl_t, s_z_b, s_z_t, s_B_b, s_B_t, s_C_b, s_C_t, s_al_b, s_al_t = strides
+    k_max, sigma_w, sigma_v, seed_key = scalars
+    T, d, NG, N, n_blk, n_ck, period = dims
+    ph_ptr, t1_ptr = clock
+    ck_s_ptr, ck_k_ptr, ck_e_ptr = carries
+    h0_ptr, ln0_ptr, k0_ptr, e0_ptr = state0
+    hT_ptr, lnT_ptr, kT_ptr, eT_ptr = stateT
     BC: tl.constexpr = BG * GP
     pid_b = tl.program_id(0).to(tl.int64)  # batch offsets can pass 2^31
     pid_c = tl.program_id(1)
@@ -739,26 +744,33 @@ def _chunk_fwd_kernel(
 # ---------------------------------------------------------------------------------- backward
 @triton.jit
 def _chunk_bwd_kernel(
-    u_ptr, dl_ptr, z_ptr, B_ptr, C_ptr, al_ptr, m_ptr, gy_ptr,
-    A_ptr, bias_ptr, D_ptr, wr_ptr, rho_ptr, eta_ptr, lam_ptr,
-    h0_ptr, ph_ptr, t1_ptr,
-    ck_s_ptr, ck_k_ptr, ck_e_ptr,  # the forward's carries at every SEG-th block's start
-    sc_s_ptr, sc_k_ptr, sc_e_ptr,  # scratch (b, SEG, ...): the start carries of one segment's blocks
-    ghT_ptr, glnT_ptr, gkT_ptr, geT_ptr,  # gradients of the final state (fp32)
-    gu_ptr, gdl_ptr, gz_ptr, gal_ptr,  # per-step gradients, contiguous like their inputs
-    gB_ptr, gC_ptr,  # partials (b, T, n_cb, N) fp32
-    gA_ptr, gbias_ptr, gD_ptr, gwr_ptr,  # partials (b, d, N) and (b, d) fp32
-    grho_ptr, geta_ptr, glam_ptr,  # partials (b, ng) fp32
-    gh0_ptr, gln0_ptr, gk0_ptr, ge0_ptr,  # gradients of the initial state (fp32)
-    T, d, NG, N, n_blk, n_ck, n_cb, period,
-    s_u_b, s_u_t, s_dl_b, s_dl_t, s_z_b, s_z_t, s_B_b, s_B_t, s_C_b, s_C_t, s_al_b, s_al_t,
-    k_max, sigma_w, sigma_v, seed_key,
+    ins, prm, strides, scalars, dims, clock, carries,  # the forward's groups (ARG_GROUPS)
+    h0_ptr, gy_ptr, n_cb,
+    scratch,  # (b, SEG, ...): the start carries of one segment's blocks
+    gstateT,  # gradients of the final state (fp32)
+    gins,  # per-step gradients (u, Δ, z, α), contiguous like their inputs
+    gBC,  # partials (b, T, n_cb, N) fp32
+    gprm,  # partials of prm's members: (b, d, N), (b, d) × 3, (b, ng) × 3, fp32
+    gstate0,  # gradients of the initial state (fp32)
     G: tl.constexpr, GP: tl.constexpr, BG: tl.constexpr, NP: tl.constexpr, BT: tl.constexpr, MS: tl.constexpr,
     TAU: tl.constexpr, CONTROL: tl.constexpr, HAS_ALPHA: tl.constexpr, HAS_BIAS: tl.constexpr,
     SOFTPLUS: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_MASK: tl.constexpr,
     NOISE_W: tl.constexpr, NOISE_V: tl.constexpr, FIX_H: tl.constexpr, HAS_GFINAL: tl.constexpr,
     SEG: tl.constexpr, ALIGNED: tl.constexpr,
 ):
+    u_ptr, dl_ptr, z_ptr, B_ptr, C_ptr, al_ptr, m_ptr = ins
+    A_ptr, bias_ptr, D_ptr, wr_ptr, rho_ptr, eta_ptr, lam_ptr = prm
+    s_u_b, s_u_t, s_dl_b, s_dl_t, s_z_b, s_z_t, s_B_b, s_B_t, s_C_b, s_C_t, s_al_b, s_al_t = strides
+    k_max, sigma_w, sigma_v, seed_key = scalars
+    T, d, NG, N, n_blk, n_ck, period = dims
+    ph_ptr, t1_ptr = clock
+    ck_s_ptr, ck_k_ptr, ck_e_ptr = carries
+    sc_s_ptr, sc_k_ptr, sc_e_ptr = scratch
+    ghT_ptr, glnT_ptr, gkT_ptr, geT_ptr = gstateT
+    gu_ptr, gdl_ptr, gz_ptr, gal_ptr = gins
+    gB_ptr, gC_ptr = gBC
+    gA_ptr, gbias_ptr, gD_ptr, gwr_ptr, grho_ptr, geta_ptr, glam_ptr = gprm
+    gh0_ptr, gln0_ptr, gk0_ptr, ge0_ptr = gstate0
     BC: tl.constexpr = BG * GP
     NV: tl.constexpr = 1 if ALIGNED else (2 if CONTROL else 1)
     pid_b = tl.program_id(0).to(tl.int64)
@@ -1126,6 +1138,26 @@ def _clock(mask, phase0, b, T, bt, period, device):
     return ph, t1.contiguous(), real.sum(1)
 
 
+# The kernels' grouped arguments (tuples, unpacked at compile time): their members' names in the kernels,
+# in order; the groups shared with fused_recurrent.py's scan kernels come from common.py. Forward and
+# backward take the same groups for what they share; kernel_report reads this for the ahead-of-time
+# signatures.
+ARG_GROUPS = {
+    **SHARED_GROUPS,
+    "dims": ("T", "d", "NG", "N", "n_blk", "n_ck", "period"),
+    "clock": ("ph_ptr", "t1_ptr"),  # (b, n_blk) int32 phase at each block's start; (b,) int32 first real step
+    "carries": ("ck_s_ptr", "ck_k_ptr", "ck_e_ptr"),  # every SEG-th block's start carry
+    "state0": ("h0_ptr", "ln0_ptr", "k0_ptr", "e0_ptr"),
+    "stateT": ("hT_ptr", "lnT_ptr", "kT_ptr", "eT_ptr"),
+    "scratch": ("sc_s_ptr", "sc_k_ptr", "sc_e_ptr"),
+    "gstateT": ("ghT_ptr", "glnT_ptr", "gkT_ptr", "geT_ptr"),
+    "gins": ("gu_ptr", "gdl_ptr", "gz_ptr", "gal_ptr"),
+    "gBC": ("gB_ptr", "gC_ptr"),
+    "gprm": ("gA_ptr", "gbias_ptr", "gD_ptr", "gwr_ptr", "grho_ptr", "geta_ptr", "glam_ptr"),
+    "gstate0": ("gh0_ptr", "gln0_ptr", "gk0_ptr", "ge0_ptr"),
+}
+
+
 def _launch_fwd(cfg, u, delta, A, B, C, D, z, delta_bias, alpha, rho, eta, lam, w_r, h0, ln0, k_init, e0, mask,
                 ph, t1, save: bool):
     b, T, d = u.shape
@@ -1150,15 +1182,11 @@ def _launch_fwd(cfg, u, delta, A, B, C, D, z, delta_bias, alpha, rho, eta, lam, 
               torch.empty(b, n_ck, d, **f32) if cfg.control else dummy)
     else:
         ck = (dummy,) * 3
-    o = lambda x: x if x is not None else dummy  # noqa: E731 - absent optional inputs
+    ins, prm, strides, scalars = _groups(cfg, u, delta, z, B, C, alpha, mask, A, delta_bias, D, w_r, rho, eta, lam,
+                                         dummy)
     _chunk_fwd_kernel[(b, n_cb)](
-        u, delta, o(z), B, C, o(alpha), o(mask), y,
-        A, o(delta_bias), o(D), o(w_r), o(rho), o(eta), o(lam),
-        h0, ln0 if tau else dummy, k_init, e0, ph, t1,
-        hT, lnT if tau else dummy, kT, eT, *ck,
-        T, d, ng, n, n_blk, n_ck, cfg.period,
-        *_strides(u, delta, z, B, C, alpha),
-        float(cfg.k_max), float(cfg.sigma_w), float(cfg.sigma_v), _seed_key(cfg.seed),
+        ins, prm, strides, scalars, (T, d, ng, n, n_blk, n_ck, cfg.period), (ph, t1), ck,
+        (h0, ln0 if tau else dummy, k_init, e0), y, (hT, lnT if tau else dummy, kT, eT),
         G=G, GP=gp, BG=bg, NP=np_, BT=cfg.bt, MS=ms, SAVE=save, SEG=seg, **_flags(cfg), num_warps=num_warps,
     )
     return y, (hT, lnT, kT, eT), ck
@@ -1211,16 +1239,12 @@ class _ChunkScan(torch.autograd.Function):
         gk0 = torch.empty(b, ng, **f32) if cfg.control else dummy
         ge0 = torch.empty(b, d, **f32) if cfg.control else dummy
         o = lambda x: x if x is not None else dummy  # noqa: E731
+        ins, prm, strides, scalars = _groups(cfg, u, delta, z, B, C, alpha, mask, A, delta_bias, D, w_r, rho, eta,
+                                             lam, dummy)
         _chunk_bwd_kernel[(b, n_cb)](
-            u, delta, o(z), B, C, o(alpha), o(mask), gy,
-            A, o(delta_bias), o(D), o(w_r), o(rho), o(eta), o(lam),
-            h0, ph, t1, *ck, *sc,
-            ghT, glnT if tau else dummy, gkT, geT,
-            gu, gdelta, gz, galpha, gBp, gCp, gAp, gbp, gDp, gwp, grp, gep, glp,
-            gh0, gln0 if tau else dummy, gk0, ge0,
-            T, d, ng, n, n_blk, triton.cdiv(n_blk, seg), n_cb, cfg.period,
-            *_strides(u, delta, z, B, C, alpha),
-            float(cfg.k_max), float(cfg.sigma_w), float(cfg.sigma_v), _seed_key(cfg.seed),
+            ins, prm, strides, scalars, (T, d, ng, n, n_blk, triton.cdiv(n_blk, seg), cfg.period), (ph, t1),
+            tuple(ck), h0, gy, n_cb, sc, (ghT, glnT if tau else dummy, gkT, geT), (gu, gdelta, gz, galpha),
+            (gBp, gCp), (gAp, gbp, gDp, gwp, grp, gep, glp), (gh0, gln0 if tau else dummy, gk0, ge0),
             G=G, GP=gp, BG=bg, NP=np_, BT=cfg.bt, MS=ms, HAS_GFINAL=has_gfinal, SEG=seg, **_flags(cfg),
             num_warps=num_warps,
         )
@@ -1236,13 +1260,15 @@ class _ChunkScan(torch.autograd.Function):
         )
 
 
-def conba_scan_chunk(
-    u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False, alpha=None, rho=None, tau=0,
-    k0=None, eta=None, lam=None, w_r=None, k_max=1.0, group_size=8, sigma_w=0.0, sigma_v=0.0, seed=0,
-    initial_state=None, return_final_state=False, mask=None, control_period=64, block_t=None,
-):
+@keyword_interface("u", "delta", defaults={"control_period": 64})
+def conba_scan_chunk(u, delta, B, C, params: ConbaParams, *, z=None, alpha=None, mask=None, initial_state=None,
+                     return_final_state=False, block_t=None):
     """The chunk-parallel scan (arguments as `mixcon.ops.conba.conba_scan`, already validated there).
     ``block_t``: time positions per block (a power of two ≤ P with control on; default `block_size`)."""
+    p = params
+    A, D, delta_bias, delta_softplus, rho, tau = p.A, p.D, p.delta_bias, p.delta_softplus, p.rho, p.tau
+    k0, eta, lam, w_r, k_max, group_size = p.k0, p.eta, p.lam, p.w_r, p.k_max, p.group_size
+    sigma_w, sigma_v, seed, control_period = p.sigma_w, p.sigma_v, p.seed, p.control_period
     b, T, d = u.shape
     n = A.shape[1]
     ng = d // group_size

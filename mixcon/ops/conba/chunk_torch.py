@@ -56,6 +56,7 @@ import torch.nn.functional as F
 
 from .naive import ConbaState, _per_channel, _prepare, acc_dtype, empty_state
 from .noise import normal_from_key, step_key
+from .params import ConbaParams, keyword_interface
 
 __all__ = ["conba_scan_chunk_torch"]
 
@@ -210,14 +211,15 @@ def _block_noise(seed, src_t, d, n, device):
     return z[:, :, :n], z[:, :, n]
 
 
-def conba_scan_chunk_torch(
-    u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
-    alpha=None, rho=None, tau=0, k0=None, eta=None, lam=None, w_r=None, k_max=1.0,
-    group_size=8, sigma_w=0.0, sigma_v=0.0, seed=0, initial_state: Optional[ConbaState] = None,
-    return_final_state=False, mask=None, control_period=1,
-):
+@keyword_interface("u", "delta")
+def conba_scan_chunk_torch(u, delta, B, C, params: ConbaParams, *, z=None, alpha=None, mask=None,
+                           initial_state: Optional[ConbaState] = None, return_final_state=False):
     """Same arguments and results as `naive.conba_scan_ref` (arguments already validated by
     `conba_scan`); one control period per block."""
+    p = params
+    A, D, delta_bias, delta_softplus, rho, tau = p.A, p.D, p.delta_bias, p.delta_softplus, p.rho, p.tau
+    k0, eta, lam, w_r, k_max, group_size = p.k0, p.eta, p.lam, p.w_r, p.k_max, p.group_size
+    sigma_w, sigma_v, seed, control_period = p.sigma_w, p.sigma_v, p.seed, p.control_period
     b, T, d = u.shape
     n = A.shape[1]
     G = group_size
@@ -233,9 +235,8 @@ def conba_scan_chunk_torch(
         # a phase outside 0 … P − 1 (a state from another period) never samples in the reference
         from .naive import conba_scan_ref
 
-        return conba_scan_ref(u, delta, A, B, C, D, z, delta_bias, delta_softplus, alpha, rho, tau,
-                              k0, eta, lam, w_r, k_max, G, sigma_w, sigma_v, seed, initial_state,
-                              return_final_state, mask, P)
+        return conba_scan_ref(u, delta, B, C, p, z=z, alpha=alpha, mask=mask, initial_state=initial_state,
+                              return_final_state=return_final_state)
     # the state is laid out (N, d_inner) inside: h (b, N, d), the delay line (τ, b, N, d)
     h_init = initial_state.h.to(acc).transpose(1, 2)
     dl_init = initial_state.delay.to(acc).permute(1, 0, 3, 2)  # dl[i] = h_{-1-i}

@@ -83,3 +83,22 @@ def _strides(*xs):
     for x in xs:
         out += [x.stride(0), x.stride(1)] if x is not None else [0, 0]
     return out
+
+
+# The groups of arguments both scan kernel files pass the same way (tuples; Triton unpacks them at compile
+# time, so a group costs nothing at run time): the names of their members in the kernels, in order.
+SHARED_GROUPS = {
+    "ins": ("u_ptr", "dl_ptr", "z_ptr", "B_ptr", "C_ptr", "al_ptr", "m_ptr"),  # per-token inputs
+    "prm": ("A_ptr", "bias_ptr", "D_ptr", "wr_ptr", "rho_ptr", "eta_ptr", "lam_ptr"),  # ConbaParams' tensors
+    "strides": ("s_u_b", "s_u_t", "s_dl_b", "s_dl_t", "s_z_b", "s_z_t", "s_B_b", "s_B_t", "s_C_b", "s_C_t",
+                "s_al_b", "s_al_t"),
+    "scalars": ("k_max", "sigma_w", "sigma_v", "seed_key"),
+}
+
+
+def _groups(cfg, u, delta, z, B, C, alpha, mask, A, delta_bias, D, w_r, rho, eta, lam, dummy):
+    """The shared groups a scan kernel takes: ins, prm, strides, scalars (absent optional inputs: ``dummy``)."""
+    o = lambda x: x if x is not None else dummy  # noqa: E731
+    return ((u, delta, o(z), B, C, o(alpha), o(mask)), (A, o(delta_bias), o(D), o(w_r), o(rho), o(eta), o(lam)),
+            tuple(_strides(u, delta, z, B, C, alpha)),
+            (float(cfg.k_max), float(cfg.sigma_w), float(cfg.sigma_v), _seed_key(cfg.seed)))

@@ -24,6 +24,8 @@ from typing import Optional
 
 import torch
 
+from .params import keyword_interface
+
 __all__ = ["kernels", "block_scan", "decode_step", "decode_layer", "LAYER_WEIGHTS"]
 
 _lock = threading.Lock()
@@ -125,12 +127,14 @@ def block_scan(dt, ut, coef, r, At, B, C, xi, h0, dl0, tau, steps=None, out=None
     return _FusedBlockScan.apply(*xs, steps, tau)
 
 
-def decode_step(state, u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False, alpha=None,
-                rho=None, tau=0, k0=None, eta=None, lam=None, w_r=None, k_max=1.0, group_size=8, mask=None,
-                control_period=1):
-    """`naive.conba_step_ref` (noise off, no gradient) in one compiled call; the state is updated in
-    place. Returns y (b, d) in u's dtype, or None where the kernel does not apply (no module, a state
-    not in the accumulation dtype or not contiguous, a group wider than 64): then run the loop."""
+@keyword_interface("state", "u", "delta")
+def decode_step(state, u, delta, B, C, params, *, z=None, alpha=None, mask=None):
+    """`naive.conba_step_ref` (noise off — ``params``' sigma_w, sigma_v are not read — no gradient) in
+    one compiled call; the state is updated in place. Returns y (b, d) in u's dtype, or None where the
+    kernel does not apply (no module, a state not in the accumulation dtype or not contiguous, a group
+    wider than 64): then run the loop."""
+    p = params
+    group_size = p.group_size
     mod = kernels()
     acc = torch.float64 if u.dtype == torch.float64 else torch.float32
     if (mod is None or group_size > 64 or state.phase.dtype != torch.long
@@ -140,11 +144,10 @@ def decode_step(state, u, delta, A, B, C, D=None, z=None, delta_bias=None, delta
     e = u.new_empty(0, dtype=acc)
     c = lambda x: e if x is None else x.to(acc).contiguous()  # noqa: E731
     m = mask.to(torch.long).contiguous() if mask is not None else e.long()
-    control = eta is not None or k0 is not None
     y = torch.empty(u.shape, dtype=acc)
-    mod.step(state.h, state.delay, state.k, state.e, state.phase, c(u), c(delta), c(A), c(B), c(C), c(D), c(z),
-             c(delta_bias), bool(delta_softplus), c(alpha), c(rho), int(tau), control, c(eta), c(lam), c(w_r),
-             float(k_max), int(group_size), m, int(control_period), y)
+    mod.step(state.h, state.delay, state.k, state.e, state.phase, c(u), c(delta), c(p.A), c(B), c(C), c(p.D), c(z),
+             c(p.delta_bias), bool(p.delta_softplus), c(alpha), c(p.rho), int(p.tau), p.control, c(p.eta),
+             c(p.lam), c(p.w_r), float(p.k_max), int(group_size), m, int(p.control_period), y)
     return y.to(u.dtype)
 
 

@@ -30,8 +30,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import _mix32, _normal, _rows, _seed_key, _softplus, _strides, _tanh
+from .common import SHARED_GROUPS, _groups, _mix32, _normal, _rows, _seed_key, _softplus, _tanh
 from .naive import ConbaState
+from .params import ConbaParams, keyword_interface
 
 DEFAULT_CHUNK = 64
 
@@ -241,19 +242,23 @@ def _fwd_step(h, D0, D1, D2, D3, k, e,
 # ---------------------------------------------------------------------------------- forward
 @triton.jit
 def _conba_fwd_kernel(
-    u_ptr, dl_ptr, z_ptr, B_ptr, C_ptr, al_ptr, m_ptr, y_ptr,
-    A_ptr, bias_ptr, D_ptr, wr_ptr, rho_ptr, eta_ptr, lam_ptr,
-    h0_ptr, dl0_ptr, k0_ptr, e0_ptr,  # initial state (b, d, N), (b, τ, d, N), (b, ng), (b, d)
-    hT_ptr, dlT_ptr, kT_ptr, eT_ptr,  # final state, same shapes
-    ck_h_ptr, ck_dl_ptr, ck_k_ptr, ck_e_ptr,  # checkpoints (b, nC, ...) of the pre-chunk state
-    T, d, NG, N, n_chunks,
-    s_u_b, s_u_t, s_dl_b, s_dl_t, s_z_b, s_z_t, s_B_b, s_B_t, s_C_b, s_C_t, s_al_b, s_al_t,
-    k_max, sigma_w, sigma_v, seed_key,
+    ins, prm, strides, scalars, dims, carries,  # grouped as in the backward (ARG_GROUPS)
+    state0,  # initial state (b, d, N), (b, τ, d, N), (b, ng), (b, d)
+    y_ptr,
+    stateT,  # final state, same shapes
     G: tl.constexpr, GP: tl.constexpr, BG: tl.constexpr, NP: tl.constexpr, CHUNK: tl.constexpr,
     TAU: tl.constexpr, CONTROL: tl.constexpr, HAS_ALPHA: tl.constexpr, HAS_BIAS: tl.constexpr,
     SOFTPLUS: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_MASK: tl.constexpr,
     NOISE_W: tl.constexpr, NOISE_V: tl.constexpr, SAVE: tl.constexpr,
 ):
+    u_ptr, dl_ptr, z_ptr, B_ptr, C_ptr, al_ptr, m_ptr = ins
+    A_ptr, bias_ptr, D_ptr, wr_ptr, rho_ptr, eta_ptr, lam_ptr = prm
+    s_u_b, s_u_t, s_dl_b, s_dl_t, s_z_b, s_z_t, s_B_b, s_B_t, s_C_b, s_C_t, s_al_b, s_al_t = strides
+    k_max, sigma_w, sigma_v, seed_key = scalars
+    T, d, NG, N, n_chunks = dims
+    ck_h_ptr, ck_dl_ptr, ck_k_ptr, ck_e_ptr = carries
+    h0_ptr, dl0_ptr, k0_ptr, e0_ptr = state0
+    hT_ptr, dlT_ptr, kT_ptr, eT_ptr = stateT
     pid_b = tl.program_id(0).to(tl.int64)  # batch offsets (b·T·d, checkpoints) can pass 2^31
     pid_g = tl.program_id(1)
     offs_n, offs_g, nmask, gmask, cmask, ch, smask, sidx, lane_w, lane_v, kb = _tile(
@@ -306,24 +311,31 @@ def _conba_fwd_kernel(
 # ---------------------------------------------------------------------------------- backward
 @triton.jit
 def _conba_bwd_kernel(
-    u_ptr, dl_ptr, z_ptr, B_ptr, C_ptr, al_ptr, m_ptr, gy_ptr,
-    A_ptr, bias_ptr, D_ptr, wr_ptr, rho_ptr, eta_ptr, lam_ptr,
-    ck_h_ptr, ck_dl_ptr, ck_k_ptr, ck_e_ptr,
-    ghT_ptr, gdlT_ptr, gkT_ptr, geT_ptr,  # gradients of the final state (fp32)
-    sc_h_ptr, sc_d_ptr, sc_k_ptr, sc_e_ptr,  # scratch (b, CHUNK, ...) of pre-step states
-    gu_ptr, gdl_ptr, gz_ptr, gal_ptr,  # per-step gradients, contiguous like their inputs
-    gB_ptr, gC_ptr,  # partials (b, T, n_blocks, N) fp32
-    gA_ptr, gbias_ptr, gD_ptr, gwr_ptr,  # partials (b, d, N) and (b, d) fp32
-    grho_ptr, geta_ptr, glam_ptr,  # partials (b, ng) fp32
-    gh0_ptr, gdl0_ptr, gk0_ptr, ge0_ptr,  # gradients of the initial state (fp32)
-    T, d, NG, N, n_chunks, n_blocks,
-    s_u_b, s_u_t, s_dl_b, s_dl_t, s_z_b, s_z_t, s_B_b, s_B_t, s_C_b, s_C_t, s_al_b, s_al_t,
-    k_max, sigma_w, sigma_v, seed_key,
+    ins, prm, strides, scalars, dims, carries,  # the forward's groups (ARG_GROUPS)
+    gy_ptr, n_blocks,
+    gstateT,  # gradients of the final state (fp32)
+    scratch,  # (b, CHUNK, ...) of pre-step states
+    gins,  # per-step gradients (u, Δ, z, α), contiguous like their inputs
+    gBC,  # partials (b, T, n_blocks, N) fp32
+    gprm,  # partials of prm's members: (b, d, N), (b, d) × 3, (b, ng) × 3, fp32
+    gstate0,  # gradients of the initial state (fp32)
     G: tl.constexpr, GP: tl.constexpr, BG: tl.constexpr, NP: tl.constexpr, CHUNK: tl.constexpr,
     TAU: tl.constexpr, CONTROL: tl.constexpr, HAS_ALPHA: tl.constexpr, HAS_BIAS: tl.constexpr,
     SOFTPLUS: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_MASK: tl.constexpr,
     NOISE_W: tl.constexpr, NOISE_V: tl.constexpr, HAS_GFINAL: tl.constexpr,
 ):
+    u_ptr, dl_ptr, z_ptr, B_ptr, C_ptr, al_ptr, m_ptr = ins
+    A_ptr, bias_ptr, D_ptr, wr_ptr, rho_ptr, eta_ptr, lam_ptr = prm
+    s_u_b, s_u_t, s_dl_b, s_dl_t, s_z_b, s_z_t, s_B_b, s_B_t, s_C_b, s_C_t, s_al_b, s_al_t = strides
+    k_max, sigma_w, sigma_v, seed_key = scalars
+    T, d, NG, N, n_chunks = dims
+    ck_h_ptr, ck_dl_ptr, ck_k_ptr, ck_e_ptr = carries
+    ghT_ptr, gdlT_ptr, gkT_ptr, geT_ptr = gstateT
+    sc_h_ptr, sc_d_ptr, sc_k_ptr, sc_e_ptr = scratch
+    gu_ptr, gdl_ptr, gz_ptr, gal_ptr = gins
+    gB_ptr, gC_ptr = gBC
+    gA_ptr, gbias_ptr, gD_ptr, gwr_ptr, grho_ptr, geta_ptr, glam_ptr = gprm
+    gh0_ptr, gdl0_ptr, gk0_ptr, ge0_ptr = gstate0
     pid_b = tl.program_id(0).to(tl.int64)  # batch offsets (b·T·d, checkpoints) can pass 2^31
     pid_g = tl.program_id(1)
     offs_n, offs_g, nmask, gmask, cmask, ch, smask, sidx, lane_w, lane_v, kb = _tile(
@@ -658,6 +670,25 @@ def _flags(cfg):
                 NOISE_W=cfg.sigma_w > 0.0, NOISE_V=cfg.sigma_v > 0.0)
 
 
+# The scan kernels' grouped arguments (tuples, unpacked at compile time): their members' names in the
+# kernels, in order; the groups shared with chunk.py's kernels come from common.py. kernel_report reads
+# this for the ahead-of-time signatures. (The decode step keeps flat arguments: it runs per token, and
+# its ``do_not_specialize`` names t_idx and period.)
+ARG_GROUPS = {
+    **SHARED_GROUPS,
+    "dims": ("T", "d", "NG", "N", "n_chunks"),
+    "carries": ("ck_h_ptr", "ck_dl_ptr", "ck_k_ptr", "ck_e_ptr"),  # checkpoints (b, nC, ...) of the pre-chunk state
+    "state0": ("h0_ptr", "dl0_ptr", "k0_ptr", "e0_ptr"),
+    "stateT": ("hT_ptr", "dlT_ptr", "kT_ptr", "eT_ptr"),
+    "gstateT": ("ghT_ptr", "gdlT_ptr", "gkT_ptr", "geT_ptr"),
+    "scratch": ("sc_h_ptr", "sc_d_ptr", "sc_k_ptr", "sc_e_ptr"),
+    "gins": ("gu_ptr", "gdl_ptr", "gz_ptr", "gal_ptr"),
+    "gBC": ("gB_ptr", "gC_ptr"),
+    "gprm": ("gA_ptr", "gbias_ptr", "gD_ptr", "gwr_ptr", "grho_ptr", "geta_ptr", "glam_ptr"),
+    "gstate0": ("gh0_ptr", "gdl0_ptr", "gk0_ptr", "ge0_ptr"),
+}
+
+
 def _launch_fwd(cfg, u, delta, A, B, C, D, z, delta_bias, alpha, rho, eta, lam, w_r, h0, dl0, k_init, e0, mask,
                 save: bool):
     b, T, d = u.shape
@@ -679,16 +710,11 @@ def _launch_fwd(cfg, u, delta, A, B, C, D, z, delta_bias, alpha, rho, eta, lam, 
               torch.empty(b, n_chunks, d, **f32) if cfg.control else dummy)
     else:
         ck = (dummy,) * 4
-    o = lambda x: x if x is not None else dummy  # noqa: E731 - absent optional inputs
+    ins, prm, strides, scalars = _groups(cfg, u, delta, z, B, C, alpha, mask, A, delta_bias, D, w_r, rho, eta, lam,
+                                         dummy)
     _conba_fwd_kernel[(b, n_blocks)](
-        u, delta, o(z), B, C, o(alpha), o(mask), y,
-        A, o(delta_bias), o(D), o(w_r), o(rho), o(eta), o(lam),
-        h0, dl0 if tau else dummy, k_init, e0,
-        hT, dlT if tau else dummy, kT, eT,
-        *ck,
-        T, d, ng, n, n_chunks,
-        *_strides(u, delta, z, B, C, alpha),
-        float(cfg.k_max), float(cfg.sigma_w), float(cfg.sigma_v), _seed_key(cfg.seed),
+        ins, prm, strides, scalars, (T, d, ng, n, n_chunks), tuple(ck),
+        (h0, dl0 if tau else dummy, k_init, e0), y, (hT, dlT if tau else dummy, kT, eT),
         G=G, GP=gp, BG=bg, NP=np_, CHUNK=cfg.chunk, SAVE=save, **_flags(cfg), num_warps=num_warps,
     )
     return y, (hT, dlT, kT, eT), ck
@@ -738,18 +764,12 @@ class _ConbaScan(torch.autograd.Function):
         gdl0 = torch.empty(b, tau, d, n, **f32)
         gk0 = torch.zeros(b, ng, **f32)
         ge0 = torch.zeros(b, d, **f32)
-        o = lambda x: x if x is not None else dummy  # noqa: E731
+        ins, prm, strides, scalars = _groups(cfg, u, delta, z, B, C, alpha, mask, A, delta_bias, D, w_r, rho, eta,
+                                             lam, dummy)
         _conba_bwd_kernel[(b, n_blocks)](
-            u, delta, o(z), B, C, o(alpha), o(mask), gy,
-            A, o(delta_bias), o(D), o(w_r), o(rho), o(eta), o(lam),
-            *ck,
-            ghT, gdlT if tau else dummy, gkT, geT,
-            *sc,
-            gu, gdelta, gz, galpha, gBp, gCp, gAp, gbp, gDp, gwp, grp, gep, glp,
-            gh0, gdl0 if tau else dummy, gk0, ge0,
-            T, d, ng, n, triton.cdiv(T, cfg.chunk), n_blocks,
-            *_strides(u, delta, z, B, C, alpha),
-            float(cfg.k_max), float(cfg.sigma_w), float(cfg.sigma_v), _seed_key(cfg.seed),
+            ins, prm, strides, scalars, (T, d, ng, n, triton.cdiv(T, cfg.chunk)), tuple(ck), gy, n_blocks,
+            (ghT, gdlT if tau else dummy, gkT, geT), sc, (gu, gdelta, gz, galpha), (gBp, gCp),
+            (gAp, gbp, gDp, gwp, grp, gep, glp), (gh0, gdl0 if tau else dummy, gk0, ge0),
             G=G, GP=gp, BG=bg, NP=np_, CHUNK=cfg.chunk, HAS_GFINAL=has_gfinal, **_flags(cfg),
             num_warps=num_warps,
         )
@@ -765,13 +785,20 @@ class _ConbaScan(torch.autograd.Function):
         )
 
 
-def conba_scan_triton(
-    u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False, alpha=None, rho=None, tau=0,
-    k0=None, eta=None, lam=None, w_r=None, k_max=1.0, group_size=8, sigma_w=0.0, sigma_v=0.0, seed=0,
-    initial_state=None, return_final_state=False, mask=None, chunk_size=None,
-):
+@keyword_interface("u", "delta")
+def conba_scan_triton(u, delta, B, C, params: ConbaParams, *, z=None, alpha=None, mask=None, initial_state=None,
+                      return_final_state=False, chunk_size=None):
     """The fused scan (arguments as `mixcon.ops.conba.conba_scan`, already validated there).
-    ``chunk_size``: steps between the forward's state checkpoints for the backward."""
+    ``chunk_size``: steps between the forward's state checkpoints for the backward. These kernels are
+    the per-step controller: with control on, ``params.control_period`` must be 1 (`conba_scan_chunk`
+    serves P > 1)."""
+    p = params
+    if p.control and p.control_period != 1:
+        raise ValueError(f"conba_scan_triton runs the per-step controller (control_period=1), got "
+                         f"control_period={p.control_period}; use conba_scan_chunk (or conba_scan) for P > 1")
+    A, D, delta_bias, delta_softplus, rho, tau = p.A, p.D, p.delta_bias, p.delta_softplus, p.rho, p.tau
+    k0, eta, lam, w_r, k_max, group_size = p.k0, p.eta, p.lam, p.w_r, p.k_max, p.group_size
+    sigma_w, sigma_v, seed = p.sigma_w, p.sigma_v, p.seed
     b, T, d = u.shape
     n = A.shape[1]
     ng = d // group_size
@@ -824,24 +851,25 @@ def conba_scan_triton(
     return y
 
 
-def conba_step_triton(
-    state, u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False, alpha=None, rho=None,
-    tau=0, k0=None, eta=None, lam=None, w_r=None, k_max=1.0, group_size=8, sigma_w=0.0, sigma_v=0.0, seed=0,
-    mask=None, t=0, control_period=1,
-):
+@keyword_interface("state", "u", "delta")
+def conba_step_triton(state, u, delta, B, C, params: ConbaParams, *, z=None, alpha=None, mask=None, t=0):
     """The fused decode step: updates ``state`` (float32; the phase int64) in place and returns y
     (batch, d_inner). Every control period P: with control and P > 1 the kernel advances the phase and
     updates the gain only when the token closes a period (`_conba_step_kernel`). No host
     synchronisation and fixed shapes, so it can be captured in a CUDA graph (with a fixed ``t``, which
     only keys the noise). The kernel has no backward: with a gradient required it raises."""
-    if torch.is_grad_enabled() and any(isinstance(x, torch.Tensor) and x.requires_grad
-                                       for x in (u, delta, A, B, C, D, z, delta_bias, alpha, rho, k0, eta, lam, w_r)):
+    p = params
+    A, D, delta_bias, delta_softplus, rho, tau = p.A, p.D, p.delta_bias, p.delta_softplus, p.rho, p.tau
+    eta, lam, w_r, k_max, group_size = p.eta, p.lam, p.w_r, p.k_max, p.group_size
+    sigma_w, sigma_v, seed, control_period = p.sigma_w, p.sigma_v, p.seed, p.control_period
+    if torch.is_grad_enabled() and any(x is not None and x.requires_grad
+                                       for x in (u, delta, B, C, z, alpha, *p.tensors())):
         raise ValueError("conba_step (triton): the fused decode step has no backward; run it under torch.no_grad() "
                          "or use backend='ref' (or 'auto', which takes the reference step when a gradient is needed)")
     b, d = u.shape
     n = A.shape[1]
     ng = d // group_size
-    control = eta is not None or k0 is not None
+    control = p.control
     periodic = control and int(control_period) > 1
     f32 = dict(device=u.device, dtype=torch.float32)
     if control:

@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 
 from .naive import ConbaState
+from .params import ConbaParams, keyword_interface
 
 __all__ = ["conba_step_op", "conba_step_compiled"]
 
@@ -42,11 +43,11 @@ def conba_step_op(
     tensors h, delay, k, e and (with control at P > 1) the phase are updated in place."""
     from .fused_recurrent import conba_step_triton
 
-    return conba_step_triton(
-        ConbaState(h, delay, k, e, phase), u, delta, A, B, C, D=D, z=z, delta_bias=delta_bias,
-        delta_softplus=delta_softplus, alpha=alpha, rho=rho, tau=tau, k0=k0, eta=eta, lam=lam, w_r=w_r,
-        k_max=k_max, group_size=group_size, sigma_w=sigma_w, sigma_v=sigma_v, seed=seed, mask=mask, t=t,
-        control_period=control_period)
+    params = ConbaParams(A, D=D, delta_bias=delta_bias, delta_softplus=delta_softplus, rho=rho, tau=tau, k0=k0,
+                         eta=eta, lam=lam, w_r=w_r, k_max=k_max, group_size=group_size, control_period=control_period,
+                         sigma_w=sigma_w, sigma_v=sigma_v, seed=seed)
+    return conba_step_triton(ConbaState(h, delay, k, e, phase), u, delta, B, C, params, z=z, alpha=alpha, mask=mask,
+                             t=t)
 
 
 @conba_step_op.register_fake
@@ -55,15 +56,17 @@ def _(h, delay, k, e, phase, u, delta, A, B, C, D, z, delta_bias, delta_softplus
     return torch.empty_like(u)
 
 
-def conba_step_compiled(state: ConbaState, u, delta, A, B, C, D=None, z=None, delta_bias=None,
-                        delta_softplus=False, alpha=None, rho=None, tau=0, k0=None, eta=None, lam=None, w_r=None,
-                        k_max=1.0, group_size=8, sigma_w=0.0, sigma_v=0.0, seed=0, mask=None, t=0, control_period=1):
-    """`conba_step_triton`'s signature, through the registered op (which has no backward: with a
-    gradient required it raises, as the eager kernel does)."""
-    args = (u, delta, A, B, C, D, z, delta_bias, alpha, rho, k0, eta, lam, w_r)
-    if torch.is_grad_enabled() and any(isinstance(x, Tensor) and x.requires_grad for x in args):
+@keyword_interface("state", "u", "delta")
+def conba_step_compiled(state: ConbaState, u, delta, B, C, params: ConbaParams, *, z=None, alpha=None, mask=None,
+                        t=0):
+    """`conba_step_triton`'s interface, through the registered op (which has no backward: with a
+    gradient required it raises, as the eager kernel does). A custom op takes tensors and scalars
+    only, so ``params`` is unpacked into the op's arguments here."""
+    p = params
+    args = (u, delta, B, C, z, alpha, *p.tensors())
+    if torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in args):
         raise ValueError("conba_step (triton): the fused decode step has no backward; run it under torch.no_grad() "
                          "or use backend='ref' (or 'auto', which takes the reference step when a gradient is needed)")
-    return conba_step_op(*state, u, delta, A, B, C, D, z, delta_bias, bool(delta_softplus), alpha, rho, int(tau),
-                         k0, eta, lam, w_r, float(k_max), int(group_size), float(sigma_w), float(sigma_v), int(seed),
-                         mask, int(t), int(control_period))
+    return conba_step_op(*state, u, delta, p.A, B, C, p.D, z, p.delta_bias, bool(p.delta_softplus), alpha, p.rho,
+                         int(p.tau), p.k0, p.eta, p.lam, p.w_r, float(p.k_max), int(p.group_size), float(p.sigma_w),
+                         float(p.sigma_v), int(p.seed), mask, int(t), int(p.control_period))

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from .noise import conba_noise
+from .params import ConbaParams, keyword_interface
 
 
 class ConbaState(NamedTuple):
@@ -135,19 +136,19 @@ def _prepare(delta, delta_bias, delta_softplus, A, eta, lam, w_r, k0, d_inner, n
     return dt, A.to(acc), control, eta_f, lam_f, w_r_f
 
 
-def conba_scan_ref(
-    u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
-    alpha=None, rho=None, tau=0, k0=None, eta=None, lam=None, w_r=None, k_max=1.0,
-    group_size=8, sigma_w=0.0, sigma_v=0.0, seed=0, initial_state: Optional[ConbaState] = None,
-    return_final_state=False, mask=None, control_period=1,
-):
+@keyword_interface("u", "delta")
+def conba_scan_ref(u, delta, B, C, params: ConbaParams, *, z=None, alpha=None, mask=None,
+                   initial_state: Optional[ConbaState] = None, return_final_state=False):
     """Reference Conba scan. Shapes as in `mixcon.ops.conba.conba_scan`; returns y (b, T, d)
     in u's dtype, and the final `ConbaState` when ``return_final_state``."""
+    p = params
+    A, D, rho, tau, k0, eta, lam, w_r = p.A, p.D, p.rho, p.tau, p.k0, p.eta, p.lam, p.w_r
+    group_size, control_period = p.group_size, p.control_period
     b, T, d = u.shape
     n_groups = d // group_size
     acc = acc_dtype(u)
     dt, A32, control, eta_f, lam_f, w_r_f = _prepare(
-        delta, delta_bias, delta_softplus, A, eta, lam, w_r, k0, d, n_groups, u.device, acc
+        delta, p.delta_bias, p.delta_softplus, A, eta, lam, w_r, k0, d, n_groups, u.device, acc
     )
     if initial_state is None:
         initial_state = empty_state(b, d, A.shape[1], tau, group_size, k0 if control else None, u.device, acc)
@@ -160,7 +161,7 @@ def conba_scan_ref(
         y, h, delay, k, e, phase = _one_step(
             h, delay, k, e, phase, u32[:, t], dt[:, t], B32[:, t], C32[:, t], A32, D,
             alpha32[:, t] if alpha32 is not None else None, rho, tau, control, eta_f, lam_f,
-            w_r_f, k_max, group_size, sigma_w, sigma_v, seed, t,
+            w_r_f, p.k_max, group_size, p.sigma_w, p.sigma_v, p.seed, t,
             mask[:, t] if mask is not None else None, control_period,
         )
         ys.append(y)
@@ -173,24 +174,23 @@ def conba_scan_ref(
     return y
 
 
-def conba_step_ref(
-    state: ConbaState, u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
-    alpha=None, rho=None, tau=0, k0=None, eta=None, lam=None, w_r=None, k_max=1.0,
-    group_size=8, sigma_w=0.0, sigma_v=0.0, seed=0, mask=None, t=0, control_period=1,
-):
+@keyword_interface("state", "u", "delta")
+def conba_step_ref(state: ConbaState, u, delta, B, C, params: ConbaParams, *, z=None, alpha=None, mask=None, t=0):
     """One decode step. u, delta, z: (b, d); B, C: (b, N); alpha: (b, d // G); mask: (b,).
     Updates ``state`` in place and returns y (b, d) in u's dtype. ``t`` keys the noise."""
+    p = params
+    A, group_size = p.A, p.group_size
     b, d = u.shape
     n_groups = d // group_size
     acc = acc_dtype(u)
     dt, A32, control, eta_f, lam_f, w_r_f = _prepare(
-        delta, delta_bias, delta_softplus, A, eta, lam, w_r, k0, d, n_groups, u.device, acc
+        delta, p.delta_bias, p.delta_softplus, A, p.eta, p.lam, p.w_r, p.k0, d, n_groups, u.device, acc
     )
     y, h, delay, k, e, phase = _one_step(
         state.h.to(acc), state.delay.to(acc), state.k.to(acc), state.e.to(acc), state.phase,
-        u.to(acc), dt, B.to(acc), C.to(acc), A32, D,
-        alpha.to(acc) if alpha is not None else None, rho, tau, control, eta_f, lam_f, w_r_f,
-        k_max, group_size, sigma_w, sigma_v, seed, t, mask, control_period,
+        u.to(acc), dt, B.to(acc), C.to(acc), A32, p.D,
+        alpha.to(acc) if alpha is not None else None, p.rho, p.tau, control, eta_f, lam_f, w_r_f,
+        p.k_max, group_size, p.sigma_w, p.sigma_v, p.seed, t, mask, p.control_period,
     )
     state.h.copy_(h)
     state.delay.copy_(delay)
