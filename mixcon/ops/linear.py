@@ -14,6 +14,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .conba import cpu
+
 MAX_ROWS = 4
 _FLOATS = (torch.float32, torch.float64)
 
@@ -27,10 +29,8 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
             and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
                                                   or (bias is not None and bias.requires_grad)))
             and not _tracing() and x.numel() > 0):
-        from .conba.cpu import empty, kernels
-
-        mod = kernels()
+        mod = cpu.kernels()
         if mod is not None and weight.is_contiguous() and (bias is None or (bias.dtype == x.dtype and bias.is_contiguous())):
-            y = mod.linear_rows(x.reshape(-1, x.shape[-1]).contiguous(), weight, empty(x.dtype) if bias is None else bias)
+            y = mod.linear_rows(x.reshape(-1, x.shape[-1]).contiguous(), weight, cpu.empty(x.dtype) if bias is None else bias)
             return y.view(*x.shape[:-1], weight.shape[0])
     return F.linear(x, weight, bias)
