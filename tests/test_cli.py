@@ -281,4 +281,21 @@ def test_bench_conba_cpu_smoke(tmp_path, capsys):
     assert parts == {"layer fwd+bwd", "model", "scan fwd+bwd"}
     model = next(r for r in res["rows"] if r["part"] == "model")
     assert model["attn_decode_ms"] > 0 and model["hybrid_decode_ms"] > 0 and model["decode_speedup"] > 0
+    assert model["decode_roofline"] > 0
+
+
+def test_decode_bytes_counts_weights_cache_and_state():
+    """The roofline's bytes per decode token: the cache term grows with the context by each attention
+    layer's keys and values, the weights by every parameter but the unread embedding rows."""
+    from mixcon.bench.conba_cpu import decode_bytes, model_configs
+    from mixcon.models.modeling_mixcon import MixConForCausalLM
+
+    cfgs = model_configs(hidden=64, layers=8, intermediate=128, max_ctx=1024)
+    for name, cfg in cfgs.items():
+        m = MixConForCausalLM(cfg)
+        n_attn = cfg.layers_block_type.count("attention")
+        per_token = 2 * n_attn * cfg.num_key_value_heads * (cfg.hidden_size // cfg.num_attention_heads) * 4
+        assert decode_bytes(m, 300) - decode_bytes(m, 100) == 200 * per_token
+        weights = sum(p.numel() for p in m.parameters()) - (cfg.vocab_size - 1) * cfg.hidden_size
+        assert decode_bytes(m, 0) >= weights * 4
     assert res["meta"]["threads"] == 1 and str(tmp_path) not in (out / "results.json").read_text()

@@ -8,7 +8,8 @@ its baseline from the same process, runs interleaved and repeated, medians repor
   ``model``  an 8-layer width-256 hybrid (2 attention : 6 Conba, dense SwiGLU FFN, P = 64) beside the
              same model with every layer attention (RoPE): prefill seconds (one forward of the whole
              prompt, batch 1, under no_grad), decode ms per token after it (the growing cache, greedy,
-             the two models' tokens interleaved),
+             the two models' tokens interleaved; ``decode_roofline``: the ratio of the bytes a token must
+             read, `decode_bytes`, the speed-up memory bandwidth allows),
              and for the longest context the peak resident memory the prefill adds (Linux);
   ``scan``   `conba_scan` alone, chunk_torch against the reference loop (the tiny model's sizes).
 
@@ -124,6 +125,25 @@ def peak_added_bytes(fn) -> int | None:
     return None if before is None or peak is None else peak - before
 
 
+def decode_bytes(model, context: int) -> int:
+    """Bytes a decode token must read at ``context`` tokens of cache, at the least: every weight once (the
+    embedding table one row, unless tied to the head), each attention layer's keys and values, each
+    Conba layer's state read and written. Two models' ratio of it is the speed-up the memory bandwidth
+    allows (the roofline) where decoding is bandwidth-bound, as at batch 1."""
+    cfg = model.config
+    emb, head = model.get_input_embeddings().weight, model.get_output_embeddings().weight
+    n = sum(p.numel() for p in model.parameters())
+    if emb.data_ptr() != head.data_ptr():
+        n -= emb.numel() - emb.shape[1]
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    for kind in cfg.layers_block_type:
+        if kind == "attention":
+            n += 2 * context * cfg.num_key_value_heads * head_dim
+        elif kind == "conba":  # h and the delay line, the conv window: read and written
+            n += 2 * (cfg.d_inner * cfg.d_state * (1 + cfg.delay) + cfg.d_inner * (cfg.d_conv - 1))
+    return n * emb.element_size()
+
+
 def model_rows(Ts, reps, decode_tokens, memory_T=None):
     """Prefill seconds and decode ms per token of the two models. Prefills alternate model by model
     within each repeat; decoding alternates token by token (one token of each model in turn, each from
@@ -171,6 +191,7 @@ def model_rows(Ts, reps, decode_tokens, memory_T=None):
                    attn_decode_ms=med(decode["attention"]) * 1e3, hybrid_decode_ms=med(decode["hybrid"]) * 1e3)
         row["prefill_speedup"] = row["attn_prefill_s"] / row["hybrid_prefill_s"]
         row["decode_speedup"] = row["attn_decode_ms"] / row["hybrid_decode_ms"]
+        row["decode_roofline"] = decode_bytes(models["attention"], T) / decode_bytes(models["hybrid"], T)
         if mem:
             row["attn_prefill_peak_MiB"] = mem["attention"] / 2**20 if mem.get("attention") is not None else None
             row["hybrid_prefill_peak_MiB"] = mem["hybrid"] / 2**20 if mem.get("hybrid") is not None else None
@@ -180,7 +201,7 @@ def model_rows(Ts, reps, decode_tokens, memory_T=None):
 
 
 MODEL_COLS = ["part", "T", "reps", "attn_prefill_s", "hybrid_prefill_s", "prefill_speedup", "attn_decode_ms",
-              "hybrid_decode_ms", "decode_speedup", "attn_prefill_peak_MiB", "hybrid_prefill_peak_MiB"]
+              "hybrid_decode_ms", "decode_speedup", "decode_roofline", "attn_prefill_peak_MiB", "hybrid_prefill_peak_MiB"]
 
 
 # ---------------------------------------------------------------------------------------- scan
