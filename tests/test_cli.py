@@ -282,6 +282,7 @@ def test_bench_conba_cpu_smoke(tmp_path, capsys):
     model = next(r for r in res["rows"] if r["part"] == "model")
     assert model["attn_decode_ms"] > 0 and model["hybrid_decode_ms"] > 0 and model["decode_speedup"] > 0
     assert model["decode_roofline"] > 0
+    assert res["meta"]["threads"] == 1 and str(tmp_path) not in (out / "results.json").read_text()
 
 
 def test_decode_bytes_counts_weights_cache_and_state():
@@ -298,4 +299,3 @@ def test_decode_bytes_counts_weights_cache_and_state():
         assert decode_bytes(m, 300) - decode_bytes(m, 100) == 200 * per_token
         weights = sum(p.numel() for p in m.parameters()) - (cfg.vocab_size - 1) * cfg.hidden_size
         assert decode_bytes(m, 0) >= weights * 4
-    assert res["meta"]["threads"] == 1 and str(tmp_path) not in (out / "results.json").read_text()
