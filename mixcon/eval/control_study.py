@@ -64,6 +64,11 @@ def piecewise_unigram(seed, n: int, seq_len: int, vocab: int, support: int = 8, 
     return x, change
 
 
+def _mean(a) -> float:
+    """The mean, NaN for an empty selection (no warning)."""
+    return float(a.mean()) if a.size else float("nan")
+
+
 def _train(member, seq_len, vocab, width, depth, steps, batch, lr, warmup, seed, batch_fn, max_len, extra=None):
     """A member trained on next-token loss over ``batch_fn(step)`` (int64 numpy (batch, seq_len)); returns
     (model in eval mode, train losses, seconds per step)."""
@@ -124,11 +129,11 @@ def run_shift(member, seed, a) -> dict:
     since = np.arange(T - 1)[None, :] + 1 - change[:, None]  # target position − change
     row = dict(member=member, seed=seed, steps=a["steps"], seq_len=T, step_time_s=step_s,
                train_loss=float(np.mean(losses[-max(1, a["steps"] // 10):])),
-               loss_before=float(tl[since < 0].mean()), loss_after=float(tl[since >= 0].mean()))
+               loss_before=_mean(tl[since < 0]), loss_after=_mean(tl[since >= 0]))
     for lo, hi in WINDOWS:
         sel = (since >= lo) & (since < (hi if hi is not None else T))
-        row[f"loss_after_{lo}_{hi or 'end'}"] = float(tl[sel].mean())
-    curve = [float(tl[(since >= lo) & (since < lo + 8)].mean()) for lo in range(-64, 192, 8)]
+        row[f"loss_after_{lo}_{hi or 'end'}"] = _mean(tl[sel])
+    curve = [_mean(tl[(since >= lo) & (since < lo + 8)]) for lo in range(-64, 192, 8)]
     row["curve"] = curve  # loss in bins of 8 positions from 64 before the change to 192 after
     out_dir = os.path.join(a["out"], "instruments") if seed == a["seeds"][0] else None
     row.update(_control(model, x[:4], f"shift {member} P={a['control_period'] or 64} seed={seed}", out_dir))
@@ -247,9 +252,10 @@ def plot(task, rows, a, path, title):
             xs = np.arange(-64, 192, 8) + 4
         else:
             xs = np.arange(curves.shape[1]) * a["bin"] + a["bin"] / 2
-        mean = np.nanmean(curves, 0)
-        line, = ax.plot(xs, mean, lw=1.2, label=f"{m} ({len(curves)} seeds)")
-        ax.fill_between(xs, np.nanmin(curves, 0), np.nanmax(curves, 0), color=line.get_color(), alpha=0.15)
+        ok = np.isfinite(curves).all(0)  # bins every test sequence reaches
+        xs, curves = xs[ok], curves[:, ok]
+        line, = ax.plot(xs, curves.mean(0), lw=1.2, label=f"{m} ({len(curves)} seeds)")
+        ax.fill_between(xs, curves.min(0), curves.max(0), color=line.get_color(), alpha=0.15)
     if task == "shift":
         ax.axvline(0, color="k", lw=0.8)
         ax.set_xlabel("position − change point")
