@@ -10,7 +10,9 @@ as configured ("on") and with the same parameters and f ≡ 0 ("off": no gain, n
 * ``feedback``: rms(f) / rms(u) over the steps after the first sampling instant (t >= P): the size of the
   control signal beside the input it is subtracted from;
 * the gain's trajectory per group (``k``: start k(0), end k(T), max_t |k(t) − k(0)|, batch mean and max);
-* ``tracking_error``: rms(e), e_t = y_t − w_r·u_t.
+* ``tracking_error``: rms(e), e_t = y_t − w_r·u_t;
+* ``state_share``: rms(y − D·u) / rms(y) before the gate, the part of the scan's output that passes
+  through the state — the only path by which f (subtracted from the state's input) reaches the output.
 
 `model_signals` captures every Conba layer's input in one forward of a model and instruments each;
 `plot_signals` draws, per layer, the gains over time and the per-position feedback share. The studies of
@@ -82,6 +84,7 @@ def mixer_signals(mixer, x: torch.Tensor, control_period: int | None = None, dty
         feedback=_ratio(_rms(f_after), _rms(u_after)),
         feedback_all=_ratio(_rms(sig["f"]), _rms(u64)),
         tracking_error=_rms(sig["e"]),
+        state_share=_ratio(_rms(sig["y_ssm"] - p["D"] * u64), _rms(sig["y_ssm"])),
         output_rms=_rms(out_on),
         k_start=k[:, 0].mean().item(), k_end=k[:, -1].mean().item(),
         k_end_max=k[:, -1].max().item(), k_max_dev=dk.max().item(), k_mean_dev=dk.mean().item(),

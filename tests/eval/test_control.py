@@ -73,7 +73,7 @@ def test_effect_is_zero_without_gain_and_matches_the_layer():
         mixer.eval()
         ref = mixer(hidden).double()
     assert torch.allclose(sig["series"]["out"], ref, rtol=1e-4, atol=1e-6)
-    assert sig["effect"] > 0 and sig["feedback"] > 0 and sig["k_max_dev"] > 0
+    assert sig["effect"] > 0 and sig["feedback"] > 0 and sig["k_max_dev"] > 0 and sig["state_share"] > 0
     with torch.no_grad():  # no gain ever: k0 = 0 and η = softplus(−200) ≈ 1e-87
         mixer.k0.zero_()
         mixer.eta_raw.fill_(-200.0)
