@@ -136,7 +136,7 @@ def run_shift(member, seed, a) -> dict:
     curve = [_mean(tl[(since >= lo) & (since < lo + 8)]) for lo in range(-64, 192, 8)]
     row["curve"] = curve  # loss in bins of 8 positions from 64 before the change to 192 after
     out_dir = os.path.join(a["out"], "instruments") if seed == a["seeds"][0] else None
-    row.update(_control(model, x[:4], f"shift {member} P={a['control_period'] or 64} seed={seed}", out_dir))
+    row.update(_control(model, x[:4], f"shift {member} P={model.config.control_period} seed={seed}", out_dir))
     return row
 
 
@@ -190,12 +190,9 @@ def run_init(a) -> list:
     return rows
 
 
-SCALARS = {
-    "shift": ["member", "seed", "steps", "seq_len", "loss_before", "loss_after", "loss_after_0_16",
-              "loss_after_16_64", "loss_after_64_end", "train_loss", "ctl_effect", "ctl_feedback", "ctl_k_end",
-              "ctl_k_max_dev", "step_time_s"],
-    "extrapolation": None,  # set from --eval-lens in main
-}
+SHIFT_COLS = ["member", "seed", "steps", "seq_len", "loss_before", "loss_after", "loss_after_0_16", "loss_after_16_64",
+              "loss_after_64_end", "train_loss", "ctl_effect", "ctl_feedback", "ctl_k_end", "ctl_k_max_dev",
+              "step_time_s"]
 
 
 def summarize(rows, cols) -> list:
@@ -290,7 +287,6 @@ def main(argv=None):
     ap.add_argument("--warmup", type=int, default=20)
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     ap.add_argument("--eval-examples", type=int, default=None, help="default: shift 64, extrapolation 2")
-    ap.add_argument("--control-period", type=int, default=None, help="P of the Conba members (default: config's)")
     ap.add_argument("--budget-min", type=float, default=20.0, help="start no run that would end after this")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--resume", action="store_true", help="keep the runs in OUT/runs.jsonl, run the rest")
@@ -329,14 +325,11 @@ def main(argv=None):
                         f"command `{meta['command']}`.\n\n" + control.format_table(rows) + "\n")
         print(f"wrote {args.out}/init.md", flush=True)
         return rows
-    cols = SCALARS["shift"] if shift else (
+    cols = SHIFT_COLS if shift else (
         ["member", "seed", "steps", "train_len", "loss_train_len"] + [f"loss_{n}" for n in args.eval_lens]
         + [f"loss_last_{n}" for n in args.eval_lens]
         + ["train_loss", "ctl_effect", "ctl_feedback", "ctl_k_end", "ctl_k_max_dev", "step_time_s"])
     fn = run_shift if shift else run_extrapolation
-    extra = {} if args.control_period is None else dict(control_period=args.control_period)
-    if extra:
-        raise SystemExit("--control-period: not wired for these tasks yet; the members use the config's P = 64")
     jobs = [grid.Job(key=(m, s), fn=fn, args=(m, s, a), cost_key=m) for s in args.seeds for m in args.members]
     log = os.path.join(args.out, "runs.jsonl")
     done = {}
