@@ -39,6 +39,10 @@ MEMBERS = {  # name → (layout: "attention" | "conba" | "a:c", description, con
     "attention": ("attention", "all attention, RoPE", dict(use_rope=True)),
     "mamba": ("conba", "Conba, every mechanism off, linear selection (= Mamba)", grid.mechanisms()),
     "conba-all": ("conba", "Conba, every mechanism on (noise too)", grid.mechanisms(*grid.MECHANISM_ON)),
+    "conba-noctl": ("conba", "Conba, every mechanism on but control (noise too)",
+                    {**grid.mechanisms(*grid.MECHANISM_ON), "control": False}),
+    "conba-live": ("conba", "Conba, every mechanism on, control_init='live' (k0 = 0.5, λ₁ = 0.005)",
+                   {**grid.mechanisms(*grid.MECHANISM_ON), "control_init": "live"}),
     "hybrid-1:3": ("1:3", "MixCon 1:3 (Conba as shipped)", {}),
     "hybrid-2:6": ("2:6", "MixCon 2:6 (Conba as shipped)", {}),
     "hybrid-1:7": ("1:7", "MixCon 1:7 (Conba as shipped)", {}),
@@ -48,9 +52,13 @@ MEMBERS = {  # name → (layout: "attention" | "conba" | "a:c", description, con
     "conba+noise": ("conba", f"Mamba + training noise (σ = {grid.NOISE})", grid.mechanisms("noise")),
     "conba+selection": ("conba", "Mamba + SwiGLU selection", grid.mechanisms("selection")),
 }
-CLAIM = ("attention", "mamba", "conba-all", "hybrid-1:3", "hybrid-2:6", "hybrid-1:7")  # the paper's claim
-COLS = ["member", "width", "depth", "seq_len", "pairs", "vocab", "lr", "seed", "params_M", "steps", "accuracy",
-        "answer_loss", "train_loss", "step_time_s", "step_cpu_s", "seconds", "description"]
+CLAIM = ("attention", "mamba", "conba-all", "conba-noctl", "conba-live", "hybrid-1:3", "hybrid-2:6",
+         "hybrid-1:7")  # the paper's claims (issue 27 adds control off and control_init='live')
+# the default run (no --members) keeps the members it had before issue 27
+DEFAULT_MEMBERS = [m for m in MEMBERS if m not in ("conba-noctl", "conba-live")]
+COLS = ["member", "width", "depth", "seq_len", "pairs", "vocab", "lr", "seed", "control_period", "params_M", "steps",
+        "accuracy", "answer_loss", "train_loss", "ctl_effect", "ctl_feedback", "ctl_k_end", "ctl_k_max_dev",
+        "step_time_s", "step_cpu_s", "seconds", "description"]
 
 
 def mqar(seed, n: int, seq_len: int, pairs: int, vocab: int, power_a: float = 0.01, random_fill: bool = True):
@@ -109,10 +117,12 @@ def member_config(member: str, width: int, depth: int, vocab: int, seq_len: int,
 
 
 def train_member(member, width, depth, seq_len, pairs, vocab, steps, batch, lr, warmup, seed, data_seed,
-                 eval_examples, extra=None) -> dict:
+                 eval_examples, extra=None, instrument_dir=None) -> dict:
     """Train one member on fresh MQAR batches (step s draws seed (data_seed, s)) with the training tool's
     optimizer and schedule; test on ``eval_examples`` sequences of seed (data_seed, 2**32 − 1), which no
-    step draws."""
+    step draws. A member with Conba's controller is instrumented after training (`mixcon.eval.control`,
+    on 4 test sequences: ctl_* columns, the mean over layers); with ``instrument_dir`` the per-layer plot
+    and table go there."""
     import torch
 
     from mixcon import MixConForCausalLM
@@ -156,11 +166,32 @@ def train_member(member, width, depth, seq_len, pairs, vocab, steps, batch, lr, 
             loss_sum += loss.item() * mask.sum().item()
             total += mask.sum().item()
     tail = losses[-max(1, steps // 10):]
-    return dict(member=member, description=MEMBERS[member][1], width=width,
-                depth=config.num_hidden_layers, seq_len=seq_len, pairs=pairs, vocab=vocab, lr=lr, seed=seed,
+    ctl = instrument(model, x[:4].cpu(), f"{member} w={width} L={seq_len} P={config.control_period} seed={seed}",
+                     instrument_dir)
+    return dict(member=member, description=MEMBERS[member][1], width=width, control_period=config.control_period,
+                **ctl, depth=config.num_hidden_layers, seq_len=seq_len, pairs=pairs, vocab=vocab, lr=lr, seed=seed,
                 params_M=sum(p.numel() for p in model.parameters()) / 1e6, steps=steps,
                 accuracy=correct / total, answer_loss=loss_sum / total, train_loss=sum(tail) / len(tail),
                 step_time_s=train_s / steps, step_cpu_s=train_cpu / steps, seconds=time.perf_counter() - t0)
+
+
+def instrument(model, ids, label: str, out_dir=None) -> dict:
+    """ctl_effect, ctl_feedback, ctl_k_end, ctl_k_max_dev (means over the Conba layers with control;
+    None without any) of a trained model on ``ids``; the per-layer plot and table into ``out_dir``."""
+    from mixcon.eval import control
+
+    keys = ("effect", "feedback", "k_end", "k_max_dev")
+    if not any(m.control for m in control.conba_mixers(model)):
+        return {f"ctl_{k}": None for k in keys}
+    model = model.cpu().float()
+    sigs = control.model_signals(model, ids)
+    if out_dir:
+        os.makedirs(out_dir, exist_ok=True)
+        name = label.replace(" ", "_").replace("=", "").replace(":", "-")
+        control.plot_signals(sigs, os.path.join(out_dir, name + ".png"), label)
+        grid.write_text(os.path.join(out_dir, name + ".md"),
+                        f"{label}\n\n" + control.format_table([control.summary_row(s) for s in sigs]) + "\n")
+    return {f"ctl_{k}": sum(s[k] for s in sigs) / len(sigs) for k in keys}
 
 
 def estimate(args) -> float:
@@ -174,7 +205,8 @@ def estimate(args) -> float:
     for seq_len, pairs in args.cells:
         for width in args.widths:
             for m in args.members:
-                model = MixConForCausalLM(member_config(m, width, args.depth, args.vocab, seq_len)).train()
+                model = MixConForCausalLM(member_config(m, width, args.depth, args.vocab, seq_len,
+                                                        extra_overrides(m, args))).train()
                 x, y = (torch.from_numpy(a) for a in mqar(0, args.batch, seq_len, pairs, args.vocab))
                 for _ in range(2):
                     c0 = time.process_time()
@@ -187,6 +219,12 @@ def estimate(args) -> float:
                       flush=True)
     print(f"total {total:.0f} CPU min: ≈ {total / args.jobs:.0f} min with --jobs {args.jobs} on idle cores", flush=True)
     return total
+
+
+def extra_overrides(member: str, args) -> dict:
+    """--control-period for every member with Conba layers (MixConConfig's field; others ignore it)."""
+    return {} if args.control_period is None or MEMBERS[member][0] == "attention" else dict(
+        control_period=args.control_period)
 
 
 def summarize(rows: list) -> list:
@@ -202,6 +240,9 @@ def summarize(rows: list) -> list:
         acc = grid.spread(x["accuracy"] for x in rs)
         out.append(dict(member=member, width=width, seq_len=seq_len, pairs=pairs, depth=rs[0]["depth"],
                         lr=best_lr, accuracy=acc["mean"], accuracy_std=acc["std"], seeds=acc["n"],
+                        accuracy_min=acc["min"], accuracy_max=acc["max"],
+                        ctl_effect=grid.spread(x.get("ctl_effect") for x in rs)["mean"],
+                        ctl_feedback=grid.spread(x.get("ctl_feedback") for x in rs)["mean"],
                         answer_loss=grid.spread(x["answer_loss"] for x in rs)["mean"],
                         step_time_s=grid.spread(x["step_time_s"] for x in rs)["mean"]))
     return out
@@ -240,13 +281,27 @@ def write_markdown(summary, skipped, cells, widths, members, meta, path):
              f"Device {meta['device']}, torch {meta['torch']}, transformers {meta['transformers']}, rev {meta['rev']}, "
              f"{meta['date']}. Command: `{meta['command']}`. Config defaults: {meta['config_defaults']}.", ""]
     head = [f"L={s} ({p} pairs) w={w}" for s, p in cells for w in widths]
+
+    def cell(r):
+        if r["seeds"] > 1:
+            return f"{r['accuracy']:.3f} ({r['accuracy_min']:.3f}–{r['accuracy_max']:.3f})"
+        return grid.fmt(r["accuracy"], 3)
+
     lines += ["| member | depth | " + " | ".join(head) + " |", "| --- | --- |" + " --- |" * len(head)]
     by = {(s["member"], s["width"], s["seq_len"], s["pairs"]): s for s in summary}
     for m in members:
         rows = [by.get((m, w, sl, p)) for sl, p in cells for w in widths]
         depth = next((r["depth"] for r in rows if r), "")
-        lines.append(f"| {m} | {depth} | " + " | ".join(grid.fmt(r["accuracy"], 3) if r else "not run"
-                                                        for r in rows) + " |")
+        lines.append(f"| {m} | {depth} | " + " | ".join(cell(r) if r else "not run" for r in rows) + " |")
+    if any(s.get("ctl_effect") == s.get("ctl_effect") and s.get("ctl_effect") is not None for s in summary):
+        lines += ["", "Controller after training (mixcon.eval.control, mean over layers and seeds): share of the layer "
+                  "output due to the feedback rms(out − out[f≡0]) / rms(out), and rms(f) / rms(u).", "",
+                  "| member | " + " | ".join(head) + " |", "| --- |" + " --- |" * len(head)]
+        for m in members:
+            rows = [by.get((m, w, sl, p)) for sl, p in cells for w in widths]
+            if any(r and r.get("ctl_effect") == r.get("ctl_effect") for r in rows):
+                lines.append(f"| {m} | " + " | ".join(
+                    f"{r['ctl_effect']:.2e} / {r['ctl_feedback']:.2e}" if r else "" for r in rows) + " |")
     if skipped:
         lines += ["", f"Not run (time budget of {a['budget_min']} min): " + ", ".join(
             f"{k[0]} w={k[1]} L={k[2]}/{k[3]} lr={k[4]} seed={k[5]}" for k in skipped) + "."]
@@ -263,7 +318,13 @@ def parse_cell(s: str) -> tuple:
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--members", nargs="+", default=list(MEMBERS), choices=list(MEMBERS))
+    ap.add_argument("--members", nargs="+", default=DEFAULT_MEMBERS, choices=list(MEMBERS))
+    ap.add_argument("--control-period", type=int, default=None,
+                    help="control_period of every member with Conba layers (default: the config's)")
+    ap.add_argument("--resume", action="store_true",
+                    help="keep the runs already in OUT/runs.jsonl (written as each run ends) and run the rest")
+    ap.add_argument("--instruments", action="store_true",
+                    help="per-layer controller plots and tables (first seed's runs) under OUT/instruments")
     # the CPU default: the claim's members at widths 16 and 32 fit --budget-min 55 with --jobs 2 (0.01-0.4
     # CPU s per step); 3000 steps because a 2-layer transformer at width 32 sits at 1/4 accuracy (one of
     # the four values in context) for over 1500 steps before it solves 64:4 (4000 steps: 1.000, measured
@@ -300,6 +361,8 @@ def main(argv=None):
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type == "cpu":  # these models are small: one thread per process beats two contending
         torch.set_num_threads(args.threads or 1)
+    if args.control_period is not None and args.control_period < 1:
+        ap.error(f"--control-period {args.control_period} must be >= 1")
     if args.estimate:
         return estimate(args)
     meta = header(device, dtype="bf16 autocast" if device.type == "cuda" else "float32", args=vars(args),
@@ -318,18 +381,36 @@ def main(argv=None):
                             kw = dict(member=m, width=width, depth=args.depth, seq_len=seq_len, pairs=pairs,
                                       vocab=args.vocab, steps=args.steps, batch=args.batch, lr=lr,
                                       warmup=args.warmup, seed=seed, data_seed=seed,
-                                      eval_examples=args.eval_examples)
+                                      eval_examples=args.eval_examples, extra=extra_overrides(m, args),
+                                      instrument_dir=os.path.join(args.out, "instruments")
+                                      if args.instruments and seed == args.seeds[0] else None)
                             jobs.append(grid.Job(key=(m, width, seq_len, pairs, lr, seed), fn=train_member,
                                                  kwargs=kw, cost_key=(m, width, seq_len)))
 
+    os.makedirs(args.out, exist_ok=True)
+    log = os.path.join(args.out, "runs.jsonl")
+    done = {}
+    if args.resume and os.path.exists(log):
+        with open(log) as f:
+            for line in f:
+                rec = json.loads(line)
+                done[tuple(rec["key"])] = rec["row"]
+        jobs = [j for j in jobs if j.key not in done]
+        print(f"resume: {len(done)} runs kept from {log}", flush=True)
+    elif os.path.exists(log):
+        os.remove(log)
+
     def report(key, row):
+        with open(log, "a") as f:
+            f.write(json.dumps(dict(key=list(key), row=row)) + "\n")
         print(f"{key[0]:16s} w={key[1]:<4d} L={key[2]:<4d} pairs={key[3]:<3d} lr={key[4]:.0e} seed={key[5]}: "
               f"accuracy {row['accuracy']:.3f}, answer loss {row['answer_loss']:.3f}, "
               f"{row['step_time_s'] * 1e3:.0f} ms/step", flush=True)
 
     results, skipped = grid.run_jobs(jobs, args.budget_min * 60, args.jobs, progress=not args.no_progress,
                                      desc="recall runs", on_result=report)
-    rows = [results[j.key] for j in jobs if j.key in results]
+    results = {**done, **results}
+    rows = [results[k] for k in results]
     summary = summarize(rows)
     os.makedirs(args.out, exist_ok=True)
     meta["args"]["cells"] = [list(c) for c in args.cells]

@@ -40,17 +40,31 @@ def _reflect(k0: torch.Tensor) -> torch.Tensor:
 
 # the gain law's rates per step (docs/conba.md, step 6: η = 1e-2, λ = 0.05 at P = 1)
 ETA_PER_STEP, LAM_PER_STEP = 1e-2, 0.05
+# control_init="live" (issue 27): λ 10× slower, so that the gain remembers about 200 tokens (3 periods at
+# P = 64) instead of 20 (λ_64 = 0.96 forgot the gain within one period), and k0 at the law's fixed point
+# η/λ · rms(e) for the error's RMS at initialisation (≈ 0.25 on the tiny configs: k = 2 · 0.25 = 0.5)
+LIVE_LAM_PER_STEP, LIVE_K0 = 0.005, 0.5
 
 
-def gain_law_init(control_period: int) -> tuple[float, float]:
+def control_init_values(control_period: int, control_init: str = "spec") -> tuple[float, float, float]:
+    """(η, λ, k0) at initialisation for ``control_init`` ("spec": the spec's values, k0 = 0; "live":
+    λ₁ = 0.005 and k0 = 0.5), η and λ per sampling instant by `gain_law_init`."""
+    if control_init == "spec":
+        return (*gain_law_init(control_period), 0.0)
+    if control_init == "live":
+        return (*gain_law_init(control_period, LIVE_LAM_PER_STEP), LIVE_K0)
+    raise ValueError(f"control_init={control_init!r} must be 'spec' or 'live'")
+
+
+def gain_law_init(control_period: int, lam_per_step: float = LAM_PER_STEP) -> tuple[float, float]:
     """Initial (η, λ) per sampling instant for control period P: the zero-order-hold equivalent of
     the per-step law. P per-step updates with a constant error r take k to
     (1 − λ₁)^P · k + η₁ · r · (1 − (1 − λ₁)^P) / λ₁, so one update every P steps starts with
     λ_P = 1 − (1 − λ₁)^P and η_P = η₁ · λ_P / λ₁ (P = 1: the spec's values). Without it the gain of
     a P = 64 controller rises 64× more slowly per token and λ starts with ~100× less gradient than at
     P = 1 (measured on the tiny config)."""
-    lam = 1.0 - (1.0 - LAM_PER_STEP) ** control_period
-    return ETA_PER_STEP * lam / LAM_PER_STEP, lam
+    lam = 1.0 - (1.0 - lam_per_step) ** control_period
+    return ETA_PER_STEP * lam / lam_per_step, lam
 
 
 class _TorchInit:
@@ -88,6 +102,7 @@ class ConbaMixer(nn.Module):
         self.control = config.control
         self.k_max = config.k_max
         self.control_period = config.control_period
+        self.control_init = getattr(config, "control_init", "spec")
         self.process_noise = config.process_noise
         self.observation_noise = config.observation_noise
         self.selection = config.selection
@@ -116,10 +131,10 @@ class ConbaMixer(nn.Module):
         if self.tau > 0:
             self.rho_raw = nn.Parameter(torch.full((ng,), _logit(RHO_INIT)))
         if self.control:
-            eta0, lam0 = gain_law_init(self.control_period)
+            eta0, lam0, k00 = control_init_values(self.control_period, self.control_init)
             self.eta_raw = nn.Parameter(torch.full((ng,), _inv_softplus(eta0)))
             self.lam_raw = nn.Parameter(torch.full((ng,), _logit(lam0)))
-            self.k0 = nn.Parameter(torch.zeros(ng))
+            self.k0 = nn.Parameter(torch.full((ng,), k00))
             self.w_r = nn.Parameter(torch.zeros(d))  # 0: the error is the output itself
         self.out_proj = Linear(d, config.hidden_size, bias=config.proj_bias)
         self._dt_init = (config.dt_min, config.dt_max, config.dt_init_floor)
@@ -165,10 +180,10 @@ class ConbaMixer(nn.Module):
         if self.tau > 0:
             init.constant_(self.rho_raw, _logit(RHO_INIT))
         if self.control:
-            eta0, lam0 = gain_law_init(self.control_period)
+            eta0, lam0, k00 = control_init_values(self.control_period, self.control_init)
             init.constant_(self.eta_raw, _inv_softplus(eta0))
             init.constant_(self.lam_raw, _logit(lam0))
-            init.zeros_(self.k0)
+            init.constant_(self.k0, k00)
             init.zeros_(self.w_r)
 
     # ------------------------------------------------------------------ helpers

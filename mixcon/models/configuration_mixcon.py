@@ -13,6 +13,7 @@ from typing import Optional
 from transformers import PretrainedConfig
 
 SELECTIONS = ("swiglu", "linear")
+CONTROL_INITS = ("spec", "live")  # docs/conba.md, "Initialisation": the gain law's starting values
 MOE_IMPLS = ("auto", "grouped", "loop")
 CONBA_BACKENDS = ("auto", "ref", "triton", "chunk_torch")
 MOD_DECISIONS = ("router", "predictor")
@@ -49,6 +50,7 @@ FIELDS = {
     "ssm_norm": ("bool", None), "conv_bias": ("bool", None), "proj_bias": ("bool", None),
     "control_group": ("int", (1, None)), "delay": ("int", (0, MAX_DELAY)), "state_scaling": ("bool", None),
     "control": ("bool", None), "k_max": ("float", (0, INF, True, True)), "control_period": ("int", (1, None)),
+    "control_init": ("choice", CONTROL_INITS),
     "process_noise": ("float", (0, INF, False, True)), "observation_noise": ("float", (0, INF, False, True)),
     "dt_min": ("float", (0, INF, True, True)), "dt_max": ("float", (0, INF, True, True)),
     "dt_init_floor": ("float", (0, INF, True, True)), "conba_backend": ("choice", CONBA_BACKENDS),
@@ -304,6 +306,7 @@ class MixConConfig(PretrainedConfig):
         control: bool = True,
         k_max: float = 1.0,
         control_period: int = 64,  # P: real steps between two actions of the controller (1 = every step)
+        control_init: str = "spec",  # "spec" or "live" (k0 = 0.5, λ 10× slower: docs/conba.md, issue 27)
         process_noise: float = 0.0,  # σ_w, training only
         observation_noise: float = 0.0,  # σ_v, training only
         dt_min: float = 1e-3,
@@ -390,6 +393,7 @@ class MixConConfig(PretrainedConfig):
         self.control = control
         self.k_max = k_max
         self.control_period = control_period
+        self.control_init = control_init
         self.process_noise = process_noise
         self.observation_noise = observation_noise
         self.dt_min = dt_min
@@ -490,7 +494,7 @@ class MixConConfig(PretrainedConfig):
                 f"control_group={self.control_group} must divide d_inner = expand * hidden_size = {d_inner}")
         if not isinstance(self.delay, int) or not 0 <= self.delay <= MAX_DELAY:
             raise ValueError(f"delay={self.delay!r} must be an integer in [0, {MAX_DELAY}] (0 = off)")
-        for name, allowed in (("selection", SELECTIONS), ("moe_impl", MOE_IMPLS), ("conba_backend", CONBA_BACKENDS)):
+        for name, allowed in (("selection", SELECTIONS), ("control_init", CONTROL_INITS), ("moe_impl", MOE_IMPLS), ("conba_backend", CONBA_BACKENDS)):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name}={getattr(self, name)!r} must be one of {allowed}")
         if not self.k_max > 0:

@@ -102,15 +102,15 @@ def test_recall_smoke_has_every_member(tmp_path):
     rows, skipped = recall.main(["--smoke", "--out", str(tmp_path), "--no-progress", "--seeds", "0", "1"])
     assert not skipped
     got = {(r["member"], r["seed"]) for r in rows}
-    assert got == {(m, s) for m in recall.MEMBERS for s in (0, 1)}
+    assert got == {(m, s) for m in recall.DEFAULT_MEMBERS for s in (0, 1)}
     assert all(0 <= r["accuracy"] <= 1 and r["answer_loss"] > 0 and r["step_time_s"] > 0 for r in rows)
     # the default depth is 2: the pure members run there, each hybrid at the depth its block needs
     depth = {r["member"]: r["depth"] for r in rows}
     assert depth["mamba"] == depth["attention"] == 2 and depth["hybrid-1:3"] == 4 and depth["hybrid-1:7"] == 8
     res = json.load(open(tmp_path / "results.json"))
-    assert len(res["summary"]) == len(recall.MEMBERS) and all(s["seeds"] == 2 for s in res["summary"])
+    assert len(res["summary"]) == len(recall.DEFAULT_MEMBERS) and all(s["seeds"] == 2 for s in res["summary"])
     md = (tmp_path / "recall.md").read_text()
-    assert all(f"| {m} |" in md for m in recall.MEMBERS) and (tmp_path / "recall.png").exists()
+    assert all(f"| {m} |" in md for m in recall.DEFAULT_MEMBERS) and (tmp_path / "recall.png").exists()
 
 
 def test_recall_runs_the_claims_members_first(tmp_path):

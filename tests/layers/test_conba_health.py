@@ -19,6 +19,7 @@ from mixcon import MixConForCausalLM
 OFF = dict(delay=0, state_scaling=False, control=False, selection="linear")
 MEMBERS = {  # every member with Conba layers, at the tiny sizes
     "mixcon": lambda: tiny_config(),
+    "mixcon-live-control": lambda: tiny_config(control_init="live"),  # issue 27's initialisation option
     "mod": lambda: member_config("mod-tiny.json"),
     "jamba": lambda: tiny_config(attn_ratio="1:3", ssm_norm=True, moe_renormalize=False, **OFF),
     "mamba": lambda: tiny_config(attn_ratio="0:4", moe_every=0, intermediate_size=0, **OFF),
@@ -129,11 +130,12 @@ def _copy_batch(g, b=8, L=6, gap=6, V=64):
     return ids, labels
 
 
-def test_short_training_moves_every_mechanism_and_the_selection():
+@pytest.mark.parametrize("control_init", ["spec", "live"])  # live: issue 27's option (k0 = 0.5, λ₁ = 0.005)
+def test_short_training_moves_every_mechanism_and_the_selection(control_init):
     # a Conba-only tiny model, so every bit of memory the task needs has to pass through Conba
     # control period 4, so the controller acts several times in these 19-token sequences (the default,
     # 64, needs sequences of hundreds of tokens: the init test above and the study cover it)
-    c = tiny_config(n_blocks=1, layers_per_block=2, layer_pattern="cc", control_period=4)
+    c = tiny_config(n_blocks=1, layers_per_block=2, layer_pattern="cc", control_period=4, control_init=control_init)
     torch.manual_seed(0)
     model = MixConForCausalLM(c).train()
     start = {n: p.detach().clone() for n, p in model.named_parameters()}

@@ -138,9 +138,15 @@ def _prepare(delta, delta_bias, delta_softplus, A, eta, lam, w_r, k0, d_inner, n
 
 @keyword_interface("u", "delta")
 def conba_scan_ref(u, delta, B, C, params: ConbaParams, *, z=None, alpha=None, mask=None,
-                   initial_state: Optional[ConbaState] = None, return_final_state=False):
+                   initial_state: Optional[ConbaState] = None, return_final_state=False, return_internals=False):
     """Reference Conba scan. Shapes as in `mixcon.ops.conba.conba_scan`; returns y (b, T, d)
-    in u's dtype, and the final `ConbaState` when ``return_final_state``."""
+    in u's dtype, and the final `ConbaState` when ``return_final_state``.
+
+    ``return_internals``: also return (last) a dict of the controller's per-step signals, in the
+    accumulation dtype: ``f`` (b, T, d) the held control signal subtracted from u_t at step t,
+    ``k`` (b, T + 1, n_groups) the gain before step 0 and after every step, ``e`` (b, T, d) the
+    tracking error y_t − w_r·u_t measured at step t (before the gate z; 0 where masked) and
+    ``y_ssm`` (b, T, d) the output before the gate. Without control f = e = 0 and k = 0."""
     p = params
     A, D, rho, tau, k0, eta, lam, w_r = p.A, p.D, p.rho, p.tau, p.k0, p.eta, p.lam, p.w_r
     group_size, control_period = p.group_size, p.control_period
@@ -156,8 +162,10 @@ def conba_scan_ref(u, delta, B, C, params: ConbaParams, *, z=None, alpha=None, m
     phase = initial_state.phase
     u32, B32, C32 = u.to(acc), B.to(acc), C.to(acc)
     alpha32 = alpha.to(acc) if alpha is not None else None
-    ys = []
+    ys, fs, ks = [], [], [k]
     for t in range(T):
+        if return_internals:
+            fs.append(_per_channel(k, group_size) * torch.tanh(e) if control else torch.zeros_like(u32[:, t]))
         y, h, delay, k, e, phase = _one_step(
             h, delay, k, e, phase, u32[:, t], dt[:, t], B32[:, t], C32[:, t], A32, D,
             alpha32[:, t] if alpha32 is not None else None, rho, tau, control, eta_f, lam_f,
@@ -165,13 +173,23 @@ def conba_scan_ref(u, delta, B, C, params: ConbaParams, *, z=None, alpha=None, m
             mask[:, t] if mask is not None else None, control_period,
         )
         ys.append(y)
+        if return_internals:
+            ks.append(k)
     y = torch.stack(ys, dim=1) if ys else u32.new_zeros(b, 0, d)  # (b, T, d)
+    internals = None
+    if return_internals:
+        err = y - w_r_f * u32 if control else torch.zeros_like(y)
+        if mask is not None:
+            err = err * mask[..., None].to(acc)
+        internals = dict(f=torch.stack(fs, dim=1) if fs else u32.new_zeros(b, 0, d), k=torch.stack(ks, dim=1),
+                         e=err, y_ssm=y)
     if z is not None:
         y = y * F.silu(z.to(acc))
     y = y.to(u.dtype)
-    if return_final_state:
-        return y, ConbaState(h, delay, k, e, phase)
-    return y
+    out = (y, ConbaState(h, delay, k, e, phase)) if return_final_state else (y,)
+    if return_internals:
+        out = out + (internals,)
+    return out if len(out) > 1 else out[0]
 
 
 @keyword_interface("state", "u", "delta")

@@ -1,0 +1,366 @@
+"""Issue 27's studies of Conba's controller beside MQAR (`mixcon.eval.recall --control-period`):
+
+* ``init``: the controller's instruments (`mixcon.eval.control`) at initialisation, P = 1, 16, 64, the spec's
+  initialisation and ``control_init="live"``, on the shift task's sequences (>= 4·P tokens);
+* ``shift``: a token stream whose statistics change once, at a random point in the middle half: before it the
+  tokens are drawn i.i.d. from one random distribution over ``support`` tokens of the vocabulary, after it
+  from another. A model must notice the change in context and follow it; the loss after the change (overall
+  and in windows of positions since it) is what feedback should help;
+* ``extrapolation``: the same kind of stream with a change every ~``segment`` tokens (exponential gaps),
+  trained at ``--train-len`` tokens and evaluated at ``--eval-lens`` (e.g. 4K, 8K): loss per position bin.
+
+Members (the MQAR study's): attention (RoPE), Mamba, Conba with every mechanism (control on, P = 64),
+control off, control on with ``control_init="live"``. Same steps, batch, lr for every member; ≥ 3 seeds.
+Every run is appended to OUT/runs.jsonl as it ends; ``--resume`` keeps those and runs the rest.
+
+    python -m mixcon.eval.control_study init --out eval/results/control/init
+    python -m mixcon.eval.control_study shift --budget-min 18 --out eval/results/control/shift
+    python -m mixcon.eval.control_study extrapolation --budget-min 20 --out eval/results/control/extrapolation
+    python -m mixcon.eval.control_study shift --smoke --out /tmp/x        # seconds
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+
+import numpy as np
+
+from mixcon.eval import grid
+
+
+MEMBERS = ("attention", "mamba", "conba-all", "conba-noctl", "conba-live")
+WINDOWS = ((0, 16), (16, 64), (64, None))  # positions since the change
+
+
+def piecewise_unigram(seed, n: int, seq_len: int, vocab: int, support: int = 8, changes: str = "one",
+                      segment: int = 256):
+    """``n`` token streams (int64, (n, seq_len)) and their change points.
+
+    Each segment draws its tokens i.i.d. from a distribution over ``support`` random tokens (weights from a
+    flat Dirichlet). ``changes="one"``: one change at a uniform position in [seq_len/4, 3·seq_len/4);
+    returns (x, change) with change (n,). ``changes="many"``: a change after every exponential gap of mean
+    ``segment``; returns (x, None). A pure function of ``seed``."""
+    if not 1 <= support <= vocab:
+        raise ValueError(f"support={support} must be in [1, vocab={vocab}]")
+    if changes not in ("one", "many"):
+        raise ValueError(f"changes={changes!r} must be 'one' or 'many'")
+    rng = np.random.default_rng(seed)
+    x = np.empty((n, seq_len), dtype=np.int64)
+    change = rng.integers(seq_len // 4, 3 * seq_len // 4, n) if changes == "one" else None
+    for i in range(n):
+        if changes == "one":
+            bounds = [0, int(change[i]), seq_len]
+        else:
+            bounds = [0]
+            while bounds[-1] < seq_len:
+                bounds.append(min(seq_len, bounds[-1] + 1 + int(rng.exponential(segment))))
+        for a, b in zip(bounds[:-1], bounds[1:]):
+            toks = rng.choice(vocab, support, replace=False)
+            p = rng.dirichlet(np.ones(support))
+            x[i, a:b] = toks[rng.choice(support, b - a, p=p)]
+    return x, change
+
+
+def _mean(a) -> float:
+    """The mean, NaN for an empty selection (no warning)."""
+    return float(a.mean()) if a.size else float("nan")
+
+
+def _train(member, seq_len, vocab, width, depth, steps, batch, lr, warmup, seed, batch_fn, max_len, extra=None):
+    """A member trained on next-token loss over ``batch_fn(step)`` (int64 numpy (batch, seq_len)); returns
+    (model in eval mode, train losses, seconds per step)."""
+    import torch
+
+    from mixcon import MixConForCausalLM
+    from mixcon.eval.recall import member_config
+    from mixcon.train.loop import lr_at, make_optimizer
+    from mixcon.train.recipe import Recipe
+
+    r = Recipe(lr=lr, max_steps=steps, warmup_steps=warmup, batch_size=batch, seq_len=seq_len, seed=seed)
+    config = member_config(member, width, depth, vocab, max_len, extra)
+    torch.manual_seed(seed)
+    model = MixConForCausalLM(config).train()
+    optimizer = make_optimizer(model, r, torch.device("cpu"))
+    losses, t0 = [], time.perf_counter()
+    for step in range(1, steps + 1):
+        for g in optimizer.param_groups:
+            g["lr"] = lr_at(step, r)
+        ids = torch.from_numpy(batch_fn(step))
+        loss = model(ids, labels=ids, use_cache=False).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), r.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+    return model.eval(), losses, (time.perf_counter() - t0) / steps
+
+
+def _token_losses(model, ids, batch: int):
+    """Next-token cross-entropy at every position but the last: numpy (n, T − 1)."""
+    import torch
+
+    out = []
+    with torch.no_grad():
+        for i in range(0, ids.shape[0], batch):
+            x = torch.from_numpy(ids[i:i + batch])
+            logits = model(x, use_cache=False).logits[:, :-1].float()
+            out.append(torch.nn.functional.cross_entropy(logits.transpose(1, 2), x[:, 1:], reduction="none").numpy())
+    return np.concatenate(out)
+
+
+def _control(model, ids, label, out_dir):
+    import torch
+
+    from mixcon.eval.recall import instrument
+
+    return instrument(model, torch.from_numpy(ids), label, out_dir)
+
+
+def run_shift(member, seed, a) -> dict:
+    vocab, T = a["vocab"], a["seq_len"]
+    fn = lambda step: piecewise_unigram((seed, step), a["batch"], T, vocab, a["support"])[0]  # noqa: E731
+    model, losses, step_s = _train(member, T, vocab, a["width"], a["depth"], a["steps"], a["batch"], a["lr"],
+                                   a["warmup"], seed, fn, T)
+    x, change = piecewise_unigram((seed, 2**32 - 1), a["eval_examples"], T, vocab, a["support"])
+    tl = _token_losses(model, x, a["batch"])  # tl[:, t] predicts x[:, t + 1]
+    since = np.arange(T - 1)[None, :] + 1 - change[:, None]  # target position − change
+    row = dict(member=member, seed=seed, steps=a["steps"], seq_len=T, step_time_s=step_s,
+               train_loss=float(np.mean(losses[-max(1, a["steps"] // 10):])),
+               loss_before=_mean(tl[since < 0]), loss_after=_mean(tl[since >= 0]))
+    for lo, hi in WINDOWS:
+        sel = (since >= lo) & (since < (hi if hi is not None else T))
+        row[f"loss_after_{lo}_{hi or 'end'}"] = _mean(tl[sel])
+    curve = [_mean(tl[(since >= lo) & (since < lo + 8)]) for lo in range(-64, 192, 8)]
+    row["curve"] = curve  # loss in bins of 8 positions from 64 before the change to 192 after
+    out_dir = os.path.join(a["out"], "instruments") if seed == a["seeds"][0] else None
+    row.update(_control(model, x[:4], f"shift {member} P={model.config.control_period} seed={seed}", out_dir))
+    return row
+
+
+def run_extrapolation(member, seed, a) -> dict:
+    vocab, T = a["vocab"], a["train_len"]
+    L = max(a["eval_lens"])
+    gen = lambda s, n, t: piecewise_unigram(s, n, t, vocab, a["support"], "many", a["segment"])[0]  # noqa: E731
+    model, losses, step_s = _train(member, T, vocab, a["width"], a["depth"], a["steps"], a["batch"], a["lr"],
+                                   a["warmup"], seed, lambda step: gen((seed, step), a["batch"], T), L)
+    x = gen((seed, 2**32 - 1), a["eval_examples"], L)
+    tl = _token_losses(model, x, 1)  # (n, L − 1)
+    row = dict(member=member, seed=seed, steps=a["steps"], train_len=T, step_time_s=step_s,
+               train_loss=float(np.mean(losses[-max(1, a["steps"] // 10):])),
+               loss_train_len=float(tl[:, :T - 1].mean()))
+    for n in a["eval_lens"]:
+        row[f"loss_{n}"] = float(tl[:, :n - 1].mean())
+        row[f"loss_last_{n}"] = float(tl[:, n - 1 - T // 2:n - 1].mean())  # the last half-train-length
+    bin_ = a["bin"]
+    row["curve"] = [float(tl[:, i:i + bin_].mean()) for i in range(0, L - 1, bin_)]
+    out_dir = os.path.join(a["out"], "instruments") if seed == a["seeds"][0] else None
+    row.update(_control(model, x[:1, :min(L, 4 * T)], f"extrapolation {member} {min(L, 4 * T)} tokens seed={seed}",
+                        out_dir))
+    return row
+
+
+def run_init(a) -> list:
+    """Instruments at initialisation: conba-all at each P and initialisation, seeds ``a['seeds']``."""
+    import torch
+
+    from mixcon import MixConForCausalLM
+    from mixcon.eval import control
+    from mixcon.eval.recall import member_config
+
+    rows = []
+    T = a["seq_len"]
+    for init in ("spec", "live"):
+        for P in (1, 16, 64):
+            for seed in a["seeds"]:
+                torch.manual_seed(seed)
+                model = MixConForCausalLM(member_config("conba-all", a["width"], a["depth"], a["vocab"], T,
+                                                        dict(control_period=P, control_init=init)))
+                x, _ = piecewise_unigram((seed, 7), 2, T, a["vocab"], a["support"])
+                sigs = control.model_signals(model, torch.from_numpy(x))
+                if seed == a["seeds"][0]:
+                    control.plot_signals(sigs, os.path.join(a["out"], f"init-{init}-P{P}.png"),
+                                         f"conba-all at initialisation, control_init={init}, P={P}, {T} tokens")
+                for s in sigs:
+                    rows.append(dict(init=init, seed=seed, **control.summary_row(s)))
+                print(f"init={init} P={P} seed={seed}: effect " +
+                      ", ".join(f"{s['effect']:.2e}" for s in sigs), flush=True)
+    return rows
+
+
+SHIFT_COLS = ["member", "seed", "steps", "seq_len", "loss_before", "loss_after", "loss_after_0_16", "loss_after_16_64",
+              "loss_after_64_end", "train_loss", "ctl_effect", "ctl_feedback", "ctl_k_end", "ctl_k_max_dev",
+              "step_time_s"]
+
+
+def summarize(rows, cols) -> list:
+    out = []
+    for m in dict.fromkeys(r["member"] for r in rows):
+        rs = [r for r in rows if r["member"] == m]
+        s = dict(member=m, seeds=len(rs))
+        for c in cols:
+            if c in ("member", "seed", "steps", "seq_len", "train_len"):
+                continue
+            sp = grid.spread(r.get(c) for r in rs)
+            s[c], s[c + "_min"], s[c + "_max"], s[c + "_std"] = sp["mean"], sp["min"], sp["max"], sp["std"]
+        out.append(s)
+    return out
+
+
+def write_markdown(task, summary, cols, meta, not_run, path):
+    a = meta["args"]
+    shown = [c for c in cols if c not in ("member", "seed", "steps", "seq_len", "train_len", "ctl_k_max_dev")]
+    lines = [f"Task `{task}`: {a['steps']} steps × {a['batch']} sequences, lr {a['lr']}, width {a['width']}, depth "
+             f"{a['depth']}, vocabulary {a['vocab']} (support {a['support']}), seeds {a['seeds']}, "
+             f"{a['eval_examples']} test sequences. Mean over seeds (min–max).",
+             f"Device {meta['device']}, torch {meta['torch']}, transformers {meta['transformers']}, rev {meta['rev']}, "
+             f"{meta['date']}, {meta.get('threads', 1)} thread. Command: `{meta['command']}`.", "",
+             "| member | seeds | " + " | ".join(shown) + " |", "| --- | --- |" + " --- |" * len(shown)]
+    for s in summary:
+        cells = []
+        for c in shown:
+            v = s.get(c)
+            if v is None or v != v:
+                cells.append("")
+            elif c.startswith("ctl_"):
+                cells.append(f"{v:.2e}")
+            elif c == "step_time_s":
+                cells.append(f"{v:.3f}")
+            elif s["seeds"] > 1:
+                cells.append(f"{v:.3f} ({s[c + '_min']:.3f}–{s[c + '_max']:.3f})")
+            else:
+                cells.append(f"{v:.3f}")
+        lines.append(f"| {s['member']} | {s['seeds']} | " + " | ".join(cells) + " |")
+    if not_run:
+        lines += ["", f"Not run (budget {a['budget_min']} min): " + ", ".join(f"{m} seed {s}" for m, s in not_run)]
+    grid.write_text(path, "\n".join(lines) + "\n")
+
+
+def plot(task, rows, a, path, title):
+    plt = grid.pyplot()
+    if plt is None or not rows:
+        return
+    fig, ax = plt.subplots(figsize=(7.5, 4))
+    for m in dict.fromkeys(r["member"] for r in rows):
+        curves = np.array([r["curve"] for r in rows if r["member"] == m])
+        if task == "shift":
+            xs = np.arange(-64, 192, 8) + 4
+        else:
+            xs = np.arange(curves.shape[1]) * a["bin"] + a["bin"] / 2
+        ok = np.isfinite(curves).all(0)  # bins every test sequence reaches
+        xs, curves = xs[ok], curves[:, ok]
+        line, = ax.plot(xs, curves.mean(0), lw=1.2, label=f"{m} ({len(curves)} seeds)")
+        ax.fill_between(xs, curves.min(0), curves.max(0), color=line.get_color(), alpha=0.15)
+    if task == "shift":
+        ax.axvline(0, color="k", lw=0.8)
+        ax.set_xlabel("position − change point")
+    else:
+        ax.axvline(a["train_len"], color="k", lw=0.8, ls="--")
+        ax.set_xscale("log")
+        ax.set_xlabel("position (dashed: training length)")
+    ax.set_ylabel("next-token loss")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    ax.set_title(title, fontsize=8)
+    fig.tight_layout()
+    grid.save_figure(fig, path)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("task", choices=["init", "shift", "extrapolation"])
+    ap.add_argument("--members", nargs="+", default=list(MEMBERS), choices=list(MEMBERS))
+    ap.add_argument("--width", type=int, default=32)
+    ap.add_argument("--depth", type=int, default=2)
+    ap.add_argument("--vocab", type=int, default=64)
+    ap.add_argument("--support", type=int, default=8, help="tokens per segment's distribution")
+    ap.add_argument("--seq-len", type=int, default=512, help="shift and init: tokens per sequence")
+    ap.add_argument("--train-len", type=int, default=1024, help="extrapolation: training length")
+    ap.add_argument("--eval-lens", nargs="+", type=int, default=[4096, 8192], help="extrapolation: test lengths")
+    ap.add_argument("--segment", type=int, default=256, help="extrapolation: mean tokens between changes")
+    ap.add_argument("--bin", type=int, default=256, help="extrapolation: positions per point of the curve")
+    ap.add_argument("--steps", type=int, default=None, help="default: shift 400, extrapolation 200")
+    ap.add_argument("--batch", type=int, default=None, help="default: shift 8, extrapolation 4")
+    ap.add_argument("--lr", type=float, default=3e-3)
+    ap.add_argument("--warmup", type=int, default=20)
+    ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    ap.add_argument("--eval-examples", type=int, default=None, help="default: shift 64, extrapolation 2")
+    ap.add_argument("--budget-min", type=float, default=20.0, help="start no run that would end after this")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--resume", action="store_true", help="keep the runs in OUT/runs.jsonl, run the rest")
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--smoke", action="store_true", help="seconds: tiny sizes, 3 steps, one seed")
+    ap.add_argument("--no-progress", action="store_true")
+    args = ap.parse_args(argv)
+    shift = args.task == "shift"
+    args.steps = args.steps or (400 if shift else 200)
+    args.batch = args.batch or (8 if shift else 4)
+    args.eval_examples = args.eval_examples or (64 if shift else 2)
+    if args.smoke:
+        args.width, args.steps, args.batch, args.seeds, args.eval_examples = 16, 3, 2, [0], 2
+        args.seq_len, args.train_len, args.eval_lens, args.segment, args.bin = 64, 32, [64, 128], 16, 16
+    if args.task == "extrapolation" and min(args.eval_lens) <= args.train_len:
+        ap.error(f"--eval-lens {args.eval_lens} must be longer than --train-len {args.train_len}")
+    import torch
+
+    from mixcon.benchmark import header, save_results
+
+    torch.set_num_threads(args.threads)
+    os.makedirs(args.out, exist_ok=True)
+    meta = header(torch.device("cpu"), dtype="float32", args=vars(args), threads=args.threads,
+                  config_defaults=grid.config_defaults("control_period", "delay", "k_max"))
+    print(json.dumps({k: v for k, v in meta.items() if k != "args"}), flush=True)
+    a = dict(vars(args))
+    if args.task == "init":
+        rows = run_init(a)
+        from mixcon.eval import control
+
+        cols = list(rows[0])
+        save_results(args.out, rows, cols, meta)
+        grid.write_text(os.path.join(args.out, "init.md"),
+                        f"Conba (conba-all, width {args.width}, depth {args.depth}) at initialisation on "
+                        f"{args.seq_len}-token shift-task sequences, seeds {args.seeds}. rev {meta['rev']}, "
+                        f"command `{meta['command']}`.\n\n" + control.format_table(rows) + "\n")
+        print(f"wrote {args.out}/init.md", flush=True)
+        return rows
+    cols = SHIFT_COLS if shift else (
+        ["member", "seed", "steps", "train_len", "loss_train_len"] + [f"loss_{n}" for n in args.eval_lens]
+        + [f"loss_last_{n}" for n in args.eval_lens]
+        + ["train_loss", "ctl_effect", "ctl_feedback", "ctl_k_end", "ctl_k_max_dev", "step_time_s"])
+    fn = run_shift if shift else run_extrapolation
+    jobs = [grid.Job(key=(m, s), fn=fn, args=(m, s, a), cost_key=m) for s in args.seeds for m in args.members]
+    log = os.path.join(args.out, "runs.jsonl")
+    done = {}
+    if args.resume and os.path.exists(log):
+        with open(log) as f:
+            for line in f:
+                rec = json.loads(line)
+                done[tuple(rec["key"])] = rec["row"]
+        jobs = [j for j in jobs if j.key not in done]
+    elif os.path.exists(log):
+        os.remove(log)
+
+    def report(key, row):
+        with open(log, "a") as f:
+            f.write(json.dumps(dict(key=list(key), row=row)) + "\n")
+        print(f"{key[0]:12s} seed={key[1]}: " + ", ".join(
+            f"{c} {row[c]:.4g}" for c in cols[4:] if isinstance(row.get(c), float)), flush=True)
+
+    results, skipped = grid.run_jobs(jobs, args.budget_min * 60, 1, progress=not args.no_progress,
+                                     desc=f"{args.task} runs", on_result=report)
+    results = {**done, **results}
+    rows = [results[k] for k in sorted(results, key=lambda k: (args.members.index(k[0]), k[1]))]
+    summary = summarize(rows, cols)
+    save_results(args.out, rows, cols, meta, summary=summary, not_run=[list(k) for k in skipped])
+    write_markdown(args.task, summary, cols, meta, skipped, os.path.join(args.out, f"{args.task}.md"))
+    plot(args.task, rows, a, os.path.join(args.out, f"{args.task}.png"),
+         f"{args.task}: {args.steps} steps × {args.batch}, width {args.width}, depth {args.depth}, "
+         f"rev {meta['rev']} (mean, min–max band over seeds)")
+    print(f"wrote {args.out}/{args.task}.md, results.csv, results.json, {args.task}.png", flush=True)
+    return rows
+
+
+if __name__ == "__main__":
+    main()
