@@ -149,6 +149,7 @@ def model_rows(Ts, reps, decode_tokens, memory_T=None):
     within each repeat; decoding alternates token by token (one token of each model in turn, each from
     its own cache), so that the machine's load changes hit both alike; medians over every token of
     every repeat."""
+    from ..models.compat import cache_kwargs, output_cache
     from ..models.modeling_mixcon import MixConForCausalLM
 
     torch.manual_seed(0)
@@ -175,15 +176,15 @@ def model_rows(Ts, reps, decode_tokens, memory_T=None):
                     else:
                         run()
                     prefill[name].append(time.perf_counter() - t0)
-                    state[name] = (out["o"].cache, out["o"].logits[:, -1:].argmax(-1))
+                    state[name] = (output_cache(out["o"]), out["o"].logits[:, -1:].argmax(-1))
                     del out
                 for _ in range(decode_tokens):
                     for name in order:
                         cache, nxt = state[name]
                         t0 = time.perf_counter()
-                        o = models[name](nxt, cache=cache, use_cache=True)
+                        o = models[name](nxt, use_cache=True, **cache_kwargs(cache))
                         decode[name].append(time.perf_counter() - t0)
-                        state[name] = (o.cache, o.logits[:, -1:].argmax(-1))
+                        state[name] = (output_cache(o), o.logits[:, -1:].argmax(-1))
             del state
         med = lambda v: sorted(v)[len(v) // 2]  # noqa: E731
         row = dict(part="model", T=T, reps=n_reps,

@@ -331,20 +331,12 @@ def main(argv=None):
         + ["train_loss", "ctl_effect", "ctl_feedback", "ctl_k_end", "ctl_k_max_dev", "step_time_s"])
     fn = run_shift if shift else run_extrapolation
     jobs = [grid.Job(key=(m, s), fn=fn, args=(m, s, a), cost_key=m) for s in args.seeds for m in args.members]
-    log = os.path.join(args.out, "runs.jsonl")
-    done = {}
-    if args.resume and os.path.exists(log):
-        with open(log) as f:
-            for line in f:
-                rec = json.loads(line)
-                done[tuple(rec["key"])] = rec["row"]
-        jobs = [j for j in jobs if j.key not in done]
-    elif os.path.exists(log):
-        os.remove(log)
+    runlog = grid.RunLog(args.out, args.resume)
+    done = runlog.done
+    jobs = runlog.pending(jobs)
 
     def report(key, row):
-        with open(log, "a") as f:
-            f.write(json.dumps(dict(key=list(key), row=row)) + "\n")
+        runlog.add(key, row)
         print(f"{key[0]:12s} seed={key[1]}: " + ", ".join(
             f"{c} {row[c]:.4g}" for c in cols[4:] if isinstance(row.get(c), float)), flush=True)
 

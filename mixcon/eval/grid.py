@@ -8,6 +8,7 @@ Imports stay light (no torch at import) so that worker processes start quickly.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import os
 import statistics
@@ -165,6 +166,30 @@ def run_jobs(jobs: list, budget_s: Optional[float], n_jobs: int = 1, progress: b
                 finish(job, fut.result(), time.monotonic() - t0)
     bar.close()
     return results, skipped
+
+
+class RunLog:
+    """The runs of a grid as they end, one JSON line each (``runs.jsonl`` under ``out``), so that a study
+    cut short keeps what finished: with ``resume`` the runs already there are kept and their jobs
+    dropped from ``jobs``; without it the log starts empty."""
+
+    def __init__(self, out: str, resume: bool):
+        self.path = os.path.join(out, "runs.jsonl")
+        self.done = {}
+        if resume and os.path.exists(self.path):
+            with open(self.path) as f:
+                for line in f:
+                    rec = json.loads(line)
+                    self.done[tuple(rec["key"])] = rec["row"]
+        elif os.path.exists(self.path):
+            os.remove(self.path)
+
+    def pending(self, jobs: list) -> list:
+        return [j for j in jobs if j.key not in self.done]
+
+    def add(self, key, row) -> None:
+        with open(self.path, "a") as f:
+            f.write(json.dumps(dict(key=list(key), row=row)) + "\n")
 
 
 def pyplot():

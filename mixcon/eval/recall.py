@@ -388,21 +388,14 @@ def main(argv=None):
                                                  kwargs=kw, cost_key=(m, width, seq_len)))
 
     os.makedirs(args.out, exist_ok=True)
-    log = os.path.join(args.out, "runs.jsonl")
-    done = {}
-    if args.resume and os.path.exists(log):
-        with open(log) as f:
-            for line in f:
-                rec = json.loads(line)
-                done[tuple(rec["key"])] = rec["row"]
-        jobs = [j for j in jobs if j.key not in done]
-        print(f"resume: {len(done)} runs kept from {log}", flush=True)
-    elif os.path.exists(log):
-        os.remove(log)
+    runlog = grid.RunLog(args.out, args.resume)
+    done = runlog.done
+    jobs = runlog.pending(jobs)
+    if done:
+        print(f"resume: {len(done)} runs kept from {runlog.path}", flush=True)
 
     def report(key, row):
-        with open(log, "a") as f:
-            f.write(json.dumps(dict(key=list(key), row=row)) + "\n")
+        runlog.add(key, row)
         print(f"{key[0]:16s} w={key[1]:<4d} L={key[2]:<4d} pairs={key[3]:<3d} lr={key[4]:.0e} seed={key[5]}: "
               f"accuracy {row['accuracy']:.3f}, answer loss {row['answer_loss']:.3f}, "
               f"{row['step_time_s'] * 1e3:.0f} ms/step", flush=True)
