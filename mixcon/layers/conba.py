@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..ops import tracing
 from ..ops.conba import ConbaParams, ConbaState, conba_scan, conba_step, empty_state
 from ..ops.conv import causal_conv1d, causal_conv1d_step
 from .linear import Linear
@@ -254,9 +255,7 @@ class ConbaMixer(nn.Module):
     def _fused_step_applies(self, x) -> bool:
         """Whether a decode token can take the compiled CPU layer step: on CPU, the backend not the
         reference loop, no training noise, no gradient wanted, not under a trace."""
-        from ..ops.conba import _tracing
-
-        if x.device.type != "cpu" or self.backend not in ("auto", "chunk_torch") or _tracing():
+        if x.device.type != "cpu" or self.backend not in ("auto", "chunk_torch") or tracing():
             return False
         if self.training and (self.process_noise > 0 or self.observation_noise > 0):
             return False

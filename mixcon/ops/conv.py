@@ -18,16 +18,10 @@ except Exception:  # pragma: no cover - depends on the machine
 
 
 def _compiled_applies(x, weight, bias, initial_state) -> bool:
-    """The compiled CPU conv (ops/conba/cpu.py) for a sequence: on CPU, float32/64 throughout, no gradient
-    wanted, not under a trace, the kernels built."""
-    if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.float64) or torch.compiler.is_compiling():
-        return False
-    ts = [t for t in (x, weight, bias, initial_state) if t is not None]
-    if any(t.dtype != x.dtype for t in ts) or (torch.is_grad_enabled() and any(t.requires_grad for t in ts)):
-        return False
-    from .conba.cpu import kernels
+    """The compiled CPU conv (ops/conba/cpu.py) for a sequence: see `cpu.applies`."""
+    from .conba import cpu
 
-    return kernels() is not None
+    return cpu.applies(x, weight, bias, initial_state)
 
 
 def causal_conv1d(x, weight, bias=None, initial_state=None, activation=None, return_final_state=False):

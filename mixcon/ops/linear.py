@@ -17,20 +17,12 @@ import torch.nn.functional as F
 from .conba import cpu
 
 MAX_ROWS = 4
-_FLOATS = (torch.float32, torch.float64)
-
-
-def _tracing() -> bool:
-    return torch.compiler.is_compiling()
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    if (x.device.type == "cpu" and x.dtype in _FLOATS and weight.dtype == x.dtype and x.numel() <= MAX_ROWS * x.shape[-1]
-            and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
-                                                  or (bias is not None and bias.requires_grad)))
-            and not _tracing() and x.numel() > 0):
-        mod = cpu.kernels()
-        if mod is not None and weight.is_contiguous() and (bias is None or (bias.dtype == x.dtype and bias.is_contiguous())):
-            y = mod.linear_rows(x.reshape(-1, x.shape[-1]).contiguous(), weight, cpu.empty(x.dtype) if bias is None else bias)
-            return y.view(*x.shape[:-1], weight.shape[0])
+    if (0 < x.numel() <= MAX_ROWS * x.shape[-1] and cpu.applies(x, weight, bias) and weight.is_contiguous()
+            and (bias is None or bias.is_contiguous())):
+        y = cpu.kernels().linear_rows(x.reshape(-1, x.shape[-1]).contiguous(), weight,
+                                      cpu.empty(x.dtype) if bias is None else bias)
+        return y.view(*x.shape[:-1], weight.shape[0])
     return F.linear(x, weight, bias)

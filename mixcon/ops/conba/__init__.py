@@ -19,6 +19,7 @@ from typing import Optional
 
 import torch
 
+from .. import tracing as _tracing
 from .naive import ConbaState, conba_scan_ref, conba_step_ref, empty_state
 from .params import MAX_DELAY, ConbaParams, check_tensor, keyword_interface
 
@@ -51,11 +52,6 @@ def _auto_cpu(control: bool, control_period: int) -> bool:
     Under torch.compile / torch.export the loop runs instead: chunk_torch compacts masks and splits
     blocks by values read from the data, which a trace cannot follow."""
     return not _tracing()
-
-
-def _tracing() -> bool:
-    compiler = getattr(torch, "compiler", None)
-    return any(getattr(compiler, f, lambda: False)() for f in ("is_compiling", "is_exporting"))
 
 
 def _validate(u, delta, B, C, params, z, alpha, mask, initial_state, lead):

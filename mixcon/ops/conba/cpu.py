@@ -24,6 +24,8 @@ from typing import Optional
 
 import torch
 
+from .. import tracing
+
 from .params import keyword_interface
 
 __all__ = ["kernels", "block_scan", "decode_step", "decode_layer", "LAYER_WEIGHTS"]
@@ -72,6 +74,18 @@ def kernels():
                           f"Set MIXCON_CPU_KERNELS=0 to skip the attempt.")
             _module = None
     return _module
+
+
+def applies(*tensors) -> bool:
+    """Whether a compiled call may replace PyTorch for these tensors (None ones skipped): on CPU, one
+    dtype of float32/float64 throughout, no gradient wanted, not under a trace, the kernels built."""
+    ts = [t for t in tensors if t is not None]
+    dtype = ts[0].dtype
+    if ts[0].device.type != "cpu" or dtype not in (torch.float32, torch.float64) or any(t.dtype != dtype for t in ts):
+        return False
+    if (torch.is_grad_enabled() and any(t.requires_grad for t in ts)) or tracing():
+        return False
+    return kernels() is not None
 
 
 def _empty(like: torch.Tensor) -> torch.Tensor:
