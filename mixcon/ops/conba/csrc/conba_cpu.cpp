@@ -41,6 +41,15 @@ struct Scan {
   int64_t L, b, d, N, tau;
 };
 
+// softplus (linear above 20, as torch's) and silu over a vector
+template <typename T>
+inline Vectorized<T> vsoftplus(const Vectorized<T>& x) {
+  return Vectorized<T>::blendv(x.exp().log1p(), x, x > Vectorized<T>(T(20)));
+}
+
+template <typename T>
+inline Vectorized<T> vsilu(const Vectorized<T>& x) { return x / (Vectorized<T>(T(1)) + x.neg().exp()); }
+
 template <typename T>
 constexpr int64_t tile_width() { return 8 * Vectorized<T>::size(); }
 
@@ -224,7 +233,7 @@ void prefill_task(const Scan<T>& s, const Raw<T>& q, const Ctl<T>* c, int64_t bi
       const int64_t cnt = std::min(VS, w - v);
       V x = V::loadu(q.delta + off + v, cnt);
       if (q.bias) x = x + V::loadu(q.bias + c0 + v, cnt);
-      if (q.softplus) x = V::blendv(x.exp().log1p(), x, x > V(T(20)));
+      if (q.softplus) x = vsoftplus(x);
       x.store(dtb.data() + v, cnt);
     }
     for (int64_t j = 0; j < w; ++j) {
@@ -270,7 +279,7 @@ void prefill_task(const Scan<T>& s, const Raw<T>& q, const Ctl<T>* c, int64_t bi
       for (int64_t v = 0; v < w; v += VS) {
         const int64_t cnt = std::min(VS, w - v);
         const V zv = V::loadu(q.z + off + v, cnt);
-        (V::loadu(yb.data() + v, cnt) * (zv / (V(T(1)) + zv.neg().exp()))).store(yo + v, cnt);
+        (V::loadu(yb.data() + v, cnt) * vsilu(zv)).store(yo + v, cnt);
       }
     } else {
       std::memcpy(yo, yb.data(), w * sizeof(T));
@@ -648,13 +657,10 @@ void run_step(Step<T>& s) {
       const int64_t cnt = std::min(VS, s.d - c), bc = bi * s.d + c;
       V x = V::loadu(s.delta + bc, cnt);
       if (s.bias) x = x + V::loadu(s.bias + c, cnt);
-      if (s.softplus) x = V::blendv(x.exp().log1p(), x, x > V(T(20)));
+      if (s.softplus) x = vsoftplus(x);
       x.store(dtv.data() + bc, cnt);
       if (control) V::loadu(s.e + bc, cnt).tanh().store(te.data() + bc, cnt);
-      if (s.z) {
-        const V zv = V::loadu(s.z + bc, cnt);
-        (zv / (V(T(1)) + zv.neg().exp())).store(gz.data() + bc, cnt);
-      }
+      if (s.z) vsilu(V::loadu(s.z + bc, cnt)).store(gz.data() + bc, cnt);
     }
   }
   s.dtv = dtv.data();
@@ -881,7 +887,7 @@ std::vector<torch::Tensor> conv_prefill(torch::Tensor x, torch::Tensor w, torch:
             V acc = bp ? V::loadu(bp + c, cnt) : V(T_(0));
             for (int64_t j = 0; j < K; ++j)
               acc = at::vec::fmadd(V::loadu(wt.data() + j * ch + c, cnt), V::loadu(x0 + j * ch + c, cnt), acc);
-            if (silu_) acc = acc / (V(T_(1)) + acc.neg().exp());
+            if (silu_) acc = vsilu(acc);
             acc.store(yo + c, cnt);
           }
         } else {
