@@ -10,6 +10,8 @@
 #   bash tools/gpu_benchmarks.sh tests conba moe          # the full run, step by step (one lease call each)
 #   bash tools/gpu_benchmarks.sh throughput max_context
 #   bash tools/gpu_benchmarks.sh decode                   # the compiled decode path (issue 13), alone
+#   bash tools/gpu_benchmarks.sh tune-chunk               # the spill question (docs/kernels.md), <= 150 s:
+#                                                         # the second call of a lease, after quick
 #
 # `quick` writes to eval/results/quick/ (logs in eval/results/quick/logs/); the sum of its limits is
 # QUICK_BUDGET seconds at most (tests/test_gpu_benchmarks.py checks it), so that it fits one 15-minute
@@ -33,7 +35,7 @@ for a in "$@"; do
     *) STEPS+=("$a") ;;
   esac
 done
-[ ${#STEPS[@]} -gt 0 ] || { echo "usage: $0 quick [--plan|--smoke] | STEP... (tests conba moe throughput decode max_context tune)"; exit 2; }
+[ ${#STEPS[@]} -gt 0 ] || { echo "usage: $0 quick [--plan|--smoke] | STEP... (tests conba moe throughput decode max_context tune tune-chunk)"; exit 2; }
 
 QUICK=0
 [ "${STEPS[0]}" = quick ] && QUICK=1
@@ -119,9 +121,13 @@ for s in "${STEPS[@]}"; do
     quick) quick ;;
     tests) step tests 300 python3 -m pytest -q -p no:cacheprovider \
              ${TEST_ARGS:-tests/ops/test_conba_triton.py tests/ops/test_conba_chunk.py tests/ops/test_conba_step.py} ;;
-    conba) tuned=()  # the fastest program size of a `tune` step run before, if any
+    conba) tuned=()  # the fastest program sizes of `tune` / `tune-chunk` steps run before, if any
            [ -f eval/results/conba_tuning/best.txt ] && read -r c w < eval/results/conba_tuning/best.txt \
              && tuned=(--channels "$c" --max-warps "$w")
+           [ -f eval/results/conba_tuning/chunk_best.txt ] \
+             && read -r cbt cbb cw cpw < eval/results/conba_tuning/chunk_best.txt \
+             && tuned+=(--chunk-block-t "$cbt" --chunk-bwd-block-t "$cbb" --chunk-warps "$cw" \
+                        --bwd-channels-per-warp "$cpw")
            # P = 64 (the chunk scan), every mechanism on and off, noise off, bf16; the P = 1 kernel beside it
            step conba 420 python3 tools/bench_conba.py --control-period 64 --batch 1 8 32 \
              --seqlen 2048 8192 32768 131072 --d-inner 4096 8192 "${tuned[@]}" --out eval/results/conba ;;
@@ -137,7 +143,10 @@ for s in "${STEPS[@]}"; do
               --out eval/results/throughput_compiled ;;
     max_context) step max_context 120 python3 eval/max_context.py --out eval/results/max_context ;;
     tune) step tune 90 python3 tools/tune_conba.py --out eval/results/conba_tuning ;;
-    *) echo "unknown step $s (quick tests conba moe throughput decode max_context tune)"; exit 2 ;;
+    # the chunk scan (P = 64) forward and backward per block / backward block, and the P = 1 backward's
+    # warps: the configurations that spill ahead of time beside those that do not (docs/kernels.md)
+    tune-chunk) step tune-chunk 150 python3 tools/tune_conba.py --chunk --out eval/results/conba_tuning ;;
+    *) echo "unknown step $s (quick tests conba moe throughput decode max_context tune tune-chunk)"; exit 2 ;;
   esac
 done
 

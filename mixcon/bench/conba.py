@@ -94,7 +94,9 @@ def main(argv=None):
                     help="run the per-step (P = 1) kernel as a baseline up to this T (0: never)")
     ap.add_argument("--channels", type=int, default=None, help="channels per program (fused_recurrent.TUNING)")
     ap.add_argument("--max-warps", type=int, default=None, help="warps per program at most (TUNING)")
+    ap.add_argument("--bwd-channels-per-warp", type=int, default=None, help="the P = 1 backward's (TUNING)")
     ap.add_argument("--chunk-block-t", type=int, default=None, help="time positions per block (chunk.TUNING)")
+    ap.add_argument("--chunk-bwd-block-t", type=int, default=None, help="the backward's block (chunk.TUNING)")
     ap.add_argument("--chunk-channels", type=int, default=None, help="channels per program (chunk.TUNING)")
     ap.add_argument("--chunk-warps", type=int, default=None, help="warps per program (chunk.TUNING)")
     ap.add_argument("--sdpa-max-tflop", type=float, default=300.0,
@@ -108,10 +110,10 @@ def main(argv=None):
         reps = dict(warmup=0, reps=1)
     elif device.type != "cuda":
         sys.exit("mixcon bench conba needs a CUDA GPU (or --smoke with TRITON_INTERPRET=1 on CPU)")
-    for k in ("channels", "max_warps"):
+    for k in ("channels", "max_warps", "bwd_channels_per_warp"):
         if getattr(args, k) is not None:
             fused_recurrent.TUNING[k] = getattr(args, k)
-    for k in ("block_t", "channels", "warps"):
+    for k in ("block_t", "bwd_block_t", "channels", "warps"):
         if getattr(args, "chunk_" + k) is not None:
             chunk.TUNING["num_warps" if k == "warps" else k] = getattr(args, "chunk_" + k)
     P = args.control_period

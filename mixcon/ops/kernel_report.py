@@ -17,6 +17,8 @@ line ``spills: N``, N the total bytes of spill stores over all rows.
 
     python tools/kernel_report.py --arch sm_90            # every kernel
     python tools/kernel_report.py --arch sm_90 --only step
+    python tools/kernel_report.py --arch sm_90 --only bwd --tuning chunk.bwd_block_t=4 \
+        fused_recurrent.bwd_channels_per_warp=8           # the dispatch under other TUNING values
 
 Run it in a process without ``TRITON_INTERPRET`` (the interpreter replaces the compiler).
 """
@@ -104,6 +106,7 @@ def configs(shape: Shape = Shape()) -> list[KernelConfig]:
     ]
     for label, v, gfinal in variants:
         bt = ck.block_size(shape.seqlen, P, v["control"])
+        bt_b = ck.bwd_block_size(shape.seqlen, P, v["control"], bt)
         cfg = ck._Cfg(tau=v["tau"], group_size=G, control=v["control"], softplus=True, k_max=1.0,
                       sigma_w=0.01 if v["noise"] else 0.0, sigma_v=0.01 if v["noise"] else 0.0, seed=0, period=P,
                       bt=bt, fix_h=v["tau"] > 0 and v["state"],
@@ -113,9 +116,10 @@ def configs(shape: Shape = Shape()) -> list[KernelConfig]:
         ints = {"m_ptr": "*i8", "ph_ptr": "*i32", "t1_ptr": "*i32"}
         out.append(KernelConfig(f"chunk_fwd[{label}]", ck._chunk_fwd_kernel,
                                 dict(common, SAVE=gfinal is not None), warps, ints))
-        if gfinal is not None:
-            out.append(KernelConfig(f"chunk_bwd[{label}]", ck._chunk_bwd_kernel, dict(common, HAS_GFINAL=gfinal),
-                                    warps, ints))
+        if gfinal is not None:  # the backward's own block (and so its segment and alignment)
+            bwd = dict(common, BT=bt_b, SEG=ck._checkpoint_steps(bt) // bt_b, HAS_GFINAL=gfinal,
+                       ALIGNED=v["control"] and not v["mask"] and not v["state"] and P % bt_b == 0)
+            out.append(KernelConfig(f"chunk_bwd[{label}]", ck._chunk_bwd_kernel, bwd, warps, ints))
 
     # ---- fused_recurrent.py: the P = 1 scan and the decode step, at batch 1 and batch 8 blocking
     def fr_flags(control=True, tau_=tau, alpha=True, mask=True, noise=False):
@@ -124,13 +128,14 @@ def configs(shape: Shape = Shape()) -> list[KernelConfig]:
 
     for batch in (1, 8):
         gp, bg, np_, _, warps = fr._blocking(d, G, n, batch)
+        bwd_warps = fr._blocking(d, G, n, batch, backward=True)[4]
         tile = dict(G=G, GP=gp, BG=bg, NP=np_)
         ch = bg * gp
         out.append(KernelConfig(f"p1_fwd[b{batch},{ch}ch]", fr._conba_fwd_kernel,
                                 dict(tile, CHUNK=fr.DEFAULT_CHUNK, SAVE=True, **fr_flags(mask=False)), warps,
                                 {"m_ptr": "*i8"}))
         out.append(KernelConfig(f"p1_bwd[b{batch},{ch}ch]", fr._conba_bwd_kernel,
-                                dict(tile, CHUNK=fr.DEFAULT_CHUNK, HAS_GFINAL=False, **fr_flags(mask=False)), warps,
+                                dict(tile, CHUNK=fr.DEFAULT_CHUNK, HAS_GFINAL=False, **fr_flags(mask=False)), bwd_warps,
                                 {"m_ptr": "*i8"}))
         step_ints = {"m_ptr": "*i8", "ph_ptr": "*i64"}
         out.append(KernelConfig(f"step[P={P},b{batch},{ch}ch]", fr._conba_step_kernel,
@@ -142,6 +147,24 @@ def configs(shape: Shape = Shape()) -> list[KernelConfig]:
                                     dict(tile, PERIODIC=False, **fr_flags(control=False, tau_=0, alpha=False)), warps,
                                     step_ints))
     return out
+
+
+def set_tuning(assignment: str) -> None:
+    """Apply ``module.key=value`` (module: chunk or fused_recurrent; value: an int or None) to that module's
+    TUNING, so the report shows what the dispatch would launch under it."""
+    from .conba import chunk, fused_recurrent
+
+    modules = {"chunk": chunk, "fused_recurrent": fused_recurrent}
+    m = re.fullmatch(r"(\w+)\.(\w+)=(\w+)", assignment.strip())
+    if not m or m.group(1) not in modules:
+        raise ValueError(f"--tuning {assignment!r}: expected MODULE.KEY=VALUE with MODULE one of {sorted(modules)}")
+    tuning = modules[m.group(1)].TUNING
+    if m.group(2) not in tuning:
+        raise ValueError(f"--tuning {assignment!r}: {m.group(1)}.TUNING has no {m.group(2)!r}; keys: {sorted(tuning)}")
+    value = m.group(3)
+    if value != "None" and not value.isdigit():
+        raise ValueError(f"--tuning {assignment!r}: the value must be a positive integer or None")
+    tuning[m.group(2)] = None if value == "None" else int(value)
 
 
 def parse_arch(arch: str) -> int:
@@ -201,7 +224,10 @@ def report(arch: str = "sm_90", only=None, shape: Shape = Shape(), echo=print) -
     kcs = [kc for kc in configs(shape) if not only or any(s in kc.name for s in only)]
     if not kcs:
         raise ValueError(f"--only {only}: no kernel matches; names: {[kc.name for kc in configs(shape)]}")
+    from .conba import chunk, fused_recurrent
+
     echo(f"# Triton {triton.__version__}, target sm_{capability}, shape {shape}; bf16 activations")
+    echo(f"# TUNING: chunk {chunk.TUNING}, fused_recurrent {fused_recurrent.TUNING}")
     echo(f"{'kernel':<28} {'regs':>5} {'spill_stores':>12} {'spill_loads':>11} {'stack':>6} {'shared':>7} "
          f"{'warps':>5} {'seconds':>7}")
     rows = []
@@ -222,9 +248,13 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("--group-size", type=int, default=Shape.group_size)
     ap.add_argument("--tau", type=int, default=Shape.tau)
     ap.add_argument("--control-period", type=int, default=Shape.control_period)
+    ap.add_argument("--tuning", nargs="+", default=[], metavar="MODULE.KEY=VALUE",
+                    help="set a TUNING entry of conba.chunk or conba.fused_recurrent first, e.g. chunk.bwd_block_t=4")
     args = ap.parse_args(argv)
     try:
         parse_arch(args.arch)
+        for t in args.tuning:
+            set_tuning(t)
     except ValueError as e:
         ap.error(str(e))
     shape = Shape(args.d_inner, args.d_state, args.group_size, args.tau, args.control_period)

@@ -41,9 +41,13 @@ def test_quick_plan_lists_every_step_and_fits_the_budget(tmp_path):
 
 
 def test_full_run_steps_stay_available_and_bad_steps_are_refused():
-    r = _run("tests", "conba", "moe", "throughput", "decode", "max_context", "tune", "--plan")
+    steps = ["tests", "conba", "moe", "throughput", "decode", "max_context", "tune", "tune-chunk"]
+    r = _run(*steps, "--plan")
     assert r.returncode == 0, r.stderr
-    assert [n for n, _ in _plan(r.stdout)] == ["tests", "conba", "moe", "throughput", "decode", "max_context", "tune"]
+    plan = _plan(r.stdout)
+    assert [n for n, _ in plan] == steps
+    # the spill question is the second call of a lease: with quick's budget it fits 15 minutes' device time
+    assert dict(plan)["tune-chunk"] + BUDGET_S <= 660
     r = _run("bogus", "--plan")
     assert r.returncode == 2 and "unknown step bogus" in r.stdout
     assert _run().returncode == 2
@@ -63,3 +67,22 @@ def test_quick_smoke_runs_each_python_step_on_cpu(tmp_path):
     for name in ("device", "tests"):
         assert f"=== {name}: no CPU path" in r.stdout
     assert (results / "conba" / "results.csv").exists() and (results / "max_context" / "max_context.md").exists()
+
+
+def test_tune_chunk_smoke_times_every_configuration_and_writes_its_choice(tmp_path):
+    """`mixcon bench conba-tune --chunk --smoke`: the chunk scan's forward and backward per forward and
+    backward block and the P = 1 backward per warps, through Triton's interpreter at tiny sizes; the
+    rows, and chunk_best.txt (what the full conba step reads), written."""
+    pytest.importorskip("triton")
+    from mixcon.bench import conba_tune
+    from mixcon.ops.conba import chunk, fused_recurrent
+
+    before = (dict(chunk.TUNING), dict(fused_recurrent.TUNING))
+    rows = conba_tune.main(["--smoke", "--out", str(tmp_path)])
+    assert (dict(chunk.TUNING), dict(fused_recurrent.TUNING)) == before  # the shipped settings restored
+    assert {(r["kernel"], r["bwd_block_t"], r["bwd_channels_per_warp"]) for r in rows} == {
+        ("chunk", 8, None), ("chunk", 2, None), ("p1", None, 32), ("p1", None, 8)}
+    assert all(r["fwd_bwd_ms"] > r["fwd_ms"] > 0 for r in rows)
+    best = (tmp_path / "chunk_best.txt").read_text().split()
+    assert len(best) == 4 and best[1] in ("8", "2") and best[3] in ("32", "8")
+    assert (tmp_path / "chunk" / "results.csv").exists()

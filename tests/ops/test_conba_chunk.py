@@ -44,14 +44,14 @@ def _ref(P):
     return lambda x, st: conba_scan(**x, initial_state=st, return_final_state=True, backend="ref", control_period=P)
 
 
-def _chunk(P, bt=None):
+def _chunk(P, bt=None, bt_b=None):
     return lambda x, st: ck.conba_scan_chunk(**x, initial_state=st, return_final_state=True, control_period=P,
-                                             block_t=bt)
+                                             block_t=bt, bwd_block_t=bt_b)
 
 
-def _compare(x, tol, P, init=None, bt=None, grad=True):
+def _compare(x, tol, P, init=None, bt=None, grad=True, bt_b=None):
     """The chunk kernel against the reference (helpers.compare_to_reference: float64 oracle in fp32)."""
-    compare_to_reference(x, tol, _chunk(P, bt), _ref(P), init, grad)
+    compare_to_reference(x, tol, _chunk(P, bt, bt_b), _ref(P), init, grad)
 
 
 # ---------------------------------------------------------------------------------- forward and backward
@@ -86,6 +86,31 @@ def test_P64_one_block_per_period(monkeypatch):
     x["alpha"] = torch.sigmoid(torch.randn(1, 128, 1, generator=torch.Generator().manual_seed(9)) + 2).to(DEVICE)
     _compare(x, 1e-5, 64, bt=64)
     assert seen == [True]
+
+
+@pytest.mark.parametrize("bt,bt_b", [(8, 2), (4, 8)])
+def test_backward_blocks_of_their_own(bt, bt_b):
+    """The backward's blocks shorter (and longer) than the forward's: it recomputes from the same saved
+    carries with its own clock. P = 16 over 66 steps (four instants), every mechanism, a padded row and
+    an initial state mid-period."""
+    x = _inputs("all", b=2, T=66, d=8)
+    _compare(x, 1e-5, 16, init=_init_state(x, 16), bt=bt, bt_b=bt_b)
+
+
+def test_backward_block_size_rules(monkeypatch):
+    monkeypatch.setattr(ck, "TUNING", dict(ck.TUNING, bwd_block_t=None))
+    assert ck.bwd_block_size(4096, 64, True, 16) == 16  # None: the forward's
+    monkeypatch.setattr(ck, "TUNING", dict(ck.TUNING, bwd_block_t=4))
+    assert ck.bwd_block_size(4096, 64, True, 16) == 4
+    assert ck.bwd_block_size(4096, 2, True, 2) == 2  # at most P with control on
+    assert ck.bwd_block_size(3, 64, True, 4) == 4  # no longer than T needs (the minimum, 2, aside)
+    monkeypatch.setattr(ck, "TUNING", dict(ck.TUNING, bwd_block_t=64))
+    assert ck.bwd_block_size(4096, 64, True, 4) == 8  # at most the steps between carries (8 here)
+    assert ck.bwd_block_size(4096, 64, True, 16) == 16  # (one 16-step block per carry)
+    x = _inputs("control", b=1, T=6, d=8, mask=False)
+    for bad in (3, 32):
+        with pytest.raises(ValueError, match="bwd_block_t"):
+            ck.conba_scan_chunk(**x, control_period=16, block_t=4, bwd_block_t=bad)
 
 
 def test_bf16_inputs():

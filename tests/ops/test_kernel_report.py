@@ -82,3 +82,28 @@ def test_grouped_kernel_arguments_match_arg_groups():
     bwd = [p for p, v in inspect.signature(chunk._chunk_bwd_kernel.fn).parameters.items()
            if "constexpr" not in str(v.annotation)]
     assert len(bwd) <= 20, bwd  # was 69 flat arguments (89 with the constexprs)
+
+
+def test_backward_rows_follow_the_dispatch_tuning(monkeypatch):
+    """The report compiles what the dispatch launches: the chunk backward at its own block (and the
+    segment between saved carries that follows), the P = 1 backward at its own warps."""
+    monkeypatch.setattr(chunk, "TUNING", dict(chunk.TUNING, bwd_block_t=4))
+    monkeypatch.setattr(fused_recurrent, "TUNING", dict(fused_recurrent.TUNING, bwd_channels_per_warp=8))
+    by = {kc.name: kc for kc in kr.configs()}
+    fwd, bwd = by["chunk_fwd[train]"], by["chunk_bwd[train]"]
+    assert fwd.constexprs["BT"] == 16 and bwd.constexprs["BT"] == 4
+    assert fwd.constexprs["BT"] * fwd.constexprs["SEG"] == bwd.constexprs["BT"] * bwd.constexprs["SEG"]
+    assert by["p1_bwd[b8,32ch]"].num_warps == 4 and by["p1_fwd[b8,32ch]"].num_warps == 1
+    assert fused_recurrent._blocking(4096, 8, 16, 8, backward=True)[4] == 4
+
+
+def test_tuning_option(monkeypatch):
+    monkeypatch.setattr(chunk, "TUNING", dict(chunk.TUNING))
+    kr.set_tuning("chunk.bwd_block_t=8")
+    assert chunk.TUNING["bwd_block_t"] == 8
+    kr.set_tuning("chunk.bwd_block_t=None")
+    assert chunk.TUNING["bwd_block_t"] is None
+    for bad, msg in [("moe.x=1", "MODULE one of"), ("chunk.nope=1", "has no 'nope'"), ("chunk.block_t=-1", "MODULE"),
+                     ("chunk.block_t=big", "positive integer")]:
+        with pytest.raises(ValueError, match=msg):
+            kr.set_tuning(bad)

@@ -63,10 +63,13 @@ from .params import ConbaParams, keyword_interface
 
 # time positions per block (a power of two; capped at the control period P), channels per program (whole
 # groups) and warps. Not timed on a GPU yet: 16 × 8 channels × 4 warps is the largest block whose
-# forward compiles for sm_90 without spilling (ptxas, ahead of time: ~240 registers at τ = 2; 64
-# spills, and the backward spills ~1 KB at 16). To sweep on a GPU: tools/bench_conba.py
-# --chunk-block-t / --chunk-channels / --chunk-warps.
-TUNING = dict(block_t=16, channels=8, num_warps=4)
+# forward compiles for sm_90 without spilling (ptxas, ahead of time: ~240 registers at τ = 2).
+# bwd_block_t: the backward's own block (None: the forward's). The backward at 16 spills 0.6–2.2 KB
+# per thread (python tools/kernel_report.py --arch sm_90); at 4 it spills 0–60 B but walks four times
+# as many blocks one after another: which is faster is a GPU question (docs/kernels.md, "Spills"), and
+# `bash tools/gpu_benchmarks.sh tune-chunk` answers it. To sweep by hand: tools/bench_conba.py
+# --chunk-block-t / --chunk-bwd-block-t / --chunk-channels / --chunk-warps.
+TUNING = dict(block_t=16, bwd_block_t=None, channels=8, num_warps=4)
 # steps between the forward's saved carries (a multiple of the block, at least one block): the backward
 # recomputes the blocks in between, so the saved state is ~1/64 of the sequence's, as in fused_recurrent
 CHECKPOINT_STEPS = 64
@@ -1092,6 +1095,17 @@ def block_size(T: int, control_period: int, control: bool) -> int:
     return max(2, min(bt, triton.next_power_of_2(max(T, 1))))
 
 
+def bwd_block_size(T: int, control_period: int, control: bool, fwd_block: int) -> int:
+    """The backward's block: TUNING["bwd_block_t"] under the forward's caps (`block_size`), and at most
+    the steps between two saved carries (it recomputes from them); None: the forward's block."""
+    if TUNING["bwd_block_t"] is None:
+        return fwd_block
+    bt = min(int(TUNING["bwd_block_t"]), _checkpoint_steps(fwd_block))
+    if control:
+        bt = min(bt, _prev_pow2(control_period))
+    return max(2, min(bt, triton.next_power_of_2(max(T, 1))))
+
+
 def _blocking(d: int, group_size: int, n: int):
     """(GP, BG, NP, n_cblocks, num_warps): whole groups of about TUNING["channels"] lanes per program."""
     gp = triton.next_power_of_2(group_size)
@@ -1112,6 +1126,11 @@ class _Cfg:
 def _segment(bt: int) -> int:
     """Blocks per saved carry."""
     return max(1, CHECKPOINT_STEPS // bt)
+
+
+def _checkpoint_steps(bt: int) -> int:
+    """Time steps between the forward's saved carries when its blocks are ``bt`` long."""
+    return bt * _segment(bt)
 
 
 def _flags(cfg):
@@ -1194,18 +1213,19 @@ def _launch_fwd(cfg, u, delta, A, B, C, D, z, delta_bias, alpha, rho, eta, lam, 
 
 class _ChunkScan(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, cfg, ph, t1, u, delta, A, B, C, D, z, delta_bias, alpha, rho, eta, lam, w_r, h0, ln0, k_init, e0,
-                mask):
+    def forward(ctx, cfg, ph, t1, bcfg, ph_b, u, delta, A, B, C, D, z, delta_bias, alpha, rho, eta, lam, w_r, h0, ln0,
+                k_init, e0, mask):
+        # bcfg, ph_b: the backward's configuration and clock (its blocks may be shorter than the forward's)
         y, final, ck = _launch_fwd(cfg, u, delta, A, B, C, D, z, delta_bias, alpha, rho, eta, lam, w_r,
                                    h0, ln0, k_init, e0, mask, ph, t1, save=True)
-        ctx.cfg = cfg
-        ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, alpha, rho, eta, lam, w_r, h0, mask, ph, t1, *ck)
+        ctx.cfg, ctx.bcfg, ctx.ck_steps = cfg, bcfg, _checkpoint_steps(cfg.bt)
+        ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, alpha, rho, eta, lam, w_r, h0, mask, ph_b, t1, *ck)
         ctx.set_materialize_grads(False)
         return (y, *final)
 
     @staticmethod
     def backward(ctx, gy, ghT, glnT, gkT, geT):
-        cfg = ctx.cfg
+        cfg = ctx.bcfg
         u, delta, A, B, C, D, z, delta_bias, alpha, rho, eta, lam, w_r, h0, mask, ph, t1, *ck = ctx.saved_tensors
         b, T, d = u.shape
         n = A.shape[1]
@@ -1213,7 +1233,7 @@ class _ChunkScan(torch.autograd.Function):
         ng = d // G
         gp, bg, np_, n_cb, num_warps = _blocking(d, G, n)
         n_blk = triton.cdiv(T, cfg.bt)
-        seg = _segment(cfg.bt)
+        seg = ctx.ck_steps // cfg.bt  # the backward's blocks between two of the forward's saved carries
         ms = max(tau, 1)
         f32 = dict(device=u.device, dtype=torch.float32)
         dummy = torch.empty(1, **f32)
@@ -1250,7 +1270,7 @@ class _ChunkScan(torch.autograd.Function):
         )
         like = lambda g, x: None if x is None else g.to(x.dtype)  # noqa: E731
         return (
-            None, None, None, gu, gdelta, gAp.sum(0).to(A.dtype), gBp.sum(2).to(B.dtype), gCp.sum(2).to(C.dtype),
+            None, None, None, None, None, gu, gdelta, gAp.sum(0).to(A.dtype), gBp.sum(2).to(B.dtype), gCp.sum(2).to(C.dtype),
             like(gDp.sum(0), D), gz if z is not None else None, like(gbp.sum(0), delta_bias),
             galpha if alpha is not None else None,
             like(grp.sum(0), rho) if tau else None,
@@ -1262,9 +1282,11 @@ class _ChunkScan(torch.autograd.Function):
 
 @keyword_interface("u", "delta", defaults={"control_period": 64})
 def conba_scan_chunk(u, delta, B, C, params: ConbaParams, *, z=None, alpha=None, mask=None, initial_state=None,
-                     return_final_state=False, block_t=None):
+                     return_final_state=False, block_t=None, bwd_block_t=None):
     """The chunk-parallel scan (arguments as `mixcon.ops.conba.conba_scan`, already validated there).
-    ``block_t``: time positions per block (a power of two ≤ P with control on; default `block_size`)."""
+    ``block_t``: time positions per block (a power of two ≤ P with control on; default `block_size`);
+    ``bwd_block_t``: the backward's (the same rules, and at most the steps between the forward's saved
+    carries; default `bwd_block_size`)."""
     p = params
     A, D, delta_bias, delta_softplus, rho, tau = p.A, p.D, p.delta_bias, p.delta_softplus, p.rho, p.tau
     k0, eta, lam, w_r, k_max, group_size = p.k0, p.eta, p.lam, p.w_r, p.k_max, p.group_size
@@ -1292,6 +1314,10 @@ def conba_scan_chunk(u, delta, B, C, params: ConbaParams, *, z=None, alpha=None,
     bt = int(block_t) if block_t is not None else block_size(T, P, control)
     if bt < 1 or bt & (bt - 1) or (control and bt > P):
         raise ValueError(f"block_t={block_t!r} must be a power of two, at most control_period={P} with control on")
+    bt_b = int(bwd_block_t) if bwd_block_t is not None else bwd_block_size(T, P, control, bt)
+    if bt_b < 1 or bt_b & (bt_b - 1) or (control and bt_b > P) or bt_b > _checkpoint_steps(bt):
+        raise ValueError(f"bwd_block_t={bwd_block_t!r} must be a power of two, at most control_period={P} with "
+                         f"control on and at most {_checkpoint_steps(bt)} (the steps between saved carries)")
     if control:
         eta = eta if eta is not None else torch.zeros(ng, **f32)
         lam = lam if lam is not None else torch.zeros(ng, **f32)
@@ -1315,7 +1341,13 @@ def conba_scan_chunk(u, delta, B, C, params: ConbaParams, *, z=None, alpha=None,
             rho, eta, lam, w_r, h0, ln0, k_init, e0, mask)
     needs_grad = torch.is_grad_enabled() and any(isinstance(x, torch.Tensor) and x.requires_grad for x in args)
     if needs_grad:
-        y, hT, lnT, kT, eT = _ChunkScan.apply(cfg, ph, t1, *args)
+        bcfg, ph_b = cfg, ph
+        if bt_b != bt:
+            bcfg = _Cfg(**{k: getattr(cfg, k) for k in _Cfg.__slots__})
+            bcfg.bt = bt_b
+            bcfg.aligned = control and mask is None and initial_state is None and P % bt_b == 0
+            ph_b = _clock(mask, phase0, b, T, bt_b, P, u.device)[0]
+        y, hT, lnT, kT, eT = _ChunkScan.apply(cfg, ph, t1, bcfg, ph_b, *args)
     else:
         y, (hT, lnT, kT, eT), _ = _launch_fwd(cfg, *args, ph, t1, save=False)
     if control:

@@ -627,9 +627,12 @@ def _conba_step_kernel(
 
 
 # ---------------------------------------------------------------------------------- Python side
-# channels per program (whole groups, a power of two; None: by batch, see _channels) and the cap on
-# warps; tools/tune_conba.py sweeps them on a GPU
-TUNING = dict(channels=None, max_warps=4)
+# channels per program (whole groups, a power of two; None: by batch, see _channels), the cap on warps,
+# and the backward's channels per warp (the forward has one warp per 32 channels). tools/tune_conba.py
+# sweeps them on a GPU. The backward of a 32-channel one-warp program (batch >= 4) spills ~0.9 KB per
+# thread ahead of time for sm_90; one warp per 8 channels spills none, but fits 4x fewer programs per
+# SM: not timed yet (docs/kernels.md, "Spills").
+TUNING = dict(channels=None, max_warps=4, bwd_channels_per_warp=32)
 
 
 def _channels(batch: int, d: int) -> int:
@@ -642,16 +645,17 @@ def _channels(batch: int, d: int) -> int:
     return 32 if batch * d // 32 >= 512 else 8
 
 
-def _blocking(d: int, group_size: int, n: int, batch: int = 1):
+def _blocking(d: int, group_size: int, n: int, batch: int = 1, backward: bool = False):
     """(GP, BG, NP, n_blocks, num_warps): whole groups of about `_channels` channels per program,
-    one warp per 32 channels."""
+    one warp per 32 channels (the backward: per TUNING["bwd_channels_per_warp"])."""
     gp = triton.next_power_of_2(group_size)
     ng = d // group_size
     ch = _channels(batch, d)
     bg = max(1, min(ch // gp if gp <= ch else 1, triton.next_power_of_2(ng)))
     np_ = triton.next_power_of_2(n)
     n_blocks = triton.cdiv(ng, bg)
-    num_warps = max(1, min(TUNING["max_warps"], (bg * gp) // 32))
+    per_warp = TUNING["bwd_channels_per_warp"] if backward else 32
+    num_warps = max(1, min(TUNING["max_warps"], (bg * gp) // per_warp))
     return gp, bg, np_, n_blocks, num_warps
 
 
@@ -739,7 +743,7 @@ class _ConbaScan(torch.autograd.Function):
         n = A.shape[1]
         G, tau = cfg.group_size, cfg.tau
         ng = d // G
-        gp, bg, np_, n_blocks, num_warps = _blocking(d, G, n, b)
+        gp, bg, np_, n_blocks, num_warps = _blocking(d, G, n, b, backward=True)
         f32 = dict(device=u.device, dtype=torch.float32)
         dummy = torch.empty(1, **f32)
         gy = torch.zeros_like(u) if gy is None else gy.contiguous()
