@@ -4,6 +4,7 @@
 # cannot lose the others; every log and result folder is packed into $OUT/results.tgz (or
 # ./results.tgz) after each step.
 #
+#   bash tools/gpu_benchmarks.sh prepare                  # HERE, before a lease: .gpu/site (see below)
 #   bash tools/gpu_benchmarks.sh quick                    # one short lease: every headline number, <= 480 s
 #   bash tools/gpu_benchmarks.sh quick --plan             # its steps and time limits; runs nothing
 #   bash tools/gpu_benchmarks.sh quick --smoke            # each Python step's CPU path (tiny sizes)
@@ -15,12 +16,17 @@
 #
 # `quick` writes to eval/results/quick/ (logs in eval/results/quick/logs/); the sum of its limits is
 # QUICK_BUDGET seconds at most (tests/test_gpu_benchmarks.py checks it), so that it fits one 15-minute
-# lease with its start-up. mamba_ssm's Triton kernels (baselines of bench_conba) are used when
-# importable; a source copy of the package can be put on PYTHONPATH (its CUDA extension is stubbed).
+# lease with its start-up. mamba_ssm's Triton kernels (baselines of bench_conba: Mamba-2's SSD scan and
+# its decode step) are used when importable. The GPU machines have no mamba_ssm and cannot build or
+# fetch it: `prepare` (run here, where `tools/setup.sh dev` installed its CPU build) copies its Python
+# source into .gpu/site (git-ignored), which the lease call carries (the device tool's carry: [".gpu"])
+# and this script puts on PYTHONPATH; its CUDA extension is stubbed, its Triton kernels need none.
 set -u
 cd "$(dirname "$0")/.."
 # the Python steps (thin scripts over mixcon.bench / mixcon.eval) import this checkout's package, installed or not
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+GPU_SITE=${GPU_SITE:-.gpu/site}  # (a test points it elsewhere)
+[ -d "$GPU_SITE" ] && export PYTHONPATH="$(cd "$GPU_SITE" && pwd):$PYTHONPATH"
 OUT=${OUT:-.}
 QUICK_BUDGET=480
 export PYTHONUNBUFFERED=1
@@ -35,7 +41,17 @@ for a in "$@"; do
     *) STEPS+=("$a") ;;
   esac
 done
-[ ${#STEPS[@]} -gt 0 ] || { echo "usage: $0 quick [--plan|--smoke] | STEP... (tests conba moe throughput decode max_context tune tune-chunk)"; exit 2; }
+[ ${#STEPS[@]} -gt 0 ] || { echo "usage: $0 prepare | quick [--plan|--smoke] | STEP... (tests conba moe throughput decode max_context tune tune-chunk)"; exit 2; }
+
+if [ "${STEPS[0]}" = prepare ]; then  # on this machine, no GPU: the baselines' source for the lease to carry
+  src=$(python3 -c "import importlib.util as u; s = u.find_spec('mamba_ssm'); print(s.submodule_search_locations[0] if s else '')")
+  [ -n "$src" ] || { echo "prepare: mamba_ssm is not installed here (bash tools/setup.sh dev installs its CPU build)"; exit 2; }
+  rm -rf "$GPU_SITE.tmp" && mkdir -p "$GPU_SITE.tmp" \
+    && cp -r "$src" "$GPU_SITE.tmp/mamba_ssm" && find "$GPU_SITE.tmp" -name __pycache__ -prune -exec rm -rf {} + \
+    && rm -rf "$GPU_SITE" && mv "$GPU_SITE.tmp" "$GPU_SITE" || exit 1
+  echo "prepare: $GPU_SITE/mamba_ssm ($(du -sh "$GPU_SITE" | cut -f1)) from $(python3 -c "import importlib.metadata as m; print('mamba_ssm', m.version('mamba_ssm'))"); carry .gpu in the lease call"
+  exit 0
+fi
 
 QUICK=0
 [ "${STEPS[0]}" = quick ] && QUICK=1
@@ -152,5 +168,7 @@ done
 
 if [ $PLAN = 1 ]; then
   echo "sum of limits: $TOTAL s$([ $QUICK = 1 ] && echo " (budget $QUICK_BUDGET s)")"
+  if [ -d "$GPU_SITE/mamba_ssm" ]; then echo "baselines: $GPU_SITE/mamba_ssm present (carry .gpu)"
+  else echo "baselines: no $GPU_SITE: run 'bash tools/gpu_benchmarks.sh prepare' first, or Mamba-2's SSD is missing"; fi
   [ $QUICK = 0 ] || [ $TOTAL -le $QUICK_BUDGET ] || { echo "the quick plan exceeds its budget"; exit 1; }
 fi

@@ -12,6 +12,8 @@ from helpers import ROOT
 SCRIPT = os.path.join(ROOT, "tools", "gpu_benchmarks.sh")
 QUICK_STEPS = ["device", "tests", "conba", "prefill", "decode", "max_context"]
 BUDGET_S = 480
+# what the lent machines' image lacks of what this project imports (the device tool's KINDS.md list)
+GPU_MACHINE_LACKS = {"lm_eval", "parameterized", "mamba_ssm", "causal_conv1d", "vllm", "datasets"}
 
 
 def _run(*args, env=None, timeout=60):
@@ -58,7 +60,19 @@ def test_quick_smoke_runs_each_python_step_on_cpu(tmp_path):
     """``quick --smoke``: every Python step of the quick run through its CPU path (tiny sizes, Triton's
     interpreter), the device step and the GPU test subset skipped. ~1-2 minutes on 2 cores."""
     results = tmp_path / "quick"
-    env = dict(RESULTS=str(results), PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    # the packages the lent GPU machines lack (docs/kernels.md, "A GPU lease") are hidden from Python
+    hide = tmp_path / "hide"
+    hide.mkdir()
+    (hide / "sitecustomize.py").write_text(
+        "import sys\n"
+        f"ABSENT = {sorted(GPU_MACHINE_LACKS)!r}\n"
+        "class _Absent:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name.split('.')[0] in ABSENT:\n"
+        "            raise ModuleNotFoundError(f'No module named {name!r} (not on the GPU machines)')\n"
+        "sys.meta_path.insert(0, _Absent())\n")
+    env = dict(RESULTS=str(results), GPU_SITE=str(tmp_path / "no-site"),
+               PYTHONPATH=os.pathsep.join([str(hide), ROOT, os.environ.get("PYTHONPATH", "")]))
     r = _run("quick", "--smoke", env=env, timeout=1500)
     assert r.returncode == 0, r.stdout[-3000:]
     for name in ("conba", "prefill", "decode", "max_context"):
@@ -66,6 +80,7 @@ def test_quick_smoke_runs_each_python_step_on_cpu(tmp_path):
         assert (results / "logs" / f"{name}.log").exists()
     for name in ("device", "tests"):
         assert f"=== {name}: no CPU path" in r.stdout
+    assert "(not on the GPU machines)" in (results / "logs" / "conba.log").read_text()  # the hiding took
     assert (results / "conba" / "results.csv").exists() and (results / "max_context" / "max_context.md").exists()
 
 
@@ -86,3 +101,22 @@ def test_tune_chunk_smoke_times_every_configuration_and_writes_its_choice(tmp_pa
     best = (tmp_path / "chunk_best.txt").read_text().split()
     assert len(best) == 4 and best[1] in ("8", "2") and best[3] in ("32", "8")
     assert (tmp_path / "chunk" / "results.csv").exists()
+
+
+def test_prepare_copies_the_baselines_source_for_the_lease(tmp_path):
+    """`prepare` (run before a lease, no GPU): mamba_ssm's Python source into GPU_SITE (.gpu/site), which
+    the plan then reports and the steps put on PYTHONPATH; without mamba_ssm installed, one line saying so."""
+    import importlib.util
+
+    site = tmp_path / "site"
+    r = _run("prepare", env=dict(GPU_SITE=str(site)))
+    if importlib.util.find_spec("mamba_ssm") is None:
+        assert r.returncode == 2 and "mamba_ssm is not installed" in r.stdout
+        return
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert (site / "mamba_ssm" / "ops" / "triton" / "ssd_combined.py").exists()
+    assert not list(site.rglob("__pycache__"))
+    plan = _run("quick", "--plan", env=dict(GPU_SITE=str(site))).stdout
+    assert f"baselines: {site}/mamba_ssm present" in plan
+    plan = _run("quick", "--plan", env=dict(GPU_SITE=str(tmp_path / "absent"))).stdout
+    assert "run 'bash tools/gpu_benchmarks.sh prepare' first" in plan
