@@ -69,7 +69,7 @@ def main(argv=None):
     ap.add_argument("--max-warps", type=int, nargs="+", default=[1, 4])
     ap.add_argument("--sweep", nargs="+", default=["inference", "all"], help="mechanism sets swept over blocks")
     ap.add_argument("--chunk", action="store_true", help="the chunk scan's blocks and the backward's warps (spills)")
-    ap.add_argument("--block-t", type=int, nargs="+", default=[16, 8], help="--chunk: forward blocks")
+    ap.add_argument("--block-t", type=int, nargs="+", default=[16], help="--chunk: forward blocks")
     ap.add_argument("--bwd-block-t", type=int, nargs="+", default=[16, 8, 4, 2], help="--chunk: backward blocks")
     ap.add_argument("--chunk-warps", type=int, nargs="+", default=[4], help="--chunk: warps per program")
     ap.add_argument("--out", default=None)
