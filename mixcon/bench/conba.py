@@ -109,7 +109,8 @@ def main(argv=None):
         args.batch, args.seqlen, args.d_inner, args.d_state, args.ref_max_T = [1, 2], [16], [16], 4, 16
         reps = dict(warmup=0, reps=1)
     elif device.type != "cuda":
-        sys.exit("mixcon bench conba needs a CUDA GPU (or --smoke with TRITON_INTERPRET=1 on CPU)")
+        sys.exit("mixcon bench conba needs a CUDA GPU (or --smoke with TRITON_INTERPRET=1 on CPU); "
+                 "on CPU, Conba against Mamba-2 and attention is `mixcon bench conba-cpu`")
     for k in ("channels", "max_warps", "bwd_channels_per_warp"):
         if getattr(args, k) is not None:
             fused_recurrent.TUNING[k] = getattr(args, k)
