@@ -1270,7 +1270,8 @@ class _ChunkScan(torch.autograd.Function):
         )
         like = lambda g, x: None if x is None else g.to(x.dtype)  # noqa: E731
         return (
-            None, None, None, None, None, gu, gdelta, gAp.sum(0).to(A.dtype), gBp.sum(2).to(B.dtype), gCp.sum(2).to(C.dtype),
+            None, None, None, None, None,  # cfg, ph, t1, bcfg, ph_b
+            gu, gdelta, gAp.sum(0).to(A.dtype), gBp.sum(2).to(B.dtype), gCp.sum(2).to(C.dtype),
             like(gDp.sum(0), D), gz if z is not None else None, like(gbp.sum(0), delta_bias),
             galpha if alpha is not None else None,
             like(grp.sum(0), rho) if tau else None,
@@ -1325,11 +1326,11 @@ def conba_scan_chunk(u, delta, B, C, params: ConbaParams, *, z=None, alpha=None,
     if mask is not None:
         mask = mask.to(torch.int8).contiguous()
     ph, t1, n_real = _clock(mask, phase0, b, T, bt, P, u.device)
+    # phase 0, no padding and P a multiple of the block: every instant is a block's last step
+    aligned = lambda block: control and mask is None and initial_state is None and P % block == 0  # noqa: E731
     cfg = _Cfg(tau=tau, group_size=group_size, control=control, softplus=bool(delta_softplus), k_max=float(k_max),
                sigma_w=float(sigma_w), sigma_v=float(sigma_v), seed=int(seed), period=P, bt=bt,
-               fix_h=tau > 0 and initial_state is not None,
-               # phase 0, no padding and P a multiple of the block: every instant is a block's last step
-               aligned=control and mask is None and initial_state is None and P % bt == 0,
+               fix_h=tau > 0 and initial_state is not None, aligned=aligned(bt),
                has_D=D is not None, has_bias=delta_bias is not None,
                has_z=z is not None, has_alpha=alpha is not None, has_mask=mask is not None)
     u = u.contiguous()
@@ -1345,7 +1346,7 @@ def conba_scan_chunk(u, delta, B, C, params: ConbaParams, *, z=None, alpha=None,
         if bt_b != bt:
             bcfg = _Cfg(**{k: getattr(cfg, k) for k in _Cfg.__slots__})
             bcfg.bt = bt_b
-            bcfg.aligned = control and mask is None and initial_state is None and P % bt_b == 0
+            bcfg.aligned = aligned(bt_b)
             ph_b = _clock(mask, phase0, b, T, bt_b, P, u.device)[0]
         y, hT, lnT, kT, eT = _ChunkScan.apply(cfg, ph, t1, bcfg, ph_b, *args)
     else:
