@@ -10,7 +10,7 @@ spill ahead of time beside those that do not, timed in one process. It writes ch
 chunk_best.txt (block_t, bwd_block_t, warps, bwd_channels_per_warp), which the full `conba` step reads.
 
     mixcon bench conba-tune --out eval/results/conba_tuning          # GPU (or python tools/tune_conba.py ...)
-    mixcon bench conba-tune --chunk --out eval/results/conba_tuning  # ~1 min on an H100
+    mixcon bench conba-tune --chunk --out eval/results/conba_tuning  # GPU; mostly compiles (not yet run there)
 """
 
 from __future__ import annotations
