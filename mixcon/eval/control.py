@@ -26,7 +26,7 @@ import math
 import torch
 
 
-CONTROL_KEYS = ("k0", "eta", "lam", "w_r", "control_period")
+CONTROL_KEYS = ("k0", "eta", "lam", "w_r")  # the controller's parameters: None turns it off
 
 
 def _rms(t: torch.Tensor) -> float:
@@ -56,18 +56,19 @@ def mixer_signals(mixer, x: torch.Tensor, control_period: int | None = None, dty
         x = x.to(mixer.in_proj.weight.dtype)
         u, z = mixer.in_proj(x).chunk(2, dim=-1)
         u = causal_conv1d(u, mixer.conv1d.weight[:, 0, :], mixer.conv1d.bias, activation="silu")
-        per_token = mixer._scan_params(u)
-        p = {**{k: v for k, v in per_token.items() if k != "params"}, **per_token["params"].as_kwargs()}
+        x = mixer._scan_params(u)
     finally:
         mixer.train(was_training)
-    P = int(control_period or p["control_period"])
-    p["control_period"] = P
     cast = lambda v: v.to(dtype) if torch.is_tensor(v) and v.is_floating_point() else v  # noqa: E731
-    p = {k: cast(v) for k, v in p.items()}
+    params = x.pop("params")
+    P = int(control_period or params.control_period)
+    p = params.replace(**{k: cast(v) for k, v in params.as_kwargs().items() if k != "control_period"},
+                       control_period=P)
+    x = {k: cast(v) for k, v in x.items()}  # delta, B, C and alpha
     u64, z64 = u.to(dtype), z.to(dtype)
-    y_on, sig = conba_scan_ref(u64, z=z64, return_internals=True, **p)
-    off = {k: v for k, v in p.items() if k not in CONTROL_KEYS}
-    y_off, sig_off = conba_scan_ref(u64, z=z64, return_internals=True, **off)
+    y_on, sig = conba_scan_ref(u64, params=p, z=z64, return_internals=True, **x)
+    off = p.replace(**dict.fromkeys(CONTROL_KEYS), control_period=1)  # f ≡ 0: no gain, no feedback
+    y_off, sig_off = conba_scan_ref(u64, params=off, z=z64, return_internals=True, **x)
     W = mixer.out_proj.weight.to(dtype)
     bias = mixer.out_proj.bias.to(dtype) if mixer.out_proj.bias is not None else None
     out_on = torch.nn.functional.linear(y_on, W, bias)
@@ -85,12 +86,12 @@ def mixer_signals(mixer, x: torch.Tensor, control_period: int | None = None, dty
         feedback=_ratio(_rms(f_after), _rms(u_after)),
         feedback_all=_ratio(_rms(sig["f"]), _rms(u64)),
         tracking_error=_rms(sig["e"]),
-        state_share=_ratio(_rms(sig["y_ssm"] - p["D"] * u64), _rms(sig["y_ssm"])),
+        state_share=_ratio(_rms(sig["y_ssm"] - p.D * u64), _rms(sig["y_ssm"])),
         output_rms=_rms(out_on),
         k_start=k[:, 0].mean().item(), k_end=k[:, -1].mean().item(),
         k_end_max=k[:, -1].max().item(), k_max_dev=dk.max().item(), k_mean_dev=dk.mean().item(),
-        eta=p["eta"].mean().item(), lam=p["lam"].mean().item(), k0=p["k0"].mean().item(),
-        w_r_rms=_rms(p["w_r"]), D_rms=_rms(p["D"]), k_max=float(p["k_max"]),
+        eta=p.eta.mean().item(), lam=p.lam.mean().item(), k0=p.k0.mean().item(),
+        w_r_rms=_rms(p.w_r), D_rms=_rms(p.D), k_max=float(p.k_max),
         series=dict(k=k.cpu(), f=sig["f"].cpu(), u=u64.cpu(), e=sig["e"].cpu(), diff=diff.cpu(), out=out_on.cpu()),
     )
 
