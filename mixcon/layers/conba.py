@@ -12,6 +12,7 @@ from torch import nn
 
 from ..ops import tracing
 from ..ops.conba import ConbaParams, ConbaState, conba_scan, conba_step, empty_state
+from ..ops.conba import cpu
 from ..ops.conv import causal_conv1d, causal_conv1d_step
 from .linear import Linear
 from .norm import RMSNorm
@@ -266,8 +267,6 @@ class ConbaMixer(nn.Module):
         `decode_layer`), or None where it does not apply. Runs once per layer and token: the weights
         are read from the modules' parameter dicts directly (nn.Module's attribute lookup cost more
         than the rest of this function), A = −exp(A_log) is kept until A_log changes."""
-        from ..ops.conba import cpu
-
         if self.conv1d.weight.dtype != xz.dtype:
             return None
         mods, own = self._modules, self._parameters

@@ -11,6 +11,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .conba import cpu
+
 try:  # optional fast path; its import fails without the compiled extension
     from causal_conv1d import causal_conv1d_fn as _cc1d_fn  # type: ignore
 except Exception:  # pragma: no cover - depends on the machine
@@ -19,8 +21,6 @@ except Exception:  # pragma: no cover - depends on the machine
 
 def _compiled_applies(x, weight, bias, initial_state) -> bool:
     """The compiled CPU conv (ops/conba/cpu.py) for a sequence: see `cpu.applies`."""
-    from .conba import cpu
-
     return cpu.applies(x, weight, bias, initial_state)
 
 
@@ -33,11 +33,10 @@ def causal_conv1d(x, weight, bias=None, initial_state=None, activation=None, ret
     if weight.shape != (ch, width):
         raise ValueError(f"weight has shape {tuple(weight.shape)}, expected (channels={ch}, width)")
     if _compiled_applies(x, weight, bias, initial_state):
-        from .conba.cpu import empty, kernels
-
-        e = empty(x.dtype)
-        y, final = kernels().conv_prefill(x.contiguous(), weight.contiguous(), e if bias is None else bias.contiguous(),
-                                          e if initial_state is None else initial_state.contiguous(), activation == "silu")
+        e = cpu.empty(x.dtype)
+        y, final = cpu.kernels().conv_prefill(
+            x.contiguous(), weight.contiguous(), e if bias is None else bias.contiguous(),
+            e if initial_state is None else initial_state.contiguous(), activation == "silu")
         return (y, final) if return_final_state else y
     xt = x.transpose(1, 2)  # (b, ch, T)
     if initial_state is None:

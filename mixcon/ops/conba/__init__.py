@@ -146,13 +146,7 @@ def conba_scan(
 
 def _cpu_step_applies(state, params, *tensors) -> bool:
     """Whether a CPU decode step can run compiled: no noise, no gradient wanted, not under a trace."""
-    if params.noisy or _tracing():
-        return False
-    if torch.is_grad_enabled():
-        xs = (*tensors, *state[:4], *params.tensors())
-        if any(x is not None and x.requires_grad for x in xs):
-            return False
-    return True
+    return not (params.noisy or _tracing() or _needs_grad(params, *tensors, *state[:4]))
 
 
 @keyword_interface("state", "u", "delta")
@@ -201,5 +195,6 @@ def conba_step(
 
 
 def _needs_grad(params, *tensors) -> bool:
+    """Whether autograd wants a gradient of any of ``tensors`` (None ones skipped) or of ``params``."""
     xs = (*tensors, *params.tensors())
     return torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in xs)

@@ -23,6 +23,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from . import _needs_grad  # the package's own check (it imports this module lazily, after itself)
 from .naive import ConbaState
 from .params import ConbaParams, keyword_interface
 
@@ -63,8 +64,7 @@ def conba_step_compiled(state: ConbaState, u, delta, B, C, params: ConbaParams, 
     gradient required it raises, as the eager kernel does). A custom op takes tensors and scalars
     only, so ``params`` is unpacked into the op's arguments here."""
     p = params
-    args = (u, delta, B, C, z, alpha, *p.tensors())
-    if torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in args):
+    if _needs_grad(p, u, delta, B, C, z, alpha):
         raise ValueError("conba_step (triton): the fused decode step has no backward; run it under torch.no_grad() "
                          "or use backend='ref' (or 'auto', which takes the reference step when a gradient is needed)")
     return conba_step_op(*state, u, delta, p.A, B, C, p.D, z, p.delta_bias, bool(p.delta_softplus), alpha, p.rho,
