@@ -90,6 +90,48 @@ def spread(values) -> dict:
                 n=len(v))
 
 
+
+# the 0.975 quantile of Student's t (two-sided 5 %) for df 1 .. 10, when SciPy is missing
+_T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228)
+
+
+def t_critical(df: int) -> float:
+    """The 0.975 quantile of Student's t with ``df`` degrees of freedom (4.303 at df 2)."""
+    try:
+        from scipy.stats import t
+
+        return float(t.ppf(0.975, df))
+    except ImportError:
+        return _T975[df - 1] if df <= len(_T975) else 1.96
+
+
+def paired(a: dict, b: dict) -> dict:
+    """A paired comparison of two members' runs keyed by seed (``{seed: value}``), over the seeds both have:
+    the differences a − b per seed, their mean and sample standard deviation, the paired t (mean / (sd /
+    √n)), Cohen's d_z (mean / sd), whether the sign holds in every seed, and a verdict: "a > b" or "a < b"
+    when the sign holds in every seed and |t| exceeds `t_critical` (df = n − 1); "no difference" when every
+    difference is 0; otherwise "undecided"."""
+    seeds = sorted(set(a) & set(b), key=str)
+    d = [float(a[s]) - float(b[s]) for s in seeds]
+    n = len(d)
+    out = dict(n=n, seeds=seeds, diffs=d, mean=float("nan"), sd=float("nan"), t=float("nan"), d_z=float("nan"),
+               same_sign=False, verdict="undecided")
+    if n == 0:
+        return out
+    mean = statistics.fmean(d)
+    sd = statistics.stdev(d) if n > 1 else float("nan")
+    out.update(mean=mean, sd=sd, same_sign=all(x > 0 for x in d) or all(x < 0 for x in d))
+    if all(x == 0 for x in d):
+        out.update(verdict="no difference", t=0.0, d_z=0.0)
+        return out
+    if n > 1 and sd > 0:
+        out.update(t=mean / (sd / math.sqrt(n)), d_z=mean / sd)
+    elif n > 1:  # every difference equal and non-zero: the sign holds, t is unbounded
+        out.update(t=math.copysign(math.inf, mean), d_z=math.copysign(math.inf, mean))
+    if n > 1 and out["same_sign"] and abs(out["t"]) > t_critical(n - 1):
+        out["verdict"] = "a > b" if mean > 0 else "a < b"
+    return out
+
 @dataclasses.dataclass
 class Job:
     key: Any  # identifies the run in the results and in the list of runs that did not run

@@ -1,32 +1,50 @@
 """Multi-query associative recall (MQAR, Arora et al. 2023, "Zoology"): can a member look up, in its
 own context, the value that was paired with a key?
 
-A sequence opens with ``pairs`` key–value pairs (keys from the lower half of the vocabulary, values
-from the upper half, no key twice), then every key is queried once, at a distance drawn from a power
-law (most queries soon after the context, a few far), the other positions filled with random
-tokens. Only the answers are scored: at a query key the model must predict its value. Loss and
-accuracy are over the answers alone. The data is a pure function of a seed (`mqar`); every training
-step draws fresh sequences, and the test sequences come from a seed no training step uses.
+**The task is Zoology's.** A sequence opens with ``pairs`` key–value pairs (keys from the lower half of
+the vocabulary, 1 .. vocab/2 − 1, values from the upper half, no key twice), then every key is queried
+once, at a distance drawn from a power law (most queries soon after the context, a few far). Every other
+position holds token 0 (Zoology's default); ``random_fill=True`` fills them with random tokens that are
+never a key of the sequence. The vocabulary must exceed the sequence length (Zoology asserts it). Only
+the answers are scored: at a query key the model must predict its value; loss and accuracy are over the
+answers alone. The data is a pure function of a seed (`mqar`); every training step draws fresh sequences,
+the held-out (early stop) and test sequences come from seeds no training step uses.
 
-Members, all built by MixConConfig's block builder: all attention (RoPE), Mamba (Conba with every
-mechanism off and the linear selection), Conba with each mechanism alone and all together
-(training noise σ = grid.NOISE), and hybrids with MixCon's Conba as shipped (1:3, 2:6, 1:7; a hybrid
-whose block is longer than ``--depth`` runs at the depth its block needs, and the table says so).
-Grid: width × (sequence length, pairs), one panel per length in the plot, as in Zoology's figures.
+**The protocol is Zoology's, CPU-sized** (`run_member`): AdamW (β = 0.9, 0.95), weight decay 0.1 on the
+matrices, a short linear warm-up then cosine to 0 at ``--steps``; a learning-rate sweep (``--lrs``) on the
+first seed of each member, the best learning rate (highest held-out accuracy, then fewest steps) kept for
+the other seeds; early stop once the held-out accuracy (``--val-examples`` sequences, every
+``--eval-every`` steps) reaches ``--target`` (0.99); the final accuracy on ``--eval-examples`` (≥ 1000)
+test sequences. Attention has ``--heads`` heads (Zoology: one head of the full width) and RoPE (this
+config has no learned positions); the hybrids' attention layers are NoPE, as MixCon's are.
 
-    python eval/recall.py --jobs 2                  # the CPU grid (widths 32, 64 at 64 tokens), ~55 min
-    python eval/recall.py --widths 32 64 128 256 --cells 64:4 128:8 256:16 512:64 --depth 4 \\
-        --steps 3000 --lrs 3e-4 1e-3 3e-3           # nearer the paper (a GPU); best lr per cell
-    python eval/recall.py --smoke                   # seconds: every member, one tiny cell
+**A pilot gate** (`gate`): all-attention runs first in every cell; the other members of a cell run only
+if attention reaches ``--gate`` (0.95) in every seed there — a grid in which attention fails decides
+nothing (``--no-gate`` runs them anyway, and the table says the cell failed its gate).
+
+**Control ablations**: every trained member with Conba's controller is evaluated a second time with
+f ≡ 0 in every layer (`feedback_off`: the same weights, no gain, no feedback): ``accuracy_f0``,
+``answer_loss_f0``. The paired comparisons (`PAIRS`, `grid.paired`) take the members' runs of the same
+seed (same data, same initial-weight seed) and report the per-seed differences, their mean, the paired t
+and whether the sign holds in every seed.
+
+Members, all built by MixConConfig's block builder: all attention, Mamba (Conba with every mechanism off
+and the linear selection), Conba with every mechanism (control on / off / ``control_init="live"``),
+hybrids with MixCon's Conba as shipped (1:3 at depth 4, 2:6 and 1:7 at depth 8), and ``conba-deep``, a
+pure Conba of the hybrids' depth (8), so that depth and hybridisation are told apart; each Conba
+mechanism alone for the mechanism study.
+
+    mixcon study recall --cells 64:4 --control-period 8 --out eval/results/recall/L64  # the deciding cell
+    mixcon study recall --smoke --out /tmp/r                                           # seconds
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
-import sys
 import time
 
 import numpy as np
@@ -46,28 +64,53 @@ MEMBERS = {  # name → (layout: "attention" | "conba" | "a:c", description, con
     "hybrid-1:3": ("1:3", "MixCon 1:3 (Conba as shipped)", {}),
     "hybrid-2:6": ("2:6", "MixCon 2:6 (Conba as shipped)", {}),
     "hybrid-1:7": ("1:7", "MixCon 1:7 (Conba as shipped)", {}),
+    "conba-deep": ("conba", "Conba, every mechanism on, at the hybrids' depth (8 layers)",
+                   grid.mechanisms(*grid.MECHANISM_ON)),
     "conba+delay": ("conba", "Mamba + delayed state (τ = 2)", grid.mechanisms("delay")),
     "conba+scaling": ("conba", "Mamba + dynamic state scaling", grid.mechanisms("scaling")),
     "conba+control": ("conba", "Mamba + adaptive control", grid.mechanisms("control")),
     "conba+noise": ("conba", f"Mamba + training noise (σ = {grid.NOISE})", grid.mechanisms("noise")),
     "conba+selection": ("conba", "Mamba + SwiGLU selection", grid.mechanisms("selection")),
 }
+MEMBER_DEPTH = {"conba-deep": 8}  # members whose depth is fixed, whatever --depth says
 CLAIM = ("attention", "mamba", "conba-all", "conba-noctl", "conba-live", "hybrid-1:3", "hybrid-2:6",
-         "hybrid-1:7")  # the paper's claims (issue 27 adds control off and control_init='live')
-# the default run (no --members) keeps the members it had before issue 27
-DEFAULT_MEMBERS = [m for m in MEMBERS if m not in ("conba-noctl", "conba-live")]
-COLS = ["member", "width", "depth", "seq_len", "pairs", "vocab", "lr", "seed", "control_period", "params_M", "steps",
-        "accuracy", "answer_loss", "train_loss", "ctl_effect", "ctl_feedback", "ctl_k_end", "ctl_k_max_dev",
-        "step_time_s", "step_cpu_s", "seconds", "description"]
+         "hybrid-1:7", "conba-deep")  # the paper's claims, and the depth control
+DEFAULT_MEMBERS = list(CLAIM)
+# the paired comparisons: (name, member a, member b); the effect is a − b, per seed
+PAIRS = (
+    ("control on − off", "conba-all", "conba-noctl"),
+    ("control live − off", "conba-live", "conba-noctl"),
+    ("Conba − Mamba", "conba-all", "mamba"),
+    ("Conba − attention", "conba-all", "attention"),
+    ("1:3 − attention", "hybrid-1:3", "attention"),
+    ("2:6 − attention", "hybrid-2:6", "attention"),
+    ("1:7 − attention", "hybrid-1:7", "attention"),
+    ("2:6 − Mamba", "hybrid-2:6", "mamba"),
+    ("1:7 − Mamba", "hybrid-1:7", "mamba"),
+    ("2:6 − 1:7", "hybrid-2:6", "hybrid-1:7"),
+    ("2:6 − Conba of its depth", "hybrid-2:6", "conba-deep"),
+    ("1:7 − Conba of its depth", "hybrid-1:7", "conba-deep"),
+    ("Conba depth 8 − depth 2", "conba-deep", "conba-all"),
+)
+COLS = ["member", "width", "depth", "heads", "seq_len", "pairs", "vocab", "lr", "seed", "role", "control_period",
+        "params_M", "steps", "max_steps", "stopped_early", "accuracy", "answer_loss", "accuracy_f0", "answer_loss_f0",
+        "val_accuracy", "train_loss", "ctl_effect", "ctl_feedback", "ctl_k_end", "ctl_k_max_dev", "step_time_s",
+        "step_cpu_s", "seconds", "description"]
+TEST_SEED, VAL_SEED = 2**32 - 1, 2**32 - 2  # the data seeds' second word of the test and held-out sets
 
 
-def mqar(seed, n: int, seq_len: int, pairs: int, vocab: int, power_a: float = 0.01, random_fill: bool = True):
+def mqar(seed, n: int, seq_len: int, pairs: int, vocab: int, power_a: float = 0.01, random_fill: bool = False):
     """``n`` MQAR sequences as (inputs, targets), int64 numpy arrays of shape (n, seq_len); targets are
     -100 except at the query positions, where they hold the value paired with the queried key.
+    Non-query positions after the context hold 0, or with ``random_fill`` random tokens of 1 .. vocab − 1
+    that are never a key of their sequence.
     ``seed``: an int or a tuple of ints (numpy SeedSequence entropy) — the arrays depend on nothing else."""
     half = vocab // 2
     if pairs < 1 or seq_len < 4 * pairs:
         raise ValueError(f"pairs={pairs} must be >= 1 and seq_len={seq_len} >= 4 * pairs (context + queries)")
+    if vocab <= seq_len:
+        raise ValueError(f"vocab={vocab} must be > seq_len={seq_len} (Zoology's MQAR asserts vocab_size > "
+                         f"input_seq_len)")
     if half - 1 < pairs:
         raise ValueError(f"vocab={vocab} must give at least pairs={pairs} keys: keys are 1 .. vocab // 2 - 1")
     if not 0 < power_a <= 1:
@@ -75,7 +118,15 @@ def mqar(seed, n: int, seq_len: int, pairs: int, vocab: int, power_a: float = 0.
     rng = np.random.default_rng(seed)
     keys = np.argsort(rng.random((n, half - 1)), axis=1)[:, :pairs] + 1  # distinct within a sequence
     values = np.argsort(rng.random((n, vocab - half)), axis=1)[:, :pairs] + half
-    x = rng.integers(0, vocab, (n, seq_len)) if random_fill else np.zeros((n, seq_len), dtype=np.int64)
+    x = np.zeros((n, seq_len), dtype=np.int64)
+    if random_fill:
+        is_key = np.zeros((n, vocab), dtype=bool)
+        np.put_along_axis(is_key, keys, True, axis=1)
+        x = rng.integers(1, vocab, (n, seq_len))
+        bad = np.take_along_axis(is_key, x, axis=1)
+        while bad.any():  # redraw the fillers that hit a key of their sequence
+            x[bad] = rng.integers(1, vocab, int(bad.sum()))
+            bad = np.take_along_axis(is_key, x, axis=1)
     x[:, 0:2 * pairs:2], x[:, 1:2 * pairs:2] = keys, values
     # query slots: every other position after the context; slot i drawn with weight ∝ i^(a−1), without
     # replacement (Gumbel top-k is sequential weighted sampling without replacement)
@@ -89,10 +140,15 @@ def mqar(seed, n: int, seq_len: int, pairs: int, vocab: int, power_a: float = 0.
     return x.astype(np.int64), y
 
 
+def member_depth(member: str, depth: int) -> int:
+    return MEMBER_DEPTH.get(member, depth)
+
+
 def member_layout(member: str, depth: int) -> dict:
     """Layout fields of MixConConfig for ``member`` at ``depth`` layers (a hybrid whose block does not
-    divide ``depth`` gets the next depth its block fits)."""
+    divide ``depth`` gets the next depth its block fits; a member of `MEMBER_DEPTH` its own depth)."""
     layout = MEMBERS[member][0]
+    depth = member_depth(member, depth)
     if layout == "attention":
         return dict(n_blocks=1, layers_per_block=depth, attn_ratio=f"{depth}:0")
     if layout == "conba":
@@ -102,12 +158,16 @@ def member_layout(member: str, depth: int) -> dict:
     return dict(n_blocks=max(1, math.ceil(depth / block)), layers_per_block=block, attn_ratio=layout)
 
 
-def member_config(member: str, width: int, depth: int, vocab: int, seq_len: int, extra: dict | None = None):
+def member_config(member: str, width: int, depth: int, vocab: int, seq_len: int, extra: dict | None = None,
+                  heads: int | None = None):
+    """The member's MixConConfig. ``heads``: attention heads (default width // 16; Zoology's MQAR uses 1)."""
     from mixcon import MixConConfig
 
     if member not in MEMBERS:
         raise ValueError(f"member={member!r} is not one of {list(MEMBERS)}")
-    heads = max(1, width // 16)
+    heads = heads or max(1, width // 16)
+    if width % heads:
+        raise ValueError(f"heads={heads} must divide width={width}")
     kw = dict(vocab_size=vocab, hidden_size=width, intermediate_size=2 * width, moe_every=0,
               num_attention_heads=heads, num_key_value_heads=heads, max_position_embeddings=max(seq_len, 64),
               **member_layout(member, depth))
@@ -116,63 +176,108 @@ def member_config(member: str, width: int, depth: int, vocab: int, seq_len: int,
     return MixConConfig(**kw)
 
 
-def train_member(member, width, depth, seq_len, pairs, vocab, steps, batch, lr, warmup, seed, data_seed,
-                 eval_examples, extra=None, instrument_dir=None) -> dict:
-    """Train one member on fresh MQAR batches (step s draws seed (data_seed, s)) with the training tool's
-    optimizer and schedule; test on ``eval_examples`` sequences of seed (data_seed, 2**32 − 1), which no
-    step draws. A member with Conba's controller is instrumented after training (`mixcon.eval.control`,
-    on 4 test sequences: ctl_* columns, the mean over layers); with ``instrument_dir`` the per-layer plot
-    and table go there."""
+@contextlib.contextmanager
+def feedback_off(model):
+    """Within the block, every Conba layer of ``model`` runs with f ≡ 0 (its controller switched off: no
+    gain, no feedback; every other mechanism and every weight unchanged). Yields the number of layers
+    switched (0 for a model without a controller)."""
+    from mixcon.eval import control
+
+    mixers = [m for m in control.conba_mixers(model) if m.control]
+    for m in mixers:
+        m.control = False
+    try:
+        yield len(mixers)
+    finally:
+        for m in mixers:
+            m.control = True
+
+
+def evaluate(model, x, y, batch: int) -> tuple[float, float]:
+    """(accuracy, answer loss) of ``model`` over the answers of (x, y) (torch tensors)."""
     import torch
+
+    correct, total, loss_sum = 0, 0, 0.0
+    with torch.no_grad():
+        for i in range(0, x.shape[0], batch):
+            xb, yb = x[i:i + batch], y[i:i + batch]
+            logits = model(xb, use_cache=False).logits.float()
+            mask = yb != -100
+            loss_sum += torch.nn.functional.cross_entropy(logits[mask], yb[mask], reduction="sum").item()
+            correct += (logits.argmax(-1)[mask] == yb[mask]).sum().item()
+            total += mask.sum().item()
+    return correct / total, loss_sum / total
+
+
+def train_member(member, width, depth, seq_len, pairs, vocab, steps, batch, lr, warmup, seed, data_seed,
+                 eval_examples, extra=None, instrument_dir=None, heads=None, eval_every=100, val_examples=256,
+                 target=0.99, role="seed", progress=False) -> dict:
+    """Train one member on fresh MQAR batches (step s draws seed (data_seed, s)): AdamW with weight decay
+    0.1 on the matrices, ``warmup`` linear steps, cosine to 0 at ``steps``; every ``eval_every`` steps the
+    accuracy on ``val_examples`` held-out sequences (seed (data_seed, VAL_SEED)), stopping once it reaches
+    ``target``. Then the test: ``eval_examples`` sequences of seed (data_seed, TEST_SEED), with the
+    controller as trained and, for a member with one, with f ≡ 0 in every layer (``*_f0``). A member with
+    Conba's controller is instrumented after training (`mixcon.eval.control`, on 4 test sequences: ctl_*
+    columns, the mean over layers); with ``instrument_dir`` the per-layer plot and table go there."""
+    import torch
+    from tqdm import tqdm
 
     from mixcon import MixConForCausalLM
     from mixcon.train.loop import lr_at, make_optimizer
     from mixcon.train.recipe import Recipe
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    r = Recipe(lr=lr, max_steps=steps, warmup_steps=warmup, batch_size=batch, seq_len=seq_len, seed=seed)
-    config = member_config(member, width, depth, vocab, seq_len, extra)
+    r = Recipe(lr=lr, max_steps=steps, warmup_steps=warmup, batch_size=batch, seq_len=seq_len, seed=seed,
+               weight_decay=0.1, min_lr_ratio=0.0)
+    config = member_config(member, width, depth, vocab, seq_len, extra, heads)
     torch.manual_seed(seed)
     model = MixConForCausalLM(config).to(device).train()
     optimizer = make_optimizer(model, r, device)
-    autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")  # noqa: E731
-
-    def answer_loss(x, y):
-        with autocast():
-            logits = model(x, use_cache=False).logits.float()
-        mask = y != -100
-        return torch.nn.functional.cross_entropy(logits[mask], y[mask]), logits, mask
+    tensors = lambda a: (torch.from_numpy(v).to(device) for v in a)  # noqa: E731
+    xv, yv = tensors(mqar((data_seed, VAL_SEED), val_examples, seq_len, pairs, vocab))
 
     t0, c0 = time.perf_counter(), time.process_time()
-    losses = []
+    losses, val_acc, step = [], float("nan"), 0
+    bar = tqdm(total=steps, desc=f"{member} lr={lr:g} seed={seed}", leave=False, disable=not progress)
     for step in range(1, steps + 1):
         for g in optimizer.param_groups:
             g["lr"] = lr_at(step, r)
-        x, y = (torch.from_numpy(a).to(device) for a in mqar((data_seed, step), batch, seq_len, pairs, vocab))
-        loss, _, _ = answer_loss(x, y)
+        x, y = tensors(mqar((data_seed, step), batch, seq_len, pairs, vocab))
+        logits = model(x, use_cache=False).logits.float()
+        mask = y != -100
+        loss = torch.nn.functional.cross_entropy(logits[mask], y[mask])
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), r.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         losses.append(loss.item())
+        bar.update(1)
+        if step % eval_every == 0 or step == steps:
+            model.eval()
+            val_acc, _ = evaluate(model, xv, yv, batch)
+            model.train()
+            bar.set_postfix(loss=f"{losses[-1]:.3f}", val=f"{val_acc:.3f}")
+            if val_acc >= target:
+                break
+    bar.close()
     train_s, train_cpu = time.perf_counter() - t0, time.process_time() - c0
     model.eval()
-    x, y = (torch.from_numpy(a).to(device) for a in mqar((data_seed, 2**32 - 1), eval_examples, seq_len, pairs, vocab))
-    correct, total, loss_sum = 0, 0, 0.0
-    with torch.no_grad():
-        for i in range(0, eval_examples, batch):
-            loss, logits, mask = answer_loss(x[i:i + batch], y[i:i + batch])
-            correct += (logits.argmax(-1)[mask] == y[i:i + batch][mask]).sum().item()
-            loss_sum += loss.item() * mask.sum().item()
-            total += mask.sum().item()
-    tail = losses[-max(1, steps // 10):]
+    x, y = tensors(mqar((data_seed, TEST_SEED), eval_examples, seq_len, pairs, vocab))
+    accuracy, answer_loss = evaluate(model, x, y, batch)
+    acc_f0 = loss_f0 = None
+    with feedback_off(model) as n_switched:
+        if n_switched:
+            acc_f0, loss_f0 = evaluate(model, x, y, batch)
+    tail = losses[-max(1, len(losses) // 10):]
     ctl = instrument(model, x[:4].cpu(), f"{member} w={width} L={seq_len} P={config.control_period} seed={seed}",
                      instrument_dir)
-    return dict(member=member, description=MEMBERS[member][1], width=width, control_period=config.control_period,
-                **ctl, depth=config.num_hidden_layers, seq_len=seq_len, pairs=pairs, vocab=vocab, lr=lr, seed=seed,
-                params_M=sum(p.numel() for p in model.parameters()) / 1e6, steps=steps,
-                accuracy=correct / total, answer_loss=loss_sum / total, train_loss=sum(tail) / len(tail),
-                step_time_s=train_s / steps, step_cpu_s=train_cpu / steps, seconds=time.perf_counter() - t0)
+    return dict(member=member, description=MEMBERS[member][1], width=width, heads=config.num_attention_heads,
+                control_period=config.control_period, **ctl, depth=config.num_hidden_layers, seq_len=seq_len,
+                pairs=pairs, vocab=vocab, lr=lr, seed=seed, role=role,
+                params_M=sum(p.numel() for p in model.parameters()) / 1e6, steps=step, max_steps=steps,
+                stopped_early=step < steps, accuracy=accuracy, answer_loss=answer_loss, accuracy_f0=acc_f0,
+                answer_loss_f0=loss_f0, val_accuracy=val_acc, train_loss=sum(tail) / len(tail),
+                step_time_s=train_s / step, step_cpu_s=train_cpu / step, seconds=time.perf_counter() - t0)
 
 
 def instrument(model, ids, label: str, out_dir=None) -> dict:
@@ -194,30 +299,227 @@ def instrument(model, ids, label: str, out_dir=None) -> dict:
     return {f"ctl_{k}": sum(s[k] for s in sigs) / len(sigs) for k in keys}
 
 
+def best_lr(rows: list):
+    """The learning rate of the best of ``rows`` (one member's sweep): highest accuracy, then fewest steps
+    (the earliest to reach the target), then lowest answer loss."""
+    return min(rows, key=lambda r: (-r["accuracy"], r["steps"], r["answer_loss"]))["lr"]
+
+
+def run_member(spec: dict, done: dict, log_dir: str | None = None) -> list:
+    """One member in one cell: the learning-rate sweep at the first seed (``spec['lrs']``), then the other
+    seeds at the best learning rate. ``done``: {key: row} of runs already made (skipped). Each new run is
+    appended to ``log_dir``'s run log as it ends (so a stopped study loses at most the run in progress).
+    Returns every row of the member in the cell, old and new."""
+    seeds, lrs = spec["seeds"], spec["lrs"]
+    kw = {k: v for k, v in spec.items() if k not in ("seeds", "lrs", "instruments", "out")}
+    log = grid.RunLog(log_dir, resume=True) if log_dir else None
+    rows = []
+
+    def one(lr, seed, role):
+        key = run_key(spec["member"], spec["width"], spec["seq_len"], spec["pairs"], lr, seed)
+        if key in done:
+            return done[key]
+        inst = os.path.join(spec["out"], "instruments") if spec.get("instruments") and seed == seeds[0] else None
+        row = train_member(lr=lr, seed=seed, data_seed=seed, role=role, instrument_dir=inst, **kw)
+        if log is not None:
+            log.add(key, row)
+        print(f"{row['member']:12s} w={row['width']:<3d} L={row['seq_len']:<4d} pairs={row['pairs']:<3d} "
+              f"lr={lr:.0e} seed={seed} ({role}): accuracy {row['accuracy']:.3f}"
+              + (f" (f≡0: {row['accuracy_f0']:.3f})" if row["accuracy_f0"] is not None else "")
+              + f", {row['steps']} steps, {row['step_time_s'] * 1e3:.0f} ms/step", flush=True)
+        return row
+
+    sweep = [one(lr, seeds[0], "sweep" if len(lrs) > 1 else "seed") for lr in lrs]
+    rows += sweep
+    lr = best_lr(sweep)
+    rows += [one(lr, s, "seed") for s in seeds[1:]]
+    return rows
+
+
+def run_key(member, width, seq_len, pairs, lr, seed) -> tuple:
+    return (member, width, seq_len, pairs, float(lr), seed)
+
+
+def final_rows(rows: list) -> list:
+    """Per (member, width, seq_len, pairs): the runs at the chosen learning rate (every seed), the sweep's
+    other learning rates left out."""
+    out = []
+    groups = {}
+    for r in rows:
+        groups.setdefault((r["member"], r["width"], r["seq_len"], r["pairs"]), []).append(r)
+    for rs in groups.values():
+        first = min(r["seed"] for r in rs)
+        sweep = [r for r in rs if r["seed"] == first]
+        lr = best_lr(sweep)
+        out += sorted((r for r in rs if r["lr"] == lr), key=lambda r: r["seed"])
+    return out
+
+
+def gate(rows: list, width: int, seq_len: int, pairs: int, threshold: float) -> dict:
+    """The pilot gate of a cell: attention's accuracy in every seed at its chosen learning rate."""
+    att = [r for r in final_rows(rows) if r["member"] == "attention" and r["width"] == width
+           and r["seq_len"] == seq_len and r["pairs"] == pairs]
+    accs = [r["accuracy"] for r in att]
+    return dict(seeds=len(accs), min_accuracy=min(accs) if accs else float("nan"),
+                passed=bool(accs) and min(accs) >= threshold, lr=att[0]["lr"] if att else None)
+
+
+def summarize(rows: list) -> list:
+    """Per (member, width, seq_len, pairs), at the chosen learning rate: accuracy over seeds (mean, std,
+    min, max), with f ≡ 0, the controller's share, the answer loss and the step time."""
+    groups = {}
+    for r in final_rows(rows):
+        groups.setdefault((r["member"], r["width"], r["seq_len"], r["pairs"]), []).append(r)
+    out = []
+    for (member, width, seq_len, pairs), rs in groups.items():
+        acc = grid.spread(x["accuracy"] for x in rs)
+        out.append(dict(member=member, width=width, seq_len=seq_len, pairs=pairs, depth=rs[0]["depth"],
+                        lr=rs[0]["lr"], accuracy=acc["mean"], accuracy_std=acc["std"], seeds=acc["n"],
+                        accuracy_min=acc["min"], accuracy_max=acc["max"],
+                        accuracy_f0=grid.spread(x.get("accuracy_f0") for x in rs)["mean"],
+                        ctl_effect=grid.spread(x.get("ctl_effect") for x in rs)["mean"],
+                        ctl_feedback=grid.spread(x.get("ctl_feedback") for x in rs)["mean"],
+                        answer_loss=grid.spread(x["answer_loss"] for x in rs)["mean"],
+                        steps=grid.spread(x["steps"] for x in rs)["mean"],
+                        step_time_s=grid.spread(x["step_time_s"] for x in rs)["mean"]))
+    return out
+
+
+def paired_table(rows: list) -> list:
+    """Every comparison of `PAIRS` and every member's f ≡ 0 counterfactual, per cell, on accuracy and
+    answer loss: `grid.paired` over the seeds both sides have."""
+    fin = final_rows(rows)
+    cells = sorted({(r["width"], r["seq_len"], r["pairs"]) for r in fin})
+    out = []
+    for width, seq_len, pairs in cells:
+        by = {}
+        for r in fin:
+            if (r["width"], r["seq_len"], r["pairs"]) == (width, seq_len, pairs):
+                by.setdefault(r["member"], {})[r["seed"]] = r
+        for name, a, b in PAIRS:
+            if a in by and b in by:
+                for metric in ("accuracy", "answer_loss"):
+                    p = grid.paired({s: r[metric] for s, r in by[a].items()}, {s: r[metric] for s, r in by[b].items()})
+                    out.append(dict(width=width, seq_len=seq_len, pairs=pairs, comparison=name, a=a, b=b,
+                                    metric=metric, **p))
+        for m, runs in by.items():
+            if any(r.get("accuracy_f0") is not None for r in runs.values()):
+                for metric in ("accuracy", "answer_loss"):
+                    p = grid.paired({s: r[metric] for s, r in runs.items()},
+                                    {s: r[metric + "_f0"] for s, r in runs.items()})
+                    out.append(dict(width=width, seq_len=seq_len, pairs=pairs, comparison=f"{m}: as trained − f≡0",
+                                    a=m, b=f"{m} f≡0", metric=metric, **p))
+    return out
+
+
+def plot_cell(rows: list, members: list, width: int, seq_len: int, pairs: int, path: str, title: str) -> None:
+    """One cell: each member's test accuracy per seed (dots) and their mean (bar), f ≡ 0 as open marks."""
+    plt = grid.pyplot()
+    if plt is None:
+        return
+    fin = [r for r in final_rows(rows) if (r["width"], r["seq_len"], r["pairs"]) == (width, seq_len, pairs)]
+    shown = [m for m in members if any(r["member"] == m for r in fin)]
+    if not shown:
+        return
+    fig, ax = plt.subplots(figsize=(1.0 * len(shown) + 2.5, 3.8))
+    for i, m in enumerate(shown):
+        rs = [r for r in fin if r["member"] == m]
+        accs = [r["accuracy"] for r in rs]
+        ax.bar(i, float(np.mean(accs)), color="k" if m == "attention" else "C0", alpha=0.35, width=0.6)
+        ax.plot([i] * len(accs), accs, "o", color="C3", ms=4, label="seed" if i == 0 else None)
+        f0 = [r["accuracy_f0"] for r in rs if r.get("accuracy_f0") is not None]
+        if f0:
+            ax.plot([i + 0.15] * len(f0), f0, "x", color="C2", ms=5, label="f ≡ 0")
+    ax.axhline(1 / pairs, color="gray", lw=0.8, ls=":")
+    ax.set_xticks(range(len(shown)), shown, rotation=35, ha="right", fontsize=8)
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_ylabel("MQAR test accuracy")
+    ax.set_title(title, fontsize=8)
+    handles, labels = ax.get_legend_handles_labels()
+    uniq = dict(zip(labels, handles))
+    ax.legend(uniq.values(), uniq.keys(), fontsize=7, loc="lower right")
+    ax.grid(alpha=0.3, axis="y")
+    fig.tight_layout()
+    grid.save_figure(fig, path)
+
+
+def write_markdown(rows, members, gates, meta, path):
+    a = meta["args"]
+    lines = [f"MQAR (Zoology's task: filler 0, keys never elsewhere) — vocabulary {a['vocab']}, width(s) {a['widths']}, "
+             f"depth {a['depth']} (hybrids: their block's; conba-deep 8), attention heads {a['heads']} (RoPE; "
+             f"hybrids NoPE), Conba control period {a['control_period'] or 'the config default'}. AdamW, weight "
+             f"decay 0.1, warm-up {a['warmup']}, cosine to 0 at {a['steps']} steps × {a['batch']} sequences, early "
+             f"stop at held-out accuracy ≥ {a['target']} ({a['val_examples']} sequences, every {a['eval_every']} "
+             f"steps); learning rate swept over {a['lrs']} at seed {a['seeds'][0]}, the best kept for seeds "
+             f"{a['seeds'][1:]}; test accuracy on {a['eval_examples']} sequences. One CPU thread per run.",
+             f"Device {meta['device']}, torch {meta['torch']}, transformers {meta['transformers']}, rev {meta['rev']}, "
+             f"{meta['date']}. Command: `{meta['command']}`.", ""]
+    for (width, seq_len, pairs), g in gates.items():
+        lines.append(f"Pilot gate, L = {seq_len}, {pairs} pairs, width {width}: attention's lowest seed "
+                     f"{grid.fmt(g['min_accuracy'])} over {g['seeds']} seeds at lr {g['lr']} → "
+                     f"**{'passed' if g['passed'] else 'FAILED'}** (threshold {a['gate']}).")
+    lines += ["", "| member | cell | depth | lr | seeds | accuracy mean (min–max) | f≡0 | answer loss | steps | "
+              "ms/step |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    summary = summarize(rows)
+    order = {m: i for i, m in enumerate(members)}
+    for s in sorted(summary, key=lambda s: (s["seq_len"], s["pairs"], s["width"], order.get(s["member"], 99))):
+        lines.append(f"| {s['member']} | L={s['seq_len']} p={s['pairs']} w={s['width']} | {s['depth']} | "
+                     f"{s['lr']:g} | {s['seeds']} | {s['accuracy']:.3f} ({s['accuracy_min']:.3f}–"
+                     f"{s['accuracy_max']:.3f}) | {grid.fmt(s['accuracy_f0'])} | {s['answer_loss']:.3f} | "
+                     f"{s['steps']:.0f} | {s['step_time_s'] * 1e3:.0f} |")
+    lines += ["", "Paired by seed (same data and initial-weight seed; each member at its own chosen learning rate): "
+              "the difference a − b per seed, its mean, the paired t (df = seeds − 1) and whether the sign holds "
+              "in every seed. An effect is called when the sign holds in every seed and |t| exceeds the 0.975 "
+              "quantile of t (4.30 at df 2).", "",
+              "| cell | comparison | metric | seeds | per-seed a − b | mean | t | verdict |",
+              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for p in paired_table(rows):
+        lines.append(f"| L={p['seq_len']} p={p['pairs']} w={p['width']} | {p['comparison']} | {p['metric']} | {p['n']} | "
+                     + ", ".join(f"{d:+.3f}" for d in p["diffs"]) + f" | {p['mean']:+.3f} | {grid.fmt(p['t'], 2)} | "
+                     f"{p['verdict']} |")
+    grid.write_text(path, "\n".join(lines) + "\n")
+
+
+def write_outputs(out: str, rows: list, members: list, gates: dict, meta: dict) -> None:
+    """summary.csv (every run: the COLS), results.json (the header, the per-member summary, the paired
+    table, the gates and every run), recall.md and one plot per cell."""
+    from mixcon.benchmark import save_results
+
+    save_results(out, rows, COLS, meta, summary=summarize(rows), paired=paired_table(rows),
+                 gates={f"{w}:{s}:{p}": g for (w, s, p), g in gates.items()})
+    os.replace(os.path.join(out, "results.csv"), os.path.join(out, "summary.csv"))
+    write_markdown(rows, members, gates, meta, os.path.join(out, "recall.md"))
+    for width, seq_len, pairs in sorted({(r["width"], r["seq_len"], r["pairs"]) for r in rows}):
+        plot_cell(rows, members, width, seq_len, pairs, os.path.join(out, f"recall-L{seq_len}-p{pairs}-w{width}.png"),
+                  f"MQAR L={seq_len}, {pairs} pairs, vocab {meta['args']['vocab']}, width {width} "
+                  f"(rev {meta['rev']}; bars: mean of seeds; dotted: 1/pairs)")
+
+
 def estimate(args) -> float:
     """CPU seconds of one training step of every (member, width, cell) (one warm-up step, then one timed),
-    and the grid's time from them (steps × lrs × seeds runs each, evaluation left out). Prints a table."""
+    and the grid's worst case from them (every run to --steps). Prints a table."""
     import torch
 
     from mixcon import MixConForCausalLM
 
     total = 0.0
+    runs = len(args.lrs) + len(args.seeds) - 1
     for seq_len, pairs in args.cells:
         for width in args.widths:
             for m in args.members:
                 model = MixConForCausalLM(member_config(m, width, args.depth, args.vocab, seq_len,
-                                                        extra_overrides(m, args))).train()
+                                                        extra_overrides(m, args), args.heads)).train()
                 x, y = (torch.from_numpy(a) for a in mqar(0, args.batch, seq_len, pairs, args.vocab))
                 for _ in range(2):
                     c0 = time.process_time()
                     logits = model(x, use_cache=False).logits
                     torch.nn.functional.cross_entropy(logits[y != -100], y[y != -100]).backward()
                     step = time.process_time() - c0
-                minutes = step * args.steps * len(args.lrs) * len(args.seeds) / 60
+                minutes = step * args.steps * runs / 60
                 total += minutes
-                print(f"L={seq_len:<4d} w={width:<4d} {m:16s} {step:6.3f} CPU s/step → {minutes:6.1f} CPU min",
+                print(f"L={seq_len:<4d} w={width:<4d} {m:16s} {step:6.3f} CPU s/step → at most {minutes:6.1f} CPU min",
                       flush=True)
-    print(f"total {total:.0f} CPU min: ≈ {total / args.jobs:.0f} min with --jobs {args.jobs} on idle cores", flush=True)
+    print(f"total at most {total:.0f} CPU min ({runs} runs per member and cell, none stopping early)", flush=True)
     return total
 
 
@@ -225,87 +527,6 @@ def extra_overrides(member: str, args) -> dict:
     """--control-period for every member with Conba layers (MixConConfig's field; others ignore it)."""
     return {} if args.control_period is None or MEMBERS[member][0] == "attention" else dict(
         control_period=args.control_period)
-
-
-def summarize(rows: list) -> list:
-    """Per (member, width, seq_len, pairs): mean accuracy over seeds at each lr, the best lr's kept
-    (Zoology reports each model at its best learning rate)."""
-    groups = {}
-    for r in rows:
-        groups.setdefault((r["member"], r["width"], r["seq_len"], r["pairs"]), {}).setdefault(r["lr"], []).append(r)
-    out = []
-    for (member, width, seq_len, pairs), by_lr in groups.items():
-        best_lr = max(by_lr, key=lambda lr: grid.spread(x["accuracy"] for x in by_lr[lr])["mean"])
-        rs = by_lr[best_lr]
-        acc = grid.spread(x["accuracy"] for x in rs)
-        out.append(dict(member=member, width=width, seq_len=seq_len, pairs=pairs, depth=rs[0]["depth"],
-                        lr=best_lr, accuracy=acc["mean"], accuracy_std=acc["std"], seeds=acc["n"],
-                        accuracy_min=acc["min"], accuracy_max=acc["max"],
-                        ctl_effect=grid.spread(x.get("ctl_effect") for x in rs)["mean"],
-                        ctl_feedback=grid.spread(x.get("ctl_feedback") for x in rs)["mean"],
-                        answer_loss=grid.spread(x["answer_loss"] for x in rs)["mean"],
-                        step_time_s=grid.spread(x["step_time_s"] for x in rs)["mean"]))
-    return out
-
-
-def plot(summary: list, cells: list, members: list, path: str, title: str) -> None:
-    plt = grid.pyplot()
-    if plt is None:
-        return
-    fig, axes = plt.subplots(1, len(cells), figsize=(4.2 * len(cells) + 1.6, 3.8), squeeze=False)
-    cmap = plt.get_cmap("tab20")
-    for ax, (seq_len, pairs) in zip(axes[0], cells):
-        for i, m in enumerate(members):
-            pts = sorted((s["width"], s["accuracy"]) for s in summary
-                         if s["member"] == m and s["seq_len"] == seq_len and s["pairs"] == pairs)
-            if pts:
-                style = dict(color="k", lw=2) if m == "attention" else dict(color=cmap(i % 20))
-                ax.plot(*zip(*pts), "o-", label=m, ms=4, **style)
-        ax.set_xscale("log", base=2)
-        ax.set_ylim(-0.02, 1.02)
-        ax.set_title(f"sequence length {seq_len}, {pairs} pairs", fontsize=9)
-        ax.set_xlabel("model width")
-        ax.set_ylabel("MQAR accuracy")
-        ax.grid(alpha=0.3)
-    axes[0][-1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0))
-    fig.suptitle(title, fontsize=8)
-    fig.tight_layout()
-    grid.save_figure(fig, path)
-
-
-def write_markdown(summary, skipped, cells, widths, members, meta, path):
-    a = meta["args"]
-    lines = [f"MQAR accuracy on {a['eval_examples']} test sequences (vocabulary {a['vocab']}), after {a['steps']} "
-             f"steps × {a['batch']} sequences, lr {a['lrs']} (best per cell when several), warm-up {a['warmup']}, "
-             f"seeds {a['seeds']}, depth {a['depth']}.",
-             f"Device {meta['device']}, torch {meta['torch']}, transformers {meta['transformers']}, rev {meta['rev']}, "
-             f"{meta['date']}. Command: `{meta['command']}`. Config defaults: {meta['config_defaults']}.", ""]
-    head = [f"L={s} ({p} pairs) w={w}" for s, p in cells for w in widths]
-
-    def cell(r):
-        if r["seeds"] > 1:
-            return f"{r['accuracy']:.3f} ({r['accuracy_min']:.3f}–{r['accuracy_max']:.3f})"
-        return grid.fmt(r["accuracy"], 3)
-
-    lines += ["| member | depth | " + " | ".join(head) + " |", "| --- | --- |" + " --- |" * len(head)]
-    by = {(s["member"], s["width"], s["seq_len"], s["pairs"]): s for s in summary}
-    for m in members:
-        rows = [by.get((m, w, sl, p)) for sl, p in cells for w in widths]
-        depth = next((r["depth"] for r in rows if r), "")
-        lines.append(f"| {m} | {depth} | " + " | ".join(cell(r) if r else "not run" for r in rows) + " |")
-    if any(s.get("ctl_effect") == s.get("ctl_effect") and s.get("ctl_effect") is not None for s in summary):
-        lines += ["", "Controller after training (mixcon.eval.control, mean over layers and seeds): share of the layer "
-                  "output due to the feedback rms(out − out[f≡0]) / rms(out), and rms(f) / rms(u).", "",
-                  "| member | " + " | ".join(head) + " |", "| --- |" + " --- |" * len(head)]
-        for m in members:
-            rows = [by.get((m, w, sl, p)) for sl, p in cells for w in widths]
-            if any(r and r.get("ctl_effect") == r.get("ctl_effect") for r in rows):
-                lines.append(f"| {m} | " + " | ".join(
-                    f"{r['ctl_effect']:.2e} / {r['ctl_feedback']:.2e}" if r else "" for r in rows) + " |")
-    if skipped:
-        lines += ["", f"Not run (time budget of {a['budget_min']} min): " + ", ".join(
-            f"{k[0]} w={k[1]} L={k[2]}/{k[3]} lr={k[4]} seed={k[5]}" for k in skipped) + "."]
-    grid.write_text(path, "\n".join(lines) + "\n")
 
 
 def parse_cell(s: str) -> tuple:
@@ -316,106 +537,120 @@ def parse_cell(s: str) -> tuple:
     return seq_len, pairs
 
 
-def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser(ap: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
+    ap = ap or argparse.ArgumentParser(prog="mixcon study recall", description=__doc__,
+                                       formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--members", nargs="+", default=DEFAULT_MEMBERS, choices=list(MEMBERS))
+    ap.add_argument("--cells", nargs="+", type=parse_cell, default=[(64, 4)], help="SEQ_LEN:PAIRS ... (default 64:4)")
+    ap.add_argument("--vocab", type=int, default=128, help="must exceed every cell's sequence length")
+    ap.add_argument("--widths", nargs="+", type=int, default=[64])
+    ap.add_argument("--depth", type=int, default=2,
+                    help="layers of every pure member (Zoology's 2; a hybrid: the depth its block fits, 4 or 8)")
+    ap.add_argument("--heads", type=int, default=1, help="attention heads (Zoology: 1, of the full width)")
     ap.add_argument("--control-period", type=int, default=None,
-                    help="control_period of every member with Conba layers (default: the config's)")
+                    help="control_period of every member with Conba layers (default: the config's, 64)")
+    ap.add_argument("--steps", type=int, default=3000, help="the most training steps (the schedule's length)")
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--lrs", nargs="+", type=float, default=[1e-3, 3e-3, 1e-2],
+                    help="the sweep at the first seed (Zoology: four values over 1e-4 .. 1e-2)")
+    ap.add_argument("--warmup", type=int, default=30, help="linear warm-up steps")
+    ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    ap.add_argument("--target", type=float, default=0.99, help="early stop at this held-out accuracy")
+    ap.add_argument("--eval-every", type=int, default=100)
+    ap.add_argument("--val-examples", type=int, default=256, help="held-out sequences of the early stop")
+    ap.add_argument("--eval-examples", type=int, default=1000, help="test sequences")
+    ap.add_argument("--gate", type=float, default=0.95, help="attention's accuracy every seed must reach")
+    ap.add_argument("--no-gate", action="store_true", help="run the other members where attention failed")
+    ap.add_argument("--jobs", type=int, default=1, help="members at a time, in separate one-thread processes")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads when --jobs 1 (default 1 on CPU)")
     ap.add_argument("--resume", action="store_true",
                     help="keep the runs already in OUT/runs.jsonl (written as each run ends) and run the rest")
     ap.add_argument("--instruments", action="store_true",
                     help="per-layer controller plots and tables (first seed's runs) under OUT/instruments")
-    # the CPU default: the claim's members at widths 16 and 32 fit --budget-min 55 with --jobs 2 (0.01-0.4
-    # CPU s per step); 3000 steps because a 2-layer transformer at width 32 sits at 1/4 accuracy (one of
-    # the four values in context) for over 1500 steps before it solves 64:4 (4000 steps: 1.000, measured
-    # at lr 3e-3); the paper's grid is for a GPU (README)
-    ap.add_argument("--widths", nargs="+", type=int, default=None, help="default 16 32 (--smoke: 16)")
-    ap.add_argument("--cells", nargs="+", type=parse_cell, default=[(64, 4)], help="SEQ_LEN:PAIRS ...")
-    ap.add_argument("--vocab", type=int, default=64)
-    ap.add_argument("--depth", type=int, default=2,
-                    help="layers of every member (Zoology's 2; a hybrid: the depth its block fits, 4 or 8)")
-    ap.add_argument("--steps", type=int, default=3000)
-    ap.add_argument("--batch", type=int, default=64)
-    ap.add_argument("--lrs", nargs="+", type=float, default=[3e-3])
-    ap.add_argument("--warmup", type=int, default=20)
-    ap.add_argument("--seeds", nargs="+", type=int, default=[0])
-    ap.add_argument("--eval-examples", type=int, default=512)
-    ap.add_argument("--budget-min", type=float, default=55.0, help="start no run that would end after this")
-    ap.add_argument("--jobs", type=int, default=1, help="runs at a time, in separate one-thread processes")
-    ap.add_argument("--threads", type=int, default=None, help="torch threads when --jobs 1 (default 1 on CPU)")
     ap.add_argument("--out", default=os.path.join("eval", "results", "recall"))
     ap.add_argument("--smoke", action="store_true", help="seconds: every member, width 16, one 16-token cell")
     ap.add_argument("--estimate", action="store_true", help="time one step of each run, print the grid's time")
     ap.add_argument("--no-progress", action="store_true")
-    args = ap.parse_args(argv)
-    if args.smoke:
-        args.widths, args.cells, args.vocab, args.steps, args.batch = args.widths or [16], [(16, 2)], 16, 3, 4
-        args.eval_examples, args.warmup = 8, 1
-    args.widths = args.widths or [16, 32]
+    return ap
+
+
+def check_args(args) -> None:
+    """One message per bad argument (ValueError), before any run."""
     for s, p in args.cells:
         mqar(0, 1, s, p, args.vocab)  # bad cells fail now, not in the middle of the grid
+    for name in ("steps", "batch", "eval_every", "val_examples", "eval_examples", "heads", "jobs"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} {getattr(args, name)} must be >= 1")
+    if args.control_period is not None and args.control_period < 1:
+        raise ValueError(f"--control-period {args.control_period} must be >= 1")
+    for w in args.widths:
+        if w % args.heads:
+            raise ValueError(f"--heads {args.heads} must divide every width (got {w})")
+    if not 0 < args.target <= 1 or not 0 < args.gate <= 1:
+        raise ValueError(f"--target {args.target} and --gate {args.gate} must be in (0, 1]")
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    if args.smoke:
+        args.widths, args.cells, args.vocab, args.steps, args.batch = [16], [(16, 2)], 32, 3, 4
+        args.eval_examples, args.val_examples, args.warmup, args.eval_every = 8, 8, 1, 2
+        args.lrs, args.seeds, args.no_gate = args.lrs[:2], args.seeds[:2], True
+    check_args(args)
+    return run(args)
+
+
+def run(args):
     import torch
 
-    from mixcon.benchmark import header, save_results
+    from mixcon.benchmark import header
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type == "cpu":  # these models are small: one thread per process beats two contending
         torch.set_num_threads(args.threads or 1)
-    if args.control_period is not None and args.control_period < 1:
-        ap.error(f"--control-period {args.control_period} must be >= 1")
     if args.estimate:
         return estimate(args)
     meta = header(device, dtype="bf16 autocast" if device.type == "cuda" else "float32", args=vars(args),
                   config_defaults=grid.config_defaults("control_period", "delay", "k_max"))
+    meta["args"]["cells"] = [list(c) for c in args.cells]
     print(json.dumps({k: v for k, v in meta.items() if k != "args"}), flush=True)
-    jobs = []
-    # the claim's members (attention, Mamba, Conba, hybrids) in every cell and width before any
-    # mechanism-alone member: when the budget runs out, those are the runs left out
-    claim = [m for m in args.members if m in CLAIM]
-    for group in (claim, [m for m in args.members if m not in CLAIM]):
-        for seq_len, pairs in args.cells:
-            for width in args.widths:
-                for lr in args.lrs:
-                    for seed in args.seeds:
-                        for m in group:
-                            kw = dict(member=m, width=width, depth=args.depth, seq_len=seq_len, pairs=pairs,
-                                      vocab=args.vocab, steps=args.steps, batch=args.batch, lr=lr,
-                                      warmup=args.warmup, seed=seed, data_seed=seed,
-                                      eval_examples=args.eval_examples, extra=extra_overrides(m, args),
-                                      instrument_dir=os.path.join(args.out, "instruments")
-                                      if args.instruments and seed == args.seeds[0] else None)
-                            jobs.append(grid.Job(key=(m, width, seq_len, pairs, lr, seed), fn=train_member,
-                                                 kwargs=kw, cost_key=(m, width, seq_len)))
-
     os.makedirs(args.out, exist_ok=True)
     runlog = grid.RunLog(args.out, args.resume)
-    done = runlog.done
-    jobs = runlog.pending(jobs)
-    if done:
-        print(f"resume: {len(done)} runs kept from {runlog.path}", flush=True)
+    if runlog.done:
+        print(f"resume: {len(runlog.done)} runs kept from {runlog.path}", flush=True)
+    members = [m for m in args.members if m == "attention"] + [m for m in args.members if m != "attention"]
 
-    def report(key, row):
-        runlog.add(key, row)
-        print(f"{key[0]:16s} w={key[1]:<4d} L={key[2]:<4d} pairs={key[3]:<3d} lr={key[4]:.0e} seed={key[5]}: "
-              f"accuracy {row['accuracy']:.3f}, answer loss {row['answer_loss']:.3f}, "
-              f"{row['step_time_s'] * 1e3:.0f} ms/step", flush=True)
+    def spec(m, width, seq_len, pairs):
+        return dict(member=m, width=width, depth=args.depth, seq_len=seq_len, pairs=pairs, vocab=args.vocab,
+                    steps=args.steps, batch=args.batch, warmup=args.warmup, eval_examples=args.eval_examples,
+                    extra=extra_overrides(m, args), heads=args.heads, eval_every=args.eval_every,
+                    val_examples=args.val_examples, target=args.target, seeds=args.seeds, lrs=args.lrs,
+                    instruments=args.instruments, out=args.out, progress=not args.no_progress and args.jobs == 1)
 
-    results, skipped = grid.run_jobs(jobs, args.budget_min * 60, args.jobs, progress=not args.no_progress,
-                                     desc="recall runs", on_result=report)
-    results = {**done, **results}
-    rows = [results[k] for k in results]
-    summary = summarize(rows)
-    os.makedirs(args.out, exist_ok=True)
-    meta["args"]["cells"] = [list(c) for c in args.cells]
-    save_results(args.out, rows, COLS, meta, summary=summary, not_run=[list(k) for k in skipped])
-    write_markdown(summary, skipped, args.cells, args.widths, args.members, meta, os.path.join(args.out, "recall.md"))
-    plot(summary, args.cells, args.members, os.path.join(args.out, "recall.png"),
-         f"MQAR, vocabulary {args.vocab}, {args.steps} steps × {args.batch}, depth {args.depth} "
-         f"({meta['device']}, rev {meta['rev']})")
-    if skipped:
-        print(f"not run (budget {args.budget_min} min): {len(skipped)} of {len(jobs)} runs, listed in recall.md")
-    print(f"wrote {args.out}/recall.md, results.csv, results.json, recall.png")
-    return rows, skipped
+    gates = {}
+    for seq_len, pairs in args.cells:
+        for width in args.widths:
+            cell = (width, seq_len, pairs)
+            if "attention" in members:  # the pilot: attention first, the gate decides the rest
+                run_member(spec("attention", *cell), runlog.done, args.out)
+                runlog = grid.RunLog(args.out, resume=True)
+                gates[cell] = gate(list(runlog.done.values()), *cell, args.gate)
+                g = gates[cell]
+                print(f"pilot gate L={seq_len} pairs={pairs} w={width}: attention's lowest seed "
+                      f"{g['min_accuracy']:.3f} → {'passed' if g['passed'] else 'FAILED'}", flush=True)
+                if not g["passed"] and not args.no_gate:
+                    print(f"  the other members are not run in this cell: raise --steps or the width, or pass "
+                          f"--no-gate", flush=True)
+                    continue
+            rest = [m for m in members if m != "attention"]
+            jobs = [grid.Job(key=m, fn=run_member, args=(spec(m, *cell), runlog.done, args.out), cost_key=m)
+                    for m in rest]
+            grid.run_jobs(jobs, None, args.jobs, progress=not args.no_progress, desc=f"members L={seq_len} w={width}")
+            runlog = grid.RunLog(args.out, resume=True)
+    rows = list(runlog.done.values())
+    write_outputs(args.out, rows, members, gates, meta)
+    print(f"wrote {args.out}/recall.md, summary.csv, results.json and a plot per cell", flush=True)
+    return rows, gates
 
 
 if __name__ == "__main__":
