@@ -217,6 +217,31 @@ def _bench(ap=None, args=None):
     importlib.import_module(BENCHES[args.which]).main(args.args)
 
 
+STUDIES = {"recall": ("mixcon.eval.recall", "MQAR (Zoology's task and protocol): the pilot gate, the claim members, "
+                                          "paired control ablations"),
+           "control": ("mixcon.eval.control_study", "the controller: init | shift | extrapolation"),
+           "ablation": ("mixcon.eval.ablation", "language-modelling ablations: mechanisms | ratio | period"),
+           "family": ("mixcon.eval.study", "the family's members on one corpus and budget (MoD, MoM, sparse MLP)")}
+
+
+@verb("study", "the studies of the paper's claims: " + ", ".join(STUDIES) + " (resumable, one thread per run)")
+def _study(ap=None, args=None):
+    if ap is not None:
+        ap.description = "The studies, each resumable (--resume) with a --smoke run:\n" + "\n".join(
+            f"  {k:9s} {v[1]}" for k, v in STUDIES.items())
+        ap.formatter_class = argparse.RawDescriptionHelpFormatter
+        ap.add_argument("which", choices=list(STUDIES), help="the study")
+        _passthrough(ap, "the study")
+        return
+    import importlib
+
+    module = importlib.import_module(STUDIES[args.which][0])
+    try:
+        module.main(args.args)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+
+
 @verb("layout", "print the per-layer layout of a config (a shipped name such as mixcon-1b, or a file)")
 def _layout(ap=None, args=None):
     if ap is not None:

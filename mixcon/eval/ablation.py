@@ -272,7 +272,7 @@ def estimate(base, members: dict, reference: str, seeds: int, n_lrs: int, jobs: 
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(prog="mixcon study ablation", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("grid", choices=list(GRIDS))
     ap.add_argument("overrides", nargs="*", help="KEY=VALUE recipe overrides (model_overrides.FIELD=V reaches the model)")
     ap.add_argument("--recipe", default="tiny", help="a shipped recipe name or a YAML file")

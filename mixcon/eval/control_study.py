@@ -269,7 +269,7 @@ def plot(task, rows, a, path, title):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(prog="mixcon study control", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("task", choices=["init", "shift", "extrapolation"])
     ap.add_argument("--members", nargs="+", default=list(MEMBERS), choices=list(MEMBERS))
     ap.add_argument("--width", type=int, default=32)

@@ -119,7 +119,7 @@ def plot(curves: dict, path: str, title: str):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(prog="mixcon study family", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--recipe", default="tiny", help="a shipped recipe name or a YAML file")
     ap.add_argument("--members", nargs="+", default=list(MEMBERS), choices=list(MEMBERS))
     ap.add_argument("--steps", type=int, default=None, help="override the recipe's max_steps")

@@ -119,8 +119,9 @@ def test_study_smoke_and_resume(tmp_path):
     assert [r["member"] for r in rows] == ["mamba", "conba-all"] and all(r["loss_after"] > 0 for r in rows)
     assert (tmp_path / "s" / "shift.md").exists() and (tmp_path / "s" / "runs.jsonl").exists()
     out = str(tmp_path / "r")
-    args = ["--smoke", "--members", "mamba", "conba-live", "--control-period", "2", "--out", out, "--no-progress"]
-    rows, _ = recall.main(args)
+    args = ["--smoke", "--members", "mamba", "conba-live", "--control-period", "2", "--out", out, "--no-progress",
+            "--lrs", "1e-3"]
+    rows, _ = recall.main(args + ["--seeds", "0"])
     assert all(r["control_period"] == 2 for r in rows)
     assert rows[1]["ctl_effect"] > 0 and rows[0]["ctl_effect"] is None
     again, _ = recall.main(args + ["--resume", "--seeds", "0", "1"])  # seed 0 kept, seed 1 run
