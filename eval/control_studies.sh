@@ -1,16 +1,13 @@
 #!/bin/sh
-# Issue 27's studies, one after another on one core (one thread each, nice 5); about 95 min on a shared core.
-# Each writes its results as every run ends (runs.jsonl) and resumes with --resume (pass it as an argument).
-# MQAR at vocabulary 16, 4 pairs: at vocabulary 64 / 8 pairs every member sat at chance (1/32) after 200 steps.
-#   sh eval/control_studies.sh            # from the repository root
+# The studies that decide the paper's claims (issue 38), one after another on one core (one thread each).
+# Each writes every run to OUT/runs.jsonl as it ends; pass --resume to continue where a stopped run left off.
+#   sh eval/control_studies.sh --resume        # from the repository root
 set -x
-R=eval/results/control
-MQ="--widths 32 --vocab 16 --steps 300 --seeds 0 1 2 --warmup 20 --eval-examples 256 --jobs 1 --threads 1 --instruments --no-progress"
-ALL="attention mamba conba-all conba-noctl conba-live hybrid-1:3 hybrid-2:6 hybrid-1:7"
-nice -n 5 python3 -m mixcon.eval.recall --members $ALL --cells 256:4 --batch 16 $MQ --budget-min 25 --out $R/mqar-L256-P64 "$@"
-nice -n 5 python3 -m mixcon.eval.recall --members $ALL --cells 512:4 --batch 8 $MQ --budget-min 25 --out $R/mqar-L512-P64 "$@"
-nice -n 5 python3 -m mixcon.eval.recall --members conba-all conba-live --control-period 16 --cells 256:4 --batch 16 $MQ \
-    --budget-min 8 --out $R/mqar-L256-P16 "$@"
-nice -n 5 python3 -m mixcon.eval.control_study init --seq-len 256 --out $R/init
-nice -n 5 python3 -m mixcon.eval.control_study shift --steps 300 --budget-min 16 --no-progress --out $R/shift "$@"
-nice -n 5 python3 -m mixcon.eval.control_study extrapolation --budget-min 16 --no-progress --out $R/extrapolation "$@"
+R=eval/results
+# MQAR, Zoology's task and protocol: the deciding cell (64 tokens = 8 periods of P = 8, 4 pairs, every
+# query after the first sampling instant), attention's pilot gate first, then the claim members
+nice -n 5 mixcon study recall --cells 64:4 --vocab 128 --widths 64 --heads 1 --control-period 8 --no-progress \
+    --out $R/recall/L64-p4-P8 "$@"
+# the controller's own tasks, trained until the loss before the change is within 0.2 nats of ln(support)
+nice -n 5 mixcon study control shift --no-progress --out $R/control/shift-trained "$@"
+nice -n 5 mixcon study control extrapolation --no-progress --out $R/control/extrapolation-16 "$@"

@@ -13,16 +13,23 @@ Members (the MQAR study's): attention (RoPE), Mamba, Conba with every mechanism 
 control off, control on with ``control_init="live"``. Same steps, batch, lr for every member; ≥ 3 seeds.
 Every run is appended to OUT/runs.jsonl as it ends; ``--resume`` keeps those and runs the rest.
 
-    python -m mixcon.eval.control_study init --out eval/results/control/init
-    python -m mixcon.eval.control_study shift --budget-min 18 --out eval/results/control/shift
-    python -m mixcon.eval.control_study extrapolation --budget-min 20 --out eval/results/control/extrapolation
-    python -m mixcon.eval.control_study shift --smoke --out /tmp/x        # seconds
+Training: AdamW, weight decay 0.1, cosine to 0 at ``--steps``; the shift task stops early once the held-out
+loss before the change is within ``--target-gap`` (0.2) nats of ln(support), what knowing the support gives.
+Each trained member with a controller is evaluated again with f ≡ 0 in every layer (``*_f0`` columns), and
+the members are compared paired by seed (`paired_rows`: on − off, live − off, Conba − Mamba, as trained −
+f ≡ 0; per-seed differences, paired t, sign in every seed).
+
+    mixcon study control init --out eval/results/control/init
+    mixcon study control shift --out eval/results/control/shift-trained
+    mixcon study control extrapolation --out eval/results/control/extrapolation-16
+    mixcon study control shift --smoke --out /tmp/x        # seconds
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import time
 
@@ -69,9 +76,11 @@ def _mean(a) -> float:
     return float(a.mean()) if a.size else float("nan")
 
 
-def _train(member, seq_len, vocab, width, depth, steps, batch, lr, warmup, seed, batch_fn, max_len, extra=None):
-    """A member trained on next-token loss over ``batch_fn(step)`` (int64 numpy (batch, seq_len)); returns
-    (model in eval mode, train losses, seconds per step)."""
+def _train(member, seq_len, vocab, width, depth, steps, batch, lr, warmup, seed, batch_fn, max_len, extra=None,
+           stop=None, eval_every=100):
+    """A member trained on next-token loss over ``batch_fn(step)`` (int64 numpy (batch, seq_len)), AdamW with
+    weight decay 0.1 and cosine to 0 at ``steps``; every ``eval_every`` steps ``stop(model)`` (in eval mode)
+    may end the training early. Returns (model in eval mode, train losses, seconds per step)."""
     import torch
 
     from mixcon import MixConForCausalLM
@@ -79,7 +88,8 @@ def _train(member, seq_len, vocab, width, depth, steps, batch, lr, warmup, seed,
     from mixcon.train.loop import lr_at, make_optimizer
     from mixcon.train.recipe import Recipe
 
-    r = Recipe(lr=lr, max_steps=steps, warmup_steps=warmup, batch_size=batch, seq_len=seq_len, seed=seed)
+    r = Recipe(lr=lr, max_steps=steps, warmup_steps=warmup, batch_size=batch, seq_len=seq_len, seed=seed,
+               weight_decay=0.1, min_lr_ratio=0.0)
     config = member_config(member, width, depth, vocab, max_len, extra)
     torch.manual_seed(seed)
     model = MixConForCausalLM(config).train()
@@ -95,7 +105,13 @@ def _train(member, seq_len, vocab, width, depth, steps, batch, lr, warmup, seed,
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         losses.append(loss.item())
-    return model.eval(), losses, (time.perf_counter() - t0) / steps
+        if stop is not None and step % eval_every == 0 and step < steps:
+            model.eval()
+            done = stop(model)
+            model.train()
+            if done:
+                break
+    return model.eval(), losses, (time.perf_counter() - t0) / len(losses)
 
 
 def _token_losses(model, ids, batch: int):
@@ -122,17 +138,32 @@ def _control(model, ids, label, out_dir):
 def run_shift(member, seed, a) -> dict:
     vocab, T = a["vocab"], a["seq_len"]
     fn = lambda step: piecewise_unigram((seed, step), a["batch"], T, vocab, a["support"])[0]  # noqa: E731
+    xv, change_v = piecewise_unigram((seed, 2**32 - 2), a["val_examples"], T, vocab, a["support"])
+    since_v = np.arange(T - 1)[None, :] + 1 - change_v[:, None]
+    goal = math.log(a["support"]) + a["target_gap"]  # knowing the support: ln(support) nats
+
+    def stop(model):  # the held-out loss before the change within target_gap of ln(support)
+        return _mean(_token_losses(model, xv, a["batch"])[since_v < 0]) <= goal
+
     model, losses, step_s = _train(member, T, vocab, a["width"], a["depth"], a["steps"], a["batch"], a["lr"],
-                                   a["warmup"], seed, fn, T)
+                                   a["warmup"], seed, fn, T, stop=stop if a["target_gap"] is not None else None,
+                                   eval_every=a["eval_every"])
     x, change = piecewise_unigram((seed, 2**32 - 1), a["eval_examples"], T, vocab, a["support"])
-    tl = _token_losses(model, x, a["batch"])  # tl[:, t] predicts x[:, t + 1]
     since = np.arange(T - 1)[None, :] + 1 - change[:, None]  # target position − change
-    row = dict(member=member, seed=seed, steps=a["steps"], seq_len=T, step_time_s=step_s,
-               train_loss=float(np.mean(losses[-max(1, a["steps"] // 10):])),
+    tl = _token_losses(model, x, a["batch"])  # tl[:, t] predicts x[:, t + 1]
+    from mixcon.eval.recall import feedback_off
+
+    with feedback_off(model) as n_switched:
+        tl0 = _token_losses(model, x, a["batch"]) if n_switched else None
+    row = dict(member=member, seed=seed, steps=len(losses), max_steps=a["steps"], seq_len=T, step_time_s=step_s,
+               train_loss=float(np.mean(losses[-max(1, len(losses) // 10):])),
                loss_before=_mean(tl[since < 0]), loss_after=_mean(tl[since >= 0]))
+    row["before_gap"] = row["loss_before"] - math.log(a["support"])
     for lo, hi in WINDOWS:
         sel = (since >= lo) & (since < (hi if hi is not None else T))
         row[f"loss_after_{lo}_{hi or 'end'}"] = _mean(tl[sel])
+        row[f"loss_after_{lo}_{hi or 'end'}_f0"] = _mean(tl0[sel]) if tl0 is not None else None
+    row["loss_after_f0"] = _mean(tl0[since >= 0]) if tl0 is not None else None
     curve = [_mean(tl[(since >= lo) & (since < lo + 8)]) for lo in range(-64, 192, 8)]
     row["curve"] = curve  # loss in bins of 8 positions from 64 before the change to 192 after
     out_dir = os.path.join(a["out"], "instruments") if seed == a["seeds"][0] else None
@@ -190,8 +221,9 @@ def run_init(a) -> list:
     return rows
 
 
-SHIFT_COLS = ["member", "seed", "steps", "seq_len", "loss_before", "loss_after", "loss_after_0_16", "loss_after_16_64",
-              "loss_after_64_end", "train_loss", "ctl_effect", "ctl_feedback", "ctl_k_end", "ctl_k_max_dev",
+SHIFT_COLS = ["member", "seed", "steps", "seq_len", "loss_before", "before_gap", "loss_after", "loss_after_0_16",
+              "loss_after_16_64", "loss_after_64_end", "loss_after_f0", "loss_after_0_16_f0", "loss_after_16_64_f0",
+              "loss_after_64_end_f0", "train_loss", "ctl_effect", "ctl_feedback", "ctl_k_end", "ctl_k_max_dev",
               "step_time_s"]
 
 
@@ -201,7 +233,7 @@ def summarize(rows, cols) -> list:
         rs = [r for r in rows if r["member"] == m]
         s = dict(member=m, seeds=len(rs))
         for c in cols:
-            if c in ("member", "seed", "steps", "seq_len", "train_len"):
+            if c in ("member", "seed", "seq_len", "train_len"):
                 continue
             sp = grid.spread(r.get(c) for r in rs)
             s[c], s[c + "_min"], s[c + "_max"], s[c + "_std"] = sp["mean"], sp["min"], sp["max"], sp["std"]
@@ -209,9 +241,47 @@ def summarize(rows, cols) -> list:
     return out
 
 
-def write_markdown(task, summary, cols, meta, not_run, path):
+PAIRS = (("control on − off", "conba-all", "conba-noctl"), ("control live − off", "conba-live", "conba-noctl"),
+         ("Conba − Mamba", "conba-all", "mamba"), ("Conba − attention", "conba-all", "attention"))
+
+
+def paired_rows(rows: list, metrics: list) -> list:
+    """`PAIRS` and each controlled member's f ≡ 0 counterfactual (``metric`` − ``metric_f0``, where the runs
+    carry it), per metric: `grid.paired` over the seeds."""
+    by = {}
+    for r in rows:
+        by.setdefault(r["member"], {})[r["seed"]] = r
+    out = []
+    for name, a, b in PAIRS:
+        if a in by and b in by:
+            for m in metrics:
+                out.append(dict(comparison=name, metric=m, **grid.paired(
+                    {s: r[m] for s, r in by[a].items()}, {s: r[m] for s, r in by[b].items()})))
+    for member, runs in by.items():
+        for m in metrics:
+            if all(r.get(m + "_f0") is not None for r in runs.values()) and runs:
+                out.append(dict(comparison=f"{member}: as trained − f≡0", metric=m, **grid.paired(
+                    {s: r[m] for s, r in runs.items()}, {s: r[m + "_f0"] for s, r in runs.items()})))
+    return out
+
+
+def paired_markdown(table: list) -> list:
+    lines = ["", "Paired by seed (each seed fixes the data, the initial weights' seed and the noise): the difference "
+             "a − b per seed (negative = a has the lower loss), its mean, the paired t (df = seeds − 1), Cohen's "
+             "d_z; an effect is called only when the sign holds in every seed and |t| > the 0.975 quantile of t "
+             "(4.30 at df 2).", "",
+             "| comparison | metric | seeds | per-seed a − b | mean | t | d_z | verdict |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for p in table:
+        lines.append(f"| {p['comparison']} | {p['metric']} | {p['n']} | " + ", ".join(f"{d:+.3f}" for d in p["diffs"])
+                     + f" | {p['mean']:+.3f} | {grid.fmt(p['t'], 2)} | {grid.fmt(p['d_z'], 2)} | {p['verdict']} |")
+    return lines
+
+
+def write_markdown(task, summary, cols, meta, not_run, path, paired=()):
     a = meta["args"]
-    shown = [c for c in cols if c not in ("member", "seed", "steps", "seq_len", "train_len", "ctl_k_max_dev")]
+    shown = [c for c in cols if c not in ("member", "seed", "seq_len", "train_len", "ctl_k_max_dev")
+             and not c.endswith("_f0")]
     lines = [f"Task `{task}`: {a['steps']} steps × {a['batch']} sequences, lr {a['lr']}, width {a['width']}, depth "
              f"{a['depth']}, vocabulary {a['vocab']} (support {a['support']}), seeds {a['seeds']}, "
              f"{a['eval_examples']} test sequences. Mean over seeds (min–max).",
@@ -233,6 +303,8 @@ def write_markdown(task, summary, cols, meta, not_run, path):
             else:
                 cells.append(f"{v:.3f}")
         lines.append(f"| {s['member']} | {s['seeds']} | " + " | ".join(cells) + " |")
+    if paired:
+        lines += paired_markdown(paired)
     if not_run:
         lines += ["", f"Not run (budget {a['budget_min']} min): " + ", ".join(f"{m} seed {s}" for m, s in not_run)]
     grid.write_text(path, "\n".join(lines) + "\n")
@@ -281,13 +353,20 @@ def main(argv=None):
     ap.add_argument("--eval-lens", nargs="+", type=int, default=[4096, 8192], help="extrapolation: test lengths")
     ap.add_argument("--segment", type=int, default=256, help="extrapolation: mean tokens between changes")
     ap.add_argument("--bin", type=int, default=256, help="extrapolation: positions per point of the curve")
-    ap.add_argument("--steps", type=int, default=None, help="default: shift 400, extrapolation 200")
+    ap.add_argument("--steps", type=int, default=None,
+                    help="the most training steps, the cosine schedule's length (default: shift 3000, extrapolation 600)")
+    ap.add_argument("--target-gap", type=float, default=0.2,
+                    help="shift: stop once the held-out loss before the change is within this many nats of "
+                         "ln(support), what knowing the support gives (checked every --eval-every steps)")
+    ap.add_argument("--eval-every", type=int, default=100)
+    ap.add_argument("--val-examples", type=int, default=16, help="shift: held-out sequences of the stop check")
     ap.add_argument("--batch", type=int, default=None, help="default: shift 8, extrapolation 4")
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--warmup", type=int, default=20)
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    ap.add_argument("--eval-examples", type=int, default=None, help="default: shift 64, extrapolation 2")
-    ap.add_argument("--budget-min", type=float, default=20.0, help="start no run that would end after this")
+    ap.add_argument("--eval-examples", type=int, default=None, help="test sequences (default: shift 64, extrapolation 16)")
+    ap.add_argument("--budget-min", type=float, default=None,
+                    help="start no run that would end after this (default: no limit; --resume continues)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--resume", action="store_true", help="keep the runs in OUT/runs.jsonl, run the rest")
     ap.add_argument("--out", required=True)
@@ -295,11 +374,12 @@ def main(argv=None):
     ap.add_argument("--no-progress", action="store_true")
     args = ap.parse_args(argv)
     shift = args.task == "shift"
-    args.steps = args.steps or (400 if shift else 200)
+    args.steps = args.steps or (3000 if shift else 600)
     args.batch = args.batch or (8 if shift else 4)
-    args.eval_examples = args.eval_examples or (64 if shift else 2)
+    args.eval_examples = args.eval_examples or (64 if shift else 16)
     if args.smoke:
         args.width, args.steps, args.batch, args.seeds, args.eval_examples = 16, 3, 2, [0], 2
+        args.val_examples, args.eval_every = 2, 2
         args.seq_len, args.train_len, args.eval_lens, args.segment, args.bin = 64, 32, [64, 128], 16, 16
     if args.task == "extrapolation" and min(args.eval_lens) <= args.train_len:
         ap.error(f"--eval-lens {args.eval_lens} must be longer than --train-len {args.train_len}")
@@ -340,17 +420,21 @@ def main(argv=None):
         print(f"{key[0]:12s} seed={key[1]}: " + ", ".join(
             f"{c} {row[c]:.4g}" for c in cols[4:] if isinstance(row.get(c), float)), flush=True)
 
-    results, skipped = grid.run_jobs(jobs, args.budget_min * 60, 1, progress=not args.no_progress,
+    results, skipped = grid.run_jobs(jobs, args.budget_min * 60 if args.budget_min else None, 1, progress=not args.no_progress,
                                      desc=f"{args.task} runs", on_result=report)
     results = {**done, **results}
     rows = [results[k] for k in sorted(results, key=lambda k: (args.members.index(k[0]), k[1]))]
     summary = summarize(rows, cols)
-    save_results(args.out, rows, cols, meta, summary=summary, not_run=[list(k) for k in skipped])
-    write_markdown(args.task, summary, cols, meta, skipped, os.path.join(args.out, f"{args.task}.md"))
+    metrics = (["loss_before", "loss_after_0_16", "loss_after_16_64", "loss_after_64_end", "loss_after"] if shift else
+               ["loss_train_len"] + [f"loss_{n}" for n in args.eval_lens] + [f"loss_last_{n}" for n in args.eval_lens])
+    paired = paired_rows(rows, metrics)
+    save_results(args.out, rows, cols, meta, summary=summary, paired=paired, not_run=[list(k) for k in skipped])
+    os.replace(os.path.join(args.out, "results.csv"), os.path.join(args.out, "summary.csv"))
+    write_markdown(args.task, summary, cols, meta, skipped, os.path.join(args.out, f"{args.task}.md"), paired)
     plot(args.task, rows, a, os.path.join(args.out, f"{args.task}.png"),
          f"{args.task}: {args.steps} steps × {args.batch}, width {args.width}, depth {args.depth}, "
          f"rev {meta['rev']} (mean, min–max band over seeds)")
-    print(f"wrote {args.out}/{args.task}.md, results.csv, results.json, {args.task}.png", flush=True)
+    print(f"wrote {args.out}/{args.task}.md, summary.csv, results.json, {args.task}.png", flush=True)
     return rows
 
 
