@@ -12,8 +12,9 @@ the held-out (early stop) and test sequences come from seeds no training step us
 
 **The protocol is Zoology's, CPU-sized** (`run_member`): AdamW (β = 0.9, 0.95), weight decay 0.1 on the
 matrices, a short linear warm-up then cosine to 0 at ``--steps``; a learning-rate sweep (``--lrs``) on the
-first seed of each member, the best learning rate (highest held-out accuracy, then fewest steps) kept for
-the other seeds; early stop once the held-out accuracy (``--val-examples`` sequences, every
+first seed of each member, in the given order, stopping at the first that reaches the target (or every
+one with ``--full-sweep``), the best learning rate (highest test accuracy, then fewest steps) kept for the
+other seeds; early stop once the held-out accuracy (``--val-examples`` sequences, every
 ``--eval-every`` steps) reaches ``--target`` (0.99); the final accuracy on ``--eval-examples`` (≥ 1000)
 test sequences. Attention has ``--heads`` heads (Zoology: one head of the full width) and RoPE (this
 config has no learned positions); the hybrids' attention layers are NoPE, as MixCon's are.
@@ -310,7 +311,7 @@ def run_member(spec: dict, done: dict, log_dir: str | None = None) -> list:
     appended to ``log_dir``'s run log as it ends (so a stopped study loses at most the run in progress).
     Returns every row of the member in the cell, old and new."""
     seeds, lrs = spec["seeds"], spec["lrs"]
-    kw = {k: v for k, v in spec.items() if k not in ("seeds", "lrs", "instruments", "out")}
+    kw = {k: v for k, v in spec.items() if k not in ("seeds", "lrs", "instruments", "out", "sweep_stop")}
     log = grid.RunLog(log_dir, resume=True) if log_dir else None
     rows = []
 
@@ -328,7 +329,11 @@ def run_member(spec: dict, done: dict, log_dir: str | None = None) -> list:
               + f", {row['steps']} steps, {row['step_time_s'] * 1e3:.0f} ms/step", flush=True)
         return row
 
-    sweep = [one(lr, seeds[0], "sweep" if len(lrs) > 1 else "seed") for lr in lrs]
+    sweep = []
+    for lr in lrs:  # in the given order; with sweep_stop, the first that reaches the target ends the sweep
+        sweep.append(one(lr, seeds[0], "sweep" if len(lrs) > 1 else "seed"))
+        if spec.get("sweep_stop") and sweep[-1]["val_accuracy"] >= spec["target"]:
+            break
     rows += sweep
     lr = best_lr(sweep)
     rows += [one(lr, s, "seed") for s in seeds[1:]]
@@ -449,7 +454,8 @@ def write_markdown(rows, members, gates, meta, path):
              f"hybrids NoPE), Conba control period {a['control_period'] or 'the config default'}. AdamW, weight "
              f"decay 0.1, warm-up {a['warmup']}, cosine to 0 at {a['steps']} steps × {a['batch']} sequences, early "
              f"stop at held-out accuracy ≥ {a['target']} ({a['val_examples']} sequences, every {a['eval_every']} "
-             f"steps); learning rate swept over {a['lrs']} at seed {a['seeds'][0]}, the best kept for seeds "
+             f"steps); learning rate swept over {a['lrs']} at seed {a['seeds'][0]} "
+             f"({'every one' if a['full_sweep'] else 'in order, until one reaches the target'}), the best kept for seeds "
              f"{a['seeds'][1:]}; test accuracy on {a['eval_examples']} sequences. One CPU thread per run.",
              f"Device {meta['device']}, torch {meta['torch']}, transformers {meta['transformers']}, rev {meta['rev']}, "
              f"{meta['date']}. Command: `{meta['command']}`.", ""]
@@ -553,6 +559,9 @@ def build_parser(ap: argparse.ArgumentParser | None = None) -> argparse.Argument
     ap.add_argument("--lrs", nargs="+", type=float, default=None,
                     help="the sweep at the first seed (default 1e-3 3e-3 1e-2; Zoology: four values over 1e-4 .. "
                          "1e-2; --smoke: the first two)")
+    ap.add_argument("--full-sweep", action="store_true",
+                    help="run every learning rate of the sweep (default: the sweep stops at the first, in the "
+                         "given order, whose run reaches the target)")
     ap.add_argument("--warmup", type=int, default=30, help="linear warm-up steps")
     ap.add_argument("--seeds", nargs="+", type=int, default=None, help="default 0 1 2 (--smoke: 0 1)")
     ap.add_argument("--target", type=float, default=0.99, help="early stop at this held-out accuracy")
@@ -626,7 +635,8 @@ def run(args):
                     steps=args.steps, batch=args.batch, warmup=args.warmup, eval_examples=args.eval_examples,
                     extra=extra_overrides(m, args), heads=args.heads, eval_every=args.eval_every,
                     val_examples=args.val_examples, target=args.target, seeds=args.seeds, lrs=args.lrs,
-                    instruments=args.instruments, out=args.out, progress=not args.no_progress and args.jobs == 1)
+                    instruments=args.instruments, out=args.out, progress=not args.no_progress and args.jobs == 1,
+                    sweep_stop=not args.full_sweep)
 
     gates = {}
     for seq_len, pairs in args.cells:

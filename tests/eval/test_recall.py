@@ -145,6 +145,27 @@ def test_recall_smoke(tmp_path):
     assert len(again) == len(rows)
 
 
+def test_sweep_stops_at_the_first_lr_that_reaches_the_target(monkeypatch):
+    from mixcon.eval import recall
+
+    calls = []
+
+    def fake(lr, seed, role, **kw):
+        calls.append((lr, seed))
+        return dict(member=kw["member"], width=8, seq_len=16, pairs=2, lr=lr, seed=seed, role=role,
+                    accuracy=1.0 if lr == 3e-3 else 0.3, val_accuracy=1.0 if lr == 3e-3 else 0.3,
+                    steps=10, answer_loss=0.1, accuracy_f0=None, step_time_s=0.01)
+
+    monkeypatch.setattr(recall, "train_member", fake)
+    spec = dict(member="mamba", width=8, seq_len=16, pairs=2, seeds=[0, 1, 2], lrs=[1e-3, 3e-3, 1e-2], target=0.99,
+                sweep_stop=True, out="unused")
+    rows = recall.run_member(spec, {}, None)
+    assert calls == [(1e-3, 0), (3e-3, 0), (3e-3, 1), (3e-3, 2)] and len(rows) == 4
+    calls.clear()
+    recall.run_member(dict(spec, sweep_stop=False), {}, None)
+    assert calls == [(1e-3, 0), (3e-3, 0), (1e-2, 0), (3e-3, 1), (3e-3, 2)]
+
+
 def test_recall_gate_stops_the_cell(tmp_path, capsys):
     from mixcon.eval import recall
 
