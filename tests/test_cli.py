@@ -12,8 +12,8 @@ import torch
 
 from helpers import ROOT
 
-VERBS = ["train", "generate", "eval", "export", "convert", "prepare-data", "train-tokenizer", "bench", "layout",
-         "demo"]
+VERBS = ["train", "generate", "eval", "export", "convert", "prepare-data", "train-tokenizer", "bench", "study",
+         "layout", "demo"]
 
 
 def cli(*args, cwd=None, timeout=300):

@@ -104,17 +104,17 @@ python3 -c 'import torch, triton, transformers; print(\"torch\", torch.__version
     tests/models/test_static_cache.py::test_cuda_graph_decode_equals_eager_and_generate_takes_the_fast_path
   # B = 1, d_inner 4096, T 32K and 128K, P = 64, bf16, every mechanism on and off, forward and backward,
   # the decode step at P = 64; beside Mamba-2's SSD scan (mamba_ssm, when importable) and SDPA
-  step conba 130 python3 tools/bench_conba.py --control-period 64 --batch 1 --seqlen 32768 131072 --d-inner 4096 \
+  step conba 130 python3 -m mixcon bench conba --control-period 64 --batch 1 --seqlen 32768 131072 --d-inner 4096 \
     --p1-max-T 0 --ref-max-T 0 --out "$R/conba"
   # mixcon-1b prefill (chunked, eager) at 8K and 128K beside its all-attention sibling; the 1K point
   # first takes the kernels' compilation (its number is not one to read)
-  step prefill 60 python3 eval/throughput.py --paths dynamic --models mixcon mixtral-shaped --batch 1 \
+  step prefill 60 python3 -m mixcon bench throughput --paths dynamic --models mixcon mixtral-shaped --batch 1 \
     --contexts 1024 8192 131072 --decode-tokens 2 --out "$R/prefill"
   # compiled decode (static cache, CUDA graph) at the default P, batch 1, beside the bandwidth roofline
-  step decode 140 python3 eval/throughput.py --paths compiled --models mixcon --batch 1 --contexts 8192 131072 \
+  step decode 140 python3 -m mixcon bench throughput --paths compiled --models mixcon --batch 1 --contexts 8192 131072 \
     --decode-tokens 32 --out "$R/decode"
   # the longest context at batch 1 on one 80 GB GPU (an H100's 81,559 MiB), on whatever card runs it
-  step max_context 60 python3 eval/max_context.py --models mixcon mixtral-shaped --memory-cap-gib 79.65 \
+  step max_context 60 python3 -m mixcon bench max-context --models mixcon mixtral-shaped --memory-cap-gib 79.65 \
     --resolution 131072 --out "$R/max_context"
 }
 
@@ -145,23 +145,23 @@ for s in "${STEPS[@]}"; do
              && tuned+=(--chunk-block-t "$cbt" --chunk-bwd-block-t "$cbb" --chunk-warps "$cw" \
                         --bwd-channels-per-warp "$cpw")
            # P = 64 (the chunk scan), every mechanism on and off, noise off, bf16; the P = 1 kernel beside it
-           step conba 420 python3 tools/bench_conba.py --control-period 64 --batch 1 8 32 \
+           step conba 420 python3 -m mixcon bench conba --control-period 64 --batch 1 8 32 \
              --seqlen 2048 8192 32768 131072 --d-inner 4096 8192 "${tuned[@]}" --out eval/results/conba ;;
-    moe) step moe 120 python3 tools/bench_moe.py --out eval/results/moe ;;
-    throughput) step throughput 280 python3 eval/throughput.py --batch 1 8 --decode-tokens 16 --time-budget 50 \
+    moe) step moe 120 python3 -m mixcon bench moe --out eval/results/moe ;;
+    throughput) step throughput 280 python3 -m mixcon bench throughput --batch 1 8 --decode-tokens 16 --time-budget 50 \
                   --paths dynamic --out eval/results/throughput ;;
     # issue 13: each model's fast decode (static cache + torch.compile reduce-overhead = CUDA graphs),
     # batch 1 at 8K-256K and batch 8/64, with a profile (launches per token, time per kernel) at 8K;
     # one lease call (< 10 min); DECODE_MODELS / DECODE_BATCH narrow it when time is short
-    decode) step decode 560 python3 eval/throughput.py --paths compiled --batch ${DECODE_BATCH:-1 8 64} \
+    decode) step decode 560 python3 -m mixcon bench throughput --paths compiled --batch ${DECODE_BATCH:-1 8 64} \
               --contexts 8192 32768 131072 262144 --decode-tokens 64 --time-budget 130 --profile \
               --models ${DECODE_MODELS:-mixcon jamba-shaped mixtral-shaped hf-mixtral} \
               --out eval/results/throughput_compiled ;;
-    max_context) step max_context 120 python3 eval/max_context.py --out eval/results/max_context ;;
-    tune) step tune 90 python3 tools/tune_conba.py --out eval/results/conba_tuning ;;
+    max_context) step max_context 120 python3 -m mixcon bench max-context --out eval/results/max_context ;;
+    tune) step tune 90 python3 -m mixcon bench conba-tune --out eval/results/conba_tuning ;;
     # the chunk scan (P = 64) forward and backward per block / backward block, and the P = 1 backward's
     # warps: the configurations that spill ahead of time beside those that do not (docs/kernels.md)
-    tune-chunk) step tune-chunk 150 python3 tools/tune_conba.py --chunk --out eval/results/conba_tuning ;;
+    tune-chunk) step tune-chunk 150 python3 -m mixcon bench conba-tune --chunk --out eval/results/conba_tuning ;;
     *) echo "unknown step $s (quick tests conba moe throughput decode max_context tune tune-chunk)"; exit 2 ;;
   esac
 done

@@ -14,7 +14,7 @@ and with every mechanism off (``off_*`` columns: a Mamba-1 scan), beside, in the
   - the floors: bytes moved ÷ copy bandwidth measured in this run, and exp(Δ·A) count ÷ the SFU
     rate (16 ex2 per clock per SM; ``--sm-clock-ghz``), whichever is larger.
 
-Usage (GPU):  mixcon bench conba --out eval/results/conba   (or python tools/bench_conba.py ...)
+Usage (GPU):  mixcon bench conba --out eval/results/conba   (or mixcon bench conba ...)
 Smoke test on CPU through Triton's interpreter (tiny shapes, no timings worth reading):
               TRITON_INTERPRET=1 mixcon bench conba --smoke
 """
@@ -29,7 +29,7 @@ import types
 import torch
 import torch.nn.functional as F
 
-from mixcon.benchmark import copy_bandwidth, header, parse_run_args, print_row, save_results, timeit
+from mixcon.bench.common import copy_bandwidth, header, parse_run_args, print_row, save_results, timeit
 from mixcon.ops.conba import ConbaParams, conba_scan, conba_step, empty_state
 from mixcon.ops.conba.params import FIELDS as PARAM_FIELDS
 from mixcon.ops.conba import chunk, fused_recurrent

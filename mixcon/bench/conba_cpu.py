@@ -1,4 +1,4 @@
-"""CPU benchmark of Conba (`mixcon bench conba-cpu`, or tools/bench_conba_cpu.py), every number beside
+"""CPU benchmark of Conba (`mixcon bench conba-cpu`), every number beside
 its baseline from the same process, runs interleaved and repeated, medians reported:
 
   ``layer``  one Conba layer (ConbaMixer, every mechanism on, control period 64) forward + backward
@@ -24,7 +24,7 @@ import time
 
 import torch
 
-from ..benchmark import header, print_row, save_results
+from .common import header, print_row, save_results
 
 SCAN_SETTINGS = {"P=64": dict(control=True, P=64), "P=16": dict(control=True, P=16),
                  "P=1": dict(control=True, P=1), "control off": dict(control=False, P=1)}

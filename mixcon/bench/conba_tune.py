@@ -9,7 +9,7 @@ at batch 8 with one warp per 32 or per 8 channels (fused_recurrent.TUNING); the 
 spill ahead of time beside those that do not, timed in one process. It writes chunk/results.* and
 chunk_best.txt (block_t, bwd_block_t, warps, bwd_channels_per_warp), which the full `conba` step reads.
 
-    mixcon bench conba-tune --out eval/results/conba_tuning          # GPU (or python tools/tune_conba.py ...)
+    mixcon bench conba-tune --out eval/results/conba_tuning          # GPU (or mixcon bench conba-tune ...)
     mixcon bench conba-tune --chunk --out eval/results/conba_tuning  # GPU; mostly compiles (not yet run there)
 """
 
@@ -23,7 +23,7 @@ import sys
 import torch
 from tqdm.auto import tqdm
 
-from mixcon.benchmark import header, save_results, timeit
+from mixcon.bench.common import header, save_results, timeit
 from mixcon.ops.conba import chunk as ck
 from mixcon.ops.conba import conba_scan
 from mixcon.ops.conba import fused_recurrent as fr

@@ -1,5 +1,5 @@
 """The longest context that fits on the GPU at batch 1, for mixcon and the same-size comparison
-models of eval/throughput.py, as a table:
+models of `mixcon bench throughput`, as a table:
 
   - predicted: (free memory − weights − prefill workspace) ÷ cache bytes per token, where the
     workspace is measured at a short context and the Conba state (constant) is subtracted first;
@@ -9,8 +9,8 @@ models of eval/throughput.py, as a table:
     ``--tail``-token prefill chunk and one decode step through the model. Doubling, then bisection
     to ``--resolution`` tokens, capped at ``--cap`` (reported as "≥ cap").
 
-    python eval/max_context.py --out eval/results/max_context          # GPU
-    python eval/max_context.py --smoke                                  # CPU: predicted only
+    mixcon bench max-context --out eval/results/max_context          # GPU
+    mixcon bench max-context --smoke                                  # CPU: predicted only
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import torch
 
 from mixcon.bench.throughput import MODELS, build, measure, new_cache, variants  # noqa: E402
 
-from mixcon.benchmark import header, parse_run_args, portable_path  # noqa: E402
+from mixcon.bench.common import header, parse_run_args, portable_path  # noqa: E402
 from mixcon.models.configuration_mixcon import cache_nbytes  # noqa: E402
 from mixcon.models.compat import cache_kwargs, output_cache
 

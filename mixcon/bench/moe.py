@@ -25,7 +25,7 @@ import sys
 import torch
 import torch.nn.functional as F
 
-from mixcon.benchmark import copy_bandwidth, header, parse_run_args, print_row, save_results, timeit  # noqa: E402
+from mixcon.bench.common import copy_bandwidth, header, parse_run_args, print_row, save_results, timeit  # noqa: E402
 from mixcon.ops.moe import moe_grouped, moe_loop, route  # noqa: E402
 
 

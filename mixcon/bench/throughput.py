@@ -28,8 +28,8 @@ Two decode paths (``--paths``), both by default, in the same run:
 ``--profile`` adds, for the shortest context of each (model, path, batch), a torch.profiler table of
 the decode steps (time per kernel, kernel launches per token) under ``<out>/profiles/``.
 
-    python eval/throughput.py --out eval/results/throughput                 # GPU
-    python eval/throughput.py --smoke                                       # CPU, tiny sizes
+    mixcon bench throughput --out eval/results/throughput                 # GPU
+    mixcon bench throughput --smoke                                       # CPU, tiny sizes
 
 Writes results.csv, results.json and throughput.png (tokens/s vs context, one line per model).
 """
@@ -46,7 +46,7 @@ import torch
 from tqdm import tqdm
 
 from mixcon import MixConCache, MixConConfig, MixConForCausalLM  # noqa: E402
-from mixcon.benchmark import copy_bandwidth, header, parse_run_args, portable_path, save_results  # noqa: E402
+from mixcon.bench.common import copy_bandwidth, header, parse_run_args, portable_path, save_results  # noqa: E402
 from mixcon.models.sizes import active_parameters  # noqa: E402
 from mixcon.models.compat import cache_kwargs, output_cache
 

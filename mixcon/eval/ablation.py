@@ -19,11 +19,11 @@ The learning rate: a small sweep (``--lrs``) on the grid's reference member at t
 best held-out loss chosen, that lr used for every member (no per-member tuning); ``--lr`` skips it.
 Precedence of settings: the recipe file < the grid's recipe settings < ``KEY=VALUE`` arguments.
 
-    python -m mixcon.eval.ablation mechanisms --jobs 2          # the CPU grid, within --budget-min
-    python -m mixcon.eval.ablation ratio --jobs 2
-    python -m mixcon.eval.ablation period --jobs 2
-    python -m mixcon.eval.ablation mechanisms --recipe R.yaml model_config=mixcon-150m --lr 1e-3
-    python -m mixcon.eval.ablation mechanisms --smoke           # seconds
+    mixcon study ablation mechanisms --jobs 2          # the CPU grid, within --budget-min
+    mixcon study ablation ratio --jobs 2
+    mixcon study ablation period --jobs 2
+    mixcon study ablation mechanisms --recipe R.yaml model_config=mixcon-150m --lr 1e-3
+    mixcon study ablation mechanisms --smoke           # seconds
 """
 
 from __future__ import annotations
@@ -294,7 +294,7 @@ def main(argv=None):
     args = ap.parse_intermixed_args(argv)
     import torch
 
-    from mixcon.benchmark import header, save_results
+    from mixcon.bench.common import header, save_results
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type == "cpu":

@@ -385,7 +385,7 @@ def main(argv=None):
         ap.error(f"--eval-lens {args.eval_lens} must be longer than --train-len {args.train_len}")
     import torch
 
-    from mixcon.benchmark import header, save_results
+    from mixcon.bench.common import header, save_results
 
     torch.set_num_threads(args.threads)
     os.makedirs(args.out, exist_ok=True)

@@ -1,4 +1,4 @@
-"""Shared pieces of the grid studies (`eval/recall.py`, `eval/ablation.py`, `eval/study.py`): the built-in
+"""Shared pieces of the grid studies (`mixcon study recall | ablation | family`): the built-in
 corpus, Conba's mechanism switches as config overrides, members the installed config cannot express,
 a wall-clock budget over a list of runs (optionally in parallel processes), and mean ± spread.
 

@@ -488,7 +488,7 @@ def write_markdown(rows, members, gates, meta, path):
 def write_outputs(out: str, rows: list, members: list, gates: dict, meta: dict) -> None:
     """summary.csv (every run: the COLS), results.json (the header, the per-member summary, the paired
     table, the gates and every run), recall.md and one plot per cell."""
-    from mixcon.benchmark import save_results
+    from mixcon.bench.common import save_results
 
     save_results(out, rows, COLS, meta, summary=summarize(rows), paired=paired_table(rows),
                  gates={f"{w}:{s}:{p}": g for (w, s, p), g in gates.items()})
@@ -613,7 +613,7 @@ def main(argv=None):
 def run(args):
     import torch
 
-    from mixcon.benchmark import header
+    from mixcon.bench.common import header
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type == "cpu":  # these models are small: one thread per process beats two contending

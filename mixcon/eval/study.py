@@ -8,9 +8,9 @@ while the model runs (matrix products and attention by torch's flop counter; poi
 separately), training and decoding tokens/s, and for MoD the causal decision's agreement with
 top-k. One table (Markdown, CSV, JSON) and one plot of the loss curves.
 
-    python -m mixcon.eval.study                                    # all members, the built-in recipe
-    python -m mixcon.eval.study --members mixcon dense --steps 50  # a subset, shorter
-    python -m mixcon.eval.study --recipe R.yaml --out DIR          # larger data on a GPU
+    mixcon study family                                    # all members, the built-in recipe
+    mixcon study family --members mixcon dense --steps 50  # a subset, shorter
+    mixcon study family --recipe R.yaml --out DIR          # larger data on a GPU
 
 ``mom-2stage`` starts from the dense run's weights, so its curve is on top of the dense budget:
 the table says so instead of pretending it is a like-for-like row.
@@ -30,7 +30,7 @@ import time
 import torch
 
 from mixcon.eval.grid import load_builtin  # noqa: E402
-from mixcon.benchmark import count_flops, header, save_results  # noqa: E402
+from mixcon.bench.common import count_flops, header, save_results  # noqa: E402
 from mixcon.train.checkpoint import latest_checkpoint, load_model_weights  # noqa: E402
 from mixcon.train.data import TokenShards  # noqa: E402
 from mixcon.train.loop import build_model, train  # noqa: E402

@@ -64,7 +64,7 @@ def main(argv=None) -> None:
         os.environ.setdefault(k, v)
 
     from mixcon import MixConForCausalLM
-    from mixcon.benchmark import header
+    from mixcon.bench.common import header
 
     model_dir = args.model or export_tiny_random(args.tiny_random)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -1,5 +1,5 @@
-"""The grid studies' logic on CPU: the MQAR data (eval/recall.py), the members each grid builds, the time
-budget over runs (eval/grid.py) and the smoke runs of eval/recall.py and eval/ablation.py."""
+"""The grid studies' logic on CPU: the MQAR data (mixcon/eval/recall.py), the members each grid builds, the time
+budget over runs (eval/grid.py) and the ablation smoke runs."""
 
 import json
 import math

@@ -69,7 +69,7 @@ def test_count_flops_counts_matmuls_and_attention_exactly():
 
     from helpers import tiny_config
     from mixcon import MixConForCausalLM
-    from mixcon.benchmark import count_flops
+    from mixcon.bench.common import count_flops
 
     c = tiny_config(layer_pattern="aaaa", moe_every=0, use_rope=True)
     model = MixConForCausalLM(c)

@@ -1,4 +1,4 @@
-"""tools/kernel_report.py (mixcon/ops/kernel_report.py): the ahead-of-time compile report of the shipped
+"""`mixcon bench kernel-report` (mixcon/bench/kernel_report.py): the ahead-of-time compile report of the shipped
 Triton kernels. Its configurations cover every kernel entry point of the Conba modules; one small kernel
 compiled for sm_90 here (Triton's compiler, no GPU) gives a row with ptxas's figures and the last line."""
 
@@ -12,7 +12,7 @@ import pytest
 pytest.importorskip("triton")
 
 from helpers import ROOT  # noqa: E402
-from mixcon.ops import kernel_report as kr  # noqa: E402
+from mixcon.bench import kernel_report as kr  # noqa: E402
 from mixcon.ops.conba import chunk, fused_recurrent  # noqa: E402
 
 
@@ -43,12 +43,12 @@ def test_bad_arch_is_refused():
 
 @pytest.mark.slow
 def test_compiles_one_kernel_for_sm90_and_prints_the_spill_total():
-    """The mechanisms-off decode step (the smallest kernel, ~1 s) through the script, in a process without
-    the interpreter."""
+    """The mechanisms-off decode step (the smallest kernel, ~1 s) through `mixcon bench kernel-report`, in a
+    process without the interpreter."""
     pytest.importorskip("triton.backends.nvidia")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
-    r = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "kernel_report.py"), "--arch", "sm_90",
+    r = subprocess.run([sys.executable, "-m", "mixcon", "bench", "kernel-report", "--arch", "sm_90",
                         "--only", "step[off"], env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     lines = r.stdout.strip().splitlines()

@@ -65,9 +65,9 @@ from .params import ConbaParams, keyword_interface
 # groups) and warps. Not timed on a GPU yet: 16 × 8 channels × 4 warps is the largest block whose
 # forward compiles for sm_90 without spilling (ptxas, ahead of time: ~240 registers at τ = 2).
 # bwd_block_t: the backward's own block (None: the forward's). The backward at 16 spills 0.6–2.2 KB
-# per thread (python tools/kernel_report.py --arch sm_90); at 4 it spills 0–60 B but walks four times
+# per thread (mixcon bench kernel-report --arch sm_90); at 4 it spills 0–60 B but walks four times
 # as many blocks one after another: which is faster is a GPU question (docs/kernels.md, "Spills"), and
-# `bash tools/gpu_benchmarks.sh tune-chunk` answers it. To sweep by hand: tools/bench_conba.py
+# `bash tools/gpu_benchmarks.sh tune-chunk` answers it. To sweep by hand: mixcon bench conba
 # --chunk-block-t / --chunk-bwd-block-t / --chunk-channels / --chunk-warps.
 TUNING = dict(block_t=16, bwd_block_t=None, channels=8, num_warps=4)
 # steps between the forward's saved carries (a multiple of the block, at least one block): the backward

@@ -628,7 +628,7 @@ def _conba_step_kernel(
 
 # ---------------------------------------------------------------------------------- Python side
 # channels per program (whole groups, a power of two; None: by batch, see _channels), the cap on warps,
-# and the backward's channels per warp (the forward has one warp per 32 channels). tools/tune_conba.py
+# and the backward's channels per warp (the forward has one warp per 32 channels). `mixcon bench conba-tune`
 # sweeps them on a GPU. The backward of a 32-channel one-warp program (batch >= 4) spills ~0.9 KB per
 # thread ahead of time for sm_90; one warp per 8 channels spills none, but fits 4x fewer programs per
 # SM: not timed yet (docs/kernels.md, "Spills").

@@ -15,9 +15,9 @@ a cached kernel would not go through ptxas again. Shared memory is what Triton's
 for the kernel (the launch's dynamic shared memory). One row per (kernel, configuration) and a last
 line ``spills: N``, N the total bytes of spill stores over all rows.
 
-    python tools/kernel_report.py --arch sm_90            # every kernel
-    python tools/kernel_report.py --arch sm_90 --only step
-    python tools/kernel_report.py --arch sm_90 --only bwd --tuning chunk.bwd_block_t=4 \
+    mixcon bench kernel-report --arch sm_90            # every kernel
+    mixcon bench kernel-report --arch sm_90 --only step
+    mixcon bench kernel-report --arch sm_90 --only bwd --tuning chunk.bwd_block_t=4 \
         fused_recurrent.bwd_channels_per_warp=8           # the dispatch under other TUNING values
 
 Run it in a process without ``TRITON_INTERPRET`` (the interpreter replaces the compiler).
@@ -89,8 +89,8 @@ def _signature(fn, constexprs: dict, int_ptrs: dict, activation: str) -> dict:
 def configs(shape: Shape = Shape()) -> list[KernelConfig]:
     """The (kernel, configuration) pairs the dispatch launches for ``shape``, built with the dispatch's
     own blocking and flag functions."""
-    from .conba import chunk as ck
-    from .conba import fused_recurrent as fr
+    from mixcon.ops.conba import chunk as ck
+    from mixcon.ops.conba import fused_recurrent as fr
 
     d, n, G, tau, P = shape.d_inner, shape.d_state, shape.group_size, shape.tau, shape.control_period
     out = []
@@ -152,7 +152,7 @@ def configs(shape: Shape = Shape()) -> list[KernelConfig]:
 def set_tuning(assignment: str) -> None:
     """Apply ``module.key=value`` (module: chunk or fused_recurrent; value: an int or None) to that module's
     TUNING, so the report shows what the dispatch would launch under it."""
-    from .conba import chunk, fused_recurrent
+    from mixcon.ops.conba import chunk, fused_recurrent
 
     modules = {"chunk": chunk, "fused_recurrent": fused_recurrent}
     m = re.fullmatch(r"(\w+)\.(\w+)=(\w+)", assignment.strip())
@@ -224,7 +224,7 @@ def report(arch: str = "sm_90", only=None, shape: Shape = Shape(), echo=print) -
     kcs = [kc for kc in configs(shape) if not only or any(s in kc.name for s in only)]
     if not kcs:
         raise ValueError(f"--only {only}: no kernel matches; names: {[kc.name for kc in configs(shape)]}")
-    from .conba import chunk, fused_recurrent
+    from mixcon.ops.conba import chunk, fused_recurrent
 
     echo(f"# Triton {triton.__version__}, target sm_{capability}, shape {shape}; bf16 activations")
     echo(f"# TUNING: chunk {chunk.TUNING}, fused_recurrent {fused_recurrent.TUNING}")
@@ -240,7 +240,7 @@ def report(arch: str = "sm_90", only=None, shape: Shape = Shape(), echo=print) -
 
 
 def main(argv=None) -> list[dict]:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(prog="mixcon bench kernel-report", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--arch", default="sm_90", help="target, e.g. sm_90 (H100, H200) or sm_80 (A100)")
     ap.add_argument("--only", nargs="+", default=None, help="only the kernels whose name contains one of these")
     ap.add_argument("--d-inner", type=int, default=Shape.d_inner)
