@@ -579,6 +579,8 @@ def build_parser(ap: argparse.ArgumentParser | None = None) -> argparse.Argument
     ap.add_argument("--out", default=os.path.join("eval", "results", "recall"))
     ap.add_argument("--smoke", action="store_true", help="seconds: every member, width 16, one 16-token cell")
     ap.add_argument("--estimate", action="store_true", help="time one step of each run, print the grid's time")
+    ap.add_argument("--report", action="store_true",
+                    help="train nothing: write the tables, the paired comparisons and the plots from OUT/runs.jsonl")
     ap.add_argument("--no-progress", action="store_true")
     return ap
 
@@ -625,7 +627,23 @@ def run(args):
     meta["args"]["cells"] = [list(c) for c in args.cells]
     print(json.dumps({k: v for k, v in meta.items() if k != "args"}), flush=True)
     os.makedirs(args.out, exist_ok=True)
+    if args.report:
+        rows = list(grid.RunLog(args.out, resume=True).done.values())
+        if not rows:
+            raise ValueError(f"--report: no runs in {os.path.join(args.out, 'runs.jsonl')}")
+        cells = sorted({(r["width"], r["seq_len"], r["pairs"]) for r in rows})
+        gates = {c: gate(rows, *c, args.gate) for c in cells if any(
+            r["member"] == "attention" and (r["width"], r["seq_len"], r["pairs"]) == c for r in rows)}
+        members = list(dict.fromkeys([m for m in MEMBERS if any(r["member"] == m for r in rows)]))
+        saved = os.path.join(args.out, "study.json")  # the settings of the training call, not this one's
+        if os.path.exists(saved):
+            with open(saved) as f:
+                meta = {**json.load(f), "report": {k: meta[k] for k in ("rev", "date", "command")}}
+        write_outputs(args.out, rows, members, gates, meta)
+        print(f"wrote {args.out}/recall.md, summary.csv, results.json and a plot per cell from {len(rows)} runs")
+        return rows, gates
     runlog = grid.RunLog(args.out, args.resume)
+    grid.write_text(os.path.join(args.out, "study.json"), json.dumps(meta, indent=1) + "\n")
     if runlog.done:
         print(f"resume: {len(runlog.done)} runs kept from {runlog.path}", flush=True)
     members = [m for m in args.members if m == "attention"] + [m for m in args.members if m != "attention"]

@@ -143,6 +143,9 @@ def test_recall_smoke(tmp_path):
     again, _ = recall.main(["--smoke", "--out", str(tmp_path), "--no-progress", "--members", "attention", "mamba",
                             "--resume"])
     assert len(again) == len(rows)
+    (tmp_path / "recall.md").unlink()
+    reported, _ = recall.main(["--out", str(tmp_path), "--report", "--no-progress"])
+    assert len(reported) == len(rows) and "| conba-deep |" in (tmp_path / "recall.md").read_text()
 
 
 def test_sweep_stops_at_the_first_lr_that_reaches_the_target(monkeypatch):
