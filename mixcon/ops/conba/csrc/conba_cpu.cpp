@@ -11,11 +11,19 @@
 // delay line apart). Work is split into tasks of (row, tile of channels); a task keeps its tile's
 // state in a small buffer and runs the whole time line over it, so nothing of size (L, b, N, d) is
 // ever formed. The backward recomputes the states from checkpoints taken every SEG steps.
+//
+// Training noise (docs/conba.md, step 6; noise.py is the definition) is drawn inside the kernels from
+// its key, step by step and tile by tile, as the Triton kernels do: the process noise ξ is never
+// stored, the backward draws it again where it recomputes the states.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/vec.h>
 
+#include <dlfcn.h>
+
 #include <algorithm>
+#include <cmath>
+#include <cstdint>
 #include <cstring>
 #include <vector>
 
@@ -24,6 +32,126 @@ using at::vec::Vectorized;
 namespace {
 
 constexpr int64_t SEG = 32;  // steps per recompute segment of the backward (>= the largest delay)
+
+// ---------------------------------------------------------------------------------------------
+// The counter-based noise of noise.py, bit for bit: lane = c·(N + 1) + n (n = N: the observation noise
+// ζ), h1 = mix32(lane ^ key), h2 = mix32(h1 ^ salt), u1 = ((h1 >> 8) + 0.5) 2^−24, u2 = (h2 >> 8) 2π 2^−24
+// (float32, rounded as torch rounds them), normal = sqrt(−2 log u1) cos u2. The log, the sqrt and the cos
+// must be the ones torch computes for a contiguous float32 tensor: MKL's vector math (high accuracy) in a
+// torch built with MKL — found in the loaded libtorch_cpu at run time — else ATen's vectorised functions.
+// (MKL's sqrt is not the correctly rounded one: on this project's machine it differs from it in 2.9M of
+// the 2^24 inputs the hash can give; tests/ops/test_conba_cpu.py compares the draw with noise.py bit for
+// bit, and each transform with torch's over all 2^24 inputs.)
+constexpr uint32_t SECOND_DRAW_SALT = 0x68E31DA4u;
+
+inline uint32_t mix32(uint32_t x) {
+  x ^= x >> 16;
+  x *= 0x7FEB352Du;
+  x ^= x >> 15;
+  x *= 0x846CA68Bu;
+  x ^= x >> 16;
+  return x;
+}
+
+using vml_fn = void (*)(const long long*, const float*, float*, const long long*);
+
+struct Vml {
+  vml_fn ln = nullptr, sqrt = nullptr, cos = nullptr;
+};
+
+const Vml& vml() {
+  static const Vml v = [] {
+    Vml r;
+    void* lib = dlopen("libtorch_cpu.so", RTLD_NOW | RTLD_NOLOAD);
+    for (void* h : {lib, RTLD_DEFAULT}) {
+      if (!h || r.ln) continue;
+      // the 64-bit-count interface of vmsLn, vmsSqrt, vmsCos
+      r.ln = reinterpret_cast<vml_fn>(dlsym(h, "VMSLN_64_"));
+      r.sqrt = reinterpret_cast<vml_fn>(dlsym(h, "VMSSQRT_64_"));
+      r.cos = reinterpret_cast<vml_fn>(dlsym(h, "VMSCOS_64_"));
+      if (!r.ln || !r.sqrt || !r.cos) r.ln = r.sqrt = r.cos = nullptr;
+    }
+    return r;
+  }();
+  return v;
+}
+
+// as at::vml: high accuracy, denormals kept, errors ignored (VML_HA | VML_FTZDAZ_OFF | VML_ERRMODE_IGNORE)
+constexpr long long VML_MODE = 0x00000002 | 0x00140000 | 0x00000100;
+
+// x ← sqrt(−2 log x), c ← cos c over n floats, as noise.py's torch ops compute them (−2 log x is exact)
+inline void radius_cos(float* x, float* c, int64_t n) {
+  using V = Vectorized<float>;
+  const Vml& m = vml();
+  if (m.ln) {
+    const long long cnt = n;
+    m.ln(&cnt, x, x, &VML_MODE);
+    for (int64_t i = 0; i < n; i += V::size()) {
+      const int64_t k = std::min<int64_t>(V::size(), n - i);
+      (V::loadu(x + i, k) * V(-2.0f)).store(x + i, k);
+    }
+    m.sqrt(&cnt, x, x, &VML_MODE);
+    m.cos(&cnt, c, c, &VML_MODE);
+    return;
+  }
+  for (int64_t i = 0; i < n; i += V::size()) {
+    const int64_t k = std::min<int64_t>(V::size(), n - i);
+    (V::loadu(x + i, k).log() * V(-2.0f)).sqrt().store(x + i, k);
+    V::loadu(c + i, k).cos().store(c + i, k);
+  }
+}
+
+constexpr float U_SCALE = 5.9604644775390625e-08f;                          // 2^−24
+constexpr float ANGLE_SCALE = static_cast<float>(2.0 * M_PI * 5.9604644775390625e-08);  // as torch rounds 2π 2^−24
+
+// the two uniforms of one (key, lane)
+inline void uniforms(uint32_t key, uint32_t lane, float& u1, float& u2) {
+  const uint32_t h1 = mix32(lane ^ key), h2 = mix32(h1 ^ SECOND_DRAW_SALT);
+  // h >> 8 < 2^24: exact through int32 (which vectorises, where uint32 → float does not under AVX2)
+  u1 = (static_cast<float>(static_cast<int32_t>(h1 >> 8)) + 0.5f) * U_SCALE;  // in (0, 1]: the add rounds as float32
+  u2 = static_cast<float>(static_cast<int32_t>(h2 >> 8)) * ANGLE_SCALE;
+}
+
+// out[i] = σ · normal(u1[i], u2[i]), the normal in float32 (then in T, as `sigma * xi.to(acc)`);
+// u1 and u2 are overwritten
+template <typename T>
+inline void box_muller(float* u1, float* u2, int64_t n, T sigma, T* out) {
+  radius_cos(u1, u2, n);
+  for (int64_t i = 0; i < n; ++i) out[i] = sigma * static_cast<T>(u1[i] * u2[i]);
+}
+
+// The noise of one scan: keys (L, b), uint32 values of noise.step_key in int64, and the process noise's σ
+// (T(0): none). A task draws ξ of its (N, TW) tile for one step into `buf`.
+template <typename T>
+struct Noise {
+  const int64_t* keys = nullptr;
+  T sigma = T(0);
+  int64_t b = 0, N = 0;
+  explicit operator bool() const { return keys != nullptr; }
+};
+
+template <typename T>
+struct NoiseScratch {
+  std::vector<float> u1, u2;
+  std::vector<T> xi;
+  explicit NoiseScratch(int64_t size) : u1(size), u2(size), xi(size) {}
+};
+
+// ξ_t of the tile (N rows of TW channels from c0; channels past d draw finite values that are never read)
+template <typename T>
+inline const T* draw_tile(const Noise<T>& nz, int64_t t, int64_t bi, int64_t c0, NoiseScratch<T>& sc, int64_t TW) {
+  const uint32_t key = static_cast<uint32_t>(nz.keys[t * nz.b + bi]);
+  const int64_t N = nz.N;
+  const uint32_t stride = static_cast<uint32_t>(N + 1);  // lanes wrap to 32 bits, as noise.py's int32 copy
+  for (int64_t n = 0; n < N; ++n) {
+    float* a = sc.u1.data() + n * TW;
+    float* c = sc.u2.data() + n * TW;
+    const uint32_t lane0 = static_cast<uint32_t>(c0 * (N + 1) + n);
+    for (int64_t j = 0; j < TW; ++j) uniforms(key, lane0 + static_cast<uint32_t>(j) * stride, a[j], c[j]);
+  }
+  box_muller(sc.u1.data(), sc.u2.data(), N * TW, nz.sigma, sc.xi.data());
+  return sc.xi.data();
+}
 
 template <typename T>
 struct Scan {
@@ -34,7 +162,8 @@ struct Scan {
   const T* At;     // (N, d)
   const T* B;      // (L, b, N)
   const T* C;      // (L, b, N)
-  const T* xi;     // (L, b, N, d) or null
+  Noise<T> noise;  // the process noise, drawn per step and tile (keys null: none)
+  T* hs;           // (L, b, N, d) or null: every state, written by a training forward with noise, read by its backward
   const T* h0;     // (b, N, d)
   const T* dl0;    // (tau, b, N, d)
   const int64_t* steps;  // (b,) or null (L)
@@ -82,7 +211,7 @@ inline void add_tile(T* dst, const T* src, int64_t N, int64_t d, int64_t c0, int
 }
 
 // One step's inputs for one tile, already offset to (t, row, first channel): dt, u, coef, r (w values;
-// coef, r may be null), B, C (N values), xi (N rows of stride d, or null).
+// coef, r may be null), B, C (N values), xi (N rows of stride TW, the tile's drawn noise, or null).
 template <typename T>
 struct StepIn {
   const T* dt; const T* u; const T* coef; const T* r; const T* B; const T* C; const T* xi;
@@ -92,7 +221,7 @@ template <typename T>
 inline StepIn<T> step_in(const Scan<T>& s, int64_t t, int64_t bi, int64_t c0) {
   const int64_t row = t * s.b + bi, off = row * s.d + c0;
   return {s.dt + off, s.u + off, s.coef ? s.coef + off : nullptr, s.r ? s.r + off : nullptr, s.B + row * s.N,
-          s.C + row * s.N, s.xi ? s.xi + row * s.N * s.d + c0 : nullptr};
+          s.C + row * s.N, nullptr};
 }
 
 // One step of one tile: hc = a ⊙ hp + r ⊙ hd + Δ (u − f) B (+ ξ); y (w values) when yout; exp(Δ A) into
@@ -116,7 +245,7 @@ inline void step_tile(const StepIn<T>& in, const T* At, int64_t d, int64_t N, in
       const V e = (dtv * V::loadu(At + n * d + v, cnt)).exp_u20();
       V h = (e * cf) * V::loadu(hp + n * TW + v) + x * V(in.B[n]);
       if (hd) h = h + rv * V::loadu(hd + n * TW + v);
-      if (in.xi) h = h + V::loadu(in.xi + n * d + v, cnt);
+      if (in.xi) h = h + V::loadu(in.xi + n * TW + v);
       h.store(hc + n * TW + v);
       if (ebuf) e.store(ebuf + n * TW + v);
       y = y + V(in.C[n]) * h;
@@ -140,15 +269,44 @@ inline void init_history(const Scan<T>& s, int64_t bi, int64_t c0, int64_t w, T*
 
 template <typename T>
 inline void run_segment(const Scan<T>& s, int64_t bi, int64_t c0, int64_t w, int64_t s0, int64_t len, T* H,
-                        const T* H0, T* y, T* E) {
+                        const T* H0, T* y, T* E, NoiseScratch<T>* ns) {
   constexpr int64_t TW = tile_width<T>();
   const int64_t R = s.N * TW, hist = std::max<int64_t>(s.tau, 1);
   for (int64_t k = 0; k < len; ++k) {
     const int64_t t = s0 + k;
     const T* hp = t == 0 ? H0 : H + (hist + k - 1) * R;
     const T* hd = s.tau > 0 ? H + (hist + k - s.tau) * R : nullptr;
-    step_tile(step_in(s, t, bi, c0), s.At + c0, s.d, s.N, w, hp, hd, H + (hist + k) * R,
+    StepIn<T> in = step_in(s, t, bi, c0);
+    if (s.noise) in.xi = draw_tile(s.noise, t, bi, c0, *ns, TW);
+    step_tile(in, s.At + c0, s.d, s.N, w, hp, hd, H + (hist + k) * R,
               y ? y + (t * s.b + bi) * s.d + c0 : nullptr, E ? E + k * R : nullptr);
+    if (s.hs) store_tile(s.hs + (t * s.b + bi) * s.N * s.d, H + (hist + k) * R, s.N, s.d, c0, w);
+  }
+}
+
+// The backward's segment from the states the forward kept (s.hs): H's rows as run_segment would leave them
+// (history rows before t = 0 from `init`, the rows init_history filled) and exp(Δ_t A) into E, as step_tile
+// computes it; no step, no noise drawn again.
+template <typename T>
+inline void load_segment(const Scan<T>& s, int64_t bi, int64_t c0, int64_t w, int64_t s0, int64_t len, T* H,
+                         const T* init, T* E) {
+  using V = Vectorized<T>;
+  constexpr int64_t VS = V::size();
+  constexpr int64_t TW = tile_width<T>();
+  const int64_t R = s.N * TW, NS = s.N * s.d, hist = std::max<int64_t>(s.tau, 1);
+  for (int64_t j = 0; j < hist + len; ++j) {
+    const int64_t t = s0 - hist + j;
+    if (t >= 0) load_tile(H + j * R, s.hs + (t * s.b + bi) * NS, s.N, s.d, c0, w);
+    else std::memcpy(H + j * R, init + (t + hist) * R, R * sizeof(T));
+  }
+  for (int64_t k = 0; k < len; ++k) {
+    const T* dt = s.dt + ((s0 + k) * s.b + bi) * s.d + c0;
+    for (int64_t v = 0; v < w; v += VS) {
+      const int64_t cnt = std::min(VS, w - v);
+      const V dtv = V::loadu(dt + v, cnt);
+      for (int64_t n = 0; n < s.N; ++n)
+        (dtv * V::loadu(s.At + c0 + n * s.d + v, cnt)).exp_u20().store(E + k * R + n * TW + v);
+    }
   }
 }
 
@@ -158,12 +316,13 @@ void scan_fwd_task(const Scan<T>& s, int64_t bi, int64_t c0, int64_t w, T* y, T*
   const int64_t R = s.N * TW, NS = s.N * s.d, hist = std::max<int64_t>(s.tau, 1);
   const int64_t Lb = row_steps(s, bi);
   std::vector<T> Hv((hist + SEG) * R), H0v(R);
+  NoiseScratch<T> ns(s.noise ? R : 0);
   T* H = Hv.data();
   init_history(s, bi, c0, w, H, H0v.data());
   int64_t last = hist - 1;  // row of h_{Lb−1} in H
   for (int64_t s0 = 0; s0 < Lb; s0 += SEG) {
     const int64_t len = std::min(SEG, Lb - s0);
-    run_segment(s, bi, c0, w, s0, len, H, H0v.data(), y, static_cast<T*>(nullptr));
+    run_segment(s, bi, c0, w, s0, len, H, H0v.data(), y, static_cast<T*>(nullptr), &ns);
     last = hist + len - 1;
     if (s0 + len < Lb) {
       std::memmove(H, H + len * R, hist * R * sizeof(T));
@@ -214,6 +373,7 @@ void prefill_task(const Scan<T>& s, const Raw<T>& q, const Ctl<T>* c, int64_t bi
   const int64_t ring = hist + 1;
   std::vector<T> Hv(ring * R), H0v(R), k(c ? ngt : 0), e(c ? w : 0), f(TW, T(0)), dtb(TW, T(0)), cfb(TW, T(1)),
       rb(TW, T(0)), yb(TW, T(0));
+  NoiseScratch<T> ns(s.noise ? R : 0);
   T* H = Hv.data();
   init_history(s, bi, c0, w, H, H0v.data());
   auto row = [&](int64_t t) { return H + ((t + hist) % ring + ring) % ring * R; };
@@ -250,6 +410,7 @@ void prefill_task(const Scan<T>& s, const Raw<T>& q, const Ctl<T>* c, int64_t bi
     in.dt = dtb.data();
     in.coef = (q.alpha || q.rho) ? cfb.data() : nullptr;
     in.r = q.rho ? rb.data() : nullptr;
+    if (s.noise) in.xi = draw_tile(s.noise, t, bi, c0, ns, TW);
     const T* hp = t == 0 ? H0v.data() : row(t - 1);
     const T* hd = s.tau > 0 ? row(t - s.tau) : nullptr;
     step_tile(in, s.At + c0, s.d, s.N, w, hp, hd, row(t), yb.data(), static_cast<T*>(nullptr), c ? f.data() : nullptr);
@@ -315,24 +476,31 @@ void scan_bwd_task(const Scan<T>& s, const Grads<T>& g, int64_t bi, int64_t tile
   const int64_t R = s.N * TW, NS = s.N * s.d, N = s.N, tau = s.tau, hist = std::max<int64_t>(tau, 1);
   const int64_t Lb = row_steps(s, bi);
   const int64_t nseg = (Lb + SEG - 1) / SEG;
-  std::vector<T> Hv((hist + SEG) * R), H0v(R), Ev(SEG * R), Lv((hist + SEG) * R, T(0)), ckv(nseg * hist * R);
+  std::vector<T> Hv((hist + SEG) * R), H0v(R), Ev(SEG * R), Lv((hist + SEG) * R, T(0)), ckv(s.hs ? 0 : nseg * hist * R);
   std::vector<T> gA(R, T(0)), gh0(R, T(0)), tmp(R), gBv(N * VS), gCv(N * VS);
+  NoiseScratch<T> ns(s.noise && !s.hs ? R : 0);
   T *H = Hv.data(), *H0 = H0v.data(), *E = Ev.data(), *Lam = Lv.data();
   init_history(s, bi, c0, w, H, H0);
-  // checkpoints: the history rows at the start of every segment
-  for (int64_t sg = 0; sg < nseg; ++sg) {
+  std::vector<T> init;  // kept states: the history before t = 0, as init_history left it
+  if (s.hs) init.assign(H, H + hist * R);
+  // checkpoints: the history rows at the start of every segment (kept states: none needed)
+  for (int64_t sg = 0; sg < (s.hs ? 0 : nseg); ++sg) {
     const int64_t s0 = sg * SEG, len = std::min(SEG, Lb - s0);
     std::memcpy(ckv.data() + sg * hist * R, H, hist * R * sizeof(T));
     if (sg + 1 < nseg) {
-      run_segment(s, bi, c0, w, s0, len, H, H0, static_cast<T*>(nullptr), static_cast<T*>(nullptr));
+      run_segment(s, bi, c0, w, s0, len, H, H0, static_cast<T*>(nullptr), static_cast<T*>(nullptr), &ns);
       std::memmove(H, H + len * R, hist * R * sizeof(T));
     }
   }
   // the final state's gradients enter at t = Lb − 1 (h) and t = Lb − 1 − i (delay line)
   for (int64_t sg = nseg - 1; sg >= 0; --sg) {
     const int64_t s0 = sg * SEG, len = std::min(SEG, Lb - s0);
-    std::memcpy(H, ckv.data() + sg * hist * R, hist * R * sizeof(T));
-    run_segment(s, bi, c0, w, s0, len, H, H0, static_cast<T*>(nullptr), E);
+    if (s.hs) {
+      load_segment(s, bi, c0, w, s0, len, H, init.data(), E);
+    } else {
+      std::memcpy(H, ckv.data() + sg * hist * R, hist * R * sizeof(T));
+      run_segment(s, bi, c0, w, s0, len, H, H0, static_cast<T*>(nullptr), E, &ns);
+    }
     for (int64_t k = len - 1; k >= 0; --k) {
       const int64_t t = s0 + k, row = t * s.b + bi, off = row * s.d + c0;
       T* lam = Lam + (hist + k) * R;
@@ -428,11 +596,27 @@ const T* opt(const torch::Tensor& x) { return x.numel() ? x.data_ptr<T>() : null
 
 template <typename T>
 Scan<T> make_scan(const torch::Tensor& dt, const torch::Tensor& u, const torch::Tensor& coef, const torch::Tensor& r,
-                  const torch::Tensor& At, const torch::Tensor& B, const torch::Tensor& C, const torch::Tensor& xi,
-                  const torch::Tensor& h0, const torch::Tensor& dl0, const torch::Tensor& steps, int64_t tau) {
+                  const torch::Tensor& At, const torch::Tensor& B, const torch::Tensor& C, const torch::Tensor& keys,
+                  double sigma_w, const torch::Tensor& h0, const torch::Tensor& dl0, const torch::Tensor& steps,
+                  int64_t tau, const torch::Tensor& hs = torch::Tensor()) {
   Scan<T> s;
+  s.hs = nullptr;
+  if (hs.defined() && hs.numel()) {
+    TORCH_CHECK(hs.is_contiguous() && hs.scalar_type() == dt.scalar_type() && hs.dim() == 4 && hs.size(0) == dt.size(0) &&
+                hs.size(1) == dt.size(1) && hs.size(2) == At.size(0) && hs.size(3) == dt.size(2),
+                "conba_cpu: the kept states must be a contiguous (L, b, N, d) tensor of the scan's dtype");
+    s.hs = hs.data_ptr<T>();
+  }
   s.dt = dt.data_ptr<T>(); s.u = u.data_ptr<T>(); s.coef = opt<T>(coef); s.r = opt<T>(r);
-  s.At = At.data_ptr<T>(); s.B = B.data_ptr<T>(); s.C = C.data_ptr<T>(); s.xi = opt<T>(xi);
+  s.At = At.data_ptr<T>(); s.B = B.data_ptr<T>(); s.C = C.data_ptr<T>();
+  if (keys.numel()) {
+    TORCH_CHECK(keys.scalar_type() == at::kLong && keys.is_contiguous() && keys.dim() == 2 &&
+                keys.size(0) == dt.size(0) && keys.size(1) == dt.size(1),
+                "conba_cpu: the noise keys must be a contiguous int64 (L, b) tensor");
+    // σ as torch multiplies a float32 tensor by a Python float: rounded to T first
+    s.noise.keys = keys.data_ptr<int64_t>(); s.noise.sigma = static_cast<T>(sigma_w);
+    s.noise.b = dt.size(1); s.noise.N = At.size(0);
+  }
   s.h0 = h0.data_ptr<T>(); s.dl0 = opt<T>(dl0);
   s.steps = steps.numel() ? steps.data_ptr<int64_t>() : nullptr;
   s.L = dt.size(0); s.b = dt.size(1); s.d = dt.size(2); s.N = At.size(0); s.tau = tau;
@@ -459,17 +643,17 @@ void for_tasks(int64_t b, int64_t d, F f) {
 }
 
 std::vector<torch::Tensor> scan_fwd(torch::Tensor dt, torch::Tensor u, torch::Tensor coef, torch::Tensor r,
-                                    torch::Tensor At, torch::Tensor B, torch::Tensor C, torch::Tensor xi,
-                                    torch::Tensor h0, torch::Tensor dl0, torch::Tensor steps, int64_t tau,
-                                    torch::Tensor y_out) {
-  check({dt, u, coef, r, At, B, C, xi, h0, dl0, y_out}, dt);
+                                    torch::Tensor At, torch::Tensor B, torch::Tensor C, torch::Tensor keys,
+                                    double sigma_w, torch::Tensor h0, torch::Tensor dl0, torch::Tensor steps,
+                                    int64_t tau, torch::Tensor y_out, torch::Tensor hs_out) {
+  check({dt, u, coef, r, At, B, C, h0, dl0, y_out}, dt);
   TORCH_CHECK(tau >= 0 && tau <= SEG, "conba_cpu: tau out of range");
   TORCH_CHECK(y_out.numel() == 0 || y_out.sizes() == dt.sizes(), "conba_cpu: y_out must have dt's shape");
   auto y = y_out.numel() ? y_out : torch::empty_like(dt);  // written in place when given
   auto h_last = torch::empty_like(h0);
   auto dl_last = torch::empty({tau, dt.size(1), At.size(0), dt.size(2)}, dt.options());
   AT_DISPATCH_FLOATING_TYPES(dt.scalar_type(), "conba_scan_fwd", [&] {
-    auto s = make_scan<scalar_t>(dt, u, coef, r, At, B, C, xi, h0, dl0, steps, tau);
+    auto s = make_scan<scalar_t>(dt, u, coef, r, At, B, C, keys, sigma_w, h0, dl0, steps, tau, hs_out);
     for_tasks<scalar_t>(s.b, s.d, [&](int64_t bi, int64_t, int64_t c0, int64_t w) {
       scan_fwd_task(s, bi, c0, w, y.data_ptr<scalar_t>(), h_last.data_ptr<scalar_t>(),
                     tau > 0 ? dl_last.data_ptr<scalar_t>() : nullptr);
@@ -480,12 +664,12 @@ std::vector<torch::Tensor> scan_fwd(torch::Tensor dt, torch::Tensor u, torch::Te
 
 std::vector<torch::Tensor> prefill(torch::Tensor delta, torch::Tensor bias, bool softplus_, torch::Tensor u,
                                    torch::Tensor alpha, torch::Tensor rho, torch::Tensor At, torch::Tensor B,
-                                   torch::Tensor C, torch::Tensor D, torch::Tensor z, torch::Tensor xi,
-                                   torch::Tensor zeta, torch::Tensor h0, torch::Tensor dl0, torch::Tensor steps,
+                                   torch::Tensor C, torch::Tensor D, torch::Tensor z, torch::Tensor keys,
+                                   double sigma_w, torch::Tensor zeta, torch::Tensor h0, torch::Tensor dl0, torch::Tensor steps,
                                    int64_t tau, int64_t G, bool control, torch::Tensor k0, torch::Tensor e0,
                                    torch::Tensor phase0, int64_t P, torch::Tensor eta, torch::Tensor lam,
                                    torch::Tensor w_r, double k_max) {
-  check({delta, bias, u, alpha, rho, At, B, C, D, z, xi, zeta, h0, dl0, k0, e0, eta, lam, w_r}, delta);
+  check({delta, bias, u, alpha, rho, At, B, C, D, z, zeta, h0, dl0, k0, e0, eta, lam, w_r}, delta);
   TORCH_CHECK(tau >= 0 && tau <= SEG, "conba_cpu: tau out of range");
   TORCH_CHECK(!control || (phase0.scalar_type() == at::kLong && phase0.is_contiguous()), "conba_cpu: phase0 must be int64");
   auto y = torch::empty_like(delta);
@@ -497,7 +681,7 @@ std::vector<torch::Tensor> prefill(torch::Tensor delta, torch::Tensor bias, bool
     TORCH_CHECK(G >= 1 && tile_width<scalar_t>() % G == 0 && delta.size(2) % G == 0,
                 "conba_cpu: the group size must divide the tile width and d_inner");
     auto empty = torch::empty({0}, delta.options());
-    auto s = make_scan<scalar_t>(delta, u, empty, empty, At, B, C, xi, h0, dl0, steps, tau);
+    auto s = make_scan<scalar_t>(delta, u, empty, empty, At, B, C, keys, sigma_w, h0, dl0, steps, tau);
     Raw<scalar_t> q;
     q.delta = delta.data_ptr<scalar_t>(); q.bias = opt<scalar_t>(bias); q.alpha = opt<scalar_t>(alpha);
     q.rho = tau > 0 ? opt<scalar_t>(rho) : nullptr; q.D = opt<scalar_t>(D); q.z = opt<scalar_t>(z);
@@ -518,10 +702,11 @@ std::vector<torch::Tensor> prefill(torch::Tensor delta, torch::Tensor bias, bool
 }
 
 std::vector<torch::Tensor> scan_bwd(torch::Tensor dt, torch::Tensor u, torch::Tensor coef, torch::Tensor r,
-                                    torch::Tensor At, torch::Tensor B, torch::Tensor C, torch::Tensor xi,
-                                    torch::Tensor h0, torch::Tensor dl0, torch::Tensor steps, int64_t tau,
-                                    torch::Tensor gy, torch::Tensor gh_last, torch::Tensor gdl_last) {
-  check({dt, u, coef, r, At, B, C, xi, h0, dl0, gy, gh_last, gdl_last}, dt);
+                                    torch::Tensor At, torch::Tensor B, torch::Tensor C, torch::Tensor keys,
+                                    double sigma_w, torch::Tensor h0, torch::Tensor dl0, torch::Tensor steps,
+                                    int64_t tau, torch::Tensor gy, torch::Tensor gh_last, torch::Tensor gdl_last,
+                                    torch::Tensor hs) {
+  check({dt, u, coef, r, At, B, C, h0, dl0, gy, gh_last, gdl_last}, dt);
   const int64_t L = dt.size(0), b = dt.size(1), d = dt.size(2), N = At.size(0);
   torch::Tensor gdt, gu, gcoef, gr, gAt, gB, gC, gh0, gdl0;
   AT_DISPATCH_FLOATING_TYPES(dt.scalar_type(), "conba_scan_bwd", [&] {
@@ -534,7 +719,7 @@ std::vector<torch::Tensor> scan_bwd(torch::Tensor dt, torch::Tensor u, torch::Te
     gAt = torch::empty({b, N, d}, o);
     gB = torch::zeros({L, b, nt, N}, o); gC = torch::zeros({L, b, nt, N}, o);
     gh0 = torch::empty_like(h0); gdl0 = torch::empty({tau, b, N, d}, o);
-    auto s = make_scan<scalar_t>(dt, u, coef, r, At, B, C, xi, h0, dl0, steps, tau);
+    auto s = make_scan<scalar_t>(dt, u, coef, r, At, B, C, keys, sigma_w, h0, dl0, steps, tau, hs);
     Grads<scalar_t> g;
     g.gy = opt<scalar_t>(gy); g.gh_last = opt<scalar_t>(gh_last); g.gdl_last = opt<scalar_t>(gdl_last);
     g.gdt = gdt.data_ptr<scalar_t>(); g.gu = gu.data_ptr<scalar_t>();
@@ -962,7 +1147,45 @@ torch::Tensor decode_layer(torch::Tensor xz, torch::Tensor mask, torch::Tensor c
 
 }  // namespace
 
+// The noise of lane c·(N + 1) + n for every (t, b, c) of a scan: keys (L, b) as in Noise, → (L, b, d) float32
+// normals (n = N: the observation noise ζ; n < N: ξ of state index n), split over torch's threads.
+torch::Tensor noise(torch::Tensor keys, int64_t d, int64_t N, int64_t n) {
+  TORCH_CHECK(keys.scalar_type() == at::kLong && keys.is_contiguous() && keys.dim() == 2,
+              "conba_cpu.noise: keys must be a contiguous int64 (L, b) tensor");
+  TORCH_CHECK(n >= 0 && n <= N && d >= 0, "conba_cpu.noise: the state index n must be in [0, N]");
+  const int64_t rows = keys.numel();
+  torch::Tensor out = torch::empty({keys.size(0), keys.size(1), d}, keys.options().dtype(at::kFloat));
+  const int64_t* kp = keys.data_ptr<int64_t>();
+  float* op = out.data_ptr<float>();
+  at::parallel_for(0, rows, std::max<int64_t>(1, 16384 / std::max<int64_t>(1, d)), [&](int64_t begin, int64_t end) {
+    std::vector<float> u1(d), u2(d);
+    for (int64_t i = begin; i < end; ++i) {
+      const uint32_t key = static_cast<uint32_t>(kp[i]);
+      const uint32_t stride = static_cast<uint32_t>(N + 1), lane0 = static_cast<uint32_t>(n);
+      for (int64_t c = 0; c < d; ++c) uniforms(key, lane0 + static_cast<uint32_t>(c) * stride, u1[c], u2[c]);
+      box_muller(u1.data(), u2.data(), d, 1.0f, op + i * d);
+    }
+  });
+  return out;
+}
+
+// sqrt(−2 log u1) and cos u2 over float32 tensors, as the kernels compute them (a test compares them with
+// torch's over every input the hash can give)
+std::vector<torch::Tensor> noise_transforms(torch::Tensor u1, torch::Tensor u2) {
+  TORCH_CHECK(u1.scalar_type() == at::kFloat && u2.scalar_type() == at::kFloat && u1.is_contiguous() &&
+              u2.is_contiguous() && u1.numel() == u2.numel(), "conba_cpu.noise_transforms: two float32 tensors");
+  torch::Tensor r = u1.clone(), c = u2.clone();
+  float *rp = r.data_ptr<float>(), *cp = c.data_ptr<float>();
+  radius_cos(rp, cp, r.numel());
+  return {r, c};
+}
+
+bool noise_uses_mkl() { return vml().ln != nullptr; }
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("noise", &noise, "Conba's counter-based training noise of one state index for a scan's keys (CPU)");
+  m.def("noise_transforms", &noise_transforms, "the noise's sqrt(-2 log u1) and cos u2, as the kernels compute them");
+  m.def("noise_uses_mkl", &noise_uses_mkl, "whether the noise's log and cos are MKL's (as torch's) or ATen's");
   m.def("scan_fwd", &scan_fwd, "Conba block scan, forward (CPU)");
   m.def("scan_bwd", &scan_bwd, "Conba block scan, backward (CPU)");
   m.def("prefill", &prefill, "Conba prefill from the raw inputs, controller and gate included (CPU)");
