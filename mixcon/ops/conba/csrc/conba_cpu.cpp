@@ -19,7 +19,9 @@
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/vec.h>
 
+#ifndef _WIN32
 #include <dlfcn.h>
+#endif
 
 #include <algorithm>
 #include <cmath>
@@ -62,6 +64,7 @@ struct Vml {
 const Vml& vml() {
   static const Vml v = [] {
     Vml r;
+#ifndef _WIN32
     void* lib = dlopen("libtorch_cpu.so", RTLD_NOW | RTLD_NOLOAD);
     for (void* h : {lib, RTLD_DEFAULT}) {
       if (!h || r.ln) continue;
@@ -71,6 +74,7 @@ const Vml& vml() {
       r.cos = reinterpret_cast<vml_fn>(dlsym(h, "VMSCOS_64_"));
       if (!r.ln || !r.sqrt || !r.cos) r.ln = r.sqrt = r.cos = nullptr;
     }
+#endif
     return r;
   }();
   return v;
@@ -315,7 +319,8 @@ void scan_fwd_task(const Scan<T>& s, int64_t bi, int64_t c0, int64_t w, T* y, T*
   constexpr int64_t TW = tile_width<T>();
   const int64_t R = s.N * TW, NS = s.N * s.d, hist = std::max<int64_t>(s.tau, 1);
   const int64_t Lb = row_steps(s, bi);
-  std::vector<T> Hv((hist + SEG) * R), H0v(R);
+  // rows for the longest segment this row has (a block of P = 1 is one step: no SEG-long buffers to fill)
+  std::vector<T> Hv((hist + std::min(SEG, Lb)) * R), H0v(R);
   NoiseScratch<T> ns(s.noise ? R : 0);
   T* H = Hv.data();
   init_history(s, bi, c0, w, H, H0v.data());
@@ -476,7 +481,8 @@ void scan_bwd_task(const Scan<T>& s, const Grads<T>& g, int64_t bi, int64_t tile
   const int64_t R = s.N * TW, NS = s.N * s.d, N = s.N, tau = s.tau, hist = std::max<int64_t>(tau, 1);
   const int64_t Lb = row_steps(s, bi);
   const int64_t nseg = (Lb + SEG - 1) / SEG;
-  std::vector<T> Hv((hist + SEG) * R), H0v(R), Ev(SEG * R), Lv((hist + SEG) * R, T(0)), ckv(s.hs ? 0 : nseg * hist * R);
+  const int64_t rows = std::min(SEG, Lb);  // the longest segment (buffers of a short block stay short)
+  std::vector<T> Hv((hist + rows) * R), H0v(R), Ev(rows * R), Lv((hist + rows) * R, T(0)), ckv(s.hs ? 0 : nseg * hist * R);
   std::vector<T> gA(R, T(0)), gh0(R, T(0)), tmp(R), gBv(N * VS), gCv(N * VS);
   NoiseScratch<T> ns(s.noise && !s.hs ? R : 0);
   T *H = Hv.data(), *H0 = H0v.data(), *E = Ev.data(), *Lam = Lv.data();
