@@ -277,6 +277,7 @@ def mechanism_settings(P=16):
         out[f"all + noise, P={p}"] = ({**every, "control_period": p}, False)
     out["all + noise, control off"] = ({**every, "control": False}, False)
     out["all + noise, linear selection"] = ({**every, "selection": "linear", "control_period": P}, False)
+    out[f"all + noise, P={P}, backward draws again"] = ({**every, "control_period": P}, False)
     out["mamba, padded"] = (on(), True)
     out[f"all + noise, P={P}, padded"] = ({**every, "control_period": P}, True)
     out["all + noise, control off, padded"] = ({**every, "control": False}, True)
@@ -291,6 +292,7 @@ def mechanism_rows(reps, width=64, depth=2, batch=64, T=64, d_state=16, P=16, vo
 
     from ..models.configuration_mixcon import MixConConfig
     from ..models.modeling_mixcon import MixConForCausalLM
+    from ..ops.conba import cpu
 
     settings = mechanism_settings(P)
     if only:
@@ -307,10 +309,14 @@ def mechanism_rows(reps, width=64, depth=2, batch=64, T=64, d_state=16, P=16, vo
         torch.manual_seed(0)
         model = MixConForCausalLM(cfg).train()
 
-        def step(model=model, mask=pad if padded else None):
+        def step(model=model, mask=pad if padded else None, keep="draws again" not in name):
             model.zero_grad(set_to_none=True)
-            logits = model(ids, attention_mask=mask, use_cache=False).logits
-            F.cross_entropy(logits[:, :-1].reshape(-1, vocab), ids[:, 1:].reshape(-1)).backward()
+            cpu.KEEP_NOISY_STATES = keep  # (the compiled kernels' choice with noise: keep states or draw again)
+            try:
+                logits = model(ids, attention_mask=mask, use_cache=False).logits
+                F.cross_entropy(logits[:, :-1].reshape(-1, vocab), ids[:, 1:].reshape(-1)).backward()
+            finally:
+                cpu.KEEP_NOISY_STATES = True
         fns[name] = step
     for f in fns.values():
         f()
@@ -327,6 +333,8 @@ def mechanism_rows(reps, width=64, depth=2, batch=64, T=64, d_state=16, P=16, vo
         over, padded = settings[k]
         quiet = k.replace("all + noise", "all, no noise") if "all + noise" in k and "padded" not in k \
             and "linear" not in k else None
+        if quiet and "draws again" in quiet:
+            quiet = quiet.replace(", backward draws again", "")
         row = dict(part="train step", setting=k, width=width, depth=depth, batch=batch, T=T, d_state=d_state,
                    best_ms=best[k] * 1e3, median_ms=sorted(v)[len(v) // 2] * 1e3,
                    over_mamba=best[k] / base if base else None,

@@ -358,12 +358,16 @@ def test_noise_transforms_match_torch_on_every_input():
     assert torch.equal(c, u2.clone().cos_())
 
 
+@pytest.mark.parametrize("keep", [True, False], ids=["kept-states", "regenerated"])
 @pytest.mark.parametrize("P", [4, 64])
-def test_noise_is_drawn_in_the_kernels(P, monkeypatch):
+def test_noise_is_drawn_in_the_kernels(P, keep, monkeypatch):
     """Compiled, neither the prefill nor a training step forms noise in PyTorch (noise.py's hash is never
     called and no op returns a (T, b, N, d) tensor but the states a noisy training forward keeps for its
-    backward); the results still match the float64 loop, with masks, forward and every gradient."""
+    backward); the results still match the float64 loop, with masks, forward and every gradient, whether
+    the backward reads the kept states or recomputes them, drawing the noise again."""
     from mixcon.ops.conba import noise as noise_mod
+
+    monkeypatch.setattr(cpu, "KEEP_NOISY_STATES", keep)
 
     x = _conba(P, "all", tau=2)
     b, T, d = x["u"].shape

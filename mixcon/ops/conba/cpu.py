@@ -30,6 +30,11 @@ from .params import keyword_interface
 
 __all__ = ["kernels", "block_scan", "decode_step", "decode_layer", "LAYER_WEIGHTS", "NoiseKeys", "noise"]
 
+# With training noise the forward keeps its states (L, b, N, d) for the backward instead of the backward
+# drawing every ξ again (docs/kernels.md, "Training noise on CPU": measured faster, the memory the
+# materialised noise took before). False: the backward recomputes the states and draws the noise again.
+KEEP_NOISY_STATES = True
+
 _lock = threading.Lock()
 _module = None
 _tried = False
@@ -134,9 +139,9 @@ class _FusedBlockScan(torch.autograd.Function):
     (from the delay line dl0 before the block). ``xi``: a `NoiseKeys` or None.
 
     Without noise the backward recomputes the states from checkpoints (nothing of size (L, b, N, d) is
-    kept). With noise, recomputing them would mean drawing every ξ again — the dear part of a noisy step
-    (docs/kernels.md, "Training noise") — so the forward keeps its states (L, b, N, d), the memory the
-    materialised noise took before, and the backward reads them."""
+    kept). With noise, recomputing them means drawing every ξ again — the dear part of a noisy step — so
+    the forward keeps its states (L, b, N, d) and the backward reads them, unless `KEEP_NOISY_STATES` is
+    False."""
 
     @staticmethod
     def forward(ctx, dt, ut, coef, r, At, B, C, xi, h0, dl0, steps, tau):
@@ -145,7 +150,8 @@ class _FusedBlockScan(torch.autograd.Function):
         keys, sigma = _noise_args(xi, dt)
         state = [_c(x, dt) for x in (h0, dl0)]
         st = steps.contiguous() if steps is not None else steps_none(dt)
-        hs = dt.new_empty(dt.shape[0], dt.shape[1], At.shape[0], dt.shape[2]) if xi is not None else _empty(dt)
+        keep = xi is not None and KEEP_NOISY_STATES
+        hs = dt.new_empty(dt.shape[0], dt.shape[1], At.shape[0], dt.shape[2]) if keep else _empty(dt)
         y, h_last, dl_last = kernels().scan_fwd(*args, keys, sigma, *state, st, tau, _empty(dt), hs)
         ctx.save_for_backward(*args, keys, *state, st, hs)
         ctx.tau, ctx.sigma = tau, sigma
