@@ -318,6 +318,13 @@ def mechanism_rows(reps, width=64, depth=2, batch=64, T=64, d_state=16, P=16, vo
             finally:
                 cpu.KEEP_NOISY_STATES = True
         fns[name] = step
+    d_inner = 2 * width
+    if cpu.kernels() is not None and hasattr(cpu.kernels(), "noise") and (not only or "noise draw" in only):
+        from ..ops.conba.noise import step_key
+
+        keys = step_key(0, torch.arange(batch), torch.arange(T)[:, None].expand(T, batch)).contiguous()
+        # one layer's noise alone, as the kernels draw it: ξ's N lanes and ζ's per (t, row, channel)
+        fns["noise draw"] = lambda: [cpu.noise(keys, d_inner, d_state, j) for j in range(d_state + 1)]
     for f in fns.values():
         f()
     times = {k: [] for k in fns}
@@ -330,6 +337,14 @@ def mechanism_rows(reps, width=64, depth=2, batch=64, T=64, d_state=16, P=16, vo
     base = best.get("mamba")
     rows = []
     for k, v in times.items():
+        if k == "noise draw":
+            normals = T * batch * d_inner * (d_state + 1)
+            row = dict(part="noise draw", setting=f"one layer's xi and zeta: {normals} normals", width=width,
+                       batch=batch, T=T, d_state=d_state, best_ms=best[k] * 1e3, median_ms=sorted(v)[len(v) // 2] * 1e3,
+                       ns_per_normal=best[k] / normals * 1e9)
+            rows.append(row)
+            print_row(row, MECH_COLS + ["ns_per_normal"])
+            continue
         over, padded = settings[k]
         quiet = k.replace("all + noise", "all, no noise") if "all + noise" in k and "padded" not in k \
             and "linear" not in k else None
