@@ -38,8 +38,10 @@ each task keeps one (row, 64-channel tile) state in cache over the whole time li
 (L, b, N, d) tensor is formed, forward or backward (the backward recomputes the states from
 checkpoints). With a gradient, one kernel call per control period, the controller in autograd as
 above. Without one (a prefill), the whole compacted line of raw inputs goes to a single call that
-also runs the softplus, the controller at every row's own instants, D u and the gate. Without a
-compiler the PyTorch blocks below run, with the same results. Blocks stop each row at its last real
+also runs the softplus, the controller at every row's own instants, D u and the gate. The compiled
+kernels draw the training noise themselves from its keys (noise.py's, bit for bit): only the step keys
+(L, b) and ζ (L, b, d) are formed here. Without a compiler the PyTorch blocks below run, with the same
+results (the noise materialised per block by `_block_noise`). Blocks stop each row at its last real
 step, so the running state is the final state.
 
 Numerics: float32 accumulation (float64 for float64 inputs), as the reference; no cumulative
