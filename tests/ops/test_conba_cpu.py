@@ -406,3 +406,30 @@ def test_noisy_training_keeps_states_not_noise():
     big = [t for t in saved if t.numel() >= T * b * n * d]
     assert len(big) == 1 and big[0].shape == (T, b, n, d) and big[0].is_floating_point()
     assert any(t.dtype == torch.int64 and t.shape == (T, b) for t in saved)  # the keys
+
+
+def test_per_step_controller_runs_in_one_call(monkeypatch):
+    """At P = 1 a training scan runs its whole line in one kernel call, the controller and its adjoint
+    inside (cpu.p1_scan), not a block and the controller's autograd per step; against the float64 loop
+    with masks, an initial gain and error, noise and every gradient."""
+    calls = []
+    p1 = cpu.p1_scan
+    monkeypatch.setattr(cpu, "p1_scan", lambda *a, **k: calls.append(1) or p1(*a, **k))
+    monkeypatch.setattr(cpu, "block_scan", lambda *a, **k: pytest.fail("a block per step"))
+    x = _conba(1, "all", tau=3, T=19)
+    b, T, d = x["u"].shape
+    g = torch.Generator().manual_seed(2)
+    state = empty_state(b, d, x["A"].shape[1], 3, x["group_size"], dtype=torch.float64)
+    state = state._replace(k=torch.rand(b, d // x["group_size"], generator=g, dtype=torch.float64),
+                           e=torch.randn(b, d, generator=g, dtype=torch.float64))
+    mask = _mask(b, T)
+    y1, s1, g1 = scan_with_grads(conba_scan_ref, x, state, mask, 1)
+    y2, s2, g2 = scan_with_grads(conba_scan_chunk_torch, x, state, mask, 1)
+    assert calls == [1]
+    tol = 1e-12
+    assert rel_rms(y2, y1) < tol
+    for f, a, c in zip(ConbaState._fields, s1, s2):
+        assert torch.equal(a, c) if f == "phase" else rel_rms(c, a) < tol, f
+    for k, a in g1.items():
+        if a is not None and a.abs().sum():
+            assert rel_rms(g2[k], a) < tol * 100, (k, rel_rms(g2[k], a))

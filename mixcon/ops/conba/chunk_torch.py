@@ -328,6 +328,23 @@ def conba_scan_chunk_torch(u, delta, B, C, params: ConbaParams, *, z=None, alpha
                     zeta_line[s:s + L] if zeta_line is not None else None)
         return _line_noise(seed, src_t[s:s + L], d, n, sigma_w, sigma_v, acc, False)
 
+    if control and P == 1 and fused and Tc > 0:
+        # the per-step controller (every step a sampling instant) inside the kernels: the whole line in one call,
+        # forward and backward, instead of a block and the controller's autograd per step
+        from .cpu import p1_scan
+
+        extra_l = D_u
+        if zeta_line is not None:
+            extra_l = zeta_line if extra_l is None else extra_l + zeta_line
+        out = p1_scan(dt_l, u_l, coef, r_l, At, B_l, C_l, xi_line, h_init, dl_init, tau, R, extra_l, w_r_f, eta_f,
+                      lam_f, k, e, G, k_max)
+        if out is not None:
+            y_l, h_run, dl_run, k, e = out
+            if extra_l is not None:
+                y_l = y_l + extra_l
+            return _finish(y_l, h_run, dl_run, k, e, mask, dst, z, acc, u, b, T, d, control,
+                           eta_f, lam_f, w_r_f, return_final_state, R, phase0, P)
+
     ys, extras = [], []
     # without a gradient the kernel writes every block's y into one buffer (no concatenation)
     y_buf = u_l.new_empty(Tc, b, d) if fused and not _records_grad(u_l, dt_l, coef, r_l, B_l, C_l, h_init, dl_init) \

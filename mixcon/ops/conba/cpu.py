@@ -171,6 +171,58 @@ class _FusedBlockScan(torch.autograd.Function):
                 gdl0 if ctx.tau > 0 else None, None, None)
 
 
+class _FusedP1Scan(torch.autograd.Function):
+    """The block scan of a whole line with the per-step controller (control period 1) inside the kernels
+    (csrc/conba_cpu.cpp, Ctl1): f_t = k_t tanh(e_{t−1}) subtracted from u_t, the error e_t = y_t + extra_t −
+    w_r u_t and the gain law after every step. Returns (y, h_last, dl_last, k, e) — y without ``extra``
+    (D u + σ_v ζ), k and e after each row's last step. The kernels keep k_t and e_t of every step (the size
+    of y) for the backward, which runs the controller's adjoint inside the plant's."""
+
+    @staticmethod
+    def forward(ctx, dt, ut, coef, r, At, B, C, xi, h0, dl0, steps, tau, extra, w_r, eta, lam, k0, e0, G, k_max):
+        ctx.set_materialize_grads(False)
+        args = [_c(x, dt) for x in (dt, ut, coef, r, At, B, C)]
+        keys, sigma = _noise_args(xi, dt)
+        state = [_c(x, dt) for x in (h0, dl0)]
+        ctl = [_c(x, dt) for x in (extra, w_r, eta, lam, k0, e0)]
+        st = steps.contiguous() if steps is not None else steps_none(dt)
+        keep = xi is not None and KEEP_NOISY_STATES
+        hs = dt.new_empty(dt.shape[0], dt.shape[1], At.shape[0], dt.shape[2]) if keep else _empty(dt)
+        y, h_last, dl_last, kT, eT, K, E = kernels().p1_fwd(*args, keys, sigma, *state, st, tau, hs, ctl, G, k_max)
+        ctx.save_for_backward(*args, keys, *state, st, hs, *ctl, K, E)
+        ctx.tau, ctx.sigma, ctx.G, ctx.k_max = tau, sigma, G, k_max
+        ctx.has = (coef is not None, r is not None, extra is not None, w_r is not None, eta is not None,
+                   lam is not None)
+        return y, h_last, dl_last, kT, eT
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, gy, gh, gdl, gk, ge):
+        saved = ctx.saved_tensors
+        args, (keys, h0, dl0, st, hs), ctl = saved[:7], saved[7:12], saved[12:]
+        like = args[0]
+        out = kernels().p1_bwd(*args, keys, ctx.sigma, h0, dl0, st, ctx.tau, _c(gy, like), _c(gh, like),
+                               _c(gdl, like) if ctx.tau > 0 else _empty(like), hs,
+                               [*ctl, _c(gk, like), _c(ge, like)], ctx.G, ctx.k_max)
+        gdt, gu, gcoef, gr, gAt, gB, gC, gh0, gdl0, g_extra, gw_r, geta, glam, gk0, ge0 = out
+        has_coef, has_r, has_extra, has_wr, has_eta, has_lam = ctx.has
+        return (gdt, gu, gcoef if has_coef else None, gr if has_r else None, gAt, gB, gC, None, gh0,
+                gdl0 if ctx.tau > 0 else None, None, None, g_extra if has_extra else None, gw_r if has_wr else None,
+                geta if has_eta else None, glam if has_lam else None, gk0, ge0, None, None)
+
+
+def p1_scan(dt, ut, coef, r, At, B, C, xi, h0, dl0, tau, steps, extra, w_r, eta, lam, k0, e0, G, k_max):
+    """The whole compacted line with the per-step controller (P = 1) in the kernels, forward and backward
+    (`_FusedP1Scan`), or None where a tile would split a control group (then the blocks run)."""
+    tile = 64 if dt.dtype == torch.float32 else 32
+    if tile % G or kernels() is None or not hasattr(kernels(), "p1_fwd"):
+        return None
+    if tau == 0:
+        r, dl0 = None, None
+    return _FusedP1Scan.apply(dt, ut, coef, r, At, B, C, xi, h0, dl0, steps, tau, extra, w_r, eta, lam, k0, e0,
+                              int(G), float(k_max))
+
+
 def steps_none(like: torch.Tensor) -> torch.Tensor:
     return torch.empty(0, dtype=torch.long, device=like.device)
 

@@ -157,6 +157,26 @@ inline const T* draw_tile(const Noise<T>& nz, int64_t t, int64_t bi, int64_t c0,
   return sc.xi.data();
 }
 
+// The per-step controller (P = 1) of a training scan, run inside the kernels (docs/conba.md, step 6): at
+// every real step t, f_t = k_t tanh(e_{t−1}) (per channel, k per group of G), the plant's input u_t − f_t,
+// the measured output m_t = y_t + extra_t (extra: D u + σ_v ζ), e_t = m_t − w_r u_t and
+// k_{t+1} = clamp((1 − λ) k_t + η ‖e_t[group]‖₂ / √G, 0, k_max). The forward keeps k_t and e_t of every step
+// (sizes of y) for the backward, which runs the controller's adjoint with the plant's.
+template <typename T>
+struct Ctl1 {
+  const T* extra = nullptr;                                    // (L, b, d) or null
+  const T* w_r = nullptr; const T* eta = nullptr; const T* lam = nullptr;  // (d), (ng), (ng); null: 1, 0, 0
+  const T* k0 = nullptr; const T* e0 = nullptr;                // (b, ng), (b, d)
+  T* K = nullptr; T* E = nullptr;                              // (L, b, ng) k_t, (L, b, d) e_t
+  T* kT = nullptr; T* eT = nullptr;                            // (b, ng), (b, d): after each row's last step
+  const T* gkT = nullptr; const T* geT = nullptr;              // their gradients, or null
+  T* g_extra = nullptr; T* gw_r = nullptr;                     // (L, b, d), (b, d) per row
+  T* geta = nullptr; T* glam = nullptr; T* gk0 = nullptr;      // (b, ng) per row
+  T* ge0 = nullptr;                                            // (b, d)
+  int64_t G = 1;
+  T k_max = T(0);
+};
+
 template <typename T>
 struct Scan {
   const T* dt;     // (L, b, d)
@@ -168,6 +188,7 @@ struct Scan {
   const T* C;      // (L, b, N)
   Noise<T> noise;  // the process noise, drawn per step and tile (keys null: none)
   T* hs;           // (L, b, N, d) or null: every state, written by a training forward with noise, read by its backward
+  const Ctl1<T>* c1 = nullptr;  // the per-step controller (P = 1), or null: the plant's input is u as given
   const T* h0;     // (b, N, d)
   const T* dl0;    // (tau, b, N, d)
   const int64_t* steps;  // (b,) or null (L)
@@ -271,19 +292,35 @@ inline void init_history(const Scan<T>& s, int64_t bi, int64_t c0, int64_t w, T*
   }
 }
 
+// f_t = k_t tanh(e_{t−1}) of the tile from the kept k_t and e_{t−1} (e0 at t = 0); te: tanh(e_{t−1}) when given
+template <typename T>
+inline void held_p1(const Scan<T>& s, int64_t t, int64_t bi, int64_t c0, int64_t w, T* f, T* te = nullptr) {
+  const Ctl1<T>& c = *s.c1;
+  const int64_t ng = s.d / c.G;
+  const T* kt = c.K + (t * s.b + bi) * ng + c0 / c.G;
+  const T* ep = t == 0 ? c.e0 + bi * s.d + c0 : c.E + ((t - 1) * s.b + bi) * s.d + c0;
+  for (int64_t j = 0; j < w; ++j) {
+    const T th = std::tanh(ep[j]);
+    f[j] = kt[j / c.G] * th;
+    if (te) te[j] = th;
+  }
+}
+
 template <typename T>
 inline void run_segment(const Scan<T>& s, int64_t bi, int64_t c0, int64_t w, int64_t s0, int64_t len, T* H,
                         const T* H0, T* y, T* E, NoiseScratch<T>* ns) {
   constexpr int64_t TW = tile_width<T>();
   const int64_t R = s.N * TW, hist = std::max<int64_t>(s.tau, 1);
+  std::vector<T> f(s.c1 ? TW : 0, T(0));
   for (int64_t k = 0; k < len; ++k) {
     const int64_t t = s0 + k;
     const T* hp = t == 0 ? H0 : H + (hist + k - 1) * R;
     const T* hd = s.tau > 0 ? H + (hist + k - s.tau) * R : nullptr;
     StepIn<T> in = step_in(s, t, bi, c0);
     if (s.noise) in.xi = draw_tile(s.noise, t, bi, c0, *ns, TW);
+    if (s.c1) held_p1(s, t, bi, c0, w, f.data());
     step_tile(in, s.At + c0, s.d, s.N, w, hp, hd, H + (hist + k) * R,
-              y ? y + (t * s.b + bi) * s.d + c0 : nullptr, E ? E + k * R : nullptr);
+              y ? y + (t * s.b + bi) * s.d + c0 : nullptr, E ? E + k * R : nullptr, s.c1 ? f.data() : nullptr);
     if (s.hs) store_tile(s.hs + (t * s.b + bi) * s.N * s.d, H + (hist + k) * R, s.N, s.d, c0, w);
   }
 }
@@ -338,6 +375,56 @@ void scan_fwd_task(const Scan<T>& s, int64_t bi, int64_t c0, int64_t w, T* y, T*
   store_tile(h_last + bi * NS, Lb > 0 ? H + last * R : H0v.data(), s.N, s.d, c0, w);
   for (int64_t i = 0; i < s.tau; ++i)  // dl_last[i] = h_{Lb−1−i}: history rows below `last`
     store_tile(dl_last + (i * s.b + bi) * NS, H + (last - i) * R, s.N, s.d, c0, w);
+}
+
+// A training forward with the per-step controller (P = 1): the plant step by step, the controller between
+// steps (the task holds whole groups), k_t and e_t kept for the backward.
+template <typename T>
+void p1_fwd_task(const Scan<T>& s, int64_t bi, int64_t c0, int64_t w, T* y, T* h_last, T* dl_last) {
+  using V = Vectorized<T>;
+  constexpr int64_t TW = tile_width<T>();
+  const Ctl1<T>& c = *s.c1;
+  const int64_t R = s.N * TW, NS = s.N * s.d, hist = std::max<int64_t>(s.tau, 1), ring = hist + 1;
+  const int64_t G = c.G, ng = s.d / G, g0 = c0 / G, ngt = (w + G - 1) / G;
+  const int64_t Lb = row_steps(s, bi);
+  std::vector<T> Hv(ring * R), H0v(R), k(ngt), e(w), f(TW, T(0)), yb(TW, T(0));
+  NoiseScratch<T> ns(s.noise ? R : 0);
+  T* H = Hv.data();
+  init_history(s, bi, c0, w, H, H0v.data());
+  auto row = [&](int64_t t) { return H + ((t + hist) % ring + ring) % ring * R; };
+  for (int64_t j = 0; j < ngt; ++j) k[j] = c.k0[bi * ng + g0 + j];
+  for (int64_t j = 0; j < w; ++j) e[j] = c.e0[bi * s.d + c0 + j];
+  for (int64_t t = 0; t < Lb; ++t) {
+    const int64_t rw = t * s.b + bi, off = rw * s.d + c0;
+    for (int64_t j = 0; j < w; ++j) f[j] = k[j / G] * std::tanh(e[j]);
+    std::copy(k.begin(), k.end(), c.K + rw * ng + g0);
+    StepIn<T> in = step_in(s, t, bi, c0);
+    if (s.noise) in.xi = draw_tile(s.noise, t, bi, c0, ns, TW);
+    const T* hp = t == 0 ? H0v.data() : row(t - 1);
+    const T* hd = s.tau > 0 ? row(t - s.tau) : nullptr;
+    step_tile(in, s.At + c0, s.d, s.N, w, hp, hd, row(t), yb.data(), static_cast<T*>(nullptr), f.data());
+    if (s.hs) store_tile(s.hs + rw * NS, row(t), s.N, s.d, c0, w);
+    std::memcpy(y + off, yb.data(), w * sizeof(T));
+    const T* ut = s.u + off;
+    for (int64_t j = 0; j < ngt; ++j) {  // the error of every channel, the gain law of every group
+      T ss = 0;
+      for (int64_t i = j * G; i < std::min(w, (j + 1) * G); ++i) {
+        const T m = yb[i] + (c.extra ? c.extra[off + i] : T(0));
+        const T et = m - (c.w_r ? c.w_r[c0 + i] : T(1)) * ut[i];
+        e[i] = et;
+        ss += et * et;
+      }
+      const T rms = std::sqrt(ss + T(1e-12)) / std::sqrt(T(G));
+      const T lam = c.lam ? c.lam[g0 + j] : T(0), eta = c.eta ? c.eta[g0 + j] : T(0);
+      k[j] = std::min(std::max((T(1) - lam) * k[j] + eta * rms, T(0)), c.k_max);
+    }
+    std::memcpy(c.E + off, e.data(), w * sizeof(T));
+  }
+  for (int64_t t = Lb; t < s.L; ++t) std::fill_n(y + (t * s.b + bi) * s.d + c0, w, T(0));
+  store_tile(h_last + bi * NS, Lb > 0 ? row(Lb - 1) : H0v.data(), s.N, s.d, c0, w);
+  for (int64_t i = 0; i < s.tau; ++i) store_tile(dl_last + (i * s.b + bi) * NS, row(Lb - 1 - i), s.N, s.d, c0, w);
+  for (int64_t j = 0; j < ngt; ++j) c.kT[bi * ng + g0 + j] = k[j];
+  for (int64_t j = 0; j < w; ++j) c.eT[bi * s.d + c0 + j] = e[j];
 }
 
 // The controller of docs/conba.md (6) inside the forward (no gradient): a task holds whole control
@@ -485,6 +572,12 @@ void scan_bwd_task(const Scan<T>& s, const Grads<T>& g, int64_t bi, int64_t tile
   std::vector<T> Hv((hist + rows) * R), H0v(R), Ev(rows * R), Lv((hist + rows) * R, T(0)), ckv(s.hs ? 0 : nseg * hist * R);
   std::vector<T> gA(R, T(0)), gh0(R, T(0)), tmp(R), gBv(N * VS), gCv(N * VS);
   NoiseScratch<T> ns(s.noise && !s.hs ? R : 0);
+  // the per-step controller's adjoint (P = 1): ge_prev holds what reaches e_{t−1} through f_t, gk_next the
+  // adjoint of k_{t+1}
+  const Ctl1<T>* c1 = s.c1;
+  const int64_t G = c1 ? c1->G : 1, ngt = c1 ? (w + G - 1) / G : 0, ngr = c1 ? s.d / G : 0, g0 = c0 / G;
+  std::vector<T> fb(c1 ? TW : 0, T(0)), te(c1 ? TW : 0), ge(c1 ? TW : 0), gyb(c1 ? TW : 0, T(0)),
+      ge_prev(c1 ? TW : 0, T(0)), gk_next(ngt, T(0)), gk_carry(ngt, T(0)), gk_t(ngt, T(0));
   T *H = Hv.data(), *H0 = H0v.data(), *E = Ev.data(), *Lam = Lv.data();
   init_history(s, bi, c0, w, H, H0);
   std::vector<T> init;  // kept states: the history before t = 0, as init_history left it
@@ -527,14 +620,43 @@ void scan_bwd_task(const Scan<T>& s, const Grads<T>& g, int64_t bi, int64_t tile
       const T* Ct = s.C + row * N;
       std::fill(gBv.begin(), gBv.end(), T(0));
       std::fill(gCv.begin(), gCv.end(), T(0));
+      const T* Kt = c1 ? c1->K + row * ngr + g0 : nullptr;
+      if (c1) {  // what reaches the measured output m_t = y_t + extra_t through e_t
+        held_p1(s, t, bi, c0, w, fb.data(), te.data());
+        const T* Et = c1->E + off;
+        if (t == Lb - 1) {
+          for (int64_t j = 0; j < ngt; ++j) gk_next[j] = c1->gkT ? c1->gkT[bi * ngr + g0 + j] : T(0);
+          for (int64_t j = 0; j < w; ++j) ge_prev[j] = c1->geT ? c1->geT[bi * s.d + c0 + j] : T(0);
+        }
+        for (int64_t j = 0; j < w; ++j) ge[j] = ge_prev[j];
+        for (int64_t j = 0; j < ngt; ++j) {  // k_{t+1} = clamp((1 − λ) k_t + η rms(e_t), 0, k_max)
+          T ss = 0;
+          for (int64_t i = j * G; i < std::min(w, (j + 1) * G); ++i) ss += Et[i] * Et[i];
+          const T root = std::sqrt(ss + T(1e-12)), rms = root / std::sqrt(T(G));
+          const T lam = c1->lam ? c1->lam[g0 + j] : T(0), eta = c1->eta ? c1->eta[g0 + j] : T(0);
+          const T vk = (T(1) - lam) * Kt[j] + eta * rms;
+          const bool act = vk >= T(0) && vk <= c1->k_max;  // torch.clamp's gradient: within the bounds
+          const T gk = act ? gk_next[j] : T(0);
+          for (int64_t i = j * G; i < std::min(w, (j + 1) * G); ++i) ge[i] += gk * eta * Et[i] / (root * std::sqrt(T(G)));
+          if (c1->eta) c1->geta[bi * ngr + g0 + j] += gk * rms;
+          if (c1->lam) c1->glam[bi * ngr + g0 + j] -= gk * Kt[j];
+          gk_carry[j] = gk * (T(1) - lam);
+        }
+        const T* ut = s.u + off;
+        for (int64_t j = 0; j < w; ++j) {
+          if (c1->g_extra) c1->g_extra[off + j] = ge[j];
+          if (c1->w_r) c1->gw_r[bi * s.d + c0 + j] -= ge[j] * ut[j];
+          gyb[j] = (g.gy ? g.gy[off + j] : T(0)) + ge[j];
+        }
+      }
       for (int64_t v = 0; v < w; v += VS) {
         const int64_t cnt = std::min(VS, w - v);
         const V dtv = V::loadu(s.dt + off + v, cnt);
-        const V uv = V::loadu(s.u + off + v, cnt);
+        const V uv = c1 ? V::loadu(s.u + off + v, cnt) - V::loadu(fb.data() + v, cnt) : V::loadu(s.u + off + v, cnt);
         const V dtu = dtv * uv;
         const V cf = s.coef ? V::loadu(s.coef + off + v, cnt) : V(T(1));
         const V rv = s.r ? V::loadu(s.r + off + v, cnt) : V(T(0));
-        const V gyv = g.gy ? V::loadu(g.gy + off + v, cnt) : V(T(0));
+        const V gyv = c1 ? V::loadu(gyb.data() + v, cnt) : g.gy ? V::loadu(g.gy + off + v, cnt) : V(T(0));
         V g_dtu(T(0)), g_cf(T(0)), g_dta(T(0)), g_r(T(0));
         for (int64_t n = 0; n < N; ++n) {
           const int64_t o = n * TW + v;
@@ -559,6 +681,17 @@ void scan_bwd_task(const Scan<T>& s, const Grads<T>& g, int64_t bi, int64_t tile
         (g_dtu * dtv).store(g.gu + off + v, cnt);
         if (g.gcoef) g_cf.store(g.gcoef + off + v, cnt);
         if (g.gr) g_r.store(g.gr + off + v, cnt);
+      }
+      if (c1) {  // f_t = k_t tanh(e_{t−1}) was subtracted from u_t: its adjoint goes to k_t and e_{t−1}
+        std::fill(gk_t.begin(), gk_t.end(), T(0));
+        T* gu = g.gu + off;
+        for (int64_t j = 0; j < w; ++j) {
+          const T g_ut = gu[j], gf = -g_ut;
+          gu[j] = g_ut - (c1->w_r ? c1->w_r[c0 + j] : T(1)) * ge[j];
+          gk_t[j / G] += gf * te[j];
+          ge_prev[j] = gf * Kt[j / G] * (T(1) - te[j] * te[j]);
+        }
+        for (int64_t j = 0; j < ngt; ++j) gk_next[j] = gk_t[j] + gk_carry[j];
       }
       T* gBo = g.gB + (row * g.ntiles + tile) * N;
       T* gCo = g.gC + (row * g.ntiles + tile) * N;
@@ -595,6 +728,12 @@ void scan_bwd_task(const Scan<T>& s, const Grads<T>& g, int64_t bi, int64_t tile
     }
   }
   store_tile(g.gAt + bi * NS, gA.data(), N, s.d, c0, w);
+  if (c1) {  // the initial gain and error: through step 0, or straight from the final state's (no step)
+    for (int64_t j = 0; j < ngt; ++j)
+      c1->gk0[bi * ngr + g0 + j] = Lb > 0 ? gk_next[j] : (c1->gkT ? c1->gkT[bi * ngr + g0 + j] : T(0));
+    for (int64_t j = 0; j < w; ++j)
+      c1->ge0[bi * s.d + c0 + j] = Lb > 0 ? ge_prev[j] : (c1->geT ? c1->geT[bi * s.d + c0 + j] : T(0));
+  }
 }
 
 template <typename T>
@@ -738,6 +877,96 @@ std::vector<torch::Tensor> scan_bwd(torch::Tensor dt, torch::Tensor u, torch::Te
     });
   });
   return {gdt, gu, gcoef, gr, gAt.sum(0), gB.sum(2), gC.sum(2), gh0, gdl0};
+}
+
+// The block scan with the per-step controller (P = 1) of a training scan (Ctl1): ctl = (extra, w_r, eta, lam, k0,
+// e0), each empty where absent (extra, w_r, eta, lam). Returns (y, h_last, dl_last, k_T, e_T, K, E); y without
+// extra, as scan_fwd's.
+std::vector<torch::Tensor> p1_fwd(torch::Tensor dt, torch::Tensor u, torch::Tensor coef, torch::Tensor r,
+                                  torch::Tensor At, torch::Tensor B, torch::Tensor C, torch::Tensor keys,
+                                  double sigma_w, torch::Tensor h0, torch::Tensor dl0, torch::Tensor steps,
+                                  int64_t tau, torch::Tensor hs_out, std::vector<torch::Tensor> ctl, int64_t G,
+                                  double k_max) {
+  TORCH_CHECK(ctl.size() == 6, "conba_cpu.p1_fwd: ctl = (extra, w_r, eta, lam, k0, e0)");
+  check({dt, u, coef, r, At, B, C, h0, dl0}, dt);
+  check(ctl, dt);
+  TORCH_CHECK(tau >= 0 && tau <= SEG, "conba_cpu: tau out of range");
+  const int64_t L = dt.size(0), b = dt.size(1), d = dt.size(2);
+  auto y = torch::empty_like(dt);
+  auto h_last = torch::empty_like(h0);
+  auto dl_last = torch::empty({tau, b, At.size(0), d}, dt.options());
+  auto kT = torch::empty({b, d / G}, dt.options()), eT = torch::empty({b, d}, dt.options());
+  auto K = torch::empty({L, b, d / G}, dt.options()), E = torch::empty({L, b, d}, dt.options());
+  AT_DISPATCH_FLOATING_TYPES(dt.scalar_type(), "conba_p1_fwd", [&] {
+    TORCH_CHECK(G >= 1 && tile_width<scalar_t>() % G == 0 && d % G == 0,
+                "conba_cpu: the group size must divide the tile width and d_inner");
+    auto s = make_scan<scalar_t>(dt, u, coef, r, At, B, C, keys, sigma_w, h0, dl0, steps, tau, hs_out);
+    Ctl1<scalar_t> c;
+    c.extra = opt<scalar_t>(ctl[0]); c.w_r = opt<scalar_t>(ctl[1]); c.eta = opt<scalar_t>(ctl[2]);
+    c.lam = opt<scalar_t>(ctl[3]); c.k0 = ctl[4].data_ptr<scalar_t>(); c.e0 = ctl[5].data_ptr<scalar_t>();
+    c.K = K.data_ptr<scalar_t>(); c.E = E.data_ptr<scalar_t>(); c.kT = kT.data_ptr<scalar_t>(); c.eT = eT.data_ptr<scalar_t>();
+    c.G = G; c.k_max = static_cast<scalar_t>(k_max);
+    s.c1 = &c;
+    for_tasks<scalar_t>(b, d, [&](int64_t bi, int64_t, int64_t c0, int64_t w) {
+      p1_fwd_task(s, bi, c0, w, y.data_ptr<scalar_t>(), h_last.data_ptr<scalar_t>(),
+                  tau > 0 ? dl_last.data_ptr<scalar_t>() : nullptr);
+    });
+  });
+  return {y, h_last, dl_last, kT, eT, K, E};
+}
+
+// p1_fwd's backward: ctl = (extra, w_r, eta, lam, k0, e0, K, E, gk_T, ge_T) (gk_T, ge_T empty: no gradient).
+// Returns scan_bwd's nine and (g_extra, gw_r, geta, glam, gk0, ge0).
+std::vector<torch::Tensor> p1_bwd(torch::Tensor dt, torch::Tensor u, torch::Tensor coef, torch::Tensor r,
+                                  torch::Tensor At, torch::Tensor B, torch::Tensor C, torch::Tensor keys,
+                                  double sigma_w, torch::Tensor h0, torch::Tensor dl0, torch::Tensor steps,
+                                  int64_t tau, torch::Tensor gy, torch::Tensor gh_last, torch::Tensor gdl_last,
+                                  torch::Tensor hs, std::vector<torch::Tensor> ctl, int64_t G, double k_max) {
+  TORCH_CHECK(ctl.size() == 10, "conba_cpu.p1_bwd: ctl = (extra, w_r, eta, lam, k0, e0, K, E, gk_T, ge_T)");
+  check({dt, u, coef, r, At, B, C, h0, dl0, gy, gh_last, gdl_last}, dt);
+  check(ctl, dt);
+  const int64_t L = dt.size(0), b = dt.size(1), d = dt.size(2), N = At.size(0), ng = d / G;
+  torch::Tensor gdt, gu, gcoef, gr, gAt, gB, gC, gh0, gdl0;
+  auto o = dt.options();
+  auto g_extra = ctl[0].numel() ? torch::zeros_like(dt) : torch::empty({0}, o);
+  auto gw_r = ctl[1].numel() ? torch::zeros({b, d}, o) : torch::empty({0}, o);
+  auto geta = ctl[2].numel() ? torch::zeros({b, ng}, o) : torch::empty({0}, o);
+  auto glam = ctl[3].numel() ? torch::zeros({b, ng}, o) : torch::empty({0}, o);
+  auto gk0 = torch::empty({b, ng}, o), ge0 = torch::empty({b, d}, o);
+  AT_DISPATCH_FLOATING_TYPES(dt.scalar_type(), "conba_p1_bwd", [&] {
+    constexpr int64_t TW = tile_width<scalar_t>();
+    TORCH_CHECK(G >= 1 && TW % G == 0 && d % G == 0, "conba_cpu: the group size must divide the tile width and d_inner");
+    const int64_t nt = (d + TW - 1) / TW;
+    gdt = torch::zeros_like(dt); gu = torch::zeros_like(dt);
+    gcoef = coef.numel() ? torch::zeros_like(dt) : torch::empty({0}, o);
+    gr = r.numel() ? torch::zeros_like(dt) : torch::empty({0}, o);
+    gAt = torch::empty({b, N, d}, o);
+    gB = torch::zeros({L, b, nt, N}, o); gC = torch::zeros({L, b, nt, N}, o);
+    gh0 = torch::empty_like(h0); gdl0 = torch::empty({tau, b, N, d}, o);
+    auto s = make_scan<scalar_t>(dt, u, coef, r, At, B, C, keys, sigma_w, h0, dl0, steps, tau, hs);
+    Ctl1<scalar_t> c;
+    c.extra = opt<scalar_t>(ctl[0]); c.w_r = opt<scalar_t>(ctl[1]); c.eta = opt<scalar_t>(ctl[2]);
+    c.lam = opt<scalar_t>(ctl[3]); c.k0 = ctl[4].data_ptr<scalar_t>(); c.e0 = ctl[5].data_ptr<scalar_t>();
+    c.K = ctl[6].data_ptr<scalar_t>(); c.E = ctl[7].data_ptr<scalar_t>();
+    c.gkT = opt<scalar_t>(ctl[8]); c.geT = opt<scalar_t>(ctl[9]);
+    auto out = [](torch::Tensor& x) { return x.numel() ? x.data_ptr<scalar_t>() : nullptr; };
+    c.g_extra = out(g_extra); c.gw_r = out(gw_r); c.geta = out(geta); c.glam = out(glam); c.gk0 = gk0.data_ptr<scalar_t>(); c.ge0 = ge0.data_ptr<scalar_t>();
+    c.G = G; c.k_max = static_cast<scalar_t>(k_max);
+    s.c1 = &c;
+    Grads<scalar_t> g;
+    g.gy = opt<scalar_t>(gy); g.gh_last = opt<scalar_t>(gh_last); g.gdl_last = opt<scalar_t>(gdl_last);
+    g.gdt = gdt.data_ptr<scalar_t>(); g.gu = gu.data_ptr<scalar_t>();
+    g.gcoef = coef.numel() ? gcoef.data_ptr<scalar_t>() : nullptr;
+    g.gr = r.numel() ? gr.data_ptr<scalar_t>() : nullptr;
+    g.gAt = gAt.data_ptr<scalar_t>(); g.gB = gB.data_ptr<scalar_t>(); g.gC = gC.data_ptr<scalar_t>();
+    g.gh0 = gh0.data_ptr<scalar_t>(); g.gdl0 = tau > 0 ? gdl0.data_ptr<scalar_t>() : nullptr; g.ntiles = nt;
+    for_tasks<scalar_t>(b, d, [&](int64_t bi, int64_t tile, int64_t c0, int64_t w) {
+      scan_bwd_task(s, g, bi, tile, c0, w);
+    });
+  });
+  auto sum0 = [](const torch::Tensor& x) { return x.numel() ? x.sum(0) : x; };
+  return {gdt, gu, gcoef, gr, gAt.sum(0), gB.sum(2), gC.sum(2), gh0, gdl0,
+          g_extra, sum0(gw_r), sum0(geta), sum0(glam), gk0, ge0};
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1194,6 +1423,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("noise_uses_mkl", &noise_uses_mkl, "whether the noise's log and cos are MKL's (as torch's) or ATen's");
   m.def("scan_fwd", &scan_fwd, "Conba block scan, forward (CPU)");
   m.def("scan_bwd", &scan_bwd, "Conba block scan, backward (CPU)");
+  m.def("p1_fwd", &p1_fwd, "Conba scan with the per-step controller (P = 1), training forward (CPU)");
+  m.def("p1_bwd", &p1_bwd, "Conba scan with the per-step controller (P = 1), backward (CPU)");
   m.def("prefill", &prefill, "Conba prefill from the raw inputs, controller and gate included (CPU)");
   m.def("step", &step, "Conba decode step, state updated in place (CPU)");
   m.def("conv_prefill", &conv_prefill, "causal depthwise conv of a prefill, time-major, with its final state (CPU)");
