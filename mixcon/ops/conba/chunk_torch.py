@@ -37,7 +37,8 @@ backward measured 2.2–2.6× faster than with the PyTorch block scan, README "K
 each task keeps one (row, 64-channel tile) state in cache over the whole time line, so no
 (L, b, N, d) tensor is formed, forward or backward (the backward recomputes the states from
 checkpoints). With a gradient, one kernel call per control period, the controller in autograd as
-above. Without one (a prefill), the whole compacted line of raw inputs goes to a single call that
+above — except at P = 1, where the whole line is one call with the per-step controller and its adjoint
+inside the kernels (cpu.p1_scan). Without one (a prefill), the whole compacted line of raw inputs goes to a single call that
 also runs the softplus, the controller at every row's own instants, D u and the gate. The compiled
 kernels draw the training noise themselves from its keys (noise.py's, bit for bit): only the step keys
 (L, b) and ζ (L, b, d) are formed here. Without a compiler the PyTorch blocks below run, with the same

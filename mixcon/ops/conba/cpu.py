@@ -28,7 +28,7 @@ from .. import tracing
 
 from .params import keyword_interface
 
-__all__ = ["kernels", "block_scan", "decode_step", "decode_layer", "LAYER_WEIGHTS", "NoiseKeys", "noise"]
+__all__ = ["kernels", "block_scan", "p1_scan", "decode_step", "decode_layer", "LAYER_WEIGHTS", "NoiseKeys", "noise"]
 
 # With training noise the forward keeps its states (L, b, N, d) for the backward instead of the backward
 # drawing every ξ again (docs/kernels.md, "Training noise on CPU": measured faster, the memory the
@@ -286,7 +286,8 @@ def prefill(delta, delta_bias, softplus, u, alpha, rho, At, B, C, D, z, xi, zeta
         _c(delta, like), _c(delta_bias.to(like.dtype) if delta_bias is not None else None, like), bool(softplus),
         _c(u, like), _c(alpha, like), _c(rho.to(like.dtype) if rho is not None else None, like), _c(At, like),
         _c(B, like), _c(C, like), _c(D.to(like.dtype) if D is not None else None, like), _c(z, like),
-        *_noise_args(xi, like), _c(zeta, like), _c(h0, like), _c(dl0, like), st, int(tau), int(G), bool(control), _c(k0, like), _c(e0, like),
+        *_noise_args(xi, like), _c(zeta, like), _c(h0, like), _c(dl0, like), st, int(tau), int(G), bool(control),
+        _c(k0, like), _c(e0, like),
         ph, int(P), *(_c(x.to(like.dtype) if x is not None else None, like) for x in (eta, lam, w_r)), float(k_max))
 
 

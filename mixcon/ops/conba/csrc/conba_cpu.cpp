@@ -810,7 +810,8 @@ std::vector<torch::Tensor> scan_fwd(torch::Tensor dt, torch::Tensor u, torch::Te
 std::vector<torch::Tensor> prefill(torch::Tensor delta, torch::Tensor bias, bool softplus_, torch::Tensor u,
                                    torch::Tensor alpha, torch::Tensor rho, torch::Tensor At, torch::Tensor B,
                                    torch::Tensor C, torch::Tensor D, torch::Tensor z, torch::Tensor keys,
-                                   double sigma_w, torch::Tensor zeta, torch::Tensor h0, torch::Tensor dl0, torch::Tensor steps,
+                                   double sigma_w, torch::Tensor zeta, torch::Tensor h0, torch::Tensor dl0,
+                                   torch::Tensor steps,
                                    int64_t tau, int64_t G, bool control, torch::Tensor k0, torch::Tensor e0,
                                    torch::Tensor phase0, int64_t P, torch::Tensor eta, torch::Tensor lam,
                                    torch::Tensor w_r, double k_max) {
@@ -904,7 +905,8 @@ std::vector<torch::Tensor> p1_fwd(torch::Tensor dt, torch::Tensor u, torch::Tens
     Ctl1<scalar_t> c;
     c.extra = opt<scalar_t>(ctl[0]); c.w_r = opt<scalar_t>(ctl[1]); c.eta = opt<scalar_t>(ctl[2]);
     c.lam = opt<scalar_t>(ctl[3]); c.k0 = ctl[4].data_ptr<scalar_t>(); c.e0 = ctl[5].data_ptr<scalar_t>();
-    c.K = K.data_ptr<scalar_t>(); c.E = E.data_ptr<scalar_t>(); c.kT = kT.data_ptr<scalar_t>(); c.eT = eT.data_ptr<scalar_t>();
+    c.K = K.data_ptr<scalar_t>(); c.E = E.data_ptr<scalar_t>();
+    c.kT = kT.data_ptr<scalar_t>(); c.eT = eT.data_ptr<scalar_t>();
     c.G = G; c.k_max = static_cast<scalar_t>(k_max);
     s.c1 = &c;
     for_tasks<scalar_t>(b, d, [&](int64_t bi, int64_t, int64_t c0, int64_t w) {
@@ -950,7 +952,8 @@ std::vector<torch::Tensor> p1_bwd(torch::Tensor dt, torch::Tensor u, torch::Tens
     c.K = ctl[6].data_ptr<scalar_t>(); c.E = ctl[7].data_ptr<scalar_t>();
     c.gkT = opt<scalar_t>(ctl[8]); c.geT = opt<scalar_t>(ctl[9]);
     auto out = [](torch::Tensor& x) { return x.numel() ? x.data_ptr<scalar_t>() : nullptr; };
-    c.g_extra = out(g_extra); c.gw_r = out(gw_r); c.geta = out(geta); c.glam = out(glam); c.gk0 = gk0.data_ptr<scalar_t>(); c.ge0 = ge0.data_ptr<scalar_t>();
+    c.g_extra = out(g_extra); c.gw_r = out(gw_r); c.geta = out(geta); c.glam = out(glam);
+    c.gk0 = gk0.data_ptr<scalar_t>(); c.ge0 = ge0.data_ptr<scalar_t>();
     c.G = G; c.k_max = static_cast<scalar_t>(k_max);
     s.c1 = &c;
     Grads<scalar_t> g;
