@@ -219,3 +219,45 @@ def scan_with_grads(fn, x, state, mask, P):
     grads = {k: v.grad for k, v in x.items() if torch.is_tensor(v) and v.requires_grad}
     grads.update({"state." + f: s.grad for f, s in zip(ConbaState._fields[:4], st)})
     return y, fin, grads
+
+
+
+def launcher_forms_no_noise(monkeypatch, scan, x):
+    """Run ``scan(x)`` forward and backward with training noise on, noise.py's PyTorch draw refused and
+    every op's output watched, then the same with the noise off: the launcher (Python around the kernels)
+    hashes no noise and forms no tensor larger than it forms without noise. Returns both sizes."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from mixcon.ops.conba import noise as noise_mod
+
+    class Largest(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.numel = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for o in (out if isinstance(out, (tuple, list)) else [out]):
+                if isinstance(o, torch.Tensor):
+                    self.numel = max(self.numel, o.numel())
+            return out
+
+    def run(inputs):
+        xs = {k: (v.detach().clone().requires_grad_(True) if torch.is_tensor(v) and v.is_floating_point() else v)
+              for k, v in inputs.items()}
+        with Largest() as seen:
+            scan(xs).square().sum().backward()
+        assert all(torch.isfinite(xs[k].grad).all() for k in ("u", "delta", "B", "C"))
+        return seen.numel
+
+    quiet = run({**x, "sigma_w": 0.0, "sigma_v": 0.0})
+
+    def refuse(*a, **k):
+        raise AssertionError("noise formed in PyTorch")
+
+    for name in ("normal_from_key", "normal_from_key_ref", "conba_noise"):
+        monkeypatch.setattr(noise_mod, name, refuse)
+    assert x["sigma_w"] > 0 and x["sigma_v"] > 0
+    noisy = run(x)
+    assert noisy <= quiet, (noisy, quiet)
+    return noisy, quiet

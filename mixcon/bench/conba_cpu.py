@@ -11,9 +11,15 @@ its baseline from the same process, runs interleaved and repeated, medians repor
              the two models' tokens interleaved; ``decode_roofline``: the ratio of the bytes a token must
              read, `decode_bytes`, the speed-up memory bandwidth allows),
              and for the longest context the peak resident memory the prefill adds (Linux);
-  ``scan``   `conba_scan` alone, chunk_torch against the reference loop (the tiny model's sizes).
+  ``scan``   `conba_scan` alone, chunk_torch against the reference loop (the tiny model's sizes);
+  ``mechanisms``  one training step (forward + backward) of a small all-Conba model (2 layers, width 64,
+             N 16, 64 sequences of 64 tokens by default) for each mechanism and combination of them —
+             delay, scaling, control at P = 1, 16, 64 or off, training noise, SwiGLU or linear selection,
+             a padding mask — beside the Mamba member (every mechanism off, linear selection), all
+             interleaved in one process; best and median of the repeats.
 
     mixcon bench conba-cpu --threads 2 --out eval/results/cpu
+    mixcon bench conba-cpu --parts mechanisms --threads 1 --reps 5
 """
 
 from __future__ import annotations
@@ -250,12 +256,120 @@ def scan_rows(Ts, reps, batch=16, d_inner=128, d_state=8, settings=tuple(SCAN_SE
 SCAN_COLS = ["part", "setting", "T", "chunk_torch_s", "ref_s", "speedup"]
 
 
+# ---------------------------------------------------------------------------------------- mechanisms
+def mechanism_settings(P=16):
+    """name → (config overrides on top of every mechanism off, padded batch?). The names say what is on;
+    P is the control period where control is on and no other is named."""
+    from ..eval import grid
+
+    on = grid.mechanisms
+    noise = grid.MECHANISM_ON["noise"]
+    every = on(*grid.MECHANISM_ON)  # every mechanism, noise too
+    quiet = {**every, "process_noise": 0.0, "observation_noise": 0.0}
+    out = {"mamba": (on(), False),
+           "+delay": (on("delay"), False), "+scaling": (on("scaling"), False),
+           "+selection": (on("selection"), False), f"+control P={P}": ({**on("control"), "control_period": P}, False),
+           "+noise": (on("noise"), False)}
+    for p in (1, P, 64):
+        out[f"all, no noise, P={p}"] = ({**quiet, "control_period": p}, False)
+    out["all, no noise, control off"] = ({**quiet, "control": False}, False)
+    for p in (1, P, 64):
+        out[f"all + noise, P={p}"] = ({**every, "control_period": p}, False)
+    out["all + noise, control off"] = ({**every, "control": False}, False)
+    out["all + noise, linear selection"] = ({**every, "selection": "linear", "control_period": P}, False)
+    out[f"all + noise, P={P}, backward draws again"] = ({**every, "control_period": P}, False)
+    out["mamba, padded"] = (on(), True)
+    out[f"all + noise, P={P}, padded"] = ({**every, "control_period": P}, True)
+    out["all + noise, control off, padded"] = ({**every, "control": False}, True)
+    return {k: (dict(v[0]), v[1]) for k, v in out.items()}
+
+
+def mechanism_rows(reps, width=64, depth=2, batch=64, T=64, d_state=16, P=16, vocab=64, only=None):
+    """Seconds of one training step (forward, cross-entropy over every token, backward) per setting, the
+    settings interleaved ``reps`` times after one warm-up each; best and median. ``padded``: a quarter of
+    the rows left-padded by a quarter of the sequence (attention_mask 0 there)."""
+    import torch.nn.functional as F
+
+    from ..models.configuration_mixcon import MixConConfig
+    from ..models.modeling_mixcon import MixConForCausalLM
+    from ..ops.conba import cpu
+
+    settings = mechanism_settings(P)
+    if only:
+        settings = {k: v for k, v in settings.items() if k in only}
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, vocab, (batch, T), generator=g)
+    pad = torch.ones(batch, T, dtype=torch.long)
+    pad[: batch // 4, : T // 4] = 0
+    fns = {}
+    for name, (over, padded) in settings.items():
+        cfg = MixConConfig(vocab_size=vocab, hidden_size=width, intermediate_size=2 * width, n_blocks=1,
+                           layers_per_block=depth, attn_ratio=f"0:{depth}", moe_every=0, num_attention_heads=4,
+                           num_key_value_heads=4, max_position_embeddings=max(T, 64), d_state=d_state, **over)
+        torch.manual_seed(0)
+        model = MixConForCausalLM(cfg).train()
+
+        def step(model=model, mask=pad if padded else None, keep="draws again" not in name):
+            model.zero_grad(set_to_none=True)
+            cpu.KEEP_NOISY_STATES = keep  # (the compiled kernels' choice with noise: keep states or draw again)
+            try:
+                logits = model(ids, attention_mask=mask, use_cache=False).logits
+                F.cross_entropy(logits[:, :-1].reshape(-1, vocab), ids[:, 1:].reshape(-1)).backward()
+            finally:
+                cpu.KEEP_NOISY_STATES = True
+        fns[name] = step
+    d_inner = 2 * width
+    if cpu.kernels() is not None and hasattr(cpu.kernels(), "noise") and (not only or "noise draw" in only):
+        from ..ops.conba.noise import step_key
+
+        keys = step_key(0, torch.arange(batch), torch.arange(T)[:, None].expand(T, batch)).contiguous()
+        # one layer's noise alone, as the kernels draw it: ξ's N lanes and ζ's per (t, row, channel)
+        fns["noise draw"] = lambda: [cpu.noise(keys, d_inner, d_state, j) for j in range(d_state + 1)]
+    for f in fns.values():
+        f()
+    times = {k: [] for k in fns}
+    for _ in range(reps):
+        for k, f in fns.items():
+            t0 = time.perf_counter()
+            f()
+            times[k].append(time.perf_counter() - t0)
+    best = {k: min(v) for k, v in times.items()}
+    base = best.get("mamba")
+    rows = []
+    for k, v in times.items():
+        if k == "noise draw":
+            normals = T * batch * d_inner * (d_state + 1)
+            row = dict(part="noise draw", setting=f"one layer's xi and zeta: {normals} normals", width=width,
+                       batch=batch, T=T, d_state=d_state, best_ms=best[k] * 1e3, median_ms=sorted(v)[len(v) // 2] * 1e3,
+                       ns_per_normal=best[k] / normals * 1e9)
+            rows.append(row)
+            print_row(row, MECH_COLS + ["ns_per_normal"])
+            continue
+        over, padded = settings[k]
+        quiet = k.replace("all + noise", "all, no noise") if "all + noise" in k and "padded" not in k \
+            and "linear" not in k else None
+        if quiet and "draws again" in quiet:
+            quiet = quiet.replace(", backward draws again", "")
+        row = dict(part="train step", setting=k, width=width, depth=depth, batch=batch, T=T, d_state=d_state,
+                   best_ms=best[k] * 1e3, median_ms=sorted(v)[len(v) // 2] * 1e3,
+                   over_mamba=best[k] / base if base else None,
+                   over_no_noise=best[k] / best[quiet] if quiet in best else None)
+        rows.append(row)
+        print_row(row, MECH_COLS)
+    return rows
+
+
+MECH_COLS = ["part", "setting", "width", "depth", "batch", "T", "d_state", "best_ms", "median_ms", "over_mamba",
+             "over_no_noise"]
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--parts", nargs="+", default=["layer", "model"], choices=["layer", "model", "scan"])
+    ap.add_argument("--parts", nargs="+", default=["layer", "model"], choices=["layer", "model", "scan", "mechanisms"])
     ap.add_argument("--layer-T", type=int, nargs="+", default=[1024, 4096])
     ap.add_argument("--model-T", type=int, nargs="+", default=[1024, 4096, 8192, 32768])
     ap.add_argument("--scan-T", type=int, nargs="+", default=[256, 1024])
+    ap.add_argument("--settings", nargs="+", default=None, help="--parts mechanisms: only these settings")
     ap.add_argument("--decode-tokens", type=int, default=16)
     ap.add_argument("--memory-T", type=int, default=None, help="context whose prefill peak memory is measured "
                     "(default: the longest of --model-T)")
@@ -283,6 +397,9 @@ def main(argv=None):
     if "scan" in args.parts:
         print("\t".join(SCAN_COLS), flush=True)
         rows += scan_rows(args.scan_T, args.reps)
+    if "mechanisms" in args.parts:
+        print("\t".join(MECH_COLS), flush=True)
+        rows += mechanism_rows(args.reps, only=args.settings)
     if args.out:
         cols = list(dict.fromkeys(c for r in rows for c in r))
         save_results(args.out, rows, cols, meta)

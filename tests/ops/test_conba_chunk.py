@@ -225,3 +225,12 @@ def test_compiles_for_an_h100_ahead_of_time(which):
     env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
     r = subprocess.run([sys.executable, "-c", _AOT, which], env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0 and "compiled" in r.stdout, r.stderr[-3000:]
+
+
+def test_launcher_forms_no_noise(monkeypatch):
+    """With training noise the chunk launcher passes the seed's key and the kernels hash ξ and ζ
+    themselves, forward and backward (regenerated there): no noise is drawn in PyTorch, and no tensor
+    larger than the same scan forms without noise."""
+    from helpers import launcher_forms_no_noise
+
+    launcher_forms_no_noise(monkeypatch, lambda xs: ck.conba_scan_chunk(**xs, control_period=4), _inputs("all"))

@@ -322,3 +322,114 @@ def test_decode_layer_dispatch(monkeypatch):
     with torch.no_grad():
         m(x, None, st)
     assert calls == [1]
+
+
+# ------------------------------------------------------------------------------------- training noise
+def test_kernel_noise_is_noise_py_bit_for_bit():
+    """The kernels' draw (cpu.noise, the same code the scan kernels run per step and tile) against
+    chunk_torch._block_noise (noise.py) on random seeds, positions and sizes: every lane, bit for bit.
+    Positions up to 2^31 and seeds with the top bit set, d_inner off the tile width, N odd and 1."""
+    from mixcon.ops.conba.chunk_torch import _block_noise
+    from mixcon.ops.conba.noise import step_key
+
+    g = torch.Generator().manual_seed(0)
+    for L, b, d, n in [(7, 3, 40, 5), (5, 2, 128, 16), (3, 1, 200, 1), (2, 4, 9, 8)]:
+        src_t = torch.randint(0, 2**31, (L, b), generator=g)
+        src_t[0, 0] = 0
+        seed = int(torch.randint(0, 2**32, (1,), generator=g))
+        xi, zeta = _block_noise(seed, src_t, d, n, "cpu")
+        keys = step_key(seed, torch.arange(b), src_t).contiguous()
+        for j in range(n + 1):
+            ref = zeta if j == n else xi[:, :, j]
+            assert torch.equal(cpu.noise(keys, d, n, j), ref), (L, b, d, n, j)
+
+
+def test_noise_transforms_match_torch_on_every_input():
+    """sqrt(−2 log u1) and cos u2 as the kernels compute them against torch's ops (those of
+    noise.normal_from_key) over all 2^24 values each uniform can take: the draw is bit for bit
+    noise.py's on this machine whatever the hash gives."""
+    import math
+
+    k = torch.arange(2**24, dtype=torch.int64)
+    u1 = (k.to(torch.float32) + 0.5) * 2.0**-24
+    u2 = k.to(torch.float32) * (2.0 * math.pi * 2.0**-24)
+    r, c = cpu.kernels().noise_transforms(u1, u2)
+    assert torch.equal(r, u1.clone().log_().mul_(-2.0).sqrt_())
+    assert torch.equal(c, u2.clone().cos_())
+
+
+@pytest.mark.parametrize("keep", [True, False], ids=["kept-states", "regenerated"])
+@pytest.mark.parametrize("P", [4, 64])
+def test_noise_is_drawn_in_the_kernels(P, keep, monkeypatch):
+    """Compiled, neither the prefill nor a training step forms noise in PyTorch (noise.py's hash is never
+    called and no op returns a (T, b, N, d) tensor but the states a noisy training forward keeps for its
+    backward); the results still match the float64 loop, with masks, forward and every gradient, whether
+    the backward reads the kept states or recomputes them, drawing the noise again."""
+    from mixcon.ops.conba import noise as noise_mod
+
+    monkeypatch.setattr(cpu, "KEEP_NOISY_STATES", keep)
+
+    x = _conba(P, "all", tau=2)
+    b, T, d = x["u"].shape
+    n = x["A"].shape[1]
+    mask = _mask(b, T)
+    state = empty_state(b, d, n, 2, x["group_size"], x["k0"], dtype=torch.float64)
+    y_ref, s_ref, g_ref = scan_with_grads(conba_scan_ref, x, state, mask, P)
+
+    def refuse(*a, **k):
+        raise AssertionError("noise formed in PyTorch")
+
+    monkeypatch.setattr(noise_mod, "normal_from_key", refuse)
+    monkeypatch.setattr(chunk_torch, "normal_from_key", refuse)
+    monkeypatch.setattr(chunk_torch, "_block_noise", refuse)
+    with torch.no_grad(), _Largest() as seen:
+        y = conba_scan_chunk_torch(**x, mask=mask, control_period=P)
+    assert seen.numel <= b * (T + 1) * d < T * b * n * d  # (the compacted line's gather adds a zero row)
+    assert rel_rms(y, y_ref) < 1e-12
+    y2, _, g2 = scan_with_grads(conba_scan_chunk_torch, x, state, mask, P)
+    assert rel_rms(y2, y_ref) < 1e-12
+    for k, a in g_ref.items():
+        if a is not None and a.abs().sum():
+            assert rel_rms(g2[k], a) < 1e-10, k
+
+
+def test_noisy_training_keeps_states_not_noise():
+    """A noisy training step saves for its backward the states of each block (the one (L, b, N, d) tensor
+    per block) and the step keys (L, b), no noise; without noise nothing of that size (as before)."""
+    T, b, d, n = 64, 2, 16, 8
+    x = conba_inputs(b=b, T=T, d=d, n=n, mechanisms=("scaling", "delay", "noise"))
+    xs = {k: (v.requires_grad_() if torch.is_tensor(v) and k in SEQ else v) for k, v in x.items()}
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        y = conba_scan(**xs, control_period=64)
+    y.sum().backward()
+    big = [t for t in saved if t.numel() >= T * b * n * d]
+    assert len(big) == 1 and big[0].shape == (T, b, n, d) and big[0].is_floating_point()
+    assert any(t.dtype == torch.int64 and t.shape == (T, b) for t in saved)  # the keys
+
+
+def test_per_step_controller_runs_in_one_call(monkeypatch):
+    """At P = 1 a training scan runs its whole line in one kernel call, the controller and its adjoint
+    inside (cpu.p1_scan), not a block and the controller's autograd per step; against the float64 loop
+    with masks, an initial gain and error, noise and every gradient."""
+    calls = []
+    p1 = cpu.p1_scan
+    monkeypatch.setattr(cpu, "p1_scan", lambda *a, **k: calls.append(1) or p1(*a, **k))
+    monkeypatch.setattr(cpu, "block_scan", lambda *a, **k: pytest.fail("a block per step"))
+    x = _conba(1, "all", tau=3, T=19)
+    b, T, d = x["u"].shape
+    g = torch.Generator().manual_seed(2)
+    state = empty_state(b, d, x["A"].shape[1], 3, x["group_size"], dtype=torch.float64)
+    state = state._replace(k=torch.rand(b, d // x["group_size"], generator=g, dtype=torch.float64),
+                           e=torch.randn(b, d, generator=g, dtype=torch.float64))
+    mask = _mask(b, T)
+    y1, s1, g1 = scan_with_grads(conba_scan_ref, x, state, mask, 1)
+    y2, s2, g2 = scan_with_grads(conba_scan_chunk_torch, x, state, mask, 1)
+    assert calls == [1]
+    tol = 1e-12
+    assert rel_rms(y2, y1) < tol
+    for f, a, c in zip(ConbaState._fields, s1, s2):
+        assert torch.equal(a, c) if f == "phase" else rel_rms(c, a) < tol, f
+    for k, a in g1.items():
+        if a is not None and a.abs().sum():
+            assert rel_rms(g2[k], a) < tol * 100, (k, rel_rms(g2[k], a))

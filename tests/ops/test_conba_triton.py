@@ -177,3 +177,12 @@ def test_gpu_batch_offsets_past_int32():
     assert torch.equal(y[2:], y_last)
     with pytest.raises(ValueError, match="2\\^31"):
         conba_scan(**{k: (v.view(1, b * T, -1) if k in SEQ else v) for k, v in x.items()}, backend="triton")
+
+
+def test_launcher_forms_no_noise(monkeypatch):
+    """The P = 1 kernels with training noise: the launcher passes the seed's key, the kernels hash ξ and ζ
+    themselves, forward and backward (regenerated there): no noise is drawn in PyTorch, and no tensor
+    larger than the same scan forms without noise."""
+    from helpers import launcher_forms_no_noise
+
+    launcher_forms_no_noise(monkeypatch, lambda xs: fr.conba_scan_triton(**xs), _inputs("all"))

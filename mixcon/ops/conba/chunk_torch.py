@@ -37,9 +37,12 @@ backward measured 2.2–2.6× faster than with the PyTorch block scan, README "K
 each task keeps one (row, 64-channel tile) state in cache over the whole time line, so no
 (L, b, N, d) tensor is formed, forward or backward (the backward recomputes the states from
 checkpoints). With a gradient, one kernel call per control period, the controller in autograd as
-above. Without one (a prefill), the whole compacted line of raw inputs goes to a single call that
-also runs the softplus, the controller at every row's own instants, D u and the gate. Without a
-compiler the PyTorch blocks below run, with the same results. Blocks stop each row at its last real
+above — except at P = 1, where the whole line is one call with the per-step controller and its adjoint
+inside the kernels (cpu.p1_scan). Without one (a prefill), the whole compacted line of raw inputs goes to a single call that
+also runs the softplus, the controller at every row's own instants, D u and the gate. The compiled
+kernels draw the training noise themselves from its keys (noise.py's, bit for bit): only the step keys
+(L, b) and ζ (L, b, d) are formed here. Without a compiler the PyTorch blocks below run, with the same
+results (the noise materialised per block by `_block_noise`). Blocks stop each row at its last real
 step, so the running state is the final state.
 
 Numerics: float32 accumulation (float64 for float64 inputs), as the reference; no cumulative
@@ -200,6 +203,23 @@ def _solve_block(dt, ut, coef, r, At, B, C, xi, h0, dl0, tau, steps, out=None):
     return y, h_last, ext_d.gather(0, idx[:, :, None, None].expand(tau, b, n, d))
 
 
+def _line_noise(seed, src_t, d, n, sigma_w, sigma_v, acc, compiled):
+    """(σ_w ξ, σ_v ζ) of the whole compacted line (positions src_t (L, b)), each None when its σ is 0. Compiled:
+    ξ as `cpu.NoiseKeys` (the kernels draw it, it is never formed) and ζ (L, b, d) from the kernels' own
+    draw; else both from `_block_noise`. Either is sliced along the line's time per block."""
+    if sigma_w == 0.0 and sigma_v == 0.0:
+        return None, None
+    if compiled:
+        from . import cpu
+
+        keys = step_key(seed, torch.arange(src_t.shape[1], dtype=torch.int64, device=src_t.device), src_t).contiguous()
+        xi = cpu.NoiseKeys(keys, sigma_w) if sigma_w > 0.0 else None
+        zeta = sigma_v * cpu.noise(keys, d, n, n).to(acc) if sigma_v > 0.0 else None
+        return xi, zeta
+    xi, zeta = _block_noise(seed, src_t, d, n, src_t.device)
+    return (sigma_w * xi.to(acc) if sigma_w > 0.0 else None, sigma_v * zeta.to(acc) if sigma_v > 0.0 else None)
+
+
 def _block_noise(seed, src_t, d, n, device):
     """(ξ (L, b, N, d), ζ (L, b, d)) keyed by (seed, b, t) with t = src_t (L, b), the original
     positions (docs/conba.md: the noise is a pure function of its key; lanes as in noise.py)."""
@@ -274,11 +294,7 @@ def conba_scan_chunk_torch(u, delta, B, C, params: ConbaParams, *, z=None, alpha
         # a prefill (no gradient): the whole line, its controller and the gate in one compiled call
         from .cpu import prefill
 
-        xi = zeta = None
-        if noisy:
-            xi, zeta = _block_noise(seed, src_t, d, n, dev)
-            xi = sigma_w * xi.to(acc) if sigma_w > 0.0 else None
-            zeta = sigma_v * zeta.to(acc) if sigma_v > 0.0 else None
+        xi, zeta = _line_noise(seed, src_t, d, n, sigma_w, sigma_v, acc, True)
         out = prefill(line(delta), delta_bias, delta_softplus, line(u), line(alpha) if alpha is not None else None,
                       rho, A.to(acc).t(), line(B), line(C), D, line(z) if z is not None else None, xi, zeta, h_init,
                       dl_init, tau, R, G, control, k, e, phase0, P, eta, lam, w_r, k_max)
@@ -300,16 +316,37 @@ def conba_scan_chunk_torch(u, delta, B, C, params: ConbaParams, *, z=None, alpha
     D_u = D.to(acc) * u_l if D is not None else None
     At = A32.t()
 
+    fused = _use_compiled(u_l)
+    # compiled, ξ is drawn inside the kernels (NoiseKeys) and ζ once for the line; else per block in PyTorch
+    xi_line, zeta_line = _line_noise(seed, src_t, d, n, sigma_w, sigma_v, acc, True) if fused else (None, None)
+
     def noise(s, L):
-        """σ_w ξ (L, b, N, d) and σ_v ζ (L, b, d) at line positions [s, s+L), or Nones."""
+        """σ_w ξ (L, b, N, d) — or its NoiseKeys — and σ_v ζ (L, b, d) at line positions [s, s+L), or Nones."""
         if not noisy:
             return None, None
-        xi, zeta = _block_noise(seed, src_t[s:s + L], d, n, dev)
-        return (sigma_w * xi.to(acc) if sigma_w > 0.0 else None,
-                sigma_v * zeta.to(acc) if sigma_v > 0.0 else None)
+        if fused:
+            return (xi_line[s:s + L] if xi_line is not None else None,
+                    zeta_line[s:s + L] if zeta_line is not None else None)
+        return _line_noise(seed, src_t[s:s + L], d, n, sigma_w, sigma_v, acc, False)
+
+    if control and P == 1 and fused and Tc > 0:
+        # the per-step controller (every step a sampling instant) inside the kernels: the whole line in one call,
+        # forward and backward, instead of a block and the controller's autograd per step
+        from .cpu import p1_scan
+
+        extra_l = D_u
+        if zeta_line is not None:
+            extra_l = zeta_line if extra_l is None else extra_l + zeta_line
+        out = p1_scan(dt_l, u_l, coef, r_l, At, B_l, C_l, xi_line, h_init, dl_init, tau, R, extra_l, w_r_f, eta_f,
+                      lam_f, k, e, G, k_max)
+        if out is not None:
+            y_l, h_run, dl_run, k, e = out
+            if extra_l is not None:
+                y_l = y_l + extra_l
+            return _finish(y_l, h_run, dl_run, k, e, mask, dst, z, acc, u, b, T, d, control,
+                           eta_f, lam_f, w_r_f, return_final_state, R, phase0, P)
 
     ys, extras = [], []
-    fused = _use_compiled(u_l)
     # without a gradient the kernel writes every block's y into one buffer (no concatenation)
     y_buf = u_l.new_empty(Tc, b, d) if fused and not _records_grad(u_l, dt_l, coef, r_l, B_l, C_l, h_init, dl_init) \
         else None

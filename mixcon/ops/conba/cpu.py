@@ -28,7 +28,12 @@ from .. import tracing
 
 from .params import keyword_interface
 
-__all__ = ["kernels", "block_scan", "decode_step", "decode_layer", "LAYER_WEIGHTS"]
+__all__ = ["kernels", "block_scan", "p1_scan", "decode_step", "decode_layer", "LAYER_WEIGHTS", "NoiseKeys", "noise"]
+
+# With training noise the forward keeps its states (L, b, N, d) for the backward instead of the backward
+# drawing every ξ again (docs/kernels.md, "Training noise on CPU": measured faster, the memory the
+# materialised noise took before). False: the backward recomputes the states and draws the noise again.
+KEEP_NOISY_STATES = True
 
 _lock = threading.Lock()
 _module = None
@@ -96,32 +101,126 @@ def _c(x: Optional[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
     return _empty(like) if x is None else x.contiguous()
 
 
+class NoiseKeys:
+    """The process noise of a block for the compiled kernels, which draw it themselves (noise.py's hash and
+    lanes, bit for bit) step by step and tile by tile, forward and again in the backward: the step keys
+    ``keys`` (L, b) (noise.step_key of each position's original time, int64) and σ_w. Sliced along time
+    like the (L, b, N, d) noise tensor it stands for."""
+
+    __slots__ = ("keys", "sigma")
+
+    def __init__(self, keys: torch.Tensor, sigma: float):
+        self.keys, self.sigma = keys, float(sigma)
+
+    @property
+    def shape(self):
+        return self.keys.shape
+
+    def __getitem__(self, index):
+        return NoiseKeys(self.keys[index], self.sigma)
+
+
+def noise(keys: torch.Tensor, d_inner: int, d_state: int, n: int) -> torch.Tensor:
+    """(L, b, d_inner) float32 standard normals of state index ``n`` (n = d_state: the observation noise ζ)
+    for step keys (L, b) — chunk_torch._block_noise's ``z[:, :, n]``, bit for bit, without the other lanes."""
+    return kernels().noise(keys.contiguous(), int(d_inner), int(d_state), int(n))
+
+
+def _noise_args(xi, like):
+    """(keys, σ_w) for the kernels: none → an empty key tensor."""
+    if xi is None:
+        return steps_none(like), 0.0
+    return xi.keys.contiguous(), xi.sigma
+
+
 class _FusedBlockScan(torch.autograd.Function):
     """(y, h_last, dl_last) of the block scan (csrc/conba_cpu.cpp): row b runs its first steps[b]
     steps, y is 0 after them, h_last = h_{steps−1} (h0 when none) and dl_last[i] = h_{steps−1−i}
-    (from the delay line dl0 before the block)."""
+    (from the delay line dl0 before the block). ``xi``: a `NoiseKeys` or None.
+
+    Without noise the backward recomputes the states from checkpoints (nothing of size (L, b, N, d) is
+    kept). With noise, recomputing them means drawing every ξ again — the dear part of a noisy step — so
+    the forward keeps its states (L, b, N, d) and the backward reads them, unless `KEEP_NOISY_STATES` is
+    False."""
 
     @staticmethod
     def forward(ctx, dt, ut, coef, r, At, B, C, xi, h0, dl0, steps, tau):
         ctx.set_materialize_grads(False)
-        args = [_c(x, dt) for x in (dt, ut, coef, r, At, B, C, xi, h0, dl0)]
+        args = [_c(x, dt) for x in (dt, ut, coef, r, At, B, C)]
+        keys, sigma = _noise_args(xi, dt)
+        state = [_c(x, dt) for x in (h0, dl0)]
         st = steps.contiguous() if steps is not None else steps_none(dt)
-        y, h_last, dl_last = kernels().scan_fwd(*args, st, tau, _empty(dt))
-        ctx.save_for_backward(*args, st)
-        ctx.tau = tau
+        keep = xi is not None and KEEP_NOISY_STATES
+        hs = dt.new_empty(dt.shape[0], dt.shape[1], At.shape[0], dt.shape[2]) if keep else _empty(dt)
+        y, h_last, dl_last = kernels().scan_fwd(*args, keys, sigma, *state, st, tau, _empty(dt), hs)
+        ctx.save_for_backward(*args, keys, *state, st, hs)
+        ctx.tau, ctx.sigma = tau, sigma
         ctx.has = (coef is not None, r is not None)
         return y, h_last, dl_last
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, gy, gh, gdl):
-        *args, st = ctx.saved_tensors
+        *args, keys, h0, dl0, st, hs = ctx.saved_tensors
         like = args[0]
         gdt, gu, gcoef, gr, gAt, gB, gC, gh0, gdl0 = kernels().scan_bwd(
-            *args, st, ctx.tau, _c(gy, like), _c(gh, like), _c(gdl, like) if ctx.tau > 0 else _empty(like))
+            *args, keys, ctx.sigma, h0, dl0, st, ctx.tau, _c(gy, like), _c(gh, like),
+            _c(gdl, like) if ctx.tau > 0 else _empty(like), hs)
         has_coef, has_r = ctx.has
         return (gdt, gu, gcoef if has_coef else None, gr if has_r else None, gAt, gB, gC, None, gh0,
                 gdl0 if ctx.tau > 0 else None, None, None)
+
+
+class _FusedP1Scan(torch.autograd.Function):
+    """The block scan of a whole line with the per-step controller (control period 1) inside the kernels
+    (csrc/conba_cpu.cpp, Ctl1): f_t = k_t tanh(e_{t−1}) subtracted from u_t, the error e_t = y_t + extra_t −
+    w_r u_t and the gain law after every step. Returns (y, h_last, dl_last, k, e) — y without ``extra``
+    (D u + σ_v ζ), k and e after each row's last step. The kernels keep k_t and e_t of every step (the size
+    of y) for the backward, which runs the controller's adjoint inside the plant's."""
+
+    @staticmethod
+    def forward(ctx, dt, ut, coef, r, At, B, C, xi, h0, dl0, steps, tau, extra, w_r, eta, lam, k0, e0, G, k_max):
+        ctx.set_materialize_grads(False)
+        args = [_c(x, dt) for x in (dt, ut, coef, r, At, B, C)]
+        keys, sigma = _noise_args(xi, dt)
+        state = [_c(x, dt) for x in (h0, dl0)]
+        ctl = [_c(x, dt) for x in (extra, w_r, eta, lam, k0, e0)]
+        st = steps.contiguous() if steps is not None else steps_none(dt)
+        keep = xi is not None and KEEP_NOISY_STATES
+        hs = dt.new_empty(dt.shape[0], dt.shape[1], At.shape[0], dt.shape[2]) if keep else _empty(dt)
+        y, h_last, dl_last, kT, eT, K, E = kernels().p1_fwd(*args, keys, sigma, *state, st, tau, hs, ctl, G, k_max)
+        ctx.save_for_backward(*args, keys, *state, st, hs, *ctl, K, E)
+        ctx.tau, ctx.sigma, ctx.G, ctx.k_max = tau, sigma, G, k_max
+        ctx.has = (coef is not None, r is not None, extra is not None, w_r is not None, eta is not None,
+                   lam is not None)
+        return y, h_last, dl_last, kT, eT
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, gy, gh, gdl, gk, ge):
+        saved = ctx.saved_tensors
+        args, (keys, h0, dl0, st, hs), ctl = saved[:7], saved[7:12], saved[12:]
+        like = args[0]
+        out = kernels().p1_bwd(*args, keys, ctx.sigma, h0, dl0, st, ctx.tau, _c(gy, like), _c(gh, like),
+                               _c(gdl, like) if ctx.tau > 0 else _empty(like), hs,
+                               [*ctl, _c(gk, like), _c(ge, like)], ctx.G, ctx.k_max)
+        gdt, gu, gcoef, gr, gAt, gB, gC, gh0, gdl0, g_extra, gw_r, geta, glam, gk0, ge0 = out
+        has_coef, has_r, has_extra, has_wr, has_eta, has_lam = ctx.has
+        return (gdt, gu, gcoef if has_coef else None, gr if has_r else None, gAt, gB, gC, None, gh0,
+                gdl0 if ctx.tau > 0 else None, None, None, g_extra if has_extra else None, gw_r if has_wr else None,
+                geta if has_eta else None, glam if has_lam else None, gk0, ge0, None, None)
+
+
+def p1_scan(dt, ut, coef, r, At, B, C, xi, h0, dl0, tau, steps, extra, w_r, eta, lam, k0, e0, G, k_max):
+    """The whole compacted line with the per-step controller (P = 1) in the kernels, forward and backward
+    (`_FusedP1Scan`), or None where a tile would split a control group (then the blocks run)."""
+    tile = 64 if dt.dtype == torch.float32 else 32
+    if tile % G or kernels() is None or not hasattr(kernels(), "p1_fwd"):
+        return None
+    if tau == 0:
+        r, dl0 = None, None
+    return _FusedP1Scan.apply(dt, ut, coef, r, At, B, C, xi, h0, dl0, steps, tau, extra, w_r, eta, lam, k0, e0,
+                              int(G), float(k_max))
 
 
 def steps_none(like: torch.Tensor) -> torch.Tensor:
@@ -129,16 +228,18 @@ def steps_none(like: torch.Tensor) -> torch.Tensor:
 
 
 def block_scan(dt, ut, coef, r, At, B, C, xi, h0, dl0, tau, steps=None, out=None):
-    """The fused block scan; see `_FusedBlockScan`. dl0 (τ, b, N, d) is ignored when τ = 0. ``out``: a
-    contiguous (L, b, d) tensor that receives y, used only when no gradient is recorded (a prefill
-    writes every block into one buffer instead of concatenating them)."""
+    """The fused block scan; see `_FusedBlockScan`. ``xi``: the process noise as a `NoiseKeys`, or None.
+    dl0 (τ, b, N, d) is ignored when τ = 0. ``out``: a contiguous (L, b, d) tensor that receives y, used
+    only when no gradient is recorded (a prefill writes every block into one buffer instead of
+    concatenating them)."""
     if tau == 0:
         r, dl0 = None, None
-    xs = (dt, ut, coef, r, At, B, C, xi, h0, dl0)
+    xs = (dt, ut, coef, r, At, B, C, h0, dl0)
     if out is not None and not (torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in xs)):
         st = steps.contiguous() if steps is not None else steps_none(dt)
-        return kernels().scan_fwd(*[_c(x, dt) for x in xs], st, tau, out)
-    return _FusedBlockScan.apply(*xs, steps, tau)
+        a = [_c(x, dt) for x in xs]
+        return kernels().scan_fwd(*a[:7], *_noise_args(xi, dt), *a[7:], st, tau, out, _empty(dt))
+    return _FusedBlockScan.apply(dt, ut, coef, r, At, B, C, xi, h0, dl0, steps, tau)
 
 
 @keyword_interface("state", "u", "delta")
@@ -170,8 +271,9 @@ def prefill(delta, delta_bias, softplus, u, alpha, rho, At, B, C, D, z, xi, zeta
     """A whole compacted line in one call, forward only (no gradient), from the raw per-token inputs
     (time-major (L, b, ·); alpha per group): Δ = softplus(δ + bias), the decay, the delay line, the
     held signal and each row's sampling instants ((phase0 + t + 1) % P == 0) with the error and gain
-    law, y + D u (+ ζ), gated by silu(z). Returns (y, h_last, dl_last, k, e), or None where a tile
-    would split a control group (then the block path runs)."""
+    law, y + D u (+ ζ), gated by silu(z). ``xi``: the process noise as a `NoiseKeys` (drawn in the
+    kernel) or None; ``zeta``: σ_v ζ (L, b, d) or None. Returns (y, h_last, dl_last, k, e), or None
+    where a tile would split a control group (then the block path runs)."""
     tile = 64 if delta.dtype == torch.float32 else 32
     if tile % G:
         return None
@@ -183,8 +285,9 @@ def prefill(delta, delta_bias, softplus, u, alpha, rho, At, B, C, D, z, xi, zeta
     return kernels().prefill(
         _c(delta, like), _c(delta_bias.to(like.dtype) if delta_bias is not None else None, like), bool(softplus),
         _c(u, like), _c(alpha, like), _c(rho.to(like.dtype) if rho is not None else None, like), _c(At, like),
-        _c(B, like), _c(C, like), _c(D.to(like.dtype) if D is not None else None, like), _c(z, like), _c(xi, like),
-        _c(zeta, like), _c(h0, like), _c(dl0, like), st, int(tau), int(G), bool(control), _c(k0, like), _c(e0, like),
+        _c(B, like), _c(C, like), _c(D.to(like.dtype) if D is not None else None, like), _c(z, like),
+        *_noise_args(xi, like), _c(zeta, like), _c(h0, like), _c(dl0, like), st, int(tau), int(G), bool(control),
+        _c(k0, like), _c(e0, like),
         ph, int(P), *(_c(x.to(like.dtype) if x is not None else None, like) for x in (eta, lam, w_r)), float(k_max))
 
 

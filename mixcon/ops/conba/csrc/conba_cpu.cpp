@@ -11,11 +11,21 @@
 // delay line apart). Work is split into tasks of (row, tile of channels); a task keeps its tile's
 // state in a small buffer and runs the whole time line over it, so nothing of size (L, b, N, d) is
 // ever formed. The backward recomputes the states from checkpoints taken every SEG steps.
+//
+// Training noise (docs/conba.md, step 6; noise.py is the definition) is drawn inside the kernels from
+// its key, step by step and tile by tile, as the Triton kernels do: the process noise ξ is never
+// stored, the backward draws it again where it recomputes the states.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/vec.h>
 
+#ifndef _WIN32
+#include <dlfcn.h>
+#endif
+
 #include <algorithm>
+#include <cmath>
+#include <cstdint>
 #include <cstring>
 #include <vector>
 
@@ -24,6 +34,148 @@ using at::vec::Vectorized;
 namespace {
 
 constexpr int64_t SEG = 32;  // steps per recompute segment of the backward (>= the largest delay)
+
+// ---------------------------------------------------------------------------------------------
+// The counter-based noise of noise.py, bit for bit: lane = c·(N + 1) + n (n = N: the observation noise
+// ζ), h1 = mix32(lane ^ key), h2 = mix32(h1 ^ salt), u1 = ((h1 >> 8) + 0.5) 2^−24, u2 = (h2 >> 8) 2π 2^−24
+// (float32, rounded as torch rounds them), normal = sqrt(−2 log u1) cos u2. The log, the sqrt and the cos
+// must be the ones torch computes for a contiguous float32 tensor: MKL's vector math (high accuracy) in a
+// torch built with MKL — found in the loaded libtorch_cpu at run time — else ATen's vectorised functions.
+// (MKL's sqrt is not the correctly rounded one: on this project's machine it differs from it in 2.9M of
+// the 2^24 inputs the hash can give; tests/ops/test_conba_cpu.py compares the draw with noise.py bit for
+// bit, and each transform with torch's over all 2^24 inputs.)
+constexpr uint32_t SECOND_DRAW_SALT = 0x68E31DA4u;
+
+inline uint32_t mix32(uint32_t x) {
+  x ^= x >> 16;
+  x *= 0x7FEB352Du;
+  x ^= x >> 15;
+  x *= 0x846CA68Bu;
+  x ^= x >> 16;
+  return x;
+}
+
+using vml_fn = void (*)(const long long*, const float*, float*, const long long*);
+
+struct Vml {
+  vml_fn ln = nullptr, sqrt = nullptr, cos = nullptr;
+};
+
+const Vml& vml() {
+  static const Vml v = [] {
+    Vml r;
+#ifndef _WIN32
+    void* lib = dlopen("libtorch_cpu.so", RTLD_NOW | RTLD_NOLOAD);
+    for (void* h : {lib, RTLD_DEFAULT}) {
+      if (!h || r.ln) continue;
+      // the 64-bit-count interface of vmsLn, vmsSqrt, vmsCos
+      r.ln = reinterpret_cast<vml_fn>(dlsym(h, "VMSLN_64_"));
+      r.sqrt = reinterpret_cast<vml_fn>(dlsym(h, "VMSSQRT_64_"));
+      r.cos = reinterpret_cast<vml_fn>(dlsym(h, "VMSCOS_64_"));
+      if (!r.ln || !r.sqrt || !r.cos) r.ln = r.sqrt = r.cos = nullptr;
+    }
+#endif
+    return r;
+  }();
+  return v;
+}
+
+// as at::vml: high accuracy, denormals kept, errors ignored (VML_HA | VML_FTZDAZ_OFF | VML_ERRMODE_IGNORE)
+constexpr long long VML_MODE = 0x00000002 | 0x00140000 | 0x00000100;
+
+// x ← sqrt(−2 log x), c ← cos c over n floats, as noise.py's torch ops compute them (−2 log x is exact)
+inline void radius_cos(float* x, float* c, int64_t n) {
+  using V = Vectorized<float>;
+  const Vml& m = vml();
+  if (m.ln) {
+    const long long cnt = n;
+    m.ln(&cnt, x, x, &VML_MODE);
+    for (int64_t i = 0; i < n; i += V::size()) {
+      const int64_t k = std::min<int64_t>(V::size(), n - i);
+      (V::loadu(x + i, k) * V(-2.0f)).store(x + i, k);
+    }
+    m.sqrt(&cnt, x, x, &VML_MODE);
+    m.cos(&cnt, c, c, &VML_MODE);
+    return;
+  }
+  for (int64_t i = 0; i < n; i += V::size()) {
+    const int64_t k = std::min<int64_t>(V::size(), n - i);
+    (V::loadu(x + i, k).log() * V(-2.0f)).sqrt().store(x + i, k);
+    V::loadu(c + i, k).cos().store(c + i, k);
+  }
+}
+
+constexpr float U_SCALE = 5.9604644775390625e-08f;                          // 2^−24
+constexpr float ANGLE_SCALE = static_cast<float>(2.0 * M_PI * 5.9604644775390625e-08);  // as torch rounds 2π 2^−24
+
+// the two uniforms of one (key, lane)
+inline void uniforms(uint32_t key, uint32_t lane, float& u1, float& u2) {
+  const uint32_t h1 = mix32(lane ^ key), h2 = mix32(h1 ^ SECOND_DRAW_SALT);
+  // h >> 8 < 2^24: exact through int32 (which vectorises, where uint32 → float does not under AVX2)
+  u1 = (static_cast<float>(static_cast<int32_t>(h1 >> 8)) + 0.5f) * U_SCALE;  // in (0, 1]: the add rounds as float32
+  u2 = static_cast<float>(static_cast<int32_t>(h2 >> 8)) * ANGLE_SCALE;
+}
+
+// out[i] = σ · normal(u1[i], u2[i]), the normal in float32 (then in T, as `sigma * xi.to(acc)`);
+// u1 and u2 are overwritten
+template <typename T>
+inline void box_muller(float* u1, float* u2, int64_t n, T sigma, T* out) {
+  radius_cos(u1, u2, n);
+  for (int64_t i = 0; i < n; ++i) out[i] = sigma * static_cast<T>(u1[i] * u2[i]);
+}
+
+// The noise of one scan: keys (L, b), uint32 values of noise.step_key in int64, and the process noise's σ
+// (T(0): none). A task draws ξ of its (N, TW) tile for one step into `buf`.
+template <typename T>
+struct Noise {
+  const int64_t* keys = nullptr;
+  T sigma = T(0);
+  int64_t b = 0, N = 0;
+  explicit operator bool() const { return keys != nullptr; }
+};
+
+template <typename T>
+struct NoiseScratch {
+  std::vector<float> u1, u2;
+  std::vector<T> xi;
+  explicit NoiseScratch(int64_t size) : u1(size), u2(size), xi(size) {}
+};
+
+// ξ_t of the tile (N rows of TW channels from c0; channels past d draw finite values that are never read)
+template <typename T>
+inline const T* draw_tile(const Noise<T>& nz, int64_t t, int64_t bi, int64_t c0, NoiseScratch<T>& sc, int64_t TW) {
+  const uint32_t key = static_cast<uint32_t>(nz.keys[t * nz.b + bi]);
+  const int64_t N = nz.N;
+  const uint32_t stride = static_cast<uint32_t>(N + 1);  // lanes wrap to 32 bits, as noise.py's int32 copy
+  for (int64_t n = 0; n < N; ++n) {
+    float* a = sc.u1.data() + n * TW;
+    float* c = sc.u2.data() + n * TW;
+    const uint32_t lane0 = static_cast<uint32_t>(c0 * (N + 1) + n);
+    for (int64_t j = 0; j < TW; ++j) uniforms(key, lane0 + static_cast<uint32_t>(j) * stride, a[j], c[j]);
+  }
+  box_muller(sc.u1.data(), sc.u2.data(), N * TW, nz.sigma, sc.xi.data());
+  return sc.xi.data();
+}
+
+// The per-step controller (P = 1) of a training scan, run inside the kernels (docs/conba.md, step 6): at
+// every real step t, f_t = k_t tanh(e_{t−1}) (per channel, k per group of G), the plant's input u_t − f_t,
+// the measured output m_t = y_t + extra_t (extra: D u + σ_v ζ), e_t = m_t − w_r u_t and
+// k_{t+1} = clamp((1 − λ) k_t + η ‖e_t[group]‖₂ / √G, 0, k_max). The forward keeps k_t and e_t of every step
+// (sizes of y) for the backward, which runs the controller's adjoint with the plant's.
+template <typename T>
+struct Ctl1 {
+  const T* extra = nullptr;                                    // (L, b, d) or null
+  const T* w_r = nullptr; const T* eta = nullptr; const T* lam = nullptr;  // (d), (ng), (ng); null: 1, 0, 0
+  const T* k0 = nullptr; const T* e0 = nullptr;                // (b, ng), (b, d)
+  T* K = nullptr; T* E = nullptr;                              // (L, b, ng) k_t, (L, b, d) e_t
+  T* kT = nullptr; T* eT = nullptr;                            // (b, ng), (b, d): after each row's last step
+  const T* gkT = nullptr; const T* geT = nullptr;              // their gradients, or null
+  T* g_extra = nullptr; T* gw_r = nullptr;                     // (L, b, d), (b, d) per row
+  T* geta = nullptr; T* glam = nullptr; T* gk0 = nullptr;      // (b, ng) per row
+  T* ge0 = nullptr;                                            // (b, d)
+  int64_t G = 1;
+  T k_max = T(0);
+};
 
 template <typename T>
 struct Scan {
@@ -34,7 +186,9 @@ struct Scan {
   const T* At;     // (N, d)
   const T* B;      // (L, b, N)
   const T* C;      // (L, b, N)
-  const T* xi;     // (L, b, N, d) or null
+  Noise<T> noise;  // the process noise, drawn per step and tile (keys null: none)
+  T* hs;           // (L, b, N, d) or null: every state, written by a training forward with noise, read by its backward
+  const Ctl1<T>* c1 = nullptr;  // the per-step controller (P = 1), or null: the plant's input is u as given
   const T* h0;     // (b, N, d)
   const T* dl0;    // (tau, b, N, d)
   const int64_t* steps;  // (b,) or null (L)
@@ -82,7 +236,7 @@ inline void add_tile(T* dst, const T* src, int64_t N, int64_t d, int64_t c0, int
 }
 
 // One step's inputs for one tile, already offset to (t, row, first channel): dt, u, coef, r (w values;
-// coef, r may be null), B, C (N values), xi (N rows of stride d, or null).
+// coef, r may be null), B, C (N values), xi (N rows of stride TW, the tile's drawn noise, or null).
 template <typename T>
 struct StepIn {
   const T* dt; const T* u; const T* coef; const T* r; const T* B; const T* C; const T* xi;
@@ -92,7 +246,7 @@ template <typename T>
 inline StepIn<T> step_in(const Scan<T>& s, int64_t t, int64_t bi, int64_t c0) {
   const int64_t row = t * s.b + bi, off = row * s.d + c0;
   return {s.dt + off, s.u + off, s.coef ? s.coef + off : nullptr, s.r ? s.r + off : nullptr, s.B + row * s.N,
-          s.C + row * s.N, s.xi ? s.xi + row * s.N * s.d + c0 : nullptr};
+          s.C + row * s.N, nullptr};
 }
 
 // One step of one tile: hc = a ⊙ hp + r ⊙ hd + Δ (u − f) B (+ ξ); y (w values) when yout; exp(Δ A) into
@@ -116,7 +270,7 @@ inline void step_tile(const StepIn<T>& in, const T* At, int64_t d, int64_t N, in
       const V e = (dtv * V::loadu(At + n * d + v, cnt)).exp_u20();
       V h = (e * cf) * V::loadu(hp + n * TW + v) + x * V(in.B[n]);
       if (hd) h = h + rv * V::loadu(hd + n * TW + v);
-      if (in.xi) h = h + V::loadu(in.xi + n * d + v, cnt);
+      if (in.xi) h = h + V::loadu(in.xi + n * TW + v);
       h.store(hc + n * TW + v);
       if (ebuf) e.store(ebuf + n * TW + v);
       y = y + V(in.C[n]) * h;
@@ -138,17 +292,62 @@ inline void init_history(const Scan<T>& s, int64_t bi, int64_t c0, int64_t w, T*
   }
 }
 
+// f_t = k_t tanh(e_{t−1}) of the tile from the kept k_t and e_{t−1} (e0 at t = 0); te: tanh(e_{t−1}) when given
+template <typename T>
+inline void held_p1(const Scan<T>& s, int64_t t, int64_t bi, int64_t c0, int64_t w, T* f, T* te = nullptr) {
+  const Ctl1<T>& c = *s.c1;
+  const int64_t ng = s.d / c.G;
+  const T* kt = c.K + (t * s.b + bi) * ng + c0 / c.G;
+  const T* ep = t == 0 ? c.e0 + bi * s.d + c0 : c.E + ((t - 1) * s.b + bi) * s.d + c0;
+  for (int64_t j = 0; j < w; ++j) {
+    const T th = std::tanh(ep[j]);
+    f[j] = kt[j / c.G] * th;
+    if (te) te[j] = th;
+  }
+}
+
 template <typename T>
 inline void run_segment(const Scan<T>& s, int64_t bi, int64_t c0, int64_t w, int64_t s0, int64_t len, T* H,
-                        const T* H0, T* y, T* E) {
+                        const T* H0, T* y, T* E, NoiseScratch<T>* ns) {
   constexpr int64_t TW = tile_width<T>();
   const int64_t R = s.N * TW, hist = std::max<int64_t>(s.tau, 1);
+  std::vector<T> f(s.c1 ? TW : 0, T(0));
   for (int64_t k = 0; k < len; ++k) {
     const int64_t t = s0 + k;
     const T* hp = t == 0 ? H0 : H + (hist + k - 1) * R;
     const T* hd = s.tau > 0 ? H + (hist + k - s.tau) * R : nullptr;
-    step_tile(step_in(s, t, bi, c0), s.At + c0, s.d, s.N, w, hp, hd, H + (hist + k) * R,
-              y ? y + (t * s.b + bi) * s.d + c0 : nullptr, E ? E + k * R : nullptr);
+    StepIn<T> in = step_in(s, t, bi, c0);
+    if (s.noise) in.xi = draw_tile(s.noise, t, bi, c0, *ns, TW);
+    if (s.c1) held_p1(s, t, bi, c0, w, f.data());
+    step_tile(in, s.At + c0, s.d, s.N, w, hp, hd, H + (hist + k) * R,
+              y ? y + (t * s.b + bi) * s.d + c0 : nullptr, E ? E + k * R : nullptr, s.c1 ? f.data() : nullptr);
+    if (s.hs) store_tile(s.hs + (t * s.b + bi) * s.N * s.d, H + (hist + k) * R, s.N, s.d, c0, w);
+  }
+}
+
+// The backward's segment from the states the forward kept (s.hs): H's rows as run_segment would leave them
+// (history rows before t = 0 from `init`, the rows init_history filled) and exp(Δ_t A) into E, as step_tile
+// computes it; no step, no noise drawn again.
+template <typename T>
+inline void load_segment(const Scan<T>& s, int64_t bi, int64_t c0, int64_t w, int64_t s0, int64_t len, T* H,
+                         const T* init, T* E) {
+  using V = Vectorized<T>;
+  constexpr int64_t VS = V::size();
+  constexpr int64_t TW = tile_width<T>();
+  const int64_t R = s.N * TW, NS = s.N * s.d, hist = std::max<int64_t>(s.tau, 1);
+  for (int64_t j = 0; j < hist + len; ++j) {
+    const int64_t t = s0 - hist + j;
+    if (t >= 0) load_tile(H + j * R, s.hs + (t * s.b + bi) * NS, s.N, s.d, c0, w);
+    else std::memcpy(H + j * R, init + (t + hist) * R, R * sizeof(T));
+  }
+  for (int64_t k = 0; k < len; ++k) {
+    const T* dt = s.dt + ((s0 + k) * s.b + bi) * s.d + c0;
+    for (int64_t v = 0; v < w; v += VS) {
+      const int64_t cnt = std::min(VS, w - v);
+      const V dtv = V::loadu(dt + v, cnt);
+      for (int64_t n = 0; n < s.N; ++n)
+        (dtv * V::loadu(s.At + c0 + n * s.d + v, cnt)).exp_u20().store(E + k * R + n * TW + v);
+    }
   }
 }
 
@@ -157,13 +356,15 @@ void scan_fwd_task(const Scan<T>& s, int64_t bi, int64_t c0, int64_t w, T* y, T*
   constexpr int64_t TW = tile_width<T>();
   const int64_t R = s.N * TW, NS = s.N * s.d, hist = std::max<int64_t>(s.tau, 1);
   const int64_t Lb = row_steps(s, bi);
-  std::vector<T> Hv((hist + SEG) * R), H0v(R);
+  // rows for the longest segment this row has (a block of P = 1 is one step: no SEG-long buffers to fill)
+  std::vector<T> Hv((hist + std::min(SEG, Lb)) * R), H0v(R);
+  NoiseScratch<T> ns(s.noise ? R : 0);
   T* H = Hv.data();
   init_history(s, bi, c0, w, H, H0v.data());
   int64_t last = hist - 1;  // row of h_{Lb−1} in H
   for (int64_t s0 = 0; s0 < Lb; s0 += SEG) {
     const int64_t len = std::min(SEG, Lb - s0);
-    run_segment(s, bi, c0, w, s0, len, H, H0v.data(), y, static_cast<T*>(nullptr));
+    run_segment(s, bi, c0, w, s0, len, H, H0v.data(), y, static_cast<T*>(nullptr), &ns);
     last = hist + len - 1;
     if (s0 + len < Lb) {
       std::memmove(H, H + len * R, hist * R * sizeof(T));
@@ -174,6 +375,56 @@ void scan_fwd_task(const Scan<T>& s, int64_t bi, int64_t c0, int64_t w, T* y, T*
   store_tile(h_last + bi * NS, Lb > 0 ? H + last * R : H0v.data(), s.N, s.d, c0, w);
   for (int64_t i = 0; i < s.tau; ++i)  // dl_last[i] = h_{Lb−1−i}: history rows below `last`
     store_tile(dl_last + (i * s.b + bi) * NS, H + (last - i) * R, s.N, s.d, c0, w);
+}
+
+// A training forward with the per-step controller (P = 1): the plant step by step, the controller between
+// steps (the task holds whole groups), k_t and e_t kept for the backward.
+template <typename T>
+void p1_fwd_task(const Scan<T>& s, int64_t bi, int64_t c0, int64_t w, T* y, T* h_last, T* dl_last) {
+  using V = Vectorized<T>;
+  constexpr int64_t TW = tile_width<T>();
+  const Ctl1<T>& c = *s.c1;
+  const int64_t R = s.N * TW, NS = s.N * s.d, hist = std::max<int64_t>(s.tau, 1), ring = hist + 1;
+  const int64_t G = c.G, ng = s.d / G, g0 = c0 / G, ngt = (w + G - 1) / G;
+  const int64_t Lb = row_steps(s, bi);
+  std::vector<T> Hv(ring * R), H0v(R), k(ngt), e(w), f(TW, T(0)), yb(TW, T(0));
+  NoiseScratch<T> ns(s.noise ? R : 0);
+  T* H = Hv.data();
+  init_history(s, bi, c0, w, H, H0v.data());
+  auto row = [&](int64_t t) { return H + ((t + hist) % ring + ring) % ring * R; };
+  for (int64_t j = 0; j < ngt; ++j) k[j] = c.k0[bi * ng + g0 + j];
+  for (int64_t j = 0; j < w; ++j) e[j] = c.e0[bi * s.d + c0 + j];
+  for (int64_t t = 0; t < Lb; ++t) {
+    const int64_t rw = t * s.b + bi, off = rw * s.d + c0;
+    for (int64_t j = 0; j < w; ++j) f[j] = k[j / G] * std::tanh(e[j]);
+    std::copy(k.begin(), k.end(), c.K + rw * ng + g0);
+    StepIn<T> in = step_in(s, t, bi, c0);
+    if (s.noise) in.xi = draw_tile(s.noise, t, bi, c0, ns, TW);
+    const T* hp = t == 0 ? H0v.data() : row(t - 1);
+    const T* hd = s.tau > 0 ? row(t - s.tau) : nullptr;
+    step_tile(in, s.At + c0, s.d, s.N, w, hp, hd, row(t), yb.data(), static_cast<T*>(nullptr), f.data());
+    if (s.hs) store_tile(s.hs + rw * NS, row(t), s.N, s.d, c0, w);
+    std::memcpy(y + off, yb.data(), w * sizeof(T));
+    const T* ut = s.u + off;
+    for (int64_t j = 0; j < ngt; ++j) {  // the error of every channel, the gain law of every group
+      T ss = 0;
+      for (int64_t i = j * G; i < std::min(w, (j + 1) * G); ++i) {
+        const T m = yb[i] + (c.extra ? c.extra[off + i] : T(0));
+        const T et = m - (c.w_r ? c.w_r[c0 + i] : T(1)) * ut[i];
+        e[i] = et;
+        ss += et * et;
+      }
+      const T rms = std::sqrt(ss + T(1e-12)) / std::sqrt(T(G));
+      const T lam = c.lam ? c.lam[g0 + j] : T(0), eta = c.eta ? c.eta[g0 + j] : T(0);
+      k[j] = std::min(std::max((T(1) - lam) * k[j] + eta * rms, T(0)), c.k_max);
+    }
+    std::memcpy(c.E + off, e.data(), w * sizeof(T));
+  }
+  for (int64_t t = Lb; t < s.L; ++t) std::fill_n(y + (t * s.b + bi) * s.d + c0, w, T(0));
+  store_tile(h_last + bi * NS, Lb > 0 ? row(Lb - 1) : H0v.data(), s.N, s.d, c0, w);
+  for (int64_t i = 0; i < s.tau; ++i) store_tile(dl_last + (i * s.b + bi) * NS, row(Lb - 1 - i), s.N, s.d, c0, w);
+  for (int64_t j = 0; j < ngt; ++j) c.kT[bi * ng + g0 + j] = k[j];
+  for (int64_t j = 0; j < w; ++j) c.eT[bi * s.d + c0 + j] = e[j];
 }
 
 // The controller of docs/conba.md (6) inside the forward (no gradient): a task holds whole control
@@ -214,6 +465,7 @@ void prefill_task(const Scan<T>& s, const Raw<T>& q, const Ctl<T>* c, int64_t bi
   const int64_t ring = hist + 1;
   std::vector<T> Hv(ring * R), H0v(R), k(c ? ngt : 0), e(c ? w : 0), f(TW, T(0)), dtb(TW, T(0)), cfb(TW, T(1)),
       rb(TW, T(0)), yb(TW, T(0));
+  NoiseScratch<T> ns(s.noise ? R : 0);
   T* H = Hv.data();
   init_history(s, bi, c0, w, H, H0v.data());
   auto row = [&](int64_t t) { return H + ((t + hist) % ring + ring) % ring * R; };
@@ -250,6 +502,7 @@ void prefill_task(const Scan<T>& s, const Raw<T>& q, const Ctl<T>* c, int64_t bi
     in.dt = dtb.data();
     in.coef = (q.alpha || q.rho) ? cfb.data() : nullptr;
     in.r = q.rho ? rb.data() : nullptr;
+    if (s.noise) in.xi = draw_tile(s.noise, t, bi, c0, ns, TW);
     const T* hp = t == 0 ? H0v.data() : row(t - 1);
     const T* hd = s.tau > 0 ? row(t - s.tau) : nullptr;
     step_tile(in, s.At + c0, s.d, s.N, w, hp, hd, row(t), yb.data(), static_cast<T*>(nullptr), c ? f.data() : nullptr);
@@ -315,24 +568,38 @@ void scan_bwd_task(const Scan<T>& s, const Grads<T>& g, int64_t bi, int64_t tile
   const int64_t R = s.N * TW, NS = s.N * s.d, N = s.N, tau = s.tau, hist = std::max<int64_t>(tau, 1);
   const int64_t Lb = row_steps(s, bi);
   const int64_t nseg = (Lb + SEG - 1) / SEG;
-  std::vector<T> Hv((hist + SEG) * R), H0v(R), Ev(SEG * R), Lv((hist + SEG) * R, T(0)), ckv(nseg * hist * R);
+  const int64_t rows = std::min(SEG, Lb);  // the longest segment (buffers of a short block stay short)
+  std::vector<T> Hv((hist + rows) * R), H0v(R), Ev(rows * R), Lv((hist + rows) * R, T(0)), ckv(s.hs ? 0 : nseg * hist * R);
   std::vector<T> gA(R, T(0)), gh0(R, T(0)), tmp(R), gBv(N * VS), gCv(N * VS);
+  NoiseScratch<T> ns(s.noise && !s.hs ? R : 0);
+  // the per-step controller's adjoint (P = 1): ge_prev holds what reaches e_{t−1} through f_t, gk_next the
+  // adjoint of k_{t+1}
+  const Ctl1<T>* c1 = s.c1;
+  const int64_t G = c1 ? c1->G : 1, ngt = c1 ? (w + G - 1) / G : 0, ngr = c1 ? s.d / G : 0, g0 = c0 / G;
+  std::vector<T> fb(c1 ? TW : 0, T(0)), te(c1 ? TW : 0), ge(c1 ? TW : 0), gyb(c1 ? TW : 0, T(0)),
+      ge_prev(c1 ? TW : 0, T(0)), gk_next(ngt, T(0)), gk_carry(ngt, T(0)), gk_t(ngt, T(0));
   T *H = Hv.data(), *H0 = H0v.data(), *E = Ev.data(), *Lam = Lv.data();
   init_history(s, bi, c0, w, H, H0);
-  // checkpoints: the history rows at the start of every segment
-  for (int64_t sg = 0; sg < nseg; ++sg) {
+  std::vector<T> init;  // kept states: the history before t = 0, as init_history left it
+  if (s.hs) init.assign(H, H + hist * R);
+  // checkpoints: the history rows at the start of every segment (kept states: none needed)
+  for (int64_t sg = 0; sg < (s.hs ? 0 : nseg); ++sg) {
     const int64_t s0 = sg * SEG, len = std::min(SEG, Lb - s0);
     std::memcpy(ckv.data() + sg * hist * R, H, hist * R * sizeof(T));
     if (sg + 1 < nseg) {
-      run_segment(s, bi, c0, w, s0, len, H, H0, static_cast<T*>(nullptr), static_cast<T*>(nullptr));
+      run_segment(s, bi, c0, w, s0, len, H, H0, static_cast<T*>(nullptr), static_cast<T*>(nullptr), &ns);
       std::memmove(H, H + len * R, hist * R * sizeof(T));
     }
   }
   // the final state's gradients enter at t = Lb − 1 (h) and t = Lb − 1 − i (delay line)
   for (int64_t sg = nseg - 1; sg >= 0; --sg) {
     const int64_t s0 = sg * SEG, len = std::min(SEG, Lb - s0);
-    std::memcpy(H, ckv.data() + sg * hist * R, hist * R * sizeof(T));
-    run_segment(s, bi, c0, w, s0, len, H, H0, static_cast<T*>(nullptr), E);
+    if (s.hs) {
+      load_segment(s, bi, c0, w, s0, len, H, init.data(), E);
+    } else {
+      std::memcpy(H, ckv.data() + sg * hist * R, hist * R * sizeof(T));
+      run_segment(s, bi, c0, w, s0, len, H, H0, static_cast<T*>(nullptr), E, &ns);
+    }
     for (int64_t k = len - 1; k >= 0; --k) {
       const int64_t t = s0 + k, row = t * s.b + bi, off = row * s.d + c0;
       T* lam = Lam + (hist + k) * R;
@@ -353,14 +620,43 @@ void scan_bwd_task(const Scan<T>& s, const Grads<T>& g, int64_t bi, int64_t tile
       const T* Ct = s.C + row * N;
       std::fill(gBv.begin(), gBv.end(), T(0));
       std::fill(gCv.begin(), gCv.end(), T(0));
+      const T* Kt = c1 ? c1->K + row * ngr + g0 : nullptr;
+      if (c1) {  // what reaches the measured output m_t = y_t + extra_t through e_t
+        held_p1(s, t, bi, c0, w, fb.data(), te.data());
+        const T* Et = c1->E + off;
+        if (t == Lb - 1) {
+          for (int64_t j = 0; j < ngt; ++j) gk_next[j] = c1->gkT ? c1->gkT[bi * ngr + g0 + j] : T(0);
+          for (int64_t j = 0; j < w; ++j) ge_prev[j] = c1->geT ? c1->geT[bi * s.d + c0 + j] : T(0);
+        }
+        for (int64_t j = 0; j < w; ++j) ge[j] = ge_prev[j];
+        for (int64_t j = 0; j < ngt; ++j) {  // k_{t+1} = clamp((1 − λ) k_t + η rms(e_t), 0, k_max)
+          T ss = 0;
+          for (int64_t i = j * G; i < std::min(w, (j + 1) * G); ++i) ss += Et[i] * Et[i];
+          const T root = std::sqrt(ss + T(1e-12)), rms = root / std::sqrt(T(G));
+          const T lam = c1->lam ? c1->lam[g0 + j] : T(0), eta = c1->eta ? c1->eta[g0 + j] : T(0);
+          const T vk = (T(1) - lam) * Kt[j] + eta * rms;
+          const bool act = vk >= T(0) && vk <= c1->k_max;  // torch.clamp's gradient: within the bounds
+          const T gk = act ? gk_next[j] : T(0);
+          for (int64_t i = j * G; i < std::min(w, (j + 1) * G); ++i) ge[i] += gk * eta * Et[i] / (root * std::sqrt(T(G)));
+          if (c1->eta) c1->geta[bi * ngr + g0 + j] += gk * rms;
+          if (c1->lam) c1->glam[bi * ngr + g0 + j] -= gk * Kt[j];
+          gk_carry[j] = gk * (T(1) - lam);
+        }
+        const T* ut = s.u + off;
+        for (int64_t j = 0; j < w; ++j) {
+          if (c1->g_extra) c1->g_extra[off + j] = ge[j];
+          if (c1->w_r) c1->gw_r[bi * s.d + c0 + j] -= ge[j] * ut[j];
+          gyb[j] = (g.gy ? g.gy[off + j] : T(0)) + ge[j];
+        }
+      }
       for (int64_t v = 0; v < w; v += VS) {
         const int64_t cnt = std::min(VS, w - v);
         const V dtv = V::loadu(s.dt + off + v, cnt);
-        const V uv = V::loadu(s.u + off + v, cnt);
+        const V uv = c1 ? V::loadu(s.u + off + v, cnt) - V::loadu(fb.data() + v, cnt) : V::loadu(s.u + off + v, cnt);
         const V dtu = dtv * uv;
         const V cf = s.coef ? V::loadu(s.coef + off + v, cnt) : V(T(1));
         const V rv = s.r ? V::loadu(s.r + off + v, cnt) : V(T(0));
-        const V gyv = g.gy ? V::loadu(g.gy + off + v, cnt) : V(T(0));
+        const V gyv = c1 ? V::loadu(gyb.data() + v, cnt) : g.gy ? V::loadu(g.gy + off + v, cnt) : V(T(0));
         V g_dtu(T(0)), g_cf(T(0)), g_dta(T(0)), g_r(T(0));
         for (int64_t n = 0; n < N; ++n) {
           const int64_t o = n * TW + v;
@@ -385,6 +681,17 @@ void scan_bwd_task(const Scan<T>& s, const Grads<T>& g, int64_t bi, int64_t tile
         (g_dtu * dtv).store(g.gu + off + v, cnt);
         if (g.gcoef) g_cf.store(g.gcoef + off + v, cnt);
         if (g.gr) g_r.store(g.gr + off + v, cnt);
+      }
+      if (c1) {  // f_t = k_t tanh(e_{t−1}) was subtracted from u_t: its adjoint goes to k_t and e_{t−1}
+        std::fill(gk_t.begin(), gk_t.end(), T(0));
+        T* gu = g.gu + off;
+        for (int64_t j = 0; j < w; ++j) {
+          const T g_ut = gu[j], gf = -g_ut;
+          gu[j] = g_ut - (c1->w_r ? c1->w_r[c0 + j] : T(1)) * ge[j];
+          gk_t[j / G] += gf * te[j];
+          ge_prev[j] = gf * Kt[j / G] * (T(1) - te[j] * te[j]);
+        }
+        for (int64_t j = 0; j < ngt; ++j) gk_next[j] = gk_t[j] + gk_carry[j];
       }
       T* gBo = g.gB + (row * g.ntiles + tile) * N;
       T* gCo = g.gC + (row * g.ntiles + tile) * N;
@@ -421,6 +728,12 @@ void scan_bwd_task(const Scan<T>& s, const Grads<T>& g, int64_t bi, int64_t tile
     }
   }
   store_tile(g.gAt + bi * NS, gA.data(), N, s.d, c0, w);
+  if (c1) {  // the initial gain and error: through step 0, or straight from the final state's (no step)
+    for (int64_t j = 0; j < ngt; ++j)
+      c1->gk0[bi * ngr + g0 + j] = Lb > 0 ? gk_next[j] : (c1->gkT ? c1->gkT[bi * ngr + g0 + j] : T(0));
+    for (int64_t j = 0; j < w; ++j)
+      c1->ge0[bi * s.d + c0 + j] = Lb > 0 ? ge_prev[j] : (c1->geT ? c1->geT[bi * s.d + c0 + j] : T(0));
+  }
 }
 
 template <typename T>
@@ -428,11 +741,27 @@ const T* opt(const torch::Tensor& x) { return x.numel() ? x.data_ptr<T>() : null
 
 template <typename T>
 Scan<T> make_scan(const torch::Tensor& dt, const torch::Tensor& u, const torch::Tensor& coef, const torch::Tensor& r,
-                  const torch::Tensor& At, const torch::Tensor& B, const torch::Tensor& C, const torch::Tensor& xi,
-                  const torch::Tensor& h0, const torch::Tensor& dl0, const torch::Tensor& steps, int64_t tau) {
+                  const torch::Tensor& At, const torch::Tensor& B, const torch::Tensor& C, const torch::Tensor& keys,
+                  double sigma_w, const torch::Tensor& h0, const torch::Tensor& dl0, const torch::Tensor& steps,
+                  int64_t tau, const torch::Tensor& hs = torch::Tensor()) {
   Scan<T> s;
+  s.hs = nullptr;
+  if (hs.defined() && hs.numel()) {
+    TORCH_CHECK(hs.is_contiguous() && hs.scalar_type() == dt.scalar_type() && hs.dim() == 4 && hs.size(0) == dt.size(0) &&
+                hs.size(1) == dt.size(1) && hs.size(2) == At.size(0) && hs.size(3) == dt.size(2),
+                "conba_cpu: the kept states must be a contiguous (L, b, N, d) tensor of the scan's dtype");
+    s.hs = hs.data_ptr<T>();
+  }
   s.dt = dt.data_ptr<T>(); s.u = u.data_ptr<T>(); s.coef = opt<T>(coef); s.r = opt<T>(r);
-  s.At = At.data_ptr<T>(); s.B = B.data_ptr<T>(); s.C = C.data_ptr<T>(); s.xi = opt<T>(xi);
+  s.At = At.data_ptr<T>(); s.B = B.data_ptr<T>(); s.C = C.data_ptr<T>();
+  if (keys.numel()) {
+    TORCH_CHECK(keys.scalar_type() == at::kLong && keys.is_contiguous() && keys.dim() == 2 &&
+                keys.size(0) == dt.size(0) && keys.size(1) == dt.size(1),
+                "conba_cpu: the noise keys must be a contiguous int64 (L, b) tensor");
+    // σ as torch multiplies a float32 tensor by a Python float: rounded to T first
+    s.noise.keys = keys.data_ptr<int64_t>(); s.noise.sigma = static_cast<T>(sigma_w);
+    s.noise.b = dt.size(1); s.noise.N = At.size(0);
+  }
   s.h0 = h0.data_ptr<T>(); s.dl0 = opt<T>(dl0);
   s.steps = steps.numel() ? steps.data_ptr<int64_t>() : nullptr;
   s.L = dt.size(0); s.b = dt.size(1); s.d = dt.size(2); s.N = At.size(0); s.tau = tau;
@@ -459,17 +788,17 @@ void for_tasks(int64_t b, int64_t d, F f) {
 }
 
 std::vector<torch::Tensor> scan_fwd(torch::Tensor dt, torch::Tensor u, torch::Tensor coef, torch::Tensor r,
-                                    torch::Tensor At, torch::Tensor B, torch::Tensor C, torch::Tensor xi,
-                                    torch::Tensor h0, torch::Tensor dl0, torch::Tensor steps, int64_t tau,
-                                    torch::Tensor y_out) {
-  check({dt, u, coef, r, At, B, C, xi, h0, dl0, y_out}, dt);
+                                    torch::Tensor At, torch::Tensor B, torch::Tensor C, torch::Tensor keys,
+                                    double sigma_w, torch::Tensor h0, torch::Tensor dl0, torch::Tensor steps,
+                                    int64_t tau, torch::Tensor y_out, torch::Tensor hs_out) {
+  check({dt, u, coef, r, At, B, C, h0, dl0, y_out}, dt);
   TORCH_CHECK(tau >= 0 && tau <= SEG, "conba_cpu: tau out of range");
   TORCH_CHECK(y_out.numel() == 0 || y_out.sizes() == dt.sizes(), "conba_cpu: y_out must have dt's shape");
   auto y = y_out.numel() ? y_out : torch::empty_like(dt);  // written in place when given
   auto h_last = torch::empty_like(h0);
   auto dl_last = torch::empty({tau, dt.size(1), At.size(0), dt.size(2)}, dt.options());
   AT_DISPATCH_FLOATING_TYPES(dt.scalar_type(), "conba_scan_fwd", [&] {
-    auto s = make_scan<scalar_t>(dt, u, coef, r, At, B, C, xi, h0, dl0, steps, tau);
+    auto s = make_scan<scalar_t>(dt, u, coef, r, At, B, C, keys, sigma_w, h0, dl0, steps, tau, hs_out);
     for_tasks<scalar_t>(s.b, s.d, [&](int64_t bi, int64_t, int64_t c0, int64_t w) {
       scan_fwd_task(s, bi, c0, w, y.data_ptr<scalar_t>(), h_last.data_ptr<scalar_t>(),
                     tau > 0 ? dl_last.data_ptr<scalar_t>() : nullptr);
@@ -480,12 +809,13 @@ std::vector<torch::Tensor> scan_fwd(torch::Tensor dt, torch::Tensor u, torch::Te
 
 std::vector<torch::Tensor> prefill(torch::Tensor delta, torch::Tensor bias, bool softplus_, torch::Tensor u,
                                    torch::Tensor alpha, torch::Tensor rho, torch::Tensor At, torch::Tensor B,
-                                   torch::Tensor C, torch::Tensor D, torch::Tensor z, torch::Tensor xi,
-                                   torch::Tensor zeta, torch::Tensor h0, torch::Tensor dl0, torch::Tensor steps,
+                                   torch::Tensor C, torch::Tensor D, torch::Tensor z, torch::Tensor keys,
+                                   double sigma_w, torch::Tensor zeta, torch::Tensor h0, torch::Tensor dl0,
+                                   torch::Tensor steps,
                                    int64_t tau, int64_t G, bool control, torch::Tensor k0, torch::Tensor e0,
                                    torch::Tensor phase0, int64_t P, torch::Tensor eta, torch::Tensor lam,
                                    torch::Tensor w_r, double k_max) {
-  check({delta, bias, u, alpha, rho, At, B, C, D, z, xi, zeta, h0, dl0, k0, e0, eta, lam, w_r}, delta);
+  check({delta, bias, u, alpha, rho, At, B, C, D, z, zeta, h0, dl0, k0, e0, eta, lam, w_r}, delta);
   TORCH_CHECK(tau >= 0 && tau <= SEG, "conba_cpu: tau out of range");
   TORCH_CHECK(!control || (phase0.scalar_type() == at::kLong && phase0.is_contiguous()), "conba_cpu: phase0 must be int64");
   auto y = torch::empty_like(delta);
@@ -497,7 +827,7 @@ std::vector<torch::Tensor> prefill(torch::Tensor delta, torch::Tensor bias, bool
     TORCH_CHECK(G >= 1 && tile_width<scalar_t>() % G == 0 && delta.size(2) % G == 0,
                 "conba_cpu: the group size must divide the tile width and d_inner");
     auto empty = torch::empty({0}, delta.options());
-    auto s = make_scan<scalar_t>(delta, u, empty, empty, At, B, C, xi, h0, dl0, steps, tau);
+    auto s = make_scan<scalar_t>(delta, u, empty, empty, At, B, C, keys, sigma_w, h0, dl0, steps, tau);
     Raw<scalar_t> q;
     q.delta = delta.data_ptr<scalar_t>(); q.bias = opt<scalar_t>(bias); q.alpha = opt<scalar_t>(alpha);
     q.rho = tau > 0 ? opt<scalar_t>(rho) : nullptr; q.D = opt<scalar_t>(D); q.z = opt<scalar_t>(z);
@@ -518,10 +848,11 @@ std::vector<torch::Tensor> prefill(torch::Tensor delta, torch::Tensor bias, bool
 }
 
 std::vector<torch::Tensor> scan_bwd(torch::Tensor dt, torch::Tensor u, torch::Tensor coef, torch::Tensor r,
-                                    torch::Tensor At, torch::Tensor B, torch::Tensor C, torch::Tensor xi,
-                                    torch::Tensor h0, torch::Tensor dl0, torch::Tensor steps, int64_t tau,
-                                    torch::Tensor gy, torch::Tensor gh_last, torch::Tensor gdl_last) {
-  check({dt, u, coef, r, At, B, C, xi, h0, dl0, gy, gh_last, gdl_last}, dt);
+                                    torch::Tensor At, torch::Tensor B, torch::Tensor C, torch::Tensor keys,
+                                    double sigma_w, torch::Tensor h0, torch::Tensor dl0, torch::Tensor steps,
+                                    int64_t tau, torch::Tensor gy, torch::Tensor gh_last, torch::Tensor gdl_last,
+                                    torch::Tensor hs) {
+  check({dt, u, coef, r, At, B, C, h0, dl0, gy, gh_last, gdl_last}, dt);
   const int64_t L = dt.size(0), b = dt.size(1), d = dt.size(2), N = At.size(0);
   torch::Tensor gdt, gu, gcoef, gr, gAt, gB, gC, gh0, gdl0;
   AT_DISPATCH_FLOATING_TYPES(dt.scalar_type(), "conba_scan_bwd", [&] {
@@ -534,7 +865,7 @@ std::vector<torch::Tensor> scan_bwd(torch::Tensor dt, torch::Tensor u, torch::Te
     gAt = torch::empty({b, N, d}, o);
     gB = torch::zeros({L, b, nt, N}, o); gC = torch::zeros({L, b, nt, N}, o);
     gh0 = torch::empty_like(h0); gdl0 = torch::empty({tau, b, N, d}, o);
-    auto s = make_scan<scalar_t>(dt, u, coef, r, At, B, C, xi, h0, dl0, steps, tau);
+    auto s = make_scan<scalar_t>(dt, u, coef, r, At, B, C, keys, sigma_w, h0, dl0, steps, tau, hs);
     Grads<scalar_t> g;
     g.gy = opt<scalar_t>(gy); g.gh_last = opt<scalar_t>(gh_last); g.gdl_last = opt<scalar_t>(gdl_last);
     g.gdt = gdt.data_ptr<scalar_t>(); g.gu = gu.data_ptr<scalar_t>();
@@ -547,6 +878,98 @@ std::vector<torch::Tensor> scan_bwd(torch::Tensor dt, torch::Tensor u, torch::Te
     });
   });
   return {gdt, gu, gcoef, gr, gAt.sum(0), gB.sum(2), gC.sum(2), gh0, gdl0};
+}
+
+// The block scan with the per-step controller (P = 1) of a training scan (Ctl1): ctl = (extra, w_r, eta, lam, k0,
+// e0), each empty where absent (extra, w_r, eta, lam). Returns (y, h_last, dl_last, k_T, e_T, K, E); y without
+// extra, as scan_fwd's.
+std::vector<torch::Tensor> p1_fwd(torch::Tensor dt, torch::Tensor u, torch::Tensor coef, torch::Tensor r,
+                                  torch::Tensor At, torch::Tensor B, torch::Tensor C, torch::Tensor keys,
+                                  double sigma_w, torch::Tensor h0, torch::Tensor dl0, torch::Tensor steps,
+                                  int64_t tau, torch::Tensor hs_out, std::vector<torch::Tensor> ctl, int64_t G,
+                                  double k_max) {
+  TORCH_CHECK(ctl.size() == 6, "conba_cpu.p1_fwd: ctl = (extra, w_r, eta, lam, k0, e0)");
+  check({dt, u, coef, r, At, B, C, h0, dl0}, dt);
+  check(ctl, dt);
+  TORCH_CHECK(tau >= 0 && tau <= SEG, "conba_cpu: tau out of range");
+  const int64_t L = dt.size(0), b = dt.size(1), d = dt.size(2);
+  auto y = torch::empty_like(dt);
+  auto h_last = torch::empty_like(h0);
+  auto dl_last = torch::empty({tau, b, At.size(0), d}, dt.options());
+  auto kT = torch::empty({b, d / G}, dt.options()), eT = torch::empty({b, d}, dt.options());
+  auto K = torch::empty({L, b, d / G}, dt.options()), E = torch::empty({L, b, d}, dt.options());
+  AT_DISPATCH_FLOATING_TYPES(dt.scalar_type(), "conba_p1_fwd", [&] {
+    TORCH_CHECK(G >= 1 && tile_width<scalar_t>() % G == 0 && d % G == 0,
+                "conba_cpu: the group size must divide the tile width and d_inner");
+    auto s = make_scan<scalar_t>(dt, u, coef, r, At, B, C, keys, sigma_w, h0, dl0, steps, tau, hs_out);
+    Ctl1<scalar_t> c;
+    c.extra = opt<scalar_t>(ctl[0]); c.w_r = opt<scalar_t>(ctl[1]); c.eta = opt<scalar_t>(ctl[2]);
+    c.lam = opt<scalar_t>(ctl[3]); c.k0 = ctl[4].data_ptr<scalar_t>(); c.e0 = ctl[5].data_ptr<scalar_t>();
+    c.K = K.data_ptr<scalar_t>(); c.E = E.data_ptr<scalar_t>();
+    c.kT = kT.data_ptr<scalar_t>(); c.eT = eT.data_ptr<scalar_t>();
+    c.G = G; c.k_max = static_cast<scalar_t>(k_max);
+    s.c1 = &c;
+    for_tasks<scalar_t>(b, d, [&](int64_t bi, int64_t, int64_t c0, int64_t w) {
+      p1_fwd_task(s, bi, c0, w, y.data_ptr<scalar_t>(), h_last.data_ptr<scalar_t>(),
+                  tau > 0 ? dl_last.data_ptr<scalar_t>() : nullptr);
+    });
+  });
+  return {y, h_last, dl_last, kT, eT, K, E};
+}
+
+// p1_fwd's backward: ctl = (extra, w_r, eta, lam, k0, e0, K, E, gk_T, ge_T) (gk_T, ge_T empty: no gradient).
+// Returns scan_bwd's nine and (g_extra, gw_r, geta, glam, gk0, ge0).
+std::vector<torch::Tensor> p1_bwd(torch::Tensor dt, torch::Tensor u, torch::Tensor coef, torch::Tensor r,
+                                  torch::Tensor At, torch::Tensor B, torch::Tensor C, torch::Tensor keys,
+                                  double sigma_w, torch::Tensor h0, torch::Tensor dl0, torch::Tensor steps,
+                                  int64_t tau, torch::Tensor gy, torch::Tensor gh_last, torch::Tensor gdl_last,
+                                  torch::Tensor hs, std::vector<torch::Tensor> ctl, int64_t G, double k_max) {
+  TORCH_CHECK(ctl.size() == 10, "conba_cpu.p1_bwd: ctl = (extra, w_r, eta, lam, k0, e0, K, E, gk_T, ge_T)");
+  check({dt, u, coef, r, At, B, C, h0, dl0, gy, gh_last, gdl_last}, dt);
+  check(ctl, dt);
+  const int64_t L = dt.size(0), b = dt.size(1), d = dt.size(2), N = At.size(0), ng = d / G;
+  torch::Tensor gdt, gu, gcoef, gr, gAt, gB, gC, gh0, gdl0;
+  auto o = dt.options();
+  auto g_extra = ctl[0].numel() ? torch::zeros_like(dt) : torch::empty({0}, o);
+  auto gw_r = ctl[1].numel() ? torch::zeros({b, d}, o) : torch::empty({0}, o);
+  auto geta = ctl[2].numel() ? torch::zeros({b, ng}, o) : torch::empty({0}, o);
+  auto glam = ctl[3].numel() ? torch::zeros({b, ng}, o) : torch::empty({0}, o);
+  auto gk0 = torch::empty({b, ng}, o), ge0 = torch::empty({b, d}, o);
+  AT_DISPATCH_FLOATING_TYPES(dt.scalar_type(), "conba_p1_bwd", [&] {
+    constexpr int64_t TW = tile_width<scalar_t>();
+    TORCH_CHECK(G >= 1 && TW % G == 0 && d % G == 0, "conba_cpu: the group size must divide the tile width and d_inner");
+    const int64_t nt = (d + TW - 1) / TW;
+    gdt = torch::zeros_like(dt); gu = torch::zeros_like(dt);
+    gcoef = coef.numel() ? torch::zeros_like(dt) : torch::empty({0}, o);
+    gr = r.numel() ? torch::zeros_like(dt) : torch::empty({0}, o);
+    gAt = torch::empty({b, N, d}, o);
+    gB = torch::zeros({L, b, nt, N}, o); gC = torch::zeros({L, b, nt, N}, o);
+    gh0 = torch::empty_like(h0); gdl0 = torch::empty({tau, b, N, d}, o);
+    auto s = make_scan<scalar_t>(dt, u, coef, r, At, B, C, keys, sigma_w, h0, dl0, steps, tau, hs);
+    Ctl1<scalar_t> c;
+    c.extra = opt<scalar_t>(ctl[0]); c.w_r = opt<scalar_t>(ctl[1]); c.eta = opt<scalar_t>(ctl[2]);
+    c.lam = opt<scalar_t>(ctl[3]); c.k0 = ctl[4].data_ptr<scalar_t>(); c.e0 = ctl[5].data_ptr<scalar_t>();
+    c.K = ctl[6].data_ptr<scalar_t>(); c.E = ctl[7].data_ptr<scalar_t>();
+    c.gkT = opt<scalar_t>(ctl[8]); c.geT = opt<scalar_t>(ctl[9]);
+    auto out = [](torch::Tensor& x) { return x.numel() ? x.data_ptr<scalar_t>() : nullptr; };
+    c.g_extra = out(g_extra); c.gw_r = out(gw_r); c.geta = out(geta); c.glam = out(glam);
+    c.gk0 = gk0.data_ptr<scalar_t>(); c.ge0 = ge0.data_ptr<scalar_t>();
+    c.G = G; c.k_max = static_cast<scalar_t>(k_max);
+    s.c1 = &c;
+    Grads<scalar_t> g;
+    g.gy = opt<scalar_t>(gy); g.gh_last = opt<scalar_t>(gh_last); g.gdl_last = opt<scalar_t>(gdl_last);
+    g.gdt = gdt.data_ptr<scalar_t>(); g.gu = gu.data_ptr<scalar_t>();
+    g.gcoef = coef.numel() ? gcoef.data_ptr<scalar_t>() : nullptr;
+    g.gr = r.numel() ? gr.data_ptr<scalar_t>() : nullptr;
+    g.gAt = gAt.data_ptr<scalar_t>(); g.gB = gB.data_ptr<scalar_t>(); g.gC = gC.data_ptr<scalar_t>();
+    g.gh0 = gh0.data_ptr<scalar_t>(); g.gdl0 = tau > 0 ? gdl0.data_ptr<scalar_t>() : nullptr; g.ntiles = nt;
+    for_tasks<scalar_t>(b, d, [&](int64_t bi, int64_t tile, int64_t c0, int64_t w) {
+      scan_bwd_task(s, g, bi, tile, c0, w);
+    });
+  });
+  auto sum0 = [](const torch::Tensor& x) { return x.numel() ? x.sum(0) : x; };
+  return {gdt, gu, gcoef, gr, gAt.sum(0), gB.sum(2), gC.sum(2), gh0, gdl0,
+          g_extra, sum0(gw_r), sum0(geta), sum0(glam), gk0, ge0};
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -962,9 +1385,49 @@ torch::Tensor decode_layer(torch::Tensor xz, torch::Tensor mask, torch::Tensor c
 
 }  // namespace
 
+// The noise of lane c·(N + 1) + n for every (t, b, c) of a scan: keys (L, b) as in Noise, → (L, b, d) float32
+// normals (n = N: the observation noise ζ; n < N: ξ of state index n), split over torch's threads.
+torch::Tensor noise(torch::Tensor keys, int64_t d, int64_t N, int64_t n) {
+  TORCH_CHECK(keys.scalar_type() == at::kLong && keys.is_contiguous() && keys.dim() == 2,
+              "conba_cpu.noise: keys must be a contiguous int64 (L, b) tensor");
+  TORCH_CHECK(n >= 0 && n <= N && d >= 0, "conba_cpu.noise: the state index n must be in [0, N]");
+  const int64_t rows = keys.numel();
+  torch::Tensor out = torch::empty({keys.size(0), keys.size(1), d}, keys.options().dtype(at::kFloat));
+  const int64_t* kp = keys.data_ptr<int64_t>();
+  float* op = out.data_ptr<float>();
+  at::parallel_for(0, rows, std::max<int64_t>(1, 16384 / std::max<int64_t>(1, d)), [&](int64_t begin, int64_t end) {
+    std::vector<float> u1(d), u2(d);
+    for (int64_t i = begin; i < end; ++i) {
+      const uint32_t key = static_cast<uint32_t>(kp[i]);
+      const uint32_t stride = static_cast<uint32_t>(N + 1), lane0 = static_cast<uint32_t>(n);
+      for (int64_t c = 0; c < d; ++c) uniforms(key, lane0 + static_cast<uint32_t>(c) * stride, u1[c], u2[c]);
+      box_muller(u1.data(), u2.data(), d, 1.0f, op + i * d);
+    }
+  });
+  return out;
+}
+
+// sqrt(−2 log u1) and cos u2 over float32 tensors, as the kernels compute them (a test compares them with
+// torch's over every input the hash can give)
+std::vector<torch::Tensor> noise_transforms(torch::Tensor u1, torch::Tensor u2) {
+  TORCH_CHECK(u1.scalar_type() == at::kFloat && u2.scalar_type() == at::kFloat && u1.is_contiguous() &&
+              u2.is_contiguous() && u1.numel() == u2.numel(), "conba_cpu.noise_transforms: two float32 tensors");
+  torch::Tensor r = u1.clone(), c = u2.clone();
+  float *rp = r.data_ptr<float>(), *cp = c.data_ptr<float>();
+  radius_cos(rp, cp, r.numel());
+  return {r, c};
+}
+
+bool noise_uses_mkl() { return vml().ln != nullptr; }
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("noise", &noise, "Conba's counter-based training noise of one state index for a scan's keys (CPU)");
+  m.def("noise_transforms", &noise_transforms, "the noise's sqrt(-2 log u1) and cos u2, as the kernels compute them");
+  m.def("noise_uses_mkl", &noise_uses_mkl, "whether the noise's log and cos are MKL's (as torch's) or ATen's");
   m.def("scan_fwd", &scan_fwd, "Conba block scan, forward (CPU)");
   m.def("scan_bwd", &scan_bwd, "Conba block scan, backward (CPU)");
+  m.def("p1_fwd", &p1_fwd, "Conba scan with the per-step controller (P = 1), training forward (CPU)");
+  m.def("p1_bwd", &p1_bwd, "Conba scan with the per-step controller (P = 1), backward (CPU)");
   m.def("prefill", &prefill, "Conba prefill from the raw inputs, controller and gate included (CPU)");
   m.def("step", &step, "Conba decode step, state updated in place (CPU)");
   m.def("conv_prefill", &conv_prefill, "causal depthwise conv of a prefill, time-major, with its final state (CPU)");
