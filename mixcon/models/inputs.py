@@ -31,7 +31,7 @@ ID_DTYPES = (torch.long, torch.int32)
 
 
 def check_inputs(config, input_ids, inputs_embeds, attention_mask, past_key_values, labels=None,
-                  shift_labels=None):
+                  shift_labels=None, position_ids=None):
     """Bad input raises a ValueError naming what was given and what is allowed, before any kernel.
 
     Shapes, dtypes and types are checked always (no device work). The values (token ids within the
@@ -87,6 +87,15 @@ def check_inputs(config, input_ids, inputs_embeds, attention_mask, past_key_valu
                 f"time) = {(b, past_length + T)} (a 2-D mask of 1 for tokens and 0 for padding)")
         if attention_mask.is_complex():
             raise ValueError(f"attention_mask must be bool, integer or float, got {attention_mask.dtype}")
+    if position_ids is not None:  # read by RoPE, the spatial mixers and MoD's causal order: checked for every model
+        if not isinstance(position_ids, torch.Tensor) or tuple(position_ids.shape) not in {(b, T), (1, T)}:
+            raise ValueError(
+                f"position_ids has shape {tuple(getattr(position_ids, 'shape', ())) or type(position_ids).__name__}, "
+                f"expected (batch, time) = {(b, T)} or {(1, T)} (shared by the batch): one position per input token "
+                "(or None: from the attention mask)")
+        if position_ids.dtype not in ID_DTYPES:
+            raise ValueError(f"position_ids must be an integer tensor of dtype torch.long or torch.int32, got "
+                             f"{position_ids.dtype}")
     for name, lab in (("labels", labels), ("shift_labels", shift_labels)):
         if lab is None:
             continue
