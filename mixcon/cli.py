@@ -203,10 +203,11 @@ def _train_tokenizer(ap=None, args=None):
 
 BENCHES = {"conba": "mixcon.bench.conba", "conba-tune": "mixcon.bench.conba_tune", "moe": "mixcon.bench.moe",
            "throughput": "mixcon.bench.throughput", "max-context": "mixcon.bench.max_context",
-           "kv-cache": "mixcon.bench.kv_cache", "conba-cpu": "mixcon.bench.conba_cpu"}
+           "kv-cache": "mixcon.bench.kv_cache", "conba-cpu": "mixcon.bench.conba_cpu", "decode": "mixcon.bench.decode"}
 
 
-@verb("bench", "benchmarks: conba, conba-tune, conba-cpu, moe, throughput, max-context, kv-cache (each prints its run header)")
+@verb("bench", "benchmarks: conba, conba-tune, conba-cpu, moe, throughput, max-context, kv-cache, decode (each prints "
+              "its run header)")
 def _bench(ap=None, args=None):
     if ap is not None:
         ap.add_argument("which", choices=list(BENCHES), help="the benchmark")
