@@ -194,6 +194,13 @@ def test_generate_compiled_path_on_cpu_equals_eager():
     compiled = model.generate(ids, cache_implementation="static", compile_config=cc, **kw)
     assert getattr(model, "_compiled_call", None) is not None  # generate really took the compiled path
     assert torch.equal(compiled, model.generate(ids, **kw))
+    # a second and third call (new caches, shorter prompts, the same batch size) reuse the graph
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for T in (4, 5):
+            short, short_mask = ids[:, -T:], mask[:, -T:]
+            kw["attention_mask"] = short_mask
+            got = model.generate(short, cache_implementation="static", compile_config=cc, **kw)
+            assert torch.equal(got, model.generate(short, **kw))
 
 
 def test_conba_triton_step_is_traceable_through_its_registered_op():
