@@ -11,7 +11,8 @@ The sdist ships ``tests/*.py`` but not every sub-folder the common files import.
 generation tests need, ``tests/generation/test_utils.py`` (GenerationTesterMixin) and
 ``tests/exporters/test_export.py``, are fetched from transformers' repository at the installed version's
 release tag (`UPSTREAM`, into the same cache) where it can be reached; where it cannot, each is replaced
-by an empty mixin that says so (`MISSING` lists them; the test module reports them as skips). The missing
+by an empty mixin that says so (`MISSING` lists them, `NOT_FETCHED` why; the test module reports them as
+skips; ``MIXCON_HF_TESTS_OFFLINE=1`` does not try the network). The missing
 ``tests/utils/test_configuration_utils.py`` (a dict of non-default values for the base config's
 fields) by `COMMON_CONFIG_KWARGS` below. transformers' generation tests import
 ``tests.exporters.test_export`` by its checkout name: ``tests`` is aliased to the package here.
