@@ -261,8 +261,8 @@ class ConbaMixer(nn.Module):
         them); a trace never builds them."""
         if x.device.type != "cpu" or self.backend not in ("auto", "chunk_torch"):
             return False
-        if tracing() and not cpu_kernels_built():
-            return False
+        if tracing() and not (torch.compiler.is_compiling() and cpu_kernels_built()):
+            return False  # FX symbolic tracing (proxies, no dtypes to check): the PyTorch step
         if self.training and (self.process_noise > 0 or self.observation_noise > 0):
             return False
         return not (torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters())))
