@@ -203,7 +203,7 @@ def _train_tokenizer(ap=None, args=None):
 
 BENCHES = {"conba": "mixcon.bench.conba", "conba-tune": "mixcon.bench.conba_tune", "moe": "mixcon.bench.moe",
            "throughput": "mixcon.bench.throughput", "max-context": "mixcon.bench.max_context",
-           "kv-cache": "mixcon.bench.kv_cache", "conba-cpu": "mixcon.bench.conba_cpu",
+           "kv-cache": "mixcon.bench.kv_cache", "conba-cpu": "mixcon.bench.conba_cpu", "decode": "mixcon.bench.decode",
            "kernel-report": "mixcon.bench.kernel_report"}
 
 

@@ -299,3 +299,31 @@ def test_decode_bytes_counts_weights_cache_and_state():
         assert decode_bytes(m, 300) - decode_bytes(m, 100) == 200 * per_token
         weights = sum(p.numel() for p in m.parameters()) - (cfg.vocab_size - 1) * cfg.hidden_size
         assert decode_bytes(m, 0) >= weights * 4
+
+
+def test_bench_decode_smoke(tmp_path, capsys):
+    """`mixcon bench decode` at a toy size: the three decode paths (which must pick the same tokens) and the
+    roofline in one row per model and context; the compiled path through dynamo's eager backend here (the
+    bench's default, inductor, compiles for about a minute on this CPU)."""
+    out = tmp_path / "decode"
+    rc, stdout, err = run_main(capsys, "bench", "decode", "--models", "tiny", "--T", "16", "--tokens", "2",
+                               "--reps", "1", "--backend", "eager", "--out", str(out))
+    assert rc == 0, err
+    import json
+
+    res = json.loads((out / "results.json").read_text())
+    (row,) = res["rows"]
+    assert (row["model"], row["T"], row["tokens"]) == ("tiny", 16, 2)
+    for k in ("eager_ms", "static_ms", "compiled_ms", "roofline_ms", "compile_s"):
+        assert row[k] > 0, k
+    assert "eager_ms\tstatic_ms\tcompiled_ms\troofline_ms" in stdout
+
+
+def test_bench_decode_bad_inputs(capsys):
+    for args, words in ((("--T", "0"), ("--T",)), (("--tokens", "0"), ("--tokens",)),
+                        (("--models", "nope"), ("--models", "nope"))):
+        with pytest.raises(SystemExit) as exc:
+            run_main(capsys, "bench", "decode", *args)
+        assert exc.value.code == 2
+        err = capsys.readouterr().err
+        assert all(w in err for w in words), err

@@ -13,6 +13,7 @@ from torch import nn
 from ..ops import tracing
 from ..ops.conba import ConbaParams, ConbaState, conba_scan, conba_step, empty_state
 from ..ops.conba import cpu
+from ..ops.conba.library import conba_decode_layer_op, cpu_kernels_built
 from ..ops.conv import causal_conv1d, causal_conv1d_step
 from .linear import Linear
 from .norm import RMSNorm
@@ -255,9 +256,13 @@ class ConbaMixer(nn.Module):
 
     def _fused_step_applies(self, x) -> bool:
         """Whether a decode token can take the compiled CPU layer step: on CPU, the backend not the
-        reference loop, no training noise, no gradient wanted, not under a trace."""
-        if x.device.type != "cpu" or self.backend not in ("auto", "chunk_torch") or tracing():
+        reference loop, no training noise, no gradient wanted. Under torch.compile it is the registered
+        op (ops/conba/library.py), taken when the kernels were built before the trace (a prefill builds
+        them); a trace never builds them."""
+        if x.device.type != "cpu" or self.backend not in ("auto", "chunk_torch"):
             return False
+        if tracing() and not (torch.compiler.is_compiling() and cpu_kernels_built()):
+            return False  # FX symbolic tracing (proxies, no dtypes to check): the PyTorch step
         if self.training and (self.process_noise > 0 or self.observation_noise > 0):
             return False
         return not (torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters())))
@@ -272,9 +277,14 @@ class ConbaMixer(nn.Module):
         mods, own = self._modules, self._parameters
         e = cpu.empty(xz.dtype)
         A_log = own["A_log"]
-        key = (A_log._version, A_log.data_ptr(), A_log.dtype)
-        if getattr(self, "_A_key", None) != key:
-            self._A_neg, self._A_key = (-torch.exp(A_log)).contiguous(), key
+        traced = tracing()
+        if traced:  # in the graph: no host-side cache keyed by data_ptr under a trace
+            A_neg = -torch.exp(A_log)
+        else:
+            key = (A_log._version, A_log.data_ptr(), A_log.dtype)
+            if getattr(self, "_A_key", None) != key:
+                self._A_neg, self._A_key = (-torch.exp(A_log)).contiguous(), key
+            A_neg = self._A_neg
         conv, dt = mods["conv1d"]._parameters, mods["dt_proj"]._parameters
         swiglu = self.selection == "swiglu"
         norms = [mods[n]._parameters["weight"] for n in ("dt_layernorm", "b_layernorm", "c_layernorm")] \
@@ -282,11 +292,19 @@ class ConbaMixer(nn.Module):
         w = [conv["weight"], conv["bias"] if conv["bias"] is not None else e,
              mods["x_proj"]._parameters["weight"],
              *([mods[n]._parameters["weight"] for n in ("sel_gate", "sel_value", "sel_out")] if swiglu else [e, e, e]),
-             *norms, dt["weight"], dt["bias"], self._A_neg, own["D"],
+             *norms, dt["weight"], dt["bias"], A_neg, own["D"],
              own["alpha_bias"] if self.state_scaling else e, own["rho_raw"] if self.tau > 0 else e,
              *((own["eta_raw"], own["lam_raw"], own["w_r"]) if self.control else (e, e, e))]
         eps = mods["dt_layernorm"].variance_epsilon if self.ssm_norm else 0.0
         m = mask[:, 0] if mask is not None else None
+        if traced:  # the same kernel as one opaque op of the graph; the state is written in place
+            s = state["ssm"]
+            if s.h.dtype != xz.dtype or xz.dtype not in (torch.float32, torch.float64) or self.group_size > 64:
+                return None  # what cpu.decode_layer refuses: the PyTorch step is traced instead
+            m = m.to(torch.long).contiguous() if m is not None else cpu.empty(torch.long)
+            return conba_decode_layer_op(xz.contiguous(), m, state["conv"], *s, [x.contiguous() for x in w],
+                                         self.dt_rank, self.tau, self.group_size, self.control_period,
+                                         self.control, float(self.k_max), float(eps))
         return cpu.decode_layer(xz, m, state["conv"], state["ssm"], w, self.dt_rank, self.tau, self.group_size,
                                 self.control_period, self.control, self.k_max, eps)
 

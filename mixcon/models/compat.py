@@ -42,10 +42,13 @@ def resolve_cache(cache=None, past_key_values=None, cache_params=None):
     """The one cache given under any of its names (None when none is). Two different objects under two
     names is an error: which one is meant cannot be known."""
     given = {name: c for name, c in zip(CACHE_NAMES, (cache, past_key_values, cache_params)) if c is not None}
-    if len({id(c) for c in given.values()}) > 1:
+    first = next(iter(given.values()), None)
+    # `is`, not id(): under torch.compile an id() is a guard on the object's address, so every new
+    # cache (every generate call) would recompile the decode step
+    if any(c is not first for c in given.values()):
         raise ValueError(f"two different caches were passed ({', '.join(given)}); pass one, as `cache` (or "
                          "`past_key_values`)")
-    return next(iter(given.values()), None)
+    return first
 
 
 def check_kwargs(owner: str, kwargs: dict, allowed=PASS_THROUGH) -> None:

@@ -30,8 +30,14 @@ def tracing() -> bool:
 ID_DTYPES = (torch.long, torch.int32)
 
 
+def _shape_in(x: torch.Tensor, shapes) -> bool:
+    """x's shape is one of ``shapes``, compared by ==: under torch.export with dynamic shapes the sizes are
+    SymInts, which cannot be hashed (a set lookup raised TypeError)."""
+    return any(tuple(x.shape) == tuple(s) for s in shapes)
+
+
 def check_inputs(config, input_ids, inputs_embeds, attention_mask, past_key_values, labels=None,
-                  shift_labels=None):
+                  shift_labels=None, position_ids=None):
     """Bad input raises a ValueError naming what was given and what is allowed, before any kernel.
 
     Shapes, dtypes and types are checked always (no device work). The values (token ids within the
@@ -77,21 +83,30 @@ def check_inputs(config, input_ids, inputs_embeds, attention_mask, past_key_valu
                 raise ValueError(f"past_key_values has {len(past_key_values.layers)} layers, the model "
                                  f"{config.num_hidden_layers}: it was built for another config")
     if attention_mask is not None:
-        allowed = {(b, past_length + T)} | ({(b, T)} if past_length == 0 else set())
+        allowed = [(b, past_length + T)] + ([(b, T)] if past_length == 0 else [])
         if getattr(past_key_values, "is_static", False):  # create_masks_for_generate's fixed-width mask
-            allowed.add((b, past_key_values.max_cache_len))
+            allowed.append((b, past_key_values.max_cache_len))
         if not isinstance(attention_mask, torch.Tensor) or attention_mask.dim() != 2 \
-                or tuple(attention_mask.shape) not in allowed:
+                or not _shape_in(attention_mask, allowed):
             raise ValueError(
                 f"attention_mask has shape {tuple(getattr(attention_mask, 'shape', ()))}, expected (batch, past + "
                 f"time) = {(b, past_length + T)} (a 2-D mask of 1 for tokens and 0 for padding)")
         if attention_mask.is_complex():
             raise ValueError(f"attention_mask must be bool, integer or float, got {attention_mask.dtype}")
+    if position_ids is not None:  # read by RoPE, the spatial mixers and MoD's causal order: checked for every model
+        if not isinstance(position_ids, torch.Tensor) or not _shape_in(position_ids, [(b, T), (1, T)]):
+            raise ValueError(
+                f"position_ids has shape {tuple(getattr(position_ids, 'shape', ())) or type(position_ids).__name__}, "
+                f"expected (batch, time) = {(b, T)} or {(1, T)} (shared by the batch): one position per input token "
+                "(or None: from the attention mask)")
+        if position_ids.dtype not in ID_DTYPES:
+            raise ValueError(f"position_ids must be an integer tensor of dtype torch.long or torch.int32, got "
+                             f"{position_ids.dtype}")
     for name, lab in (("labels", labels), ("shift_labels", shift_labels)):
         if lab is None:
             continue
-        shapes = {(b, T), (b, T + 1)} if name == "labels" else {(b, T)}
-        if not isinstance(lab, torch.Tensor) or lab.dim() != 2 or tuple(lab.shape) not in shapes:
+        shapes = [(b, T), (b, T + 1)] if name == "labels" else [(b, T)]
+        if not isinstance(lab, torch.Tensor) or lab.dim() != 2 or not _shape_in(lab, shapes):
             raise ValueError(
                 f"{name} has shape {tuple(getattr(lab, 'shape', ()))}; expected the shape of input_ids {(b, T)}"
                 + (f" (or {(b, T + 1)}: the ids with the token after the last one)" if name == "labels" else "")

@@ -265,7 +265,7 @@ class MixConModel(MixConPreTrainedModel):
         if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 4:
             mask4d, attention_mask = attention_mask, None  # a mask per query (see `custom_attention_mask`)
         b, T, past = check_inputs(cfg, input_ids, inputs_embeds, attention_mask, past_key_values,
-                                   labels, shift_labels)
+                                   labels, shift_labels, position_ids)
         if use_cache and past_key_values is None:
             past_key_values = MixConCache(cfg)
         if inputs_embeds is None:
@@ -297,6 +297,8 @@ class MixConModel(MixConPreTrainedModel):
             attn_mask = build_attention_mask(mask2d, T, past, device) if mask4d is None else mask4d
         # positions in each sequence (left padding excluded; −1 at padded places): RoPE, the spatial
         # mixers' (time × time) weights and Mixture-of-Depths' causal order use them
+        if position_ids is not None:
+            position_ids = position_ids.expand(b, T)  # (1, T): one row of positions for the whole batch
         if position_ids is None:
             if attention_mask is not None:
                 position_ids = (attention_mask[:, :past + T].long().cumsum(-1) - 1).clamp(min=0)[:, -T:]
@@ -460,6 +462,13 @@ class MixConForCausalLM(MixConPreTrainedModel, GenerationMixin):
         past_key_values = resolve_cache(cache, past_key_values, cache_params)
         cfg = self.config
         return_dict = _use_return_dict(cfg) if return_dict is None else return_dict
+        if isinstance(logits_to_keep, bool) or not (
+                (isinstance(logits_to_keep, int) and logits_to_keep >= 0)
+                or (isinstance(logits_to_keep, torch.Tensor) and logits_to_keep.dim() == 1
+                    and logits_to_keep.dtype in (torch.long, torch.int32))):
+            raise ValueError(
+                f"logits_to_keep={logits_to_keep!r}: pass an int >= 0 (0: the logits of every position, k: of the "
+                "last k) or a 1-D integer tensor of the positions to keep")
         if (labels is not None or shift_labels is not None) and not (
                 isinstance(logits_to_keep, int) and logits_to_keep == 0):
             raise ValueError("labels need the logits of every position: pass logits_to_keep=0 with labels")

@@ -7,9 +7,12 @@ is extracted there as the package ``transformers_tests`` (the files import each 
 and test_hf_common.py imports ModelTesterMixin, GenerationTesterMixin and ConfigTester from it.
 ``$MIXCON_HF_TESTS_SRC`` may point at a transformers source checkout's ``tests/`` folder instead.
 
-The sdist ships ``tests/*.py`` but not every sub-folder the common files import. A missing
-``tests/generation/test_utils.py`` or ``tests/exporters/test_export.py`` is replaced by an empty
-mixin that says so (`MISSING` lists them; the test module reports them as skips), and the missing
+The sdist ships ``tests/*.py`` but not every sub-folder the common files import. The two the
+generation tests need, ``tests/generation/test_utils.py`` (GenerationTesterMixin) and
+``tests/exporters/test_export.py``, are fetched from transformers' repository at the installed version's
+release tag (`UPSTREAM`, into the same cache) where it can be reached; where it cannot, each is replaced
+by an empty mixin that says so (`MISSING` lists them, `NOT_FETCHED` why; the test module reports them as
+skips; ``MIXCON_HF_TESTS_OFFLINE=1`` does not try the network). The missing
 ``tests/utils/test_configuration_utils.py`` (a dict of non-default values for the base config's
 fields) by `COMMON_CONFIG_KWARGS` below. transformers' generation tests import
 ``tests.exporters.test_export`` by its checkout name: ``tests`` is aliased to the package here.
@@ -31,6 +34,7 @@ import types
 
 PKG = "transformers_tests"
 MISSING: list[str] = []  # transformers test files the sdist does not ship (stand-ins used)
+NOT_FETCHED: list[str] = []  # why the release tag's copies of them could not be had
 
 # Non-default values of PretrainedConfig's own fields, for ConfigTester.check_config_arguments_init
 # (a config must keep what it is given for the fields every config has).
@@ -95,6 +99,39 @@ def fetch() -> str:
     return root
 
 
+# transformers' own files at the installed version's release tag (the sdist does not ship them)
+UPSTREAM = "https://raw.githubusercontent.com/huggingface/transformers/v{version}/tests/{path}"
+FROM_TAG = ("generation/test_utils.py", "exporters/test_export.py")
+
+
+def fetch_from_tag(root: str, timeout: float = 20.0) -> list[str]:
+    """The `FROM_TAG` files missing under ``root/transformers_tests``, downloaded from the release tag of
+    the installed version (each written whole or not at all). Returns what could not be had, with why."""
+    import urllib.request
+
+    failed = []
+    for path in FROM_TAG:
+        dest = os.path.join(root, PKG, *path.split("/"))
+        if os.path.exists(dest):
+            continue
+        url = UPSTREAM.format(version=_version(), path=path)
+        try:
+            with urllib.request.urlopen(url, timeout=timeout) as r:
+                body = r.read()
+        except Exception as exc:  # noqa: BLE001 - offline, or no such tag: the stand-ins say so
+            failed.append(f"{path} ({type(exc).__name__} from {url})")
+            continue
+        os.makedirs(os.path.dirname(dest), exist_ok=True)
+        init = os.path.join(os.path.dirname(dest), "__init__.py")
+        if not os.path.exists(init):
+            open(init, "w").close()
+        tmp = dest + ".part"
+        with open(tmp, "wb") as f:
+            f.write(body)
+        os.replace(tmp, dest)
+    return failed
+
+
 def _stub(name: str, **attrs) -> None:
     mod = types.ModuleType(f"{PKG}.{name}")
     mod.__dict__.update(attrs)
@@ -110,6 +147,8 @@ def _stub(name: str, **attrs) -> None:
 def load():
     """→ (test_modeling_common, test_configuration_common, GenerationTesterMixin) modules/classes."""
     root = fetch()
+    if not os.environ.get("MIXCON_HF_TESTS_SRC") and os.environ.get("MIXCON_HF_TESTS_OFFLINE") != "1":
+        NOT_FETCHED.extend(fetch_from_tag(root))
     if root not in sys.path:
         sys.path.insert(0, root)
     base = os.path.join(root, PKG)
@@ -138,4 +177,7 @@ def load():
 
 
 if __name__ == "__main__":
-    print(fetch())
+    where = fetch()
+    for line in fetch_from_tag(where):
+        print("not fetched (its tests will be reported as skipped):", line, file=sys.stderr)
+    print(where)

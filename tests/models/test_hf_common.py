@@ -5,9 +5,10 @@ from the installed transformers version's source distribution (see hf_test_suite
 transformers is in this repository) and run on MixConForCausalLM / MixConModel built from the tiny
 configs: configs/*tiny*.json and the Jamba, Mamba-1 and Mixtral special cases at tiny size.
 
-Cost: every member runs a core subset (`CORE`) by default (a few minutes in all on CPU); the rest of
-transformers' suite runs with ``MIXCON_HF_COMMON=full`` (marked slow; about 5 minutes per member).
-Every skip names the property of the architecture that makes the test inapplicable (`SKIPS`).
+What runs: the main member (``tiny``) runs transformers' whole suite, compile tests included, by
+default (`FULL_MEMBERS`); the other members a core subset (`CORE`), and the rest of the suite with
+``MIXCON_HF_COMMON=full`` (marked slow). Measured times: docs/evaluation.md. Every skip of ours names
+the property of the architecture that makes the test inapplicable (`SKIPS`, `MEMBER_SKIPS`).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import torch
 from transformers.cache_utils import DynamicLayer
 
 from helpers import CONFIGS
-from hf_test_suite import MISSING, load
+from hf_test_suite import MISSING, NOT_FETCHED, load
 
 from mixcon import MixConConfig, MixConForCausalLM, MixConModel
 
@@ -45,7 +46,9 @@ def _json(name, **overrides):
 _TINY = dict(vocab_size=99, hidden_size=32, intermediate_size=37, num_attention_heads=4, num_key_value_heads=2,
              d_state=4, control_group=8, max_position_embeddings=512, num_experts=4, experts_per_token=2)
 MEMBERS = {
-    "tiny": _json("tiny.json"),
+    # one block of the shipped two (c C a C: attention, Conba, MLP and MoE): the second block repeats the
+    # first, and the whole suite (exports and compiles included) runs in half the time
+    "tiny": _json("tiny.json", n_blocks=1),
     # transformers' size rule (at most 2 layers of each kind): one block of two layers
     "dense": _json("dense-tiny.json", n_blocks=1, layers_per_block=2, layer_pattern="aa"),
     "mod": _json("mod-tiny.json"),
@@ -96,8 +99,8 @@ MEMBER_SKIPS = {  # member → {test: the property of that member that rules it 
     "tiny": {"test_custom_4d_attention_mask": _PACKED},
     "jamba": {"test_custom_4d_attention_mask": _PACKED},
 }
-# Run for every member by default (and MAIN_ONLY for the main member); the rest only when full.
-MAIN_ONLY = {"test_model_outputs_equivalence"}  # ~30 s per member: the output plumbing is shared
+# The main member runs every test by default; the others CORE, and the rest only when full.
+FULL_MEMBERS = {"tiny"}
 CORE = {
     "test_config", "test_save_load", "test_forward_signature",
     "test_training", "test_training_gradient_checkpointing", "test_hidden_states_output", "test_attention_outputs",
@@ -226,6 +229,8 @@ class _MixConCommon(ModelTesterMixin, GenerationTesterMixin):
     def test_transformers_test_files_present(self):
         if MISSING:
             self.skipTest("transformers' source distribution does not ship " + "; ".join(MISSING)
+                          + (", and its release tag's copy could not be fetched: " + "; ".join(NOT_FETCHED)
+                             if NOT_FETCHED else "")
                           + " (set MIXCON_HF_TESTS_SRC to a transformers checkout's tests/ folder to run them)")
 
 
@@ -235,7 +240,7 @@ def _member_class(member: str, selection: str):
     if selection != "all":
         for cls in _MixConCommon.__mro__:
             for name in vars(cls):
-                core = name in CORE or (member == "tiny" and name in MAIN_ONLY)
+                core = name in CORE
                 if name.startswith("test_") and callable(vars(cls)[name]) and (core != (selection == "core")):
                     attrs[name] = None  # not collected
     cls = type(f"Test{member.capitalize()}{'' if selection == 'all' else selection.capitalize()}",
@@ -243,10 +248,10 @@ def _member_class(member: str, selection: str):
     return pytest.mark.slow(cls) if selection == "rest" else cls
 
 
-# The rest of transformers' suite is defined (so collected) only with MIXCON_HF_COMMON=full: collecting
-# ~1,200 tests only to skip them cost time and hid the skips that mean something.
+# The rest of transformers' suite is defined (so collected) for the other members only with
+# MIXCON_HF_COMMON=full: collecting ~1,200 tests only to skip them cost time and hid the skips that mean something.
 for _m in MEMBERS:
-    for _sel in ("core", "rest") if FULL else ("core",):
+    for _sel in ("all",) if _m in FULL_MEMBERS else ("core", "rest") if FULL else ("core",):
         _c = _member_class(_m, _sel)
         globals()[_c.__name__] = _c
 del _c, _m, _sel

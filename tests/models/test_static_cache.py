@@ -3,9 +3,10 @@
 - ``generate(cache_implementation="static")`` gives the dynamic cache's tokens (greedy, left-padded
   batch) for every member of the family, and really runs on a static MixConCache;
 - the buffers are allocated once and written in place (same addresses from token to token);
-- one decode step compiled with ``fullgraph=True`` (no graph break) gives the eager step's logits, and
-  a second token reuses the graph (no recompilation); generate's own compiled path (forced on CPU)
-  gives the eager tokens;
+- the decode step compiled with ``fullgraph=True`` (no graph break) under ``error_on_recompile`` gives
+  the eager step's logits for every member, 8 steps after prompts of 3 lengths in 3 batches of one size
+  (one graph); on CPU each Conba layer's step is the registered compiled op; generate's own compiled
+  path (forced on CPU) gives the eager tokens;
 - the Triton decode step through its torch.library registration, traced by the compiler;
 - bad input raises ValueError naming what is allowed.
 """
@@ -106,28 +107,78 @@ def test_static_buffers_are_written_in_place_and_match_the_dynamic_cache():
     assert static.get_seq_length() == 10 and static.batch_size == 2
 
 
-def test_compiled_decode_step_equals_eager_without_graph_breaks_or_recompiles():
-    """One decode step of the model with every layer kind (attention, Conba, spatial, MoM, MoD, MoE)
-    compiled with fullgraph=True (a graph break raises); aot_eager functionalises the in-place cache
-    writes, as inductor does. A second token must reuse the graph."""
-    model = build("all-kinds", dtype=torch.float32)
-    ids, mask = left_padded(model.config.vocab_size, b=2, T=7)
-    M = 12
-    eager_cache, nxt = _prefilled(model, ids, mask, M)
-    comp_cache, _ = _prefilled(model, ids, mask, M)
-    am = F.pad(mask, (0, M - 7))  # what create_masks_for_generate passes: a fixed (b, max_cache_len) mask
-    pos = mask.sum(1, keepdim=True)
+def _recording_backend(targets):
+    """aot_eager (which functionalises the in-place cache writes, as inductor does), recording the
+    functions each graph calls."""
+    aot_eager = torch._dynamo.lookup_backend("aot_eager")
+
+    def backend(gm, example_inputs):
+        targets.extend(str(n.target) for n in gm.graph.nodes if n.op == "call_function")
+        return aot_eager(gm, example_inputs)
+    return backend
+
+
+@pytest.mark.parametrize("name", list(MEMBERS))
+def test_compiled_decode_step_one_graph_across_prompt_lengths_steps_and_batches(name):
+    """The decode step compiled once with fullgraph=True (a graph break raises) under
+    error_on_recompile (a recompile raises): three batches of the same size with prompts of 5, 9 and
+    13 tokens (left-padded, each a new static cache), 8 steps each, give the eager step's logits.
+    On CPU each Conba layer's step is the registered compiled op (one opaque call in the graph)."""
+    from mixcon.ops.conba import cpu
+
+    model = build(name, dtype=torch.float32)
+    V, M, b = model.config.vocab_size, 24, 2
     torch._dynamo.reset()
-    step = torch.compile(model.forward, fullgraph=True, backend="aot_eager")
+    targets = []
+    step = torch.compile(model.forward, fullgraph=True, backend=_recording_backend(targets))
     with torch.no_grad(), torch._dynamo.config.patch(error_on_recompile=True):
-        for t in range(2):
-            am[:, 7 + t] = 1
-            ref = model(nxt, attention_mask=am, position_ids=pos + t, past_key_values=eager_cache).logits
-            got = step(nxt, attention_mask=am, position_ids=pos + t, past_key_values=comp_cache).logits
-            torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-5)
-            nxt = ref[:, -1].argmax(-1, keepdim=True)
+        for i, T in enumerate((5, 9, 13)):
+            ids, mask = left_padded(V, b=b, T=T, seed=i)
+            eager_cache, nxt = _prefilled(model, ids, mask, M)
+            comp_cache, _ = _prefilled(model, ids, mask, M)
+            am = F.pad(mask, (0, M - T))  # what create_masks_for_generate passes: a fixed (b, max_cache_len) mask
+            pos = mask.sum(1, keepdim=True)
+            for t in range(8):
+                am[:, T + t] = 1
+                ref = model(nxt, attention_mask=am, position_ids=pos + t, past_key_values=eager_cache).logits
+                got = step(nxt, attention_mask=am, position_ids=pos + t, past_key_values=comp_cache).logits
+                # float32; aot_eager's decompositions round differently from the eager ops (~1e-5 seen)
+                torch.testing.assert_close(got, ref, rtol=1e-4, atol=5e-5)
+                nxt = ref[:, -1].argmax(-1, keepdim=True)
+            for kind, a, e in zip(model.config.layers_block_type, comp_cache.layers, eager_cache.layers):
+                if kind == "conba":  # the state written in place by the compiled step, as by the eager one
+                    for x, y in zip(a.state["ssm"], e.state["ssm"]):
+                        torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-5)
+                    torch.testing.assert_close(a.state["conv"], e.state["conv"], rtol=1e-4, atol=1e-5)
+    n_conba = model.config.layers_block_type.count("conba")
+    if cpu.kernels() is not None:
+        assert targets.count("mixcon.conba_decode_layer.default") == n_conba
+
+
+def test_cpu_decode_layer_op_schema_and_fake():
+    """The registered CPU layer step: its schema (in-place writes declared) and its fake implementation."""
+    from mixcon.ops.conba import cpu
+    from mixcon.ops.conba.library import conba_decode_layer_op
+
+    if cpu.kernels() is None:
+        pytest.skip("the compiled CPU kernels cannot be built here (no C++ compiler or ninja)")
+    model = build("mixcon", dtype=torch.float32)
+    ids, mask = left_padded(model.config.vocab_size, b=2, T=6)
+    cache, _ = _prefilled(model, ids, mask, 12)
     conba = model.config.layers_block_type.index("conba")
-    torch.testing.assert_close(comp_cache.layers[conba].state["ssm"].h, eager_cache.layers[conba].state["ssm"].h)
+    mixer, state = model.model.layers[conba].mixer, cache.layers[conba].state
+    captured = {}
+    real = cpu.decode_layer
+    try:  # the arguments the layer hands the kernel, taken from one eager decode token
+        cpu.decode_layer = lambda *a: captured.setdefault("args", a) and None
+        with torch.no_grad():
+            mixer(torch.randn(2, 1, model.config.hidden_size), state={k: v for k, v in state.items()})
+    finally:
+        cpu.decode_layer = real
+    xz, m, conv, s, w, *rest = captured["args"]
+    args = (xz, torch.tensor([1, 0]), conv.clone(), *(x.clone() for x in s), w, *rest[:5], float(rest[5]),
+            float(rest[6]))
+    torch.library.opcheck(conba_decode_layer_op, args, test_utils=("test_schema", "test_faketensor"))
 
 
 def test_generate_compiled_path_on_cpu_equals_eager():
@@ -143,6 +194,13 @@ def test_generate_compiled_path_on_cpu_equals_eager():
     compiled = model.generate(ids, cache_implementation="static", compile_config=cc, **kw)
     assert getattr(model, "_compiled_call", None) is not None  # generate really took the compiled path
     assert torch.equal(compiled, model.generate(ids, **kw))
+    # a second and third call (new caches, shorter prompts, the same batch size) reuse the graph
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for T in (4, 5):
+            short, short_mask = ids[:, -T:], mask[:, -T:]
+            kw["attention_mask"] = short_mask
+            got = model.generate(short, cache_implementation="static", compile_config=cc, **kw)
+            assert torch.equal(got, model.generate(short, **kw))
 
 
 def test_conba_triton_step_is_traceable_through_its_registered_op():

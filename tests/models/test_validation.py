@@ -143,7 +143,17 @@ ID_DTYPES_BAD = [torch.int8, torch.int16, torch.uint8, torch.bool, torch.float32
 def broken_inputs(draw):
     """(kwargs, the text the error must contain)."""
     kind = draw(st.sampled_from(["shape", "dtype", "ids", "mask", "labels_shape", "labels_value", "mask_shape",
-                                 "label_dtype"]))
+                                 "label_dtype", "position_ids", "position_dtype", "logits_to_keep"]))
+    if kind == "position_ids":  # the tiny config has no RoPE: the shape is checked all the same
+        shape = draw(st.sampled_from([(B, T - 1), (B, T + 1), (B + 1, T), (T,), (B * T,), (B, T, 1), (2, 1, T)]))
+        return dict(input_ids=GOOD, position_ids=torch.zeros(shape, dtype=torch.long)), "position_ids has shape"
+    if kind == "position_dtype":
+        return (dict(input_ids=GOOD, position_ids=torch.zeros(B, T, dtype=draw(st.sampled_from(ID_DTYPES_BAD)))),
+                "position_ids must be an integer")
+    if kind == "logits_to_keep":
+        k = draw(st.one_of(st.integers(-2**40, -1), st.sampled_from(
+            [True, False, 1.0, "2", torch.tensor([[0, 1]]), torch.tensor([0.0, 1.0]), torch.tensor([True, False])])))
+        return dict(input_ids=GOOD, logits_to_keep=k), "logits_to_keep"
     if kind == "shape":
         b, t = draw(st.sampled_from([(0, T), (B, 0), (0, 0)]))
         return dict(input_ids=torch.zeros(b, t, dtype=torch.long)), "empty"
@@ -182,6 +192,19 @@ def test_a_broken_input_is_a_clear_value_error(case):
     kwargs, msg = case
     with torch.no_grad(), pytest.raises(ValueError, match=msg):
         model()(**kwargs)
+
+
+def test_position_ids_and_logits_to_keep_that_are_allowed():
+    """(batch, time) or (1, time) positions; logits_to_keep 0 (all), k (the last k, k > time: all) or
+    a 1-D tensor of positions."""
+    with torch.no_grad():
+        full = model()(GOOD).logits
+        pos = torch.arange(T)[None]
+        torch.testing.assert_close(model()(GOOD, position_ids=pos).logits, full)
+        torch.testing.assert_close(model()(GOOD, position_ids=pos.expand(B, T)).logits, full)
+        torch.testing.assert_close(model()(GOOD, logits_to_keep=2).logits, full[:, -2:])
+        torch.testing.assert_close(model()(GOOD, logits_to_keep=T + 3).logits, full)
+        torch.testing.assert_close(model()(GOOD, logits_to_keep=torch.tensor([0, 3])).logits, full[:, [0, 3]])
 
 
 def test_the_config_module_is_a_leaf():

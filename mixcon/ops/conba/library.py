@@ -27,7 +27,7 @@ from . import _needs_grad  # the package's own check (it imports this module laz
 from .naive import ConbaState
 from .params import ConbaParams, keyword_interface
 
-__all__ = ["conba_step_op", "conba_step_compiled"]
+__all__ = ["conba_step_op", "conba_step_compiled", "conba_decode_layer_op", "cpu_kernels_built"]
 
 
 @torch.library.custom_op("mixcon::conba_step", mutates_args=("h", "delay", "k", "e", "phase"))
@@ -70,3 +70,37 @@ def conba_step_compiled(state: ConbaState, u, delta, B, C, params: ConbaParams, 
     return conba_step_op(*state, u, delta, p.A, B, C, p.D, z, p.delta_bias, bool(p.delta_softplus), alpha, p.rho,
                          int(p.tau), p.k0, p.eta, p.lam, p.w_r, float(p.k_max), int(p.group_size), float(p.sigma_w),
                          float(p.sigma_v), int(p.seed), mask, int(t), int(p.control_period))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The compiled CPU layer step (cpu.py `decode_layer`, csrc/conba_cpu.cpp) as a custom op: a pybind call that
+# torch.compile would otherwise not trace (a graph break). Registered, it is one opaque call in the decode
+# graph on CPU, as the Triton step is on a GPU; the conv window and the state (h, delay line, k, e, phase)
+# are written in place and declared so (``mutates_args``). The kernels must be built before tracing
+# (`cpu.kernels()`, which a static-cache prefill on CPU does): the op itself never builds them.
+
+def cpu_kernels_built() -> bool:
+    """Whether the compiled CPU kernels are built (never builds them: safe to call under a trace)."""
+    from . import cpu
+
+    return cpu._module is not None
+
+
+@torch.library.custom_op("mixcon::conba_decode_layer", mutates_args=("conv_state", "h", "delay", "k", "e", "phase"))
+def conba_decode_layer_op(
+    xz: Tensor, mask: Tensor, conv_state: Tensor, h: Tensor, delay: Tensor, k: Tensor, e: Tensor, phase: Tensor,
+    weights: list[Tensor], dt_rank: int, tau: int, group_size: int, control_period: int, control: bool,
+    k_max: float, eps: float,
+) -> Tensor:
+    """A Conba layer's decode token, in_proj's output ``xz`` (b, 2·d_inner) → the gated y (b, d_inner):
+    `cpu.decode_layer` (``mask``: (b,) int64, or empty for no padding; ``weights``: cpu.LAYER_WEIGHTS)."""
+    from . import cpu
+
+    return cpu.kernels().decode_layer(xz, mask, conv_state, h, delay, k, e, phase, weights, dt_rank, tau,
+                                      group_size, control_period, control, k_max, eps)
+
+
+@conba_decode_layer_op.register_fake
+def _(xz, mask, conv_state, h, delay, k, e, phase, weights, dt_rank, tau, group_size, control_period, control,
+      k_max, eps):
+    return xz.new_empty(xz.shape[0], xz.shape[1] // 2)

@@ -18,7 +18,15 @@ from .noise import conba_noise
 from .params import ConbaParams, keyword_interface
 
 
-class ConbaState(NamedTuple):
+class _ConbaStateFields(NamedTuple):
+    h: torch.Tensor
+    delay: torch.Tensor
+    k: torch.Tensor
+    e: torch.Tensor
+    phase: torch.Tensor
+
+
+class ConbaState(_ConbaStateFields):
     """Decode state of one Conba scan (docs/conba.md, "Decode state"); float32 (float64 for float64 inputs).
 
     h:     (batch, d_inner, N)         the latest state h_t
@@ -31,13 +39,18 @@ class ConbaState(NamedTuple):
     With P = 1 (the per-step controller) every real step is a sampling instant: k is k_{t+1},
     e is e_t of the latest step and the phase stays 0. Without control k, e and the phase pass
     through untouched.
+
+    ``ConbaState(h, delay, k, e, phase)``, or ``ConbaState(iterable of the five)`` as a plain tuple type is
+    called: code that rebuilds every tuple it walks as ``type(x)(generator)`` (transformers' exporters
+    cast a cache's tensors that way) gets a ConbaState back.
     """
 
-    h: torch.Tensor
-    delay: torch.Tensor
-    k: torch.Tensor
-    e: torch.Tensor
-    phase: torch.Tensor
+    __slots__ = ()
+
+    def __new__(cls, *fields, **named):
+        if len(fields) == 1 and not named and not isinstance(fields[0], torch.Tensor):
+            fields = tuple(fields[0])
+        return super().__new__(cls, *fields, **named)
 
 
 def empty_state(batch, d_inner, d_state, tau=0, group_size=8, k0=None, device=None,
