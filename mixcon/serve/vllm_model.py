@@ -12,7 +12,7 @@ whether a prefill continues a state) and runs `conba_step` on the decodes (batch
 chunked scan on each prefill, reading and writing the request's slot. A slot is reset (the state
 before the first token: zeros and k = k₀) when a prefill starts a new sequence.
 
-Supported: tensor parallel size 1, eager mode (``enforce_eager=True``), no prefix caching, no
+Supported: tensor parallel size 1, eager mode (``enforce_eager=True``), prefix caching ("align"), no
 speculative decoding; layers of attention or Conba with an MLP, MoE or no FFN (no Mixture of Depths,
 Mixture of Modules or spatial layers).
 """
@@ -29,7 +29,7 @@ try:
     from vllm.model_executor.layers.attention import Attention
     from vllm.model_executor.layers.mamba.abstract import MambaBase
     from vllm.model_executor.layers.mamba.mamba_utils import MambaCopySpec
-    from vllm.model_executor.models.interfaces import HasInnerState, IsHybrid
+    from vllm.model_executor.models.interfaces import HasInnerState, IsHybrid, SupportsMambaPrefixCaching
     from vllm.v1.attention.backends.registry import MambaAttentionBackendEnum
 except ImportError as e:  # pragma: no cover - exercised without vLLM in tests/serve/test_plugin.py
     from mixcon.serve.plugin import VLLM_MISSING
@@ -66,7 +66,8 @@ def conba_state_layout(config) -> tuple[tuple[str, tuple[int, ...], torch.dtype]
 
 def _whole_state_copy(state: torch.Tensor, block_ids: list[int], cur_block_idx: int,
                       num_accepted_tokens: int) -> MambaCopySpec:
-    """Copy spec of one state for vLLM's prefix caching in align mode: the whole slot."""
+    """Copy spec of one state for vLLM's prefix caching in align mode: the whole slot of the block
+    that holds the state after the last accepted token (one token a step here: ``cur_block_idx``)."""
     src = state[block_ids[cur_block_idx + num_accepted_tokens - 1]]
     return MambaCopySpec(start_addr=src.data_ptr(), num_elements=src.numel())
 
@@ -244,8 +245,17 @@ class MixConModel(nn.Module):
         return self.final_layernorm(x)
 
 
-class MixConForCausalLM(nn.Module, HasInnerState, IsHybrid):
-    """vLLM's MixCon. Parameter names are the transformers model's (model.layers.{i}.mixer.in_proj.weight, …)."""
+class MixConForCausalLM(nn.Module, HasInnerState, IsHybrid, SupportsMambaPrefixCaching):
+    """vLLM's MixCon. Parameter names are the transformers model's (model.layers.{i}.mixer.in_proj.weight, …).
+
+    Prefix caching (vLLM's Mamba "align" mode): the scheduler ends every prefill piece that is not a
+    prompt's last on a block boundary, and vLLM gives each request the state slot of the block that
+    holds its latest token; before a step whose first token opens a new block, vLLM copies the
+    previous block's slot into the new one with the copy functions below. A block's slot therefore
+    keeps the state after exactly its last token, and a later request whose prompt shares those
+    blocks starts from that slot (``has_initial_states``). Every state is copied — conv window, h,
+    delay line, gain k, sampled error e and the controller's phase — so a continued prefix resumes
+    at the right instant of the control period."""
 
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = ""):
         super().__init__()
@@ -285,9 +295,17 @@ class MixConForCausalLM(nn.Module, HasInnerState, IsHybrid):
 
     @classmethod
     def get_mamba_state_copy_func(cls) -> tuple:
-        """vLLM reads these only for prefix caching in align mode, which this model does not declare
-        (no `SupportsMambaPrefixCaching`): the two states every Conba layer has (conv, h), whole."""
+        """The copy functions of the two states every Conba layer has (conv, h), whole. The class
+        cannot see the config, so vLLM's runner asks the model instance (`get_mamba_state_copy_funcs`),
+        which adds the delay line and the controller's states where the config has them."""
         return (_whole_state_copy, _whole_state_copy)
+
+    def get_mamba_state_copy_funcs(self, mamba_types) -> dict:
+        """One whole-slot copy per state of this config's Conba layers (vLLM copies only as many states
+        as it is given functions: with Mamba's two, the delay line, k, e and the phase of a new block
+        would be the slot's stale contents)."""
+        funcs = tuple(_whole_state_copy for _ in conba_state_layout(self.config))
+        return {mamba_type: funcs for mamba_type in mamba_types}
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         """The checkpoint's tensors by their transformers names; an unknown name is an error."""
