@@ -30,6 +30,7 @@ try:
     from vllm.model_executor.layers.mamba.abstract import MambaBase
     from vllm.model_executor.layers.mamba.mamba_utils import MambaCopySpec
     from vllm.model_executor.models.interfaces import HasInnerState, IsHybrid, SupportsMambaPrefixCaching
+    from vllm.utils.torch_utils import direct_register_custom_op
     from vllm.v1.attention.backends.registry import MambaAttentionBackendEnum
 except ImportError as e:  # pragma: no cover - exercised without vLLM in tests/serve/test_plugin.py
     from mixcon.serve.plugin import VLLM_MISSING
@@ -43,6 +44,7 @@ from mixcon.layers.moe import SparseMoE
 from mixcon.layers.norm import RMSNorm
 from mixcon.models.configuration_mixcon import MixConConfig
 from mixcon.ops.conba import ConbaState
+from mixcon.serve.plugin import CONBA_MIXER_OP
 
 # ------------------------------------------------------------------------------------ Conba state
 
@@ -134,6 +136,16 @@ class VllmConbaMixer(ConbaMixer, MambaBase):
             slots["phase"][idx, 0] = s.phase.to(torch.int32)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """hidden_states (tokens, hidden) → (tokens, hidden) through the registered op
+        ``mixcon::conba_mixer``: under torch.compile the op is one opaque node (its fake implementation
+        gives the shapes), and a splitting op of vLLM's piecewise graphs, so the host-side work of
+        `forward_impl` (the loop over prefills, ``.tolist()`` of the metadata) runs eagerly between the
+        captured pieces."""
+        output = torch.empty_like(hidden_states)
+        torch.ops.mixcon.conba_mixer(hidden_states, output, self.prefix)
+        return output
+
+    def forward_impl(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """hidden_states (tokens, hidden), decodes first then prefills → (tokens, hidden)."""
         meta = get_forward_context().attn_metadata
         meta = meta.get(self.prefix) if isinstance(meta, dict) else None
@@ -162,6 +174,26 @@ class VllmConbaMixer(ConbaMixer, MambaBase):
                 out[nd + s:nd + e] = super().forward(x[None, s:e], state=state)[0]
                 self._write(slots, idx, state)
         return out
+
+
+def _conba_mixer(hidden_states: torch.Tensor, output: torch.Tensor, layer_name: str) -> None:
+    """The op's body: the layer named ``layer_name`` (vLLM's forward context holds it) writes its output."""
+    layer = get_forward_context().no_compile_layers[layer_name]
+    output.copy_(layer.forward_impl(hidden_states))
+
+
+def _conba_mixer_fake(hidden_states: torch.Tensor, output: torch.Tensor, layer_name: str) -> None:
+    return None
+
+
+try:  # vLLM's breakable CUDA-graph capture runs such ops eagerly between captured segments
+    from vllm.compilation.breakable_cudagraph import eager_break_during_capture as _eager_break
+except ImportError:  # pragma: no cover - older vLLM
+    _eager_break = lambda fn: fn  # noqa: E731
+
+_MIXCON_LIB = torch.library.Library(CONBA_MIXER_OP.split("::")[0], "FRAGMENT")
+direct_register_custom_op(op_name=CONBA_MIXER_OP.split("::")[1], op_func=_eager_break(_conba_mixer),
+                          mutates_args=["output"], fake_impl=_conba_mixer_fake, target_lib=_MIXCON_LIB)
 
 
 # ------------------------------------------------------------------------------------ attention
