@@ -204,6 +204,7 @@ def _train_tokenizer(ap=None, args=None):
 BENCHES = {"conba": "mixcon.bench.conba", "conba-tune": "mixcon.bench.conba_tune", "moe": "mixcon.bench.moe",
            "throughput": "mixcon.bench.throughput", "max-context": "mixcon.bench.max_context",
            "kv-cache": "mixcon.bench.kv_cache", "conba-cpu": "mixcon.bench.conba_cpu"}
+BENCHES["serve"] = "mixcon.serve.bench"  # vLLM serving (docs/serving.md): needs the vLLM venv
 
 
 @verb("bench", "benchmarks: conba, conba-tune, conba-cpu, moe, throughput, max-context, kv-cache (each prints its run header)")
