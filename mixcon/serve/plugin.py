@@ -32,6 +32,21 @@ def register() -> None:
     if ARCHITECTURE not in ModelRegistry.get_supported_archs():
         ModelRegistry.register_model(ARCHITECTURE, MODEL_CLASS)
     from vllm.config import CompilationConfig
+    from vllm.model_executor.models.config import MODELS_CONFIG_MAP, VerifyAndUpdateConfig
+
+    class MixConServable(VerifyAndUpdateConfig):
+        """Run by vLLM on the engine's configuration, in the process that starts the engine: a model
+        directory the plugin cannot serve (Mixture-of-Depths, spatial or MoM layers, a tensor-parallel
+        size that splits heads or a Conba control group) is refused there, with one message naming the
+        field, before any worker starts."""
+
+        @staticmethod
+        def verify_and_update_config(vllm_config) -> None:
+            from mixcon.serve.vllm_model import check_servable
+
+            check_servable(vllm_config.model_config.hf_config, vllm_config.parallel_config.tensor_parallel_size)
+
+    MODELS_CONFIG_MAP.setdefault(ARCHITECTURE, MixConServable)
 
     ops = getattr(CompilationConfig, "_attention_ops", None)
     if isinstance(ops, list) and CONBA_MIXER_OP not in ops:
