@@ -15,7 +15,7 @@ attention layer at the same position, MoE); the tokens are then compared with tr
 Both decode greedily exactly ``--new-tokens`` tokens per prompt (no end-of-sequence stop) from the same
 random token prompts; tokens/s counts generated tokens. `generate` runs left-padded batches with the
 dynamic cache, and on CUDA also with the static cache (``cache_implementation="static"``). vLLM runs
-one `LLM.generate` call over the batch (eager on CPU; CUDA graphs are not available to this model).
+one `LLM.generate` call over the batch, eager (`enforce_eager=True`; the side-by-side runs both engines so).
 Each figure is the median of ``--reps`` timed runs after one warm-up, in one process.
 """
 
