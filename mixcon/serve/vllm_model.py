@@ -13,9 +13,8 @@ chunked scan on each prefill, reading and writing the request's slot. A slot is 
 before the first token: zeros and k = k₀) when a prefill starts a new sequence.
 
 Supported: tensor parallel (heads, Conba channels by whole control groups, expert features), compiled
-or eager mode, prefix caching ("align"), no
-speculative decoding; layers of attention or Conba with an MLP, MoE or no FFN (no Mixture of Depths,
-Mixture of Modules or spatial layers).
+or eager mode, prefix caching ("align"), no speculative decoding; layers of attention or Conba with an
+MLP, MoE or no FFN (no Mixture of Depths, Mixture of Modules or spatial layers).
 """
 
 from __future__ import annotations
