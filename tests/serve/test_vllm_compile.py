@@ -34,18 +34,38 @@ def _prompts():
     return [torch.randint(3, 512, (n,), generator=g).tolist() for n in (3, 22, 9, 37)]
 
 
+def _free_port():
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def test_op_compiles_in_one_graph():
     from vllm.config import VllmConfig, set_current_vllm_config
     from vllm.forward_context import set_forward_context
 
     from mixcon.serve.vllm_model import VllmConbaMixer
 
+    from vllm.distributed import init_distributed_environment, initialize_model_parallel
+    from vllm.distributed.parallel_state import cleanup_dist_env_and_memory
+
     cfg = tiny_config(head_dim=32, control_period=5)
     trained = randomize_(MixConForCausalLM(cfg)).model.layers[0].mixer  # a Conba layer
     vc = VllmConfig()
-    with set_current_vllm_config(vc):
-        layer = VllmConbaMixer(cfg, 0, "model.layers.0.mixer").eval()
+    with set_current_vllm_config(vc):  # vLLM's linear layers read the (one-rank) tensor-parallel group
+        init_distributed_environment(world_size=1, rank=0, local_rank=0, backend="gloo",
+                                     distributed_init_method=f"tcp://127.0.0.1:{_free_port()}")
+        initialize_model_parallel(1)
+        try:
+            layer = VllmConbaMixer(cfg, 0, "model.layers.0.mixer").eval()
+        finally:
+            cleanup_dist_env_and_memory()
     layer.load_state_dict(trained.state_dict())
+    for m in layer.modules():  # what vLLM's loader does after load_weights (on CPU: picks the GEMM)
+        if getattr(m, "quant_method", None) is not None:
+            m.quant_method.process_weights_after_loading(m)
     graphs = []
 
     def backend(gm, example_inputs):  # records every graph Dynamo hands over; runs it as traced
