@@ -204,7 +204,8 @@ def _train_tokenizer(ap=None, args=None):
 BENCHES = {"conba": "mixcon.bench.conba", "conba-tune": "mixcon.bench.conba_tune", "moe": "mixcon.bench.moe",
            "throughput": "mixcon.bench.throughput", "max-context": "mixcon.bench.max_context",
            "kv-cache": "mixcon.bench.kv_cache", "conba-cpu": "mixcon.bench.conba_cpu", "decode": "mixcon.bench.decode",
-           "kernel-report": "mixcon.bench.kernel_report"}
+           "kernel-report": "mixcon.bench.kernel_report",
+           "serve": "mixcon.serve.bench"}  # serve: vLLM serving (docs/serving.md), needs the vLLM venv
 
 
 @verb("bench", "benchmarks: " + ", ".join(BENCHES) + " (each prints its run header)")

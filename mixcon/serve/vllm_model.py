@@ -12,9 +12,9 @@ whether a prefill continues a state) and runs `conba_step` on the decodes (batch
 chunked scan on each prefill, reading and writing the request's slot. A slot is reset (the state
 before the first token: zeros and k = k₀) when a prefill starts a new sequence.
 
-Supported: tensor parallel size 1, eager mode (``enforce_eager=True``), no prefix caching, no
-speculative decoding; layers of attention or Conba with an MLP, MoE or no FFN (no Mixture of Depths,
-Mixture of Modules or spatial layers).
+Supported: tensor parallel (heads, Conba channels by whole control groups, expert features), compiled
+or eager mode, prefix caching ("align"), no speculative decoding; layers of attention or Conba with an
+MLP, MoE or no FFN (no Mixture of Depths, Mixture of Modules or spatial layers).
 """
 
 from __future__ import annotations
@@ -25,11 +25,16 @@ from torch import nn
 
 try:
     from vllm.config import VllmConfig, get_current_vllm_config
+    from vllm.distributed import (get_tensor_model_parallel_rank, get_tensor_model_parallel_world_size,
+                                  tensor_model_parallel_all_reduce)
     from vllm.forward_context import get_forward_context
     from vllm.model_executor.layers.attention import Attention
+    from vllm.model_executor.layers.linear import (ColumnParallelLinear, MergedColumnParallelLinear,
+                                                   RowParallelLinear)
     from vllm.model_executor.layers.mamba.abstract import MambaBase
     from vllm.model_executor.layers.mamba.mamba_utils import MambaCopySpec
-    from vllm.model_executor.models.interfaces import HasInnerState, IsHybrid
+    from vllm.model_executor.models.interfaces import HasInnerState, IsHybrid, SupportsMambaPrefixCaching
+    from vllm.utils.torch_utils import direct_register_custom_op
     from vllm.v1.attention.backends.registry import MambaAttentionBackendEnum
 except ImportError as e:  # pragma: no cover - exercised without vLLM in tests/serve/test_plugin.py
     from mixcon.serve.plugin import VLLM_MISSING
@@ -43,18 +48,20 @@ from mixcon.layers.moe import SparseMoE
 from mixcon.layers.norm import RMSNorm
 from mixcon.models.configuration_mixcon import MixConConfig
 from mixcon.ops.conba import ConbaState
+from mixcon.serve.plugin import CONBA_MIXER_OP
 
 # ------------------------------------------------------------------------------------ Conba state
 
-def conba_state_layout(config) -> tuple[tuple[str, tuple[int, ...], torch.dtype], ...]:
-    """(name, shape of one slot, dtype) of every state a Conba layer keeps between tokens.
+def conba_state_layout(config, tp: int = 1) -> tuple[tuple[str, tuple[int, ...], torch.dtype], ...]:
+    """(name, shape of one slot, dtype) of every state a Conba layer keeps between tokens, on one of
+    ``tp`` tensor-parallel ranks (each holds d_inner / tp channels and their control groups).
 
     conv (d_inner, d_conv − 1): the conv window; h (d_inner, N): the SSM state; delay (τ, d_inner, N):
     the delay line (only with τ > 0); k (d_inner / G,), e (d_inner,), phase (1,): the controller's gain,
     the error sampled at its last instant and the steps since (only with control). Everything is
     float32 (the scan accumulates in float32; the conv window holds inputs of the model's dtype, which
     float32 holds exactly) and the phase int32, so every state starts at a 4-byte boundary of a page."""
-    d, N = config.d_inner, config.d_state
+    d, N = config.d_inner // tp, config.d_state
     out = [("conv", (d, config.d_conv - 1), torch.float32), ("h", (d, N), torch.float32)]
     if config.delay > 0:
         out.append(("delay", (config.delay, d, N), torch.float32))
@@ -66,18 +73,185 @@ def conba_state_layout(config) -> tuple[tuple[str, tuple[int, ...], torch.dtype]
 
 def _whole_state_copy(state: torch.Tensor, block_ids: list[int], cur_block_idx: int,
                       num_accepted_tokens: int) -> MambaCopySpec:
-    """Copy spec of one state for vLLM's prefix caching in align mode: the whole slot."""
+    """Copy spec of one state for vLLM's prefix caching in align mode: the whole slot of the block
+    that holds the state after the last accepted token (one token a step here: ``cur_block_idx``)."""
     src = state[block_ids[cur_block_idx + num_accepted_tokens - 1]]
     return MambaCopySpec(start_addr=src.data_ptr(), num_elements=src.numel())
+
+# ------------------------------------------------------------------------------------ tensor parallel
+#
+# Each rank holds: attention, a contiguous share of the query heads and of the K/V heads (q/k/v_proj
+# column-parallel, o_proj row-parallel); Conba, a contiguous share of the d_inner channels and of their
+# control groups (the scan is independent per channel, the controller per group: no group may
+# straddle two ranks) — in_proj column-parallel over u and z alike, conv1d, dt_proj, A_log, D, w_r
+# and the per-group parameters by channel or group, x_proj (and the SwiGLU's gate/value) row-parallel
+# (their outputs, δ's rank input, B, C and every group's scaling logit, depend on all channels: summed
+# over ranks), sel_out replicated, and of the selection's output each rank keeps δ, B, C and its own
+# groups' scaling logits (`_sel_rows`); out_proj row-parallel; MLP, gate/up column- and down row-parallel; MoE, every expert's
+# intermediate features split (gate/up rows, down columns), the router replicated and the experts'
+# output summed over ranks. Embeddings, norms and lm_head are replicated.
+
+
+class _Local:
+    """``config`` with some fields replaced (the per-rank sizes)."""
+
+    def __init__(self, config, **fields):
+        self._config, self._fields = config, fields
+
+    def __getattr__(self, name):
+        fields = self.__dict__.get("_fields", {})
+        return fields[name] if name in fields else getattr(self.__dict__["_config"], name)
+
+
+def tensor_parallel_sizes(config) -> list[int]:
+    """The tensor_parallel_size values (up to 64) this config can be split over."""
+    return [t for t in range(1, 65) if _tp_problem(config, t) is None]
+
+
+def _tp_problem(config, tp: int) -> str | None:
+    kinds = set(config.layers_block_type)
+    if "attention" in kinds:
+        if config.num_attention_heads % tp:
+            return f"num_attention_heads = {config.num_attention_heads} is not divisible by it"
+        if config.num_key_value_heads % tp:
+            return f"num_key_value_heads = {config.num_key_value_heads} is not divisible by it"
+    if "conba" in kinds:
+        if config.d_inner % tp:
+            return f"d_inner = {config.d_inner} is not divisible by it"
+        if (config.d_inner // tp) % config.control_group:
+            return (f"it splits a Conba control group: d_inner / tp = {config.d_inner // tp} channels per rank is "
+                    f"not a multiple of control_group = {config.control_group}")
+    if set(config.layers_ffn_type) & {"mlp", "moe"} and config.intermediate_size % tp:
+        return f"intermediate_size = {config.intermediate_size} is not divisible by it"
+    return None
+
+
+def check_tensor_parallel(config, tp: int) -> None:
+    problem = _tp_problem(config, tp)
+    if problem is not None:
+        raise ValueError(f"tensor_parallel_size={tp} cannot serve this MixCon model: {problem}; allowed: "
+                         f"tensor_parallel_size in {tensor_parallel_sizes(config)}")
+
+
+def _sel_rows(config, rank: int, tp: int) -> torch.Tensor:
+    """Rows of the selection's output kept on ``rank``: δ's rank input, B and C, and (with state
+    scaling) this rank's groups' scaling logits."""
+    head = config.dt_rank + 2 * config.d_state
+    rows = torch.arange(head)
+    if config.state_scaling:
+        ngl = config.d_inner // config.control_group // tp
+        rows = torch.cat([rows, head + rank * ngl + torch.arange(ngl)])
+    return rows
+
+
+def shard_tensor(name: str, full: torch.Tensor, config, rank: int, tp: int) -> torch.Tensor:
+    """The part of checkpoint tensor ``name`` (a transformers MixCon name) that tensor-parallel rank
+    ``rank`` of ``tp`` holds (module comment above); the whole tensor where it is replicated."""
+    if tp == 1:
+        return full
+    parts = name.split(".")
+    if len(parts) < 5 or parts[0] != "model" or parts[1] != "layers":
+        return full  # embeddings, final norm, lm_head
+    i, module, leaf = int(parts[2]), parts[3], ".".join(parts[4:])
+
+    def split(t, dim, size=None):  # this rank's contiguous share of dim (of its first `size` entries)
+        n = (size or t.shape[dim]) // tp
+        return t.narrow(dim, rank * n, n)
+
+    if module == "mixer" and config.layers_block_type[i] == "attention":
+        if leaf in ("q_proj.weight", "k_proj.weight", "v_proj.weight"):
+            return split(full, 0)
+        if leaf == "o_proj.weight":
+            return split(full, 1)
+        return full
+    if module == "mixer":  # Conba
+        d = config.d_inner
+        if leaf in ("in_proj.weight", "in_proj.bias"):  # [u; z]: this rank's channels of each
+            return torch.cat([split(full.narrow(0, 0, d), 0), split(full.narrow(0, d, d), 0)])
+        if leaf in ("conv1d.weight", "conv1d.bias", "dt_proj.weight", "dt_proj.bias", "A_log", "D", "w_r",
+                    "alpha_bias", "rho_raw", "eta_raw", "lam_raw", "k0"):
+            return split(full, 0)
+        if leaf in ("x_proj.weight", "sel_gate.weight", "sel_value.weight", "out_proj.weight"):
+            return split(full, 1)
+        return full  # sel_out, out_proj.bias (added once after the sum), the δ/B/C norms
+    if module == "feed_forward":
+        if leaf in ("gate_proj.weight", "up_proj.weight"):
+            return split(full, 0)
+        if leaf == "down_proj.weight":
+            return split(full, 1)
+        if leaf == "experts.gate_up_proj":  # (E, 2F, D): this rank's features of gate and of up
+            F_ = full.shape[1] // 2
+            return torch.cat([split(full.narrow(1, 0, F_), 1), split(full.narrow(1, F_, F_), 1)], dim=1)
+        if leaf == "experts.down_proj":  # (E, D, F)
+            return split(full, 2)
+    return full
+
+
+def _plain_gemm(layer):
+    """On CPU vLLM repacks a linear layer's weight for oneDNN after loading and frees the weight; the
+    flag it reads (``_cpu_skip_gemm_dispatch``) keeps the weight and `F.linear`: the Conba layer reads
+    some weights directly (δ's projection, the compiled decode step), and the products stay those of
+    the transformers model, so greedy tokens equal `generate`'s."""
+    layer._cpu_skip_gemm_dispatch = True
+    return layer
+
+
+class _SelectionRows(RowParallelLinear):
+    """x_proj: row-parallel over the channels, every output row (summed over ranks), then this rank's
+    rows of it (`_sel_rows`)."""
+
+    def __init__(self, d: int, n_sel: int, keep: torch.Tensor | None, prefix: str):
+        super().__init__(d, n_sel, bias=False, input_is_parallel=True, return_bias=False, prefix=prefix)
+        self.keep = keep
+        _plain_gemm(self)
+
+    def forward(self, x):
+        y = super().forward(x)
+        return y if self.keep is None else y.index_select(-1, self.keep.to(y.device))
+
+
+class _KeepRows(nn.Linear):
+    """sel_out: replicated, then this rank's rows of its output (`_sel_rows`)."""
+
+    def __init__(self, inp: int, out: int, keep: torch.Tensor | None):
+        super().__init__(inp, out, bias=False)
+        self.keep = keep
+
+    def forward(self, x):
+        y = super().forward(x)
+        return y if self.keep is None else y.index_select(-1, self.keep.to(y.device))
+
+
+def _column(inp, out, bias, prefix):
+    return _plain_gemm(ColumnParallelLinear(inp, out, bias=bias, return_bias=False, prefix=prefix))
+
+
+def _row(inp, out, bias, prefix):
+    return _plain_gemm(RowParallelLinear(inp, out, bias=bias, input_is_parallel=True, return_bias=False,
+                                         prefix=prefix))
 
 
 class VllmConbaMixer(ConbaMixer, MambaBase):
     """`ConbaMixer` (same parameters, same scan and step) whose state lives in vLLM's state slots."""
 
-    def __init__(self, config, layer_idx: int, prefix: str):
-        super().__init__(config, layer_idx)
+    def __init__(self, config, layer_idx: int, prefix: str, tp: int = 1):
+        d = config.d_inner
+        super().__init__(_Local(config, d_inner=d // tp), layer_idx)  # this rank's channels and groups
+        self.tp = tp
+        H, S = config.hidden_size, config.selection_hidden
+        self.in_proj = _plain_gemm(MergedColumnParallelLinear(H, [d, d], bias=config.proj_bias, return_bias=False,
+                                                              prefix=f"{prefix}.in_proj"))
+        n_sel = config.dt_rank + 2 * config.d_state + (d // config.control_group if self.state_scaling else 0)
+        keep = _sel_rows(config, get_tensor_model_parallel_rank(), tp) if tp > 1 else None
+        self.x_proj = _SelectionRows(d, n_sel, keep, f"{prefix}.x_proj")
+        if self.selection == "swiglu":
+            self.sel_gate = _row(d, S, False, f"{prefix}.sel_gate")
+            self.sel_value = _row(d, S, False, f"{prefix}.sel_value")
+            self.sel_out = _KeepRows(S, n_sel, keep)
+        self.dt_proj = _column(self.dt_rank, d, True, f"{prefix}.dt_proj")
+        self.out_proj = _row(d, H, config.proj_bias, f"{prefix}.out_proj")
         self.prefix = prefix
-        self.layout = conba_state_layout(config)
+        self.layout = conba_state_layout(config, tp)
         self.kv_cache = tuple(torch.tensor([]) for _ in self.layout)
         context = get_current_vllm_config().compilation_config.static_forward_context
         if prefix in context:
@@ -94,6 +268,11 @@ class VllmConbaMixer(ConbaMixer, MambaBase):
 
     def get_state_dtype(self) -> tuple[torch.dtype, ...]:
         return tuple(torch.int32 if name == "phase" else torch.float32 for name, _, _ in self.layout)
+
+    def _fused_step_applies(self, x) -> bool:
+        """The compiled CPU decode step reads x_proj's weight whole: one rank's columns need the sum
+        over ranks that the row-parallel layer does, so it runs only unsplit."""
+        return self.tp == 1 and super()._fused_step_applies(x)
 
     @property
     def mamba_type(self) -> MambaAttentionBackendEnum:
@@ -133,6 +312,16 @@ class VllmConbaMixer(ConbaMixer, MambaBase):
             slots["phase"][idx, 0] = s.phase.to(torch.int32)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """hidden_states (tokens, hidden) → (tokens, hidden) through the registered op
+        ``mixcon::conba_mixer``: under torch.compile the op is one opaque node (its fake implementation
+        gives the shapes), and a splitting op of vLLM's piecewise graphs, so the host-side work of
+        `forward_impl` (the loop over prefills, ``.tolist()`` of the metadata) runs eagerly between the
+        captured pieces."""
+        output = torch.empty_like(hidden_states)
+        torch.ops.mixcon.conba_mixer(hidden_states, output, self.prefix)
+        return output
+
+    def forward_impl(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """hidden_states (tokens, hidden), decodes first then prefills → (tokens, hidden)."""
         meta = get_forward_context().attn_metadata
         meta = meta.get(self.prefix) if isinstance(meta, dict) else None
@@ -163,14 +352,40 @@ class VllmConbaMixer(ConbaMixer, MambaBase):
         return out
 
 
+def _conba_mixer(hidden_states: torch.Tensor, output: torch.Tensor, layer_name: str) -> None:
+    """The op's body: the layer named ``layer_name`` (vLLM's forward context holds it) writes its output."""
+    layer = get_forward_context().no_compile_layers[layer_name]
+    output.copy_(layer.forward_impl(hidden_states))
+
+
+def _conba_mixer_fake(hidden_states: torch.Tensor, output: torch.Tensor, layer_name: str) -> None:
+    return None
+
+
+try:  # vLLM's breakable CUDA-graph capture runs such ops eagerly between captured segments
+    from vllm.compilation.breakable_cudagraph import eager_break_during_capture as _eager_break
+except ImportError:  # pragma: no cover - older vLLM
+    _eager_break = lambda fn: fn  # noqa: E731
+
+_MIXCON_LIB = torch.library.Library(CONBA_MIXER_OP.split("::")[0], "FRAGMENT")
+direct_register_custom_op(op_name=CONBA_MIXER_OP.split("::")[1], op_func=_eager_break(_conba_mixer),
+                          mutates_args=["output"], fake_impl=_conba_mixer_fake, target_lib=_MIXCON_LIB)
+
+
 # ------------------------------------------------------------------------------------ attention
 
 
 class VllmAttention(MixConAttention):
     """MixCon's attention projections and RoPE; the softmax over vLLM's paged K/V."""
 
-    def __init__(self, config, layer_idx: int, prefix: str, cache_config=None):
+    def __init__(self, config, layer_idx: int, prefix: str, cache_config=None, tp: int = 1):
         super().__init__(config, layer_idx)
+        H, hd = config.hidden_size, self.head_dim
+        self.q_proj = _column(H, self.num_heads * hd, False, f"{prefix}.q_proj")
+        self.k_proj = _column(H, self.num_kv_heads * hd, False, f"{prefix}.k_proj")
+        self.v_proj = _column(H, self.num_kv_heads * hd, False, f"{prefix}.v_proj")
+        self.o_proj = _row(self.num_heads * hd, H, False, f"{prefix}.o_proj")
+        self.num_heads, self.num_kv_heads = self.num_heads // tp, self.num_kv_heads // tp  # this rank's
         self.use_rope, self.rope_theta = config.use_rope, config.rope_theta
         self.attn = Attention(self.num_heads, self.head_dim, self.head_dim ** -0.5, num_kv_heads=self.num_kv_heads,
                               cache_config=cache_config, prefix=f"{prefix}.attn")
@@ -189,7 +404,7 @@ class VllmAttention(MixConAttention):
 # ------------------------------------------------------------------------------------ the model
 
 
-def check_servable(config) -> None:
+def check_servable(config, tp: int = 1) -> None:
     """What this vLLM model runs: one clear error for anything else."""
     kinds = set(config.layers_block_type) - {"attention", "conba"}
     if kinds:
@@ -198,24 +413,48 @@ def check_servable(config) -> None:
     if any(m != "none" for m in config.layers_mod_type):
         raise ValueError("MixCon's vLLM model does not serve Mixture-of-Depths layers (layers_mod_type); "
                          "serve this model with transformers' generate")
+    check_tensor_parallel(config, tp)
+
+
+class VllmMLP(SwiGLUMLP):
+    """`SwiGLUMLP` with gate/up column-parallel and down row-parallel."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int, prefix: str):
+        super().__init__(hidden_size, intermediate_size)
+        self.gate_proj = _column(hidden_size, intermediate_size, False, f"{prefix}.gate_proj")
+        self.up_proj = _column(hidden_size, intermediate_size, False, f"{prefix}.up_proj")
+        self.down_proj = _row(intermediate_size, hidden_size, False, f"{prefix}.down_proj")
+
+
+class VllmMoE(SparseMoE):
+    """`SparseMoE` whose experts hold this rank's intermediate features; the output is summed over ranks
+    (the router's weighting is linear in it)."""
+
+    def __init__(self, config, tp: int = 1):
+        super().__init__(_Local(config, intermediate_size=config.intermediate_size // tp))
+        self.tp = tp
+
+    def forward(self, x: torch.Tensor):
+        y, logits = super().forward(x)
+        return (tensor_model_parallel_all_reduce(y) if self.tp > 1 else y), logits
 
 
 class MixConDecoderLayer(nn.Module):
-    def __init__(self, config, layer_idx: int, prefix: str, cache_config=None):
+    def __init__(self, config, layer_idx: int, prefix: str, cache_config=None, tp: int = 1):
         super().__init__()
         self.mixer_type = config.layers_block_type[layer_idx]
         self.ffn_type = config.layers_ffn_type[layer_idx]
         self.input_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         if self.mixer_type == "attention":
-            self.mixer = VllmAttention(config, layer_idx, f"{prefix}.mixer", cache_config)
+            self.mixer = VllmAttention(config, layer_idx, f"{prefix}.mixer", cache_config, tp)
         else:
-            self.mixer = VllmConbaMixer(config, layer_idx, f"{prefix}.mixer")
+            self.mixer = VllmConbaMixer(config, layer_idx, f"{prefix}.mixer", tp)
         if self.ffn_type != "none":
             self.pre_ff_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         if self.ffn_type == "moe":
-            self.feed_forward = SparseMoE(config)
+            self.feed_forward = VllmMoE(config, tp)
         elif self.ffn_type == "mlp":
-            self.feed_forward = SwiGLUMLP(config.hidden_size, config.intermediate_size)
+            self.feed_forward = VllmMLP(config.hidden_size, config.intermediate_size, f"{prefix}.feed_forward")
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         h = self.input_layernorm(x)
@@ -230,10 +469,10 @@ class MixConDecoderLayer(nn.Module):
 
 
 class MixConModel(nn.Module):
-    def __init__(self, config, prefix: str, cache_config=None):
+    def __init__(self, config, prefix: str, cache_config=None, tp: int = 1):
         super().__init__()
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList([MixConDecoderLayer(config, i, f"{prefix}.layers.{i}", cache_config)
+        self.layers = nn.ModuleList([MixConDecoderLayer(config, i, f"{prefix}.layers.{i}", cache_config, tp)
                                      for i in range(config.num_hidden_layers)])
         self.final_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
 
@@ -244,21 +483,29 @@ class MixConModel(nn.Module):
         return self.final_layernorm(x)
 
 
-class MixConForCausalLM(nn.Module, HasInnerState, IsHybrid):
-    """vLLM's MixCon. Parameter names are the transformers model's (model.layers.{i}.mixer.in_proj.weight, …)."""
+class MixConForCausalLM(nn.Module, HasInnerState, IsHybrid, SupportsMambaPrefixCaching):
+    """vLLM's MixCon. Parameter names are the transformers model's (model.layers.{i}.mixer.in_proj.weight, …).
+
+    Prefix caching (vLLM's Mamba "align" mode): the scheduler ends every prefill piece that is not a
+    prompt's last on a block boundary, and vLLM gives each request the state slot of the block that
+    holds its latest token; before a step whose first token opens a new block, vLLM copies the
+    previous block's slot into the new one with the copy functions below. A block's slot therefore
+    keeps the state after exactly its last token, and a later request whose prompt shares those
+    blocks starts from that slot (``has_initial_states``). Every state is copied — conv window, h,
+    delay line, gain k, sampled error e and the controller's phase — so a continued prefix resumes
+    at the right instant of the control period."""
 
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = ""):
         super().__init__()
         config = vllm_config.model_config.hf_config
         if not isinstance(config, MixConConfig):
             config = MixConConfig.from_dict(config.to_dict())
-        check_servable(config)
-        if vllm_config.parallel_config.tensor_parallel_size != 1:
-            raise ValueError(f"MixCon's vLLM model runs with tensor_parallel_size=1, got "
-                             f"{vllm_config.parallel_config.tensor_parallel_size}")
-        self.config = config
+        tp = vllm_config.parallel_config.tensor_parallel_size
+        check_servable(config, tp)
+        self.config, self.tp = config, tp
+        self.tp_rank = get_tensor_model_parallel_rank() if tp > 1 else 0
         p = f"{prefix}." if prefix else ""
-        self.model = MixConModel(config, f"{p}model", vllm_config.cache_config)
+        self.model = MixConModel(config, f"{p}model", vllm_config.cache_config, tp)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
@@ -277,7 +524,8 @@ class MixConForCausalLM(nn.Module, HasInnerState, IsHybrid):
     # IsHybrid: the state of one Conba layer, declared from the config (the layers declare the same)
     @classmethod
     def get_mamba_state_shape_from_config(cls, vllm_config: VllmConfig) -> tuple[tuple[int, ...], ...]:
-        return tuple(shape for _, shape, _ in conba_state_layout(vllm_config.model_config.hf_config))
+        return tuple(shape for _, shape, _ in conba_state_layout(
+            vllm_config.model_config.hf_config, vllm_config.parallel_config.tensor_parallel_size))
 
     @classmethod
     def get_mamba_state_dtype_from_config(cls, vllm_config: VllmConfig) -> tuple[torch.dtype, ...]:
@@ -285,12 +533,21 @@ class MixConForCausalLM(nn.Module, HasInnerState, IsHybrid):
 
     @classmethod
     def get_mamba_state_copy_func(cls) -> tuple:
-        """vLLM reads these only for prefix caching in align mode, which this model does not declare
-        (no `SupportsMambaPrefixCaching`): the two states every Conba layer has (conv, h), whole."""
+        """The copy functions of the two states every Conba layer has (conv, h), whole. The class
+        cannot see the config, so vLLM's runner asks the model instance (`get_mamba_state_copy_funcs`),
+        which adds the delay line and the controller's states where the config has them."""
         return (_whole_state_copy, _whole_state_copy)
 
+    def get_mamba_state_copy_funcs(self, mamba_types) -> dict:
+        """One whole-slot copy per state of this config's Conba layers (vLLM copies only as many states
+        as it is given functions: with Mamba's two, the delay line, k, e and the phase of a new block
+        would be the slot's stale contents)."""
+        funcs = tuple(_whole_state_copy for _ in conba_state_layout(self.config))  # the same number on every rank
+        return {mamba_type: funcs for mamba_type in mamba_types}
+
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
-        """The checkpoint's tensors by their transformers names; an unknown name is an error."""
+        """The checkpoint's tensors by their transformers names, each cut to this rank's part
+        (`shard_tensor`); an unknown name is an error."""
         params = dict(self.named_parameters())
         loaded = set()
         for name, tensor in weights:
@@ -300,6 +557,7 @@ class MixConForCausalLM(nn.Module, HasInnerState, IsHybrid):
                 raise ValueError(f"the checkpoint holds {name!r}, which MixCon's vLLM model does not have "
                                  f"(is it a MixCon save_pretrained directory of this config?)")
             p = params[name]
+            tensor = shard_tensor(name, tensor, self.config, self.tp_rank, self.tp)
             if tuple(p.shape) != tuple(tensor.shape):
                 raise ValueError(f"{name}: the checkpoint's shape {tuple(tensor.shape)} != the model's {tuple(p.shape)}")
             with torch.no_grad():

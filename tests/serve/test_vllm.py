@@ -156,7 +156,8 @@ def test_state_declared_once(served):
     from mixcon.serve.vllm_model import MixConForCausalLM as VllmMixCon
 
     _, model, llm = served
-    vc = types.SimpleNamespace(model_config=types.SimpleNamespace(hf_config=model.config))
+    vc = types.SimpleNamespace(model_config=types.SimpleNamespace(hf_config=model.config),
+                               parallel_config=types.SimpleNamespace(tensor_parallel_size=1))
     shapes = VllmMixCon.get_mamba_state_shape_from_config(vc)
     dtypes = VllmMixCon.get_mamba_state_dtype_from_config(vc)
     layers = llm.apply_model(lambda m: [(tuple(l.get_state_shape()), tuple(l.get_state_dtype()),
