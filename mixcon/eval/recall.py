@@ -79,6 +79,7 @@ CLAIM = ("attention", "mamba", "conba-all", "conba-noctl", "conba-live", "hybrid
 DEFAULT_MEMBERS = list(CLAIM)
 # the paired comparisons: (name, member a, member b); the effect is a − b, per seed
 PAIRS = (
+    ("Mamba − attention", "mamba", "attention"),
     ("control on − off", "conba-all", "conba-noctl"),
     ("control live − off", "conba-live", "conba-noctl"),
     ("Conba − Mamba", "conba-all", "mamba"),
