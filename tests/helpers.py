@@ -222,15 +222,11 @@ def scan_with_grads(fn, x, state, mask, P):
 
 
 
-def launcher_forms_no_noise(monkeypatch, scan, x):
-    """Run ``scan(x)`` forward and backward with training noise on, noise.py's PyTorch draw refused and
-    every op's output watched, then the same with the noise off: the launcher (Python around the kernels)
-    hashes no noise and forms no tensor larger than it forms without noise. Returns both sizes."""
+def largest_output():
+    """A dispatch mode that records, as ``numel``, the largest tensor any op returns inside it."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
-    from mixcon.ops.conba import noise as noise_mod
-
-    class Largest(TorchDispatchMode):
+    class LargestOutput(TorchDispatchMode):
         def __init__(self):
             super().__init__()
             self.numel = 0
@@ -242,10 +238,19 @@ def launcher_forms_no_noise(monkeypatch, scan, x):
                     self.numel = max(self.numel, o.numel())
             return out
 
+    return LargestOutput()
+
+
+def launcher_forms_no_noise(monkeypatch, scan, x):
+    """Run ``scan(x)`` forward and backward with training noise on, noise.py's PyTorch draw refused and
+    every op's output watched, then the same with the noise off: the launcher (Python around the kernels)
+    hashes no noise and forms no tensor larger than it forms without noise. Returns both sizes."""
+    from mixcon.ops.conba import noise as noise_mod
+
     def run(inputs):
         xs = {k: (v.detach().clone().requires_grad_(True) if torch.is_tensor(v) and v.is_floating_point() else v)
               for k, v in inputs.items()}
-        with Largest() as seen:
+        with largest_output() as seen:
             scan(xs).square().sum().backward()
         assert all(torch.isfinite(xs[k].grad).all() for k in ("u", "delta", "B", "C"))
         return seen.numel

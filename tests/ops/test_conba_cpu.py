@@ -5,9 +5,8 @@ sampling instants."""
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
-from helpers import conba_inputs, rel_rms, scan_with_grads
+from helpers import conba_inputs, largest_output, rel_rms, scan_with_grads
 from mixcon.ops.conba import ConbaState, chunk_torch, conba_scan, conba_scan_ref, conba_step, conba_step_ref, cpu
 from mixcon.ops.conba import empty_state
 from mixcon.ops.conba.chunk_torch import _block_scan, conba_scan_chunk_torch
@@ -121,21 +120,6 @@ def test_scan_with_masks_state_and_gradients(P, tau, compiled, monkeypatch):
             assert rel_rms(c, a) < 1e-10, (k, rel_rms(c, a))
 
 
-class _Largest(TorchDispatchMode):
-    """The largest tensor any op returns."""
-
-    def __init__(self):
-        super().__init__()
-        self.numel = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for o in (out if isinstance(out, (tuple, list)) else [out]):
-            if isinstance(o, torch.Tensor):
-                self.numel = max(self.numel, o.numel())
-        return out
-
-
 @pytest.mark.parametrize("control", [True, False])
 def test_nothing_of_size_time_by_state(control):
     """Under no_grad no op makes a (T, b, N, d) tensor (the compiled kernel is opaque to the dispatch
@@ -144,7 +128,7 @@ def test_nothing_of_size_time_by_state(control):
     T, b, d, n = 256, 2, 16, 8
     x = conba_inputs(b=b, T=T, d=d, n=n, mechanisms=("scaling", "delay", "control") if control else ("scaling",))
     full = T * b * n * d
-    with torch.no_grad(), _Largest() as seen:
+    with torch.no_grad(), largest_output() as seen:
         conba_scan(**x, control_period=64)
     assert seen.numel <= T * b * d < full
     saved = []
@@ -382,7 +366,7 @@ def test_noise_is_drawn_in_the_kernels(P, keep, monkeypatch):
     monkeypatch.setattr(noise_mod, "normal_from_key", refuse)
     monkeypatch.setattr(chunk_torch, "normal_from_key", refuse)
     monkeypatch.setattr(chunk_torch, "_block_noise", refuse)
-    with torch.no_grad(), _Largest() as seen:
+    with torch.no_grad(), largest_output() as seen:
         y = conba_scan_chunk_torch(**x, mask=mask, control_period=P)
     assert seen.numel <= b * (T + 1) * d < T * b * n * d  # (the compacted line's gather adds a zero row)
     assert rel_rms(y, y_ref) < 1e-12
