@@ -23,6 +23,24 @@ print("ok", model.generate(ids, max_new_tokens=4, do_sample=False).shape[1] - id
 """
 
 
+def see_running_packages(py: str) -> None:
+    """Let the venv at ``py`` import what the running interpreter can. ``venv --system-site-packages``
+    exposes the base interpreter's packages only: run from inside a virtual environment (as the README's
+    test command may be), the running venv's torch and transformers would be missing. A ``.pth`` file
+    lists the running interpreter's site-packages as plain paths: their own ``.pth`` files (this
+    checkout's editable install among them) are not processed, so the wheel's copy of mixcon is the one
+    imported."""
+    import site
+
+    if sys.prefix == sys.base_prefix:
+        return  # not in a venv: --system-site-packages already sees everything
+    dirs = [d for d in site.getsitepackages() if os.path.isdir(d)]
+    purelib = subprocess.run([py, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                             capture_output=True, text=True, check=True).stdout.strip()
+    with open(os.path.join(purelib, "zz-running-interpreter.pth"), "w") as f:
+        f.write("\n".join(dirs) + "\n")
+
+
 @pytest.mark.slow
 def test_saved_model_loads_after_pip_install_in_a_fresh_venv(tmp_path):
     from mixcon import MixConForCausalLM
@@ -40,6 +58,7 @@ def test_saved_model_loads_after_pip_install_in_a_fresh_venv(tmp_path):
     # the venv sees the system's torch and transformers (not reinstalled); this project goes in as a wheel
     subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(tmp_path / "venv")], check=True)
     py = str(tmp_path / "venv" / "bin" / "python")
+    see_running_packages(py)
     src = tmp_path / "src"  # a copy, so the build leaves nothing in the checkout
     shutil.copytree(ROOT, src, ignore=shutil.ignore_patterns(".git", "runs", "build", "*.egg-info", "__pycache__",
                                                              "eval", "tests"), symlinks=True)
