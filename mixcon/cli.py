@@ -4,6 +4,8 @@
     mixcon generate MODEL --prompt TEXT                  stream a continuation
     mixcon eval MODEL --tasks T1,T2                      lm-evaluation-harness through its hf model
     mixcon layout CONFIG                                 the per-layer layout of a config (name or file)
+    mixcon bench WHICH ...                               benchmarks (each prints its run header)
+    mixcon study WHICH ...                               the studies of the paper's claims (resumable)
 
 Each verb has --help. A bad argument, file or path is one line on stderr and exit status 2.
 """
@@ -19,10 +21,11 @@ from mixcon.resources import UsageError
 VERBS: dict = {}
 
 
-def verb(name: str, help: str):
-    def wrap(fn):
-        VERBS[name] = (help, fn)
-        return fn
+def verb(name: str, help: str, arguments):
+    """Register the decorated function as the run of verb ``name``; ``arguments(ap)`` adds its arguments."""
+    def wrap(run):
+        VERBS[name] = (help, arguments, run)
+        return run
     return wrap
 
 
@@ -31,22 +34,24 @@ def _passthrough(ap: argparse.ArgumentParser, what: str) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- verbs
-@verb("train", "train a model from a recipe; writes OUT/model (a HuggingFace directory), log.csv, loss.png")
-def _train(ap=None, args=None):
-    if ap is not None:
-        from mixcon.resources import recipe_names
+def _train_args(ap):
+    from mixcon.resources import recipe_names
 
-        ap.description = ("Train a MixCon model. The built-in recipe trains a tokenizer and a tiny MixCon on "
-                          "the Python standard library's source (CPU, about 3 minutes). Under torchrun, one "
-                          "process per GPU (`torchrun --nproc_per_node N -m mixcon train ...`).")
-        ap.add_argument("--recipe", default=None,
-                        help=f"a shipped recipe ({', '.join(recipe_names())}) or a YAML file (default: tiny)")
-        ap.add_argument("--resume", action="store_true",
-                        help="continue from the newest checkpoint in out_dir/checkpoints (any number of processes)")
-        ap.add_argument("--no-progress", action="store_true", help="no progress bar")
-        ap.add_argument("overrides", nargs="*", metavar="key=value",
-                        help="recipe fields, e.g. max_steps=50 out_dir=runs/x model_overrides.delay=0")
-        return
+    ap.description = ("Train a MixCon model. The built-in recipe trains a tokenizer and a tiny MixCon on "
+                      "the Python standard library's source (CPU, about 3 minutes). Under torchrun, one "
+                      "process per GPU (`torchrun --nproc_per_node N -m mixcon train ...`).")
+    ap.add_argument("--recipe", default=None,
+                    help=f"a shipped recipe ({', '.join(recipe_names())}) or a YAML file (default: tiny)")
+    ap.add_argument("--resume", action="store_true",
+                    help="continue from the newest checkpoint in out_dir/checkpoints (any number of processes)")
+    ap.add_argument("--no-progress", action="store_true", help="no progress bar")
+    ap.add_argument("overrides", nargs="*", metavar="key=value",
+                    help="recipe fields, e.g. max_steps=50 out_dir=runs/x model_overrides.delay=0")
+
+
+@verb("train", "train a model from a recipe; writes OUT/model (a HuggingFace directory), log.csv, loss.png",
+      _train_args)
+def _train(args):
     from mixcon.train.loop import NonFiniteLoss
     from mixcon.train.run import run
 
@@ -56,33 +61,35 @@ def _train(ap=None, args=None):
         raise SystemExit(str(exc))
 
 
-@verb("generate", "stream a continuation of a prompt from a saved model")
-def _generate(ap=None, args=None):
-    if ap is not None:
-        ap.add_argument("model", help="a save_pretrained directory with its tokenizer (e.g. runs/tiny/model)")
-        ap.add_argument("--prompt", required=True)
-        ap.add_argument("--max-new-tokens", type=_positive_int, default=64)
-        ap.add_argument("--temperature", type=_non_negative_float, default=0.8, help="0 = greedy")
-        ap.add_argument("--static", action="store_true", help="the static cache (compiled decode step on a GPU)")
-        ap.add_argument("--seed", type=int, default=0)
-        return
+def _generate_args(ap):
+    ap.add_argument("model", help="a save_pretrained directory with its tokenizer (e.g. runs/tiny/model)")
+    ap.add_argument("--prompt", required=True)
+    ap.add_argument("--max-new-tokens", type=_positive_int, default=64)
+    ap.add_argument("--temperature", type=_non_negative_float, default=0.8, help="0 = greedy")
+    ap.add_argument("--static", action="store_true", help="the static cache (compiled decode step on a GPU)")
+    ap.add_argument("--seed", type=int, default=0)
+
+
+@verb("generate", "stream a continuation of a prompt from a saved model", _generate_args)
+def _generate(args):
     from mixcon.generate import stream
 
     stream(args.model, args.prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
            static=args.static, seed=args.seed)
 
 
-@verb("eval", "evaluate a saved model with lm-evaluation-harness (its hf model)")
-def _eval(ap=None, args=None):
-    if ap is not None:
-        ap.add_argument("model", help="a save_pretrained directory with its tokenizer")
-        ap.add_argument("--tasks", required=True, help="comma-separated lm-eval tasks, or 'paper' (the paper's suite)")
-        ap.add_argument("--include_path", "--include-path", default=None, help="a folder of task YAMLs")
-        ap.add_argument("--limit", type=float, default=None, help="examples per task (or a fraction < 1)")
-        ap.add_argument("--batch_size", "--batch-size", type=_positive_int, default=1)
-        ap.add_argument("--num_fewshot", "--num-fewshot", type=int, default=None)
-        ap.add_argument("--output", default=None, help="write the results JSON here")
-        return
+def _eval_args(ap):
+    ap.add_argument("model", help="a save_pretrained directory with its tokenizer")
+    ap.add_argument("--tasks", required=True, help="comma-separated lm-eval tasks, or 'paper' (the paper's suite)")
+    ap.add_argument("--include_path", "--include-path", default=None, help="a folder of task YAMLs")
+    ap.add_argument("--limit", type=float, default=None, help="examples per task (or a fraction < 1)")
+    ap.add_argument("--batch_size", "--batch-size", type=_positive_int, default=1)
+    ap.add_argument("--num_fewshot", "--num-fewshot", type=int, default=None)
+    ap.add_argument("--output", default=None, help="write the results JSON here")
+
+
+@verb("eval", "evaluate a saved model with lm-evaluation-harness (its hf model)", _eval_args)
+def _eval(args):
     import os
 
     from mixcon.generate import check_model_dir
@@ -102,16 +109,17 @@ def _eval(ap=None, args=None):
     harness.main(argv)
 
 
-@verb("export", "turn a training checkpoint into a HuggingFace directory (safetensors, bf16 or fp32)")
-def _export(ap=None, args=None):
-    if ap is not None:
-        ap.add_argument("checkpoint", help="a checkpoint directory (step-N) or a run's out_dir (its newest checkpoint)")
-        ap.add_argument("out", help="output directory")
-        ap.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"])
-        ap.add_argument("--tokenizer", default=None,
-                        help="tokenizer directory to save beside the model (default: the run's own, when found)")
-        ap.add_argument("--max-shard-size", default="5GB")
-        return
+def _export_args(ap):
+    ap.add_argument("checkpoint", help="a checkpoint directory (step-N) or a run's out_dir (its newest checkpoint)")
+    ap.add_argument("out", help="output directory")
+    ap.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"])
+    ap.add_argument("--tokenizer", default=None,
+                    help="tokenizer directory to save beside the model (default: the run's own, when found)")
+    ap.add_argument("--max-shard-size", default="5GB")
+
+
+@verb("export", "turn a training checkpoint into a HuggingFace directory (safetensors, bf16 or fp32)", _export_args)
+def _export(args):
     import os
 
     from mixcon.train.checkpoint import export_pretrained, read_trainer_state, resolve_checkpoint
@@ -132,14 +140,15 @@ def _export(ap=None, args=None):
     print(f"exported {ckpt} → {args.out} ({args.dtype}{', with the tokenizer' if tok else ', no tokenizer'})")
 
 
-@verb("convert", "convert another model family's checkpoint: `mixcon convert jamba SRC DST`")
-def _convert(ap=None, args=None):
-    if ap is not None:
-        ap.add_argument("family", choices=["jamba"], help="the source family")
-        ap.add_argument("src", help="a transformers checkpoint directory of that family")
-        ap.add_argument("dst", help="output directory for the MixCon checkpoint")
-        ap.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
-        return
+def _convert_args(ap):
+    ap.add_argument("family", choices=["jamba"], help="the source family")
+    ap.add_argument("src", help="a transformers checkpoint directory of that family")
+    ap.add_argument("dst", help="output directory for the MixCon checkpoint")
+    ap.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
+
+
+@verb("convert", "convert another model family's checkpoint: `mixcon convert jamba SRC DST`", _convert_args)
+def _convert(args):
     import os
 
     import torch
@@ -163,14 +172,15 @@ def _convert(ap=None, args=None):
     print(f"saved {sum(p.numel() for p in model.parameters()):,} parameters to {args.dst}")
 
 
-@verb("prepare-data", "tokenize text/JSONL files into training shards with a held-out split (resumable)")
-def _prepare(ap=None, args=None):
-    if ap is not None:
-        ap.add_argument("files", nargs="+", help="text files (one document each) or .jsonl ({\"text\": ...} per line)")
-        ap.add_argument("--tokenizer", required=True, help="a tokenizer directory")
-        ap.add_argument("--out", required=True, help="the data directory (the recipe's `data`)")
-        ap.add_argument("--heldout", type=float, default=0.05, help="share of documents held out, in [0, 1)")
-        return
+def _prepare_args(ap):
+    ap.add_argument("files", nargs="+", help="text files (one document each) or .jsonl ({\"text\": ...} per line)")
+    ap.add_argument("--tokenizer", required=True, help="a tokenizer directory")
+    ap.add_argument("--out", required=True, help="the data directory (the recipe's `data`)")
+    ap.add_argument("--heldout", type=float, default=0.05, help="share of documents held out, in [0, 1)")
+
+
+@verb("prepare-data", "tokenize text/JSONL files into training shards with a held-out split (resumable)", _prepare_args)
+def _prepare(args):
     from transformers import AutoTokenizer
 
     from mixcon.train.data import prepare_data
@@ -184,13 +194,15 @@ def _prepare(ap=None, args=None):
         print(f"{split}: {sum(n for _, n in shards):,} tokens in {len(shards)} shards")
 
 
-@verb("train-tokenizer", "train the MixCon BPE tokenizer (digits split, byte fallback) on text/JSONL files")
-def _train_tokenizer(ap=None, args=None):
-    if ap is not None:
-        ap.add_argument("out_dir")
-        ap.add_argument("files", nargs="+")
-        ap.add_argument("--vocab-size", type=_positive_int, default=32000)
-        return
+def _train_tokenizer_args(ap):
+    ap.add_argument("out_dir")
+    ap.add_argument("files", nargs="+")
+    ap.add_argument("--vocab-size", type=_positive_int, default=32000)
+
+
+@verb("train-tokenizer", "train the MixCon BPE tokenizer (digits split, byte fallback) on text/JSONL files",
+      _train_tokenizer_args)
+def _train_tokenizer(args):
     from mixcon.train.tokenizer import train_tokenizer_files
 
     _require_files(args.files)
@@ -208,12 +220,13 @@ BENCHES = {"conba": "mixcon.bench.conba", "conba-tune": "mixcon.bench.conba_tune
            "serve": "mixcon.serve.bench"}  # serve: vLLM serving (docs/serving.md), needs the vLLM venv
 
 
-@verb("bench", "benchmarks: " + ", ".join(BENCHES) + " (each prints its run header)")
-def _bench(ap=None, args=None):
-    if ap is not None:
-        ap.add_argument("which", choices=list(BENCHES), help="the benchmark")
-        _passthrough(ap, "the benchmark")
-        return
+def _bench_args(ap):
+    ap.add_argument("which", choices=list(BENCHES), help="the benchmark")
+    _passthrough(ap, "the benchmark")
+
+
+@verb("bench", "benchmarks: " + ", ".join(BENCHES) + " (each prints its run header)", _bench_args)
+def _bench(args):
     import importlib
 
     importlib.import_module(BENCHES[args.which]).main(args.args)
@@ -226,15 +239,17 @@ STUDIES = {"recall": ("mixcon.eval.recall", "MQAR (Zoology's task and protocol):
            "family": ("mixcon.eval.study", "the family's members on one corpus and budget (MoD, MoM, sparse MLP)")}
 
 
-@verb("study", "the studies of the paper's claims: " + ", ".join(STUDIES) + " (resumable, one thread per run)")
-def _study(ap=None, args=None):
-    if ap is not None:
-        ap.description = "The studies, each resumable (--resume) with a --smoke run:\n" + "\n".join(
-            f"  {k:9s} {v[1]}" for k, v in STUDIES.items())
-        ap.formatter_class = argparse.RawDescriptionHelpFormatter
-        ap.add_argument("which", choices=list(STUDIES), help="the study")
-        _passthrough(ap, "the study")
-        return
+def _study_args(ap):
+    ap.description = "The studies, each resumable (--resume) with a --smoke run:\n" + "\n".join(
+        f"  {k:9s} {v[1]}" for k, v in STUDIES.items())
+    ap.formatter_class = argparse.RawDescriptionHelpFormatter
+    ap.add_argument("which", choices=list(STUDIES), help="the study")
+    _passthrough(ap, "the study")
+
+
+@verb("study", "the studies of the paper's claims: " + ", ".join(STUDIES) + " (resumable, one thread per run)",
+      _study_args)
+def _study(args):
     import importlib
 
     module = importlib.import_module(STUDIES[args.which][0])
@@ -244,13 +259,14 @@ def _study(ap=None, args=None):
         raise UsageError(str(exc)) from None
 
 
-@verb("layout", "print the per-layer layout of a config (a shipped name such as mixcon-1b, or a file)")
-def _layout(ap=None, args=None):
-    if ap is not None:
-        from mixcon.resources import config_names
+def _layout_args(ap):
+    from mixcon.resources import config_names
 
-        ap.add_argument("config", help=f"a shipped config ({', '.join(config_names())}) or a config.json")
-        return
+    ap.add_argument("config", help=f"a shipped config ({', '.join(config_names())}) or a config.json")
+
+
+@verb("layout", "print the per-layer layout of a config (a shipped name such as mixcon-1b, or a file)", _layout_args)
+def _layout(args):
     from mixcon.resources import load_config
 
     cfg = load_config(args.config)
@@ -259,14 +275,15 @@ def _layout(ap=None, args=None):
         print(f"layer {i:3d}: {m:9s} {f}")
 
 
-@verb("demo", "build a tiny model, generate, compare its cache with a same-size transformer's (seconds)")
-def _demo(ap=None, args=None):
-    if ap is not None:
-        ap.add_argument("--config", default="tiny", help="a shipped config name or a config.json")
-        ap.add_argument("--context", type=_positive_int, default=4096)
-        ap.add_argument("--new-tokens", type=_positive_int, default=12)
-        ap.add_argument("--seed", type=int, default=0)
-        return
+def _demo_args(ap):
+    ap.add_argument("--config", default="tiny", help="a shipped config name or a config.json")
+    ap.add_argument("--context", type=_positive_int, default=4096)
+    ap.add_argument("--new-tokens", type=_positive_int, default=12)
+    ap.add_argument("--seed", type=int, default=0)
+
+
+@verb("demo", "build a tiny model, generate, compare its cache with a same-size transformer's (seconds)", _demo_args)
+def _demo(args):
     from mixcon.demo import demo
 
     demo(args.config, context=args.context, new_tokens=args.new_tokens, seed=args.seed)
@@ -315,9 +332,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="mixcon", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--version", action="version", version=f"mixcon {_version()}")
     sub = ap.add_subparsers(dest="verb", metavar="VERB", title="verbs")
-    for name, (help, fn) in VERBS.items():
-        p = sub.add_parser(name, help=help, description=help)
-        fn(ap=p)
+    for name, (help, arguments, _) in VERBS.items():
+        arguments(sub.add_parser(name, help=help, description=help))
     return ap
 
 
@@ -335,7 +351,7 @@ def main(argv=None) -> int:
         return 0
     args = ap.parse_args(argv)
     try:
-        VERBS[args.verb][1](args=args)
+        VERBS[args.verb][2](args)
     except UsageError as exc:
         print(f"mixcon {args.verb}: error: {exc}", file=sys.stderr)
         return 2
