@@ -1,4 +1,4 @@
-"""Instruments for Conba's controller (issue 27): does the output feedback change what a layer computes?
+"""Instruments for Conba's controller: does the output feedback change what a layer computes?
 
 For one Conba layer and its input hidden states, `mixer_signals` runs the layer's own parameters through
 the float64-capable reference loop (`mixcon.ops.conba.naive.conba_scan_ref`) twice: with the controller
@@ -15,8 +15,8 @@ as configured ("on") and with the same parameters and f ≡ 0 ("off": no gain, n
   through the state — the only path by which f (subtracted from the state's input) reaches the output.
 
 `model_signals` captures every Conba layer's input in one forward of a model and instruments each;
-`plot_signals` draws, per layer, the gains over time and the per-position feedback share. The studies of
-issue 27 (`mixcon.eval.control_study`) record these at initialisation and after training.
+`plot_signals` draws, per layer, the gains over time and the per-position feedback share. The controller's studies
+(`mixcon study control`, `mixcon.eval.control_study`) record these at initialisation and after training.
 """
 
 from __future__ import annotations

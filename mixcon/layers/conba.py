@@ -10,18 +10,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..ops import tracing
+from ..ops import to_acc as _acc, tracing
 from ..ops.conba import ConbaParams, ConbaState, conba_scan, conba_step, empty_state
 from ..ops.conba import cpu
 from ..ops.conba.library import conba_decode_layer_op, cpu_kernels_built
 from ..ops.conv import causal_conv1d, causal_conv1d_step
+from .common import TorchInit
 from .linear import Linear
 from .norm import RMSNorm
-
-
-def _acc(x: torch.Tensor) -> torch.Tensor:
-    """float32, or float64 for float64 tensors: the scan's accumulation dtype (docs/conba.md, step 6)."""
-    return x if x.dtype == torch.float64 else x.float()
 
 
 def _inv_softplus(y: float) -> float:
@@ -43,7 +39,7 @@ def _reflect(k0: torch.Tensor) -> torch.Tensor:
 
 # the gain law's rates per step (docs/conba.md, step 6: η = 1e-2, λ = 0.05 at P = 1)
 ETA_PER_STEP, LAM_PER_STEP = 1e-2, 0.05
-# control_init="live" (issue 27): λ 10× slower, so that the gain remembers about 200 tokens (3 periods at
+# control_init="live" (docs/conba.md, "Initialisation"): λ 10× slower, so that the gain remembers about 200 tokens (3 periods at
 # P = 64) instead of 20 (λ_64 = 0.96 forgot the gain within one period), and k0 at the law's fixed point
 # η/λ · rms(e) for the error's RMS at initialisation (≈ 0.25 on the tiny configs: k = 2 · 0.25 = 0.5)
 LIVE_LAM_PER_STEP, LIVE_K0 = 0.005, 0.5
@@ -68,21 +64,6 @@ def gain_law_init(control_period: int, lam_per_step: float = LAM_PER_STEP) -> tu
     P = 1 (measured on the tiny config)."""
     lam = 1.0 - (1.0 - lam_per_step) ** control_period
     return ETA_PER_STEP * lam / lam_per_step, lam
-
-
-class _TorchInit:
-    """The subset of initialisers `reset_parameters` uses, on plain torch."""
-
-    kaiming_uniform_ = staticmethod(nn.init.kaiming_uniform_)
-    uniform_ = staticmethod(nn.init.uniform_)
-    constant_ = staticmethod(nn.init.constant_)
-    ones_ = staticmethod(nn.init.ones_)
-    zeros_ = staticmethod(nn.init.zeros_)
-
-    @staticmethod
-    def copy_(tensor, other):
-        with torch.no_grad():
-            return tensor.copy_(other)
 
 
 class ConbaMixer(nn.Module):
@@ -149,7 +130,7 @@ class ConbaMixer(nn.Module):
         sel_out = 0, then `reset_ssm_parameters`. out_proj is left to the model-wide init.
         ``init`` is a namespace of in-place initialisers (transformers.initialization, which skips
         tensors loaded from a checkpoint); plain torch when None."""
-        init = init or _TorchInit
+        init = init or TorchInit
         # looked up at call time, so that transformers' guard (which patches torch.nn.init while it
         # initialises a loaded model) applies when its namespace lacks kaiming_uniform_
         kaiming = getattr(init, "kaiming_uniform_", None) or (lambda t, **kw: nn.init.kaiming_uniform_(t, **kw))
@@ -169,7 +150,7 @@ class ConbaMixer(nn.Module):
     def reset_ssm_parameters(self, init=None):
         """Mamba's initialisation of dt_proj (Δ log-uniform in [dt_min, dt_max]), A_log, D and
         the control parameters (docs/conba.md, steps 4–6; w_r = 0)."""
-        init = init or _TorchInit
+        init = init or TorchInit
         dt_min, dt_max, floor = self._dt_init
         std = self.dt_rank ** -0.5
         init.uniform_(self.dt_proj.weight, -std, std)

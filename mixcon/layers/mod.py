@@ -21,10 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-
-def _acc(x: torch.Tensor) -> torch.Tensor:
-    """float32 for half types, the input's own precision otherwise (float64 stays exact in tests)."""
-    return x if x.dtype in (torch.float32, torch.float64) else x.float()
+from ..ops import to_acc as _acc
+from .common import is_static_cache
 
 
 class DepthRouter(nn.Module):
@@ -105,12 +103,6 @@ def select_tokens(selected: torch.Tensor, fixed: bool):
     return torch.arange(T, device=selected.device).expand(b, T), selected
 
 
-def _is_static_cache(cache) -> bool:
-    """Whether ``cache`` is a static `MixConCache` (read by its flag: mixcon.layers does not import
-    mixcon.models; transformers' own caches have no ``is_static``)."""
-    return bool(getattr(cache, "is_static", False))
-
-
 class DepthRoutedMixin:
     """The Mixture-of-Depths paths of `MixConDecoderLayer`: only the tokens its ``depth_router``
     selects pass through the routed part. The layer provides ``depth_router``, ``mixer`` (attention,
@@ -152,7 +144,7 @@ class DepthRoutedMixin:
         b, T, D = x.shape
         real = seq_mask.bool() if seq_mask is not None else None
         selected, r, aux = self.depth_router(x, real)
-        static = _is_static_cache(cache)
+        static = is_static_cache(cache)
         # static cache: every token passes (fixed shapes), the unselected ones masked out and dropped
         idx, valid = select_tokens(selected, fixed=static)
         k = idx.shape[1]

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..ops import acc_dtype, to_acc
 from ..ops.moe import load_balancing_loss, moe_gather, moe_loop
 from .attention import apply_rope, attend, eager_attend
 from .moe import MoEExperts
@@ -50,7 +51,7 @@ class ModuleRouter(nn.Module):
     def forward(self, x: torch.Tensor):
         """x (N, D) → (weights (N, K) float32, indices (N, K), logits (N, modules + 1))."""
         logits = self.fc2(F.gelu(self.fc1(x)))
-        logits = (logits if logits.dtype == torch.float64 else logits.float()) / self.temperature
+        logits = to_acc(logits) / self.temperature
         weights, indices = torch.softmax(logits, dim=-1).topk(self.top_k, dim=-1)
         return weights, indices, logits
 
@@ -64,7 +65,7 @@ def _gather_path(n_tokens: int, top_k: int, n_modules: int) -> bool:
 def routed_linear_gather(x, weight, w, idx):
     """`routed_linear` by gathering the picked modules' weights: (N, K, out, in), for a few tokens."""
     M = weight.shape[0]
-    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    acc = acc_dtype(x)
     keep = idx < M  # SKIP (idx == M) reads module M − 1 with weight 0
     ws = weight[idx.clamp(max=M - 1)]  # (N, K, out, in)
     y = torch.matmul(ws, x[:, None, :, None].to(ws.dtype))[..., 0]  # (N, K, out)
@@ -77,7 +78,7 @@ def routed_linear(x: torch.Tensor, weight: torch.Tensor, w: torch.Tensor, idx: t
     tokens or under torch.compile)."""
     if _gather_path(x.shape[0], idx.shape[1], weight.shape[0]):
         return routed_linear_gather(x, weight, w, idx)
-    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    acc = acc_dtype(x)
     out = torch.zeros(x.shape[0], weight.shape[1], dtype=acc, device=x.device)
     for m in range(weight.shape[0]):
         tok, slot = torch.where(idx == m)

@@ -31,6 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..ops import to_acc
+
 
 class SpatialMixer(nn.Module):
     def __init__(self, config, layer_idx: int):
@@ -69,7 +71,7 @@ class SpatialMixer(nn.Module):
         onehot = (kpos[:, :, None] == torch.arange(P, device=kpos.device)).to(v_all.dtype)  # (b, n, P)
         prefix = torch.einsum("bnp,bnw->bwp", onehot, v_all)  # each feature's first P values
         logits = self.router(prefix)
-        probs = torch.softmax(logits if logits.dtype == torch.float64 else logits.float(), dim=-1)  # (b, W, E)
+        probs = torch.softmax(to_acc(logits), dim=-1)  # (b, W, E)
         gate, expert = probs.max(-1)
         return expert, gate
 

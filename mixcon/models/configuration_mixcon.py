@@ -15,6 +15,8 @@ from transformers import PretrainedConfig
 SELECTIONS = ("swiglu", "linear")
 CONTROL_INITS = ("spec", "live")  # docs/conba.md, "Initialisation": the gain law's starting values
 MOE_IMPLS = ("auto", "grouped", "loop")
+# the ops' own values (mixcon.ops.conba.params), repeated because this file is a leaf: save_pretrained copies
+# it beside the weights for trust_remote_code; tests/models/test_validation.py checks that they agree
 CONBA_BACKENDS = ("auto", "ref", "triton", "chunk_torch")
 MOD_DECISIONS = ("router", "predictor")
 SPATIAL_ROUTINGS = ("deterministic", "learned")
@@ -306,7 +308,7 @@ class MixConConfig(PretrainedConfig):
         control: bool = True,
         k_max: float = 1.0,
         control_period: int = 64,  # P: real steps between two actions of the controller (1 = every step)
-        control_init: str = "spec",  # "spec" or "live" (k0 = 0.5, λ 10× slower: docs/conba.md, issue 27)
+        control_init: str = "spec",  # "spec" or "live" (k0 = 0.5, λ 10× slower: docs/conba.md, "Initialisation")
         process_noise: float = 0.0,  # σ_w, training only
         observation_noise: float = 0.0,  # σ_v, training only
         dt_min: float = 1e-3,

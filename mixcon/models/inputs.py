@@ -10,22 +10,8 @@ import torch
 from transformers.cache_utils import Cache
 
 from mixcon.models.cache import MixConCache
-
-
-def tracing() -> bool:
-    """True under torch.compile / torch.export / FX tracing: data-dependent checks are skipped there
-    (each would read a value back to the host, a graph break or an export failure)."""
-    if torch.compiler.is_compiling():
-        return True
-    is_exporting = getattr(torch.compiler, "is_exporting", None)
-    if is_exporting is not None and is_exporting():
-        return True
-    try:
-        from torch.fx._symbolic_trace import is_fx_symbolic_tracing
-    except ImportError:  # pragma: no cover - older torch
-        return False
-    return is_fx_symbolic_tracing()
-
+from mixcon.layers.common import is_static_cache
+from mixcon.ops import tracing  # noqa: F401 — also imported from here by modeling_mixcon and masks
 
 ID_DTYPES = (torch.long, torch.int32)
 
@@ -84,7 +70,7 @@ def check_inputs(config, input_ids, inputs_embeds, attention_mask, past_key_valu
                                  f"{config.num_hidden_layers}: it was built for another config")
     if attention_mask is not None:
         allowed = [(b, past_length + T)] + ([(b, T)] if past_length == 0 else [])
-        if getattr(past_key_values, "is_static", False):  # create_masks_for_generate's fixed-width mask
+        if is_static_cache(past_key_values):  # create_masks_for_generate's fixed-width mask
             allowed.append((b, past_key_values.max_cache_len))
         if not isinstance(attention_mask, torch.Tensor) or attention_mask.dim() != 2 \
                 or not _shape_in(attention_mask, allowed):

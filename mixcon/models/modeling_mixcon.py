@@ -30,6 +30,7 @@ except ImportError:  # pragma: no cover
 # so a process without mixcon gets this message instead of "pip install mixcon" (not on any index).
 try:
     from mixcon.layers.attention import MixConAttention, attention_impl, rope_cos_sin
+    from mixcon.layers.common import TorchInit, is_static_cache
     from mixcon.layers.conba import ConbaMixer
     from mixcon.layers.linear import Linear
     from mixcon.layers.mlp import SwiGLUMLP
@@ -68,10 +69,6 @@ def _auto_static(device, generation_config, model_kwargs) -> bool:
 def _given_cache(model_kwargs):
     """The cache in generate's model kwargs, under whichever name this transformers keeps it."""
     return resolve_cache(*(model_kwargs.get(k) for k in CACHE_NAMES))
-
-
-def _is_static(cache) -> bool:
-    return isinstance(cache, MixConCache) and cache.is_static
 
 
 class MixConDecoderLayer(DepthRoutedMixin, GradientCheckpointingLayer):
@@ -121,7 +118,7 @@ class MixConDecoderLayer(DepthRoutedMixin, GradientCheckpointingLayer):
                                     impl=attn_impl, return_weights=True)
         elif self.mixer_type == "conba":
             state = past_key_values.conba_states[self.layer_idx] if past_key_values is not None else None
-            if _is_static(past_key_values):  # the new state is copied into the cache's own tensors
+            if is_static_cache(past_key_values):  # the new state is copied into the cache's own tensors
                 work = dict(state)
                 h = self.mixer(h, mask=seq_mask, state=work)
                 past_key_values.layers[self.layer_idx].store(work)
@@ -130,7 +127,7 @@ class MixConDecoderLayer(DepthRoutedMixin, GradientCheckpointingLayer):
         else:
             state = None
             if past_key_values is not None:  # a static history is written in place through the layer
-                state = (past_key_values.layers[self.layer_idx] if _is_static(past_key_values)
+                state = (past_key_values.layers[self.layer_idx] if is_static_cache(past_key_values)
                          else past_key_values.spatial_states[self.layer_idx])
             h = self.mixer(h, positions, state=state)
         hidden_states = residual + h
@@ -172,7 +169,7 @@ class MixConPreTrainedModel(PreTrainedModel):
         return False  # forward builds its own MixConCache
 
     def _init_weights(self, module):
-        init = hf_init if hf_init is not None else _torch_init
+        init = hf_init if hf_init is not None else TorchInit
         std = self.config.initializer_range
         if isinstance(module, (nn.Linear, nn.Conv1d)):
             init.normal_(module.weight, mean=0.0, std=std)
@@ -195,12 +192,6 @@ class MixConPreTrainedModel(PreTrainedModel):
             module.reset_parameters_(init)
         elif isinstance(module, ConbaMixer):  # after its children: re-initialises in_proj, conv1d and the
             module.reset_parameters(hf_init)   # selection as mamba_ssm does (docs/conba.md, "Initialisation")
-
-
-class _torch_init:  # fallback namespace when transformers.initialization is absent
-    normal_ = staticmethod(nn.init.normal_)
-    zeros_ = staticmethod(nn.init.zeros_)
-    ones_ = staticmethod(nn.init.ones_)
 
 
 class MixConModel(MixConPreTrainedModel):
@@ -273,9 +264,9 @@ class MixConModel(MixConPreTrainedModel):
         device = inputs_embeds.device
         attn_impl = attention_impl(cfg, output_attentions)
 
-        static = use_cache and _is_static(past_key_values)
+        static = use_cache and is_static_cache(past_key_values)
         if mask4d is not None:
-            mask4d = custom_attention_mask(cfg, mask4d.to(device), b, T, past, _is_static(past_key_values))
+            mask4d = custom_attention_mask(cfg, mask4d.to(device), b, T, past, is_static_cache(past_key_values))
         if static:
             past_key_values._counter.to_(device)
             past_key_values._counter.window = None
@@ -406,7 +397,7 @@ class MixConForCausalLM(MixConPreTrainedModel, GenerationMixin):
         2-D padding mask widened to (batch, max_cache_len) with zeros, a shape that no longer changes
         between tokens (the model builds its attention mask from it and the cache's device counter)."""
         past_key_values = resolve_cache(cache, past_key_values)
-        if attention_mask is None or attention_mask.dim() != 2 or not _is_static(past_key_values):
+        if attention_mask is None or attention_mask.dim() != 2 or not is_static_cache(past_key_values):
             return attention_mask
         M = past_key_values.max_cache_len
         if attention_mask.shape[1] > M:

@@ -4,7 +4,26 @@ import torch
 
 
 def tracing() -> bool:
-    """Whether torch.compile or torch.export is tracing: the compiled CPU kernels (pybind calls) and
-    the data-dependent CPU paths then step aside for plain PyTorch."""
+    """Whether torch.compile, torch.export or FX symbolic tracing is tracing. The compiled CPU kernels
+    (pybind calls), the data-dependent CPU paths and the models' data-dependent input checks then step
+    aside for plain PyTorch (each would read a value back to the host: a graph break or an export
+    failure)."""
     compiler = getattr(torch, "compiler", None)
-    return any(getattr(compiler, f, lambda: False)() for f in ("is_compiling", "is_exporting"))
+    if any(getattr(compiler, f, lambda: False)() for f in ("is_compiling", "is_exporting")):
+        return True
+    try:
+        from torch.fx._symbolic_trace import is_fx_symbolic_tracing
+    except ImportError:  # pragma: no cover - older torch
+        return False
+    return is_fx_symbolic_tracing()
+
+
+def acc_dtype(x: torch.Tensor) -> torch.dtype:
+    """The accumulation dtype of every scan, reduction and routing softmax: float64 for float64 inputs
+    (the exact oracles of the tests), float32 otherwise (docs/conba.md, step 6)."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def to_acc(x: torch.Tensor) -> torch.Tensor:
+    """``x`` in its accumulation dtype (`acc_dtype`); ``x`` itself where it already is."""
+    return x.to(acc_dtype(x))

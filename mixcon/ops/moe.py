@@ -11,6 +11,8 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 
+from . import acc_dtype
+
 _grouped_mm = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
 
 
@@ -41,7 +43,7 @@ def moe_loop(x, gate_up, down, weights, indices):
     Under torch.compile it runs `moe_gather` (the loop's token sets have data-dependent sizes)."""
     if torch.compiler.is_compiling():
         return moe_gather(x, gate_up, down, weights, indices)
-    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    acc = acc_dtype(x)
     out = torch.zeros(x.shape, dtype=acc, device=x.device)
     for e in range(gate_up.shape[0]):
         tok, slot = torch.where(indices == e)
@@ -62,7 +64,7 @@ def moe_gather(x, gate_up, down, weights, indices):
     gu = torch.bmm(xs, gate_up[flat].transpose(1, 2))  # (T·K, 1, 2F)
     g, u = gu.chunk(2, dim=-1)
     ys = torch.bmm(F.silu(g) * u, down[flat].transpose(1, 2))[:, 0]  # (T·K, D)
-    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    acc = acc_dtype(x)
     out = (ys.to(acc).view(T, K, -1) * weights[..., None].to(acc)).sum(dim=1)
     return out.to(x.dtype)
 

@@ -218,3 +218,13 @@ def test_the_config_module_is_a_leaf():
         a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
     assert not any(m.startswith(("mixcon", ".")) for m in imported), imported
     assert not hasattr(c, "active_parameters")
+
+
+def test_the_config_repeats_the_ops_limits_exactly():
+    """The config is a leaf (it travels beside the weights), so it repeats the ops' backend list and
+    largest delay: the two copies must agree, or the config would accept what the kernels refuse."""
+    import mixcon.models.configuration_mixcon as c
+    from mixcon.ops.conba import params
+
+    assert c.CONBA_BACKENDS == params.BACKENDS
+    assert c.MAX_DELAY == params.MAX_DELAY

@@ -21,12 +21,10 @@ import torch
 
 from .. import tracing as _tracing
 from .naive import ConbaState, conba_scan_ref, conba_step_ref, empty_state
-from .params import MAX_DELAY, ConbaParams, check_tensor, keyword_interface
+from .params import BACKENDS, MAX_DELAY, ConbaParams, check_tensor, keyword_interface
 
 __all__ = ["ConbaParams", "ConbaState", "conba_scan", "conba_step", "empty_state", "conba_scan_ref",
            "conba_step_ref", "MAX_DELAY"]
-
-BACKENDS = ("auto", "ref", "triton", "chunk_torch")
 
 
 def _triton_available() -> bool:

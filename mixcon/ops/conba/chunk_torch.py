@@ -57,7 +57,8 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from .naive import ConbaState, _per_channel, _prepare, acc_dtype, empty_state
+from .. import acc_dtype
+from .naive import ConbaState, _per_channel, _prepare, empty_state
 from .noise import normal_from_key, step_key
 from .params import ConbaParams, keyword_interface
 

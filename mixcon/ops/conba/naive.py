@@ -14,6 +14,7 @@ from typing import NamedTuple, Optional
 import torch
 import torch.nn.functional as F
 
+from .. import acc_dtype
 from .noise import conba_noise
 from .params import ConbaParams, keyword_interface
 
@@ -66,11 +67,6 @@ def empty_state(batch, d_inner, d_state, tau=0, group_size=8, k0=None, device=No
     e = torch.zeros(batch, d_inner, dtype=dtype, device=device)
     phase = torch.zeros(batch, dtype=torch.long, device=device)
     return ConbaState(h, delay, k, e, phase)
-
-
-def acc_dtype(x: torch.Tensor) -> torch.dtype:
-    """float32, or float64 for float64 inputs (so the reference can serve as a float64 oracle)."""
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
 def _per_channel(x: torch.Tensor, group_size: int) -> torch.Tensor:

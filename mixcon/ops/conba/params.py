@@ -15,9 +15,11 @@ from typing import Optional
 
 import torch
 
-__all__ = ["ConbaParams", "keyword_interface", "MAX_DELAY"]
+__all__ = ["ConbaParams", "keyword_interface", "MAX_DELAY", "BACKENDS"]
 
 MAX_DELAY = 4  # the largest delay τ the kernels carry (docs/conba.md, step 6)
+# the backends `conba_scan` / `conba_step` take (and the config's ``conba_backend``): see ops/conba/__init__.py
+BACKENDS = ("auto", "ref", "triton", "chunk_torch")
 
 
 def check_tensor(name, x, shape, allow_none=True):
