@@ -266,3 +266,9 @@ def launcher_forms_no_noise(monkeypatch, scan, x):
     noisy = run(x)
     assert noisy <= quiet, (noisy, quiet)
     return noisy, quiet
+
+
+def token_lists(seed, lengths, low=3, high=512):
+    """Random prompts as lists of token ids (one list per length), a pure function of ``seed``."""
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(low, high, (n,), generator=g).tolist() for n in lengths]

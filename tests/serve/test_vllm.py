@@ -15,8 +15,6 @@ import pytest
 
 # before vLLM is imported: the CPU build's KV space (GiB), no thread pinning (shared machine), and the
 # engine in this process (apply_model can then read the layers, and nothing is spawned)
-os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 
 vllm = pytest.importorskip("vllm", reason="vLLM is not installed (bash tools/setup.sh vllm)")
@@ -24,7 +22,7 @@ pytestmark = pytest.mark.slow  # two engines start (about 5 s each on 2 cores), 
 
 import torch  # noqa: E402
 
-from helpers import randomize_, tiny_config  # noqa: E402
+from helpers import randomize_, tiny_config, token_lists  # noqa: E402
 
 from mixcon import MixConForCausalLM  # noqa: E402
 
@@ -39,13 +37,8 @@ MODELS = {
 }
 
 
-def _prompts(seed, lengths):
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randint(3, 512, (n,), generator=g).tolist() for n in lengths]
-
-
-PROMPTS = _prompts(1, (3, 22, 9, 37))  # 22 and 37 > STEP_BUDGET: split by chunked prefill
-OTHER = _prompts(2, (30, 5, 17, 2))
+PROMPTS = token_lists(1, (3, 22, 9, 37))  # 22 and 37 > STEP_BUDGET: split by chunked prefill
+OTHER = token_lists(2, (30, 5, 17, 2))
 
 
 @pytest.fixture(scope="module", params=sorted(MODELS))

@@ -13,8 +13,6 @@ import os
 
 import pytest
 
-os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 
 vllm = pytest.importorskip("vllm", reason="vLLM is not installed (bash tools/setup.sh vllm)")
@@ -22,16 +20,11 @@ pytestmark = pytest.mark.slow
 
 import torch  # noqa: E402
 
-from helpers import randomize_, tiny_config  # noqa: E402
+from helpers import randomize_, tiny_config, token_lists  # noqa: E402
 
 from mixcon import MixConForCausalLM  # noqa: E402
 
 NEW = 10
-
-
-def _prompts():
-    g = torch.Generator().manual_seed(3)
-    return [torch.randint(3, 512, (n,), generator=g).tolist() for n in (3, 22, 9, 37)]
 
 
 def _free_port():
@@ -123,7 +116,7 @@ def _serve(path, eager, prompts):
 
 def test_compiled_engine_tokens_equal_eager_and_generate(exported):
     model, path = exported
-    prompts = _prompts()
+    prompts = token_lists(3, (3, 22, 9, 37))
     compiled = _serve(path, False, prompts)
     eager = _serve(path, True, prompts)
     L = max(map(len, prompts))

@@ -14,8 +14,6 @@ import os
 
 import pytest
 
-os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 
 vllm = pytest.importorskip("vllm", reason="vLLM is not installed (bash tools/setup.sh vllm)")
@@ -23,18 +21,13 @@ pytestmark = pytest.mark.slow
 
 import torch  # noqa: E402
 
-from helpers import randomize_, tiny_config  # noqa: E402
+from helpers import randomize_, tiny_config, token_lists  # noqa: E402
 
 from mixcon import MixConForCausalLM  # noqa: E402
 
 P = 3
 NEW = 8
 MAX_LEN = 512
-
-
-def _tokens(seed, n):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randint(3, 512, (n,), generator=g).tolist()
 
 
 @pytest.fixture(scope="module")
@@ -77,8 +70,8 @@ def _generate(model, prompt):
 @pytest.mark.parametrize("prefix_len,expect_hit,mid_period", [(300, 256, True), (400, 384, False)])
 def test_shared_prefix_hits_the_cache_and_keeps_tokens(exported, prefix_len, expect_hit, mid_period):
     model, path = exported
-    prefix = _tokens(prefix_len, prefix_len)
-    first, second = prefix + _tokens(1, 20), prefix + _tokens(2, 27)
+    prefix = token_lists(prefix_len, (prefix_len,))[0]
+    first, second = prefix + token_lists(1, (20,))[0], prefix + token_lists(2, (27,))[0]
     assert (expect_hit % P != 0) == mid_period  # the case this parameter claims to test
 
     on = _engine(path, True)

@@ -23,7 +23,7 @@ pytestmark = pytest.mark.slow
 
 import torch  # noqa: E402
 
-from helpers import randomize_, tiny_config  # noqa: E402
+from helpers import randomize_, tiny_config, token_lists  # noqa: E402
 
 from mixcon import MixConForCausalLM  # noqa: E402
 
@@ -97,11 +97,6 @@ def server(tmp_path_factory):
     assert proc.returncode is not None  # stopped
 
 
-def _prompts():
-    g = torch.Generator().manual_seed(4)
-    return [torch.randint(3, 512, (n,), generator=g).tolist() for n in (5, 31)]
-
-
 def _upto_eos(tokens, eos):
     return tokens[:tokens.index(eos) + 1] if eos in tokens else tokens
 
@@ -117,7 +112,7 @@ REQUEST = dict(max_tokens=NEW, temperature=0.0, extra_body={"return_token_ids": 
 def test_completions_over_http(server):
     model, name, client = server
     assert [m.id for m in client.models.list().data] == [name]
-    for prompt in _prompts():
+    for prompt in token_lists(4, (5, 31)):
         r = client.completions.create(model=name, prompt=prompt, **REQUEST)
         got = r.choices[0].model_extra["token_ids"] if r.choices[0].model_extra else r.choices[0].token_ids
         assert len(got) == NEW and r.usage.completion_tokens == NEW
@@ -126,7 +121,7 @@ def test_completions_over_http(server):
 
 def test_streamed_completions_over_http(server):
     model, name, client = server
-    for prompt in _prompts():
+    for prompt in token_lists(4, (5, 31)):
         got, chunks = [], 0
         for chunk in client.completions.create(model=name, prompt=prompt, stream=True, **REQUEST):
             for choice in chunk.choices:

@@ -11,19 +11,14 @@
 Needs vLLM (`bash tools/setup.sh vllm`); skipped without it.
 """
 
-import os
-
 import pytest
-
-os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
 
 vllm = pytest.importorskip("vllm", reason="vLLM is not installed (bash tools/setup.sh vllm)")
 pytestmark = pytest.mark.slow
 
 import torch  # noqa: E402
 
-from helpers import randomize_, tiny_config  # noqa: E402
+from helpers import randomize_, tiny_config, token_lists  # noqa: E402
 
 from mixcon import MixConForCausalLM  # noqa: E402
 
@@ -103,8 +98,7 @@ def _upto_eos(tokens, eos):
 
 def test_tp2_tokens_equal_tp1_and_generate(exported):
     model, path = exported
-    g = torch.Generator().manual_seed(5)
-    prompts = [torch.randint(3, 512, (n,), generator=g).tolist() for n in (4, 29)]
+    prompts = token_lists(5, (4, 29))
     sp = vllm.SamplingParams(temperature=0.0, max_tokens=NEW, ignore_eos=True)
     got = {}
     for tp in (2, 1):
