@@ -20,8 +20,8 @@ from typing import Optional
 import torch
 
 from .. import tracing as _tracing
-from .naive import ConbaState, conba_scan_ref, conba_step_ref, empty_state
-from .params import BACKENDS, MAX_DELAY, ConbaParams, check_tensor, keyword_interface
+from .naive import conba_scan_ref, conba_step_ref
+from .params import BACKENDS, MAX_DELAY, ConbaParams, ConbaState, check_tensor, empty_state, keyword_interface
 
 __all__ = ["ConbaParams", "ConbaState", "conba_scan", "conba_step", "empty_state", "conba_scan_ref",
            "conba_step_ref", "MAX_DELAY"]

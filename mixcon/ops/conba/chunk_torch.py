@@ -58,9 +58,9 @@ import torch
 import torch.nn.functional as F
 
 from .. import acc_dtype
-from .naive import ConbaState, _per_channel, _prepare, empty_state
+from .naive import _per_channel, _prepare
 from .noise import normal_from_key, step_key
-from .params import ConbaParams, keyword_interface
+from .params import ConbaParams, ConbaState, empty_state, keyword_interface
 
 __all__ = ["conba_scan_chunk_torch"]
 

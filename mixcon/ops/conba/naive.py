@@ -9,64 +9,14 @@ or in float64 for float64 inputs, so that the reference is a float64 oracle for 
 from __future__ import annotations
 
 import math
-from typing import NamedTuple, Optional
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
 from .. import acc_dtype
 from .noise import conba_noise
-from .params import ConbaParams, keyword_interface
-
-
-class _ConbaStateFields(NamedTuple):
-    h: torch.Tensor
-    delay: torch.Tensor
-    k: torch.Tensor
-    e: torch.Tensor
-    phase: torch.Tensor
-
-
-class ConbaState(_ConbaStateFields):
-    """Decode state of one Conba scan (docs/conba.md, "Decode state"); float32 (float64 for float64 inputs).
-
-    h:     (batch, d_inner, N)         the latest state h_t
-    delay: (batch, tau, d_inner, N)    delay[:, j] = h_{t-j} for j = 0..tau-1 (delay[:, 0] == h)
-    k:     (batch, d_inner // G)       the control gain set at the last sampling instant
-    e:     (batch, d_inner)            the tracking error sampled at that instant (held signal
-                                       f = k · tanh(e))
-    phase: (batch,) int64              real steps since that instant, 0 … P − 1
-
-    With P = 1 (the per-step controller) every real step is a sampling instant: k is k_{t+1},
-    e is e_t of the latest step and the phase stays 0. Without control k, e and the phase pass
-    through untouched.
-
-    ``ConbaState(h, delay, k, e, phase)``, or ``ConbaState(iterable of the five)`` as a plain tuple type is
-    called: code that rebuilds every tuple it walks as ``type(x)(generator)`` (transformers' exporters
-    cast a cache's tensors that way) gets a ConbaState back.
-    """
-
-    __slots__ = ()
-
-    def __new__(cls, *fields, **named):
-        if len(fields) == 1 and not named and not isinstance(fields[0], torch.Tensor):
-            fields = tuple(fields[0])
-        return super().__new__(cls, *fields, **named)
-
-
-def empty_state(batch, d_inner, d_state, tau=0, group_size=8, k0=None, device=None,
-                dtype=torch.float32) -> ConbaState:
-    """The state before the first token: h = 0, delay line 0, k = k_0, e = 0, phase 0."""
-    n_groups = d_inner // group_size
-    h = torch.zeros(batch, d_inner, d_state, dtype=dtype, device=device)
-    delay = torch.zeros(batch, tau, d_inner, d_state, dtype=dtype, device=device)
-    if k0 is None:
-        k = torch.zeros(batch, n_groups, dtype=dtype, device=device)
-    else:
-        k = k0.to(device=device, dtype=dtype).expand(batch, n_groups).clone()  # keeps k0 in the graph
-    e = torch.zeros(batch, d_inner, dtype=dtype, device=device)
-    phase = torch.zeros(batch, dtype=torch.long, device=device)
-    return ConbaState(h, delay, k, e, phase)
+from .params import ConbaParams, ConbaState, empty_state, keyword_interface
 
 
 def _per_channel(x: torch.Tensor, group_size: int) -> torch.Tensor:
