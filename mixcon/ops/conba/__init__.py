@@ -44,9 +44,9 @@ def resolve_backend(backend: str, device: torch.device) -> str:
 
 
 def _auto_cpu(control: bool, control_period: int) -> bool:
-    """Whether "auto" runs `chunk_torch` on CPU: always — measured faster than the loop for every
-    period, 2.1–2.4× at P = 1 (blocks of one step) and 2.5–135× where the scan is linear between
-    sampling instants (control off or P > 1; README, "Kernels"). The loop stays the oracle ("ref").
+    """Whether "auto" runs `chunk_torch` on CPU: always — faster than the loop for every period,
+    P = 1 (blocks of one step) included (docs/kernels.md, the chunk_torch table). The loop stays the oracle
+    ("ref").
     Under torch.compile / torch.export the loop runs instead: chunk_torch compacts masks and splits
     blocks by values read from the data, which a trace cannot follow."""
     return not _tracing()

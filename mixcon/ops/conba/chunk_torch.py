@@ -26,14 +26,14 @@ How a block is computed:
   loops over the block's steps, one or two in-place multiply-adds on (batch, N, d_inner) slices;
   its backward is the reverse-time adjoint, with Ā recomputed. The controller (tanh, the group
   norm, the clamp) runs once per block with plain autograd. On CPU this beats an associative
-  (Hillis–Steele) scan over the block, measured 3.6× on the linear part alone (README,
-  "Kernels"): that makes log2(P) passes of fresh full-size tensors (τ × τ companion products with
-  the delay) where the loop makes one in place.
+  (Hillis–Steele) scan over the block (docs/kernels.md, the chunk_torch table): that makes log2(P) passes
+  of fresh full-size tensors (τ × τ companion products with the delay) where the loop makes one in
+  place.
 - Without control the sequence is one linear recurrence, run in blocks of `BLOCK` steps only
   to keep the working set small.
 
-Where a C++ compiler is present the blocks run compiled (cpu.py, csrc/conba_cpu.cpp; one layer's forward +
-backward measured 2.2–2.6× faster than with the PyTorch block scan, README "Kernels"):
+Where a C++ compiler is present the blocks run compiled (cpu.py; faster than the PyTorch blocks, docs/kernels.md,
+"Compiled on CPU"):
 each task keeps one (row, 64-channel tile) state in cache over the whole time line, so no
 (L, b, N, d) tensor is formed, forward or backward (the backward recomputes the states from
 checkpoints). With a gradient, one kernel call per control period, the controller in autograd as
@@ -64,7 +64,7 @@ from .params import ConbaParams, ConbaState, empty_state, keyword_interface
 
 __all__ = ["conba_scan_chunk_torch"]
 
-BLOCK = 64  # time steps per block without control in the PyTorch path (measured: README, "Kernels")
+BLOCK = 64  # time steps per block without control in the PyTorch path (chosen by measurement: docs/kernels.md)
 COMPILED = True  # run blocks in the compiled CPU kernel (cpu.py) where it builds; False: always PyTorch
 
 
