@@ -37,7 +37,7 @@ import time
 from dataclasses import dataclass, field
 
 # per-token tensors the model passes in bf16 (the forward's inputs and output, the backward's gradients)
-ACTIVATIONS = {"u_ptr", "dl_ptr", "z_ptr", "B_ptr", "C_ptr", "y_ptr", "gy_ptr", "gu_ptr", "gdl_ptr", "gz_ptr"}
+ACTIVATIONS = {"u_ptr", "dt_ptr", "z_ptr", "B_ptr", "C_ptr", "y_ptr", "gy_ptr", "gu_ptr", "gdt_ptr", "gz_ptr"}
 FLOAT_SCALARS = {"k_max", "sigma_w", "sigma_v"}
 
 
@@ -90,7 +90,9 @@ def configs(shape: Shape = Shape()) -> list[KernelConfig]:
     """The (kernel, configuration) pairs the dispatch launches for ``shape``, built with the dispatch's
     own blocking and flag functions."""
     from mixcon.ops.conba import chunk as ck
+    from mixcon.ops.conba import chunk_bwd, chunk_fwd
     from mixcon.ops.conba import fused_recurrent as fr
+    from mixcon.ops.conba.host import CHECKPOINT_INTERVAL, ScanConfig
 
     d, n, G, tau, P = shape.d_inner, shape.d_state, shape.group_size, shape.tau, shape.control_period
     out = []
@@ -107,19 +109,19 @@ def configs(shape: Shape = Shape()) -> list[KernelConfig]:
     for label, v, gfinal in variants:
         bt = ck.block_size(shape.seqlen, P, v["control"])
         bt_b = ck.bwd_block_size(shape.seqlen, P, v["control"], bt)
-        cfg = ck._Cfg(tau=v["tau"], group_size=G, control=v["control"], softplus=True, k_max=1.0,
-                      sigma_w=0.01 if v["noise"] else 0.0, sigma_v=0.01 if v["noise"] else 0.0, seed=0, period=P,
-                      bt=bt, fix_h=v["tau"] > 0 and v["state"],
-                      aligned=v["control"] and not v["mask"] and not v["state"] and P % bt == 0,
-                      has_D=True, has_bias=True, has_z=True, has_alpha=v["alpha"], has_mask=v["mask"])
-        common = dict(G=G, GP=gp, BG=bg, NP=np_, BT=bt, MS=max(v["tau"], 1), SEG=ck._segment(bt), **ck._flags(cfg))
+        cfg = ScanConfig(tau=v["tau"], group_size=G, control=v["control"], softplus=True, k_max=1.0,
+                         sigma_w=0.01 if v["noise"] else 0.0, sigma_v=0.01 if v["noise"] else 0.0, seed=0, period=P,
+                         block_t=bt, fix_h=v["tau"] > 0 and v["state"],
+                         aligned=v["control"] and not v["mask"] and not v["state"] and P % bt == 0,
+                         has_D=True, has_bias=True, has_z=True, has_alpha=v["alpha"], has_mask=v["mask"])
+        common = dict(G=G, GP=gp, BG=bg, NP=np_, BT=bt, MS=max(v["tau"], 1), SEG=ck._segment(bt), **cfg.flags())
         ints = {"m_ptr": "*i8", "ph_ptr": "*i32", "t1_ptr": "*i32"}
-        out.append(KernelConfig(f"chunk_fwd[{label}]", ck._chunk_fwd_kernel,
+        out.append(KernelConfig(f"chunk_fwd[{label}]", chunk_fwd._chunk_fwd_kernel,
                                 dict(common, SAVE=gfinal is not None), warps, ints))
         if gfinal is not None:  # the backward's own block (and so its segment and alignment)
-            bwd = dict(common, BT=bt_b, SEG=ck._checkpoint_steps(bt) // bt_b, HAS_GFINAL=gfinal,
+            bwd = dict(common, BT=bt_b, SEG=ck._checkpoint_interval(bt) // bt_b, HAS_GFINAL=gfinal,
                        ALIGNED=v["control"] and not v["mask"] and not v["state"] and P % bt_b == 0)
-            out.append(KernelConfig(f"chunk_bwd[{label}]", ck._chunk_bwd_kernel, bwd, warps, ints))
+            out.append(KernelConfig(f"chunk_bwd[{label}]", chunk_bwd._chunk_bwd_kernel, bwd, warps, ints))
 
     # ---- fused_recurrent.py: the P = 1 scan and the decode step, at batch 1 and batch 8 blocking
     def fr_flags(control=True, tau_=tau, alpha=True, mask=True, noise=False):
@@ -131,11 +133,12 @@ def configs(shape: Shape = Shape()) -> list[KernelConfig]:
         bwd_warps = fr._blocking(d, G, n, batch, backward=True)[4]
         tile = dict(G=G, GP=gp, BG=bg, NP=np_)
         ch = bg * gp
+        scan = dict(tile, CHECKPOINT_INTERVAL=CHECKPOINT_INTERVAL)
         out.append(KernelConfig(f"p1_fwd[b{batch},{ch}ch]", fr._conba_fwd_kernel,
-                                dict(tile, CHUNK=fr.DEFAULT_CHUNK, SAVE=True, **fr_flags(mask=False)), warps,
+                                dict(scan, SAVE=True, **fr_flags(mask=False)), warps,
                                 {"m_ptr": "*i8"}))
         out.append(KernelConfig(f"p1_bwd[b{batch},{ch}ch]", fr._conba_bwd_kernel,
-                                dict(tile, CHUNK=fr.DEFAULT_CHUNK, HAS_GFINAL=False, **fr_flags(mask=False)), bwd_warps,
+                                dict(scan, HAS_GFINAL=False, **fr_flags(mask=False)), bwd_warps,
                                 {"m_ptr": "*i8"}))
         step_ints = {"m_ptr": "*i8", "ph_ptr": "*i64"}
         out.append(KernelConfig(f"step[P={P},b{batch},{ch}ch]", fr._conba_step_kernel,

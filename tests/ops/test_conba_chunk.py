@@ -28,7 +28,7 @@ def _nan_prefilled_outputs(monkeypatch):
     nan_prefill(monkeypatch, ck)
     # carries saved every 8 steps: with blocks of 2 or 4 the backward recomputes segments of several
     # blocks, the last one partial; with blocks of 16 or 64, one block per segment
-    monkeypatch.setattr(ck, "CHECKPOINT_STEPS", 8)
+    monkeypatch.setattr(ck, "CHECKPOINT_INTERVAL", 8)
     yield
 
 
@@ -80,8 +80,8 @@ def test_P64_one_block_per_period(monkeypatch):
     """One block per period (BT = P = 64), no mask, empty initial state, so each instant is a block's
     last step (the ALIGNED kernels, without the second column); two periods, so the second block
     starts with a held signal."""
-    seen, launch = [], ck._launch_fwd
-    monkeypatch.setattr(ck, "_launch_fwd", lambda cfg, *a, **k: seen.append(cfg.aligned) or launch(cfg, *a, **k))
+    seen, launch = [], ck.chunk_conba_fwd
+    monkeypatch.setattr(ck, "chunk_conba_fwd", lambda cfg, *a, **k: seen.append(cfg.aligned) or launch(cfg, *a, **k))
     x = _inputs("control", b=1, T=128, d=8, mask=False)
     x["alpha"] = torch.sigmoid(torch.randn(1, 128, 1, generator=torch.Generator().manual_seed(9)) + 2).to(DEVICE)
     _compare(x, 1e-5, 64, bt=64)
@@ -151,9 +151,9 @@ def test_dispatch_triton_backend(monkeypatch):
     from mixcon.ops.conba import fused_recurrent as fr
 
     calls = []
-    real_chunk, real_step = ck.conba_scan_chunk, fr.conba_scan_triton
+    real_chunk, real_step = ck.conba_scan_chunk, fr.conba_scan_fused_recurrent
     monkeypatch.setattr(ck, "conba_scan_chunk", lambda *a, **k: calls.append("chunk") or real_chunk(*a, **k))
-    monkeypatch.setattr(fr, "conba_scan_triton", lambda *a, **k: calls.append("step") or real_step(*a, **k))
+    monkeypatch.setattr(fr, "conba_scan_fused_recurrent", lambda *a, **k: calls.append("step") or real_step(*a, **k))
     x = _inputs("control", b=1, T=3, d=8, mask=False)
     off = {k: v for k, v in x.items() if k not in ("k0", "eta", "lam", "w_r", "k_max")}
     with torch.no_grad():
@@ -177,13 +177,14 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from mixcon.ops.conba import chunk as ck
+from mixcon.ops.conba import chunk_bwd, chunk_fwd
 
 which = sys.argv[1]
 flags = dict(G=8, GP=8, BG=1, NP=16, BT=ck.TUNING["block_t"], MS=2, TAU=2, CONTROL=True, HAS_ALPHA=True,
              HAS_BIAS=True, SOFTPLUS=True, HAS_D=True, HAS_Z=True, HAS_MASK=True, NOISE_W=True, NOISE_V=True,
              FIX_H=True, SEG=4, ALIGNED=False, **({"SAVE": True} if which == "fwd" else {"HAS_GFINAL": True}))
-fn = ck._chunk_fwd_kernel if which == "fwd" else ck._chunk_bwd_kernel
-bf16 = {"u_ptr", "dl_ptr", "z_ptr", "B_ptr", "C_ptr", "al_ptr", "y_ptr", "gy_ptr", "gu_ptr", "gdl_ptr", "gz_ptr",
+fn = chunk_fwd._chunk_fwd_kernel if which == "fwd" else chunk_bwd._chunk_bwd_kernel
+bf16 = {"u_ptr", "dt_ptr", "z_ptr", "B_ptr", "C_ptr", "al_ptr", "y_ptr", "gy_ptr", "gu_ptr", "gdt_ptr", "gz_ptr",
         "gal_ptr"}
 ints = {"m_ptr": "*i8", "ph_ptr": "*i32", "t1_ptr": "*i32"}
 
@@ -198,8 +199,8 @@ sig = {}
 for name in inspect.signature(fn.fn).parameters:
     if name in flags:
         sig[name] = "constexpr"
-    elif name in ck.ARG_GROUPS:  # a grouped argument: a tuple of its members' types
-        sig[name] = tuple(ty(m) for m in ck.ARG_GROUPS[name])
+    elif name in chunk_fwd.ARG_GROUPS:  # a grouped argument: a tuple of its members' types
+        sig[name] = tuple(ty(m) for m in chunk_fwd.ARG_GROUPS[name])
     else:
         sig[name] = ty(name)
 k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=flags), target=GPUTarget("cuda", 90, 32),

@@ -137,9 +137,10 @@ def test_dispatch_every_period_uses_the_kernel_and_triton_never_falls_back(monke
     """backend="triton" (and "auto" where it resolves to Triton, i.e. on CUDA) launches the fused step for
     every P; with a gradient required "triton" raises and "auto" takes the reference step."""
     launches = []
-    real = fr.conba_step_triton
+    real = fr.conba_step_fused_recurrent
     # the dispatcher calls the backend as (state, u, delta, B, C, params, ...): the period is the params'
-    monkeypatch.setattr(fr, "conba_step_triton", lambda *a, **k: launches.append(a[5].control_period) or real(*a, **k))
+    monkeypatch.setattr(fr, "conba_step_fused_recurrent",
+                        lambda *a, **k: launches.append(a[5].control_period) or real(*a, **k))
     x = kernel_inputs("control", b=1, T=1, d=8, n=3, mask=False)
     per, rest = _split(x)
     tok = {k: v[:, 0] for k, v in per.items()}

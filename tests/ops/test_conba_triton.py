@@ -1,8 +1,9 @@
 """The fused Triton Conba kernels against the reference (docs/conba.md, "Kernel contract").
 
 On CPU these run through Triton's interpreter (TRITON_INTERPRET=1, set in conftest.py); on a
-machine with a CUDA GPU the same tests run the compiled kernels there. The shapes are small; they are chosen odd on purpose: T not a multiple of the checkpoint chunk,
-d_inner not a multiple of the channel block, N not a power of two, some groups padded.
+machine with a CUDA GPU the same tests run the compiled kernels there. The shapes are small; they
+are chosen odd on purpose: T not a multiple of the checkpoint interval, d_inner not a multiple of
+the channel block, N not a power of two, some groups padded.
 Every tensor the kernels allocate is pre-filled with NaN, so an element a kernel forgets to
 write shows up as NaN.
 """
@@ -39,13 +40,14 @@ def _ref(x, st):
     return conba_scan(**x, initial_state=st, return_final_state=True, backend="ref")
 
 
-def _triton(chunk):
-    return lambda x, st: fr.conba_scan_triton(**x, initial_state=st, return_final_state=True, chunk_size=chunk)
+def _fused(interval):
+    return lambda x, st: fr.conba_scan_fused_recurrent(**x, initial_state=st, return_final_state=True,
+                                                       checkpoint_interval=interval)
 
 
-def _compare(x, tol, init=None, chunk=4):
+def _compare(x, tol, init=None, interval=4):
     """The fused kernels against the reference (helpers.compare_to_reference: float64 oracle in fp32)."""
-    compare_to_reference(x, tol, _triton(chunk), _ref, init)
+    compare_to_reference(x, tol, _fused(interval), _ref, init)
 
 @pytest.mark.parametrize("mech", MECHANISMS)
 def test_forward_backward_fp32_each_mechanism(mech):
@@ -61,7 +63,7 @@ def test_without_initial_state_all_mechanisms_k0_gradient():
 @pytest.mark.parametrize("tau,G", [(1, 8), (3, 4), (4, 6)])
 def test_delay_lengths_and_group_sizes(tau, G):
     x = _inputs("all", T=10, d=4 * G, tau=tau, G=G)
-    _compare(x, 1e-5, init=_init_state(x), chunk=3)
+    _compare(x, 1e-5, init=_init_state(x), interval=3)
 
 
 def test_bf16_inputs():
@@ -71,16 +73,16 @@ def test_bf16_inputs():
     _compare(x, 1e-2, init=_init_state(x))
 
 
-def test_longer_sequence_several_chunks():
+def test_longer_sequence_several_checkpoints():
     x = _inputs("all", b=1, T=37, d=40, n=16)
-    _compare(x, 1e-5, chunk=16)
+    _compare(x, 1e-5, interval=16)
 
 
-def test_sequence_shorter_than_the_chunk_several_rows():
-    """The backward's per-row scratch holds a whole chunk even when T is shorter (rows past the
-    first were once written out of bounds)."""
+def test_sequence_shorter_than_the_checkpoint_interval_several_rows():
+    """The backward's per-row scratch holds a whole checkpoint interval even when T is shorter (rows
+    past the first were once written out of bounds)."""
     x = _inputs("all", b=3, T=7)
-    _compare(x, 1e-5, init=_init_state(x), chunk=16)
+    _compare(x, 1e-5, init=_init_state(x), interval=16)
 
 
 def test_no_grad_forward_and_no_mask():
@@ -185,4 +187,4 @@ def test_launcher_forms_no_noise(monkeypatch):
     larger than the same scan forms without noise."""
     from helpers import launcher_forms_no_noise
 
-    launcher_forms_no_noise(monkeypatch, lambda xs: fr.conba_scan_triton(**xs), _inputs("all"))
+    launcher_forms_no_noise(monkeypatch, lambda xs: fr.conba_scan_fused_recurrent(**xs), _inputs("all"))

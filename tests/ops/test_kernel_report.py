@@ -13,11 +13,11 @@ pytest.importorskip("triton")
 
 from helpers import ROOT  # noqa: E402
 from mixcon.bench import kernel_report as kr  # noqa: E402
-from mixcon.ops.conba import chunk, fused_recurrent  # noqa: E402
+from mixcon.ops.conba import chunk, chunk_bwd, chunk_fwd, fused_recurrent  # noqa: E402
 
 
 def test_configs_cover_every_kernel_entry_point():
-    entry = {f"{m.__name__}.{name}" for m in (chunk, fused_recurrent) for name in dir(m)
+    entry = {f"{m.__name__}.{name}" for m in (chunk_fwd, chunk_bwd, fused_recurrent) for name in dir(m)
              if name.endswith("_kernel") and hasattr(getattr(m, name), "fn")}
     covered = {f"{kc.fn.fn.__module__}.{kc.fn.fn.__name__}" for kc in kr.configs()}
     assert entry and entry <= covered, entry - covered
@@ -64,7 +64,7 @@ def test_grouped_kernel_arguments_match_arg_groups():
     ARG_GROUPS, so each kernel's unpacking line must list exactly those names."""
     import inspect
 
-    for m in (chunk, fused_recurrent):
+    for m in (chunk_fwd, chunk_bwd, fused_recurrent):
         groups = getattr(m, "ARG_GROUPS", {})
         for name in dir(m):
             k = getattr(m, name)
@@ -77,9 +77,9 @@ def test_grouped_kernel_arguments_match_arg_groups():
                     assert line, (name, arg)
                     assert tuple(s.strip() for s in line.group(1).split(",")) == groups[arg], (name, arg)
     shared = ("ins", "prm", "strides", "scalars", "dims", "clock", "carries")
-    for k in (chunk._chunk_fwd_kernel, chunk._chunk_bwd_kernel):
+    for k in (chunk_fwd._chunk_fwd_kernel, chunk_bwd._chunk_bwd_kernel):
         assert set(shared) <= set(inspect.signature(k.fn).parameters), k.fn.__name__
-    bwd = [p for p, v in inspect.signature(chunk._chunk_bwd_kernel.fn).parameters.items()
+    bwd = [p for p, v in inspect.signature(chunk_bwd._chunk_bwd_kernel.fn).parameters.items()
            if "constexpr" not in str(v.annotation)]
     assert len(bwd) <= 20, bwd  # was 69 flat arguments (89 with the constexprs)
 

@@ -136,9 +136,9 @@ def conba_scan(
 
         return conba_scan_chunk(u, delta, B, C, params, **kw)
     if resolved == "triton":  # P = 1: the per-step kernels
-        from .fused_recurrent import conba_scan_triton
+        from .fused_recurrent import conba_scan_fused_recurrent
 
-        return conba_scan_triton(u, delta, B, C, params, **kw)
+        return conba_scan_fused_recurrent(u, delta, B, C, params, **kw)
     return conba_scan_ref(u, delta, B, C, params, **kw)
 
 
@@ -186,9 +186,9 @@ def conba_step(
             from .library import conba_step_compiled
 
             return conba_step_compiled(state, u, delta, B, C, params, **kw)
-        from .fused_recurrent import conba_step_triton
+        from .fused_recurrent import conba_step_fused_recurrent
 
-        return conba_step_triton(state, u, delta, B, C, params, **kw)
+        return conba_step_fused_recurrent(state, u, delta, B, C, params, **kw)
     return conba_step_ref(state, u, delta, B, C, params, **kw)
 
 

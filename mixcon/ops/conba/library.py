@@ -1,7 +1,7 @@
 """The fused Conba decode step as a torch.library custom op, so torch.compile can trace through it.
 
-`conba_step_triton` launches a Triton kernel from Python with Python-side argument handling; traced
-by torch.compile that would be a graph break (or, in a CUDA graph, no capture at all). Registered
+`conba_step_fused_recurrent` launches a Triton kernel from Python with Python-side argument handling;
+traced by torch.compile that would be a graph break (or, in a CUDA graph, no capture at all). Registered
 here as ``mixcon::conba_step`` (with a fake implementation giving y's shape), the compiler keeps it as
 one opaque call inside the graph: the decode step compiles with ``fullgraph=True`` and runs captured in
 a CUDA graph (``mode="reduce-overhead"``). The op writes the state (h, delay line, k, e) in place, as
@@ -40,15 +40,15 @@ def conba_step_op(
     k_max: float, group_size: int, sigma_w: float, sigma_v: float, seed: int,
     mask: Optional[Tensor], t: int, control_period: int,
 ) -> Tensor:
-    """One fused decode step (see `fused_recurrent.conba_step_triton`): y (batch, d_inner); the state
-    tensors h, delay, k, e and (with control at P > 1) the phase are updated in place."""
-    from .fused_recurrent import conba_step_triton
+    """One fused decode step (see `fused_recurrent.conba_step_fused_recurrent`): y (batch, d_inner); the
+    state tensors h, delay, k, e and (with control at P > 1) the phase are updated in place."""
+    from .fused_recurrent import conba_step_fused_recurrent
 
     params = ConbaParams(A, D=D, delta_bias=delta_bias, delta_softplus=delta_softplus, rho=rho, tau=tau, k0=k0,
                          eta=eta, lam=lam, w_r=w_r, k_max=k_max, group_size=group_size, control_period=control_period,
                          sigma_w=sigma_w, sigma_v=sigma_v, seed=seed)
-    return conba_step_triton(ConbaState(h, delay, k, e, phase), u, delta, B, C, params, z=z, alpha=alpha, mask=mask,
-                             t=t)
+    return conba_step_fused_recurrent(ConbaState(h, delay, k, e, phase), u, delta, B, C, params, z=z, alpha=alpha,
+                                      mask=mask, t=t)
 
 
 @conba_step_op.register_fake
@@ -60,7 +60,7 @@ def _(h, delay, k, e, phase, u, delta, A, B, C, D, z, delta_bias, delta_softplus
 @keyword_interface("state", "u", "delta")
 def conba_step_compiled(state: ConbaState, u, delta, B, C, params: ConbaParams, *, z=None, alpha=None, mask=None,
                         t=0):
-    """`conba_step_triton`'s interface, through the registered op (which has no backward: with a
+    """`conba_step_fused_recurrent`'s interface, through the registered op (which has no backward: with a
     gradient required it raises, as the eager kernel does). A custom op takes tensors and scalars
     only, so ``params`` is unpacked into the op's arguments here."""
     p = params
