@@ -64,8 +64,7 @@ import triton
 from .chunk_bwd import chunk_conba_bwd
 from .chunk_fwd import chunk_conba_fwd
 from .host import CHECKPOINT_INTERVAL, ScanConfig, empty_scan, scan_args, start_state
-from .naive import ConbaState
-from .params import ConbaParams, keyword_interface
+from .params import ConbaParams, ConbaState, keyword_interface
 
 # time positions per block (a power of two; capped at the control period P), channels per program (whole
 # groups) and warps: the largest block whose forward compiles for sm_90 without spilling (docs/kernels.md,

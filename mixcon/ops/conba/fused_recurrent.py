@@ -38,8 +38,7 @@ from .fused_recurrent_common import (_dlast, _fwd_step, _load_params, _load_stat
 from .host import ARG_GROUPS as _SCAN_GROUPS
 from .host import (CHECKPOINT_INTERVAL, ScanConfig, _rows, _seed_key, bwd_buffers, empty_scan, fwd_buffers,
                    input_grads, kernel_groups, scan_args, start_state, state_group)
-from .naive import ConbaState
-from .params import ConbaParams, keyword_interface
+from .params import ConbaParams, ConbaState, keyword_interface
 
 ARG_GROUPS = _SCAN_GROUPS["fused_recurrent"]  # the kernels' grouped arguments (host.py; kernel_report reads them here)
 

@@ -18,9 +18,8 @@ from typing import Optional
 
 import torch
 
-from .naive import ConbaState
 from .noise import M32, SEED_SALT
-from .params import ConbaParams
+from .params import ConbaParams, ConbaState
 
 # steps between the forward's saved states (checkpoints): the backward recomputes the steps in between, so the
 # saved state is ~1/64 of the sequence's

@@ -24,8 +24,7 @@ import torch
 from torch import Tensor
 
 from . import _needs_grad  # the package's own check (it imports this module lazily, after itself)
-from .naive import ConbaState
-from .params import ConbaParams, keyword_interface
+from .params import ConbaParams, ConbaState, keyword_interface
 
 __all__ = ["conba_step_op", "conba_step_compiled", "conba_decode_layer_op", "cpu_kernels_built"]
 

@@ -129,17 +129,16 @@ _POSITIONAL = ("A", "B", "C", "D", "z", "delta_bias", "delta_softplus", "alpha",
                "w_r", "k_max", "group_size", "sigma_w", "sigma_v", "seed")
 
 
-def keyword_interface(*lead: str, defaults: Optional[dict] = None):
+def keyword_interface(*lead: str):
     """Decorator: ``fn(*lead, B, C, params, **kw)`` also callable with the flat interface
     ``fn(*lead, A, B, C, D, z, delta_bias, ..., seed, **kw)`` (positional up to ``seed``, or keywords):
-    the parameter fields are gathered into a `ConbaParams` (``defaults``: fields whose flat default
-    differs from the dataclass's, e.g. the chunk scan's control_period=64). A call that passes a
+    the parameter fields are gathered into a `ConbaParams`, with the dataclass's defaults (one default
+    per field, whichever scan is called). A call that passes a
     `ConbaParams` (as the argument after C, or ``params=``) goes straight through: one type check, no
     binding."""
 
     n = len(lead) + 2  # the index of params in the new form (of C in the flat one)
     names = (*lead, *_POSITIONAL)
-    base = dict(defaults or {})
 
     def wrap(fn):
         @functools.wraps(fn)
@@ -157,7 +156,7 @@ def keyword_interface(*lead: str, defaults: Optional[dict] = None):
             missing = [k for k in (*lead, "A", "B", "C") if k not in bound]
             if missing:
                 raise TypeError(f"{fn.__name__}() missing required argument(s): {', '.join(missing)}")
-            params = ConbaParams(**{**base, **{k: bound.pop(k) for k in FIELDS if k in bound}})
+            params = ConbaParams(**{k: bound.pop(k) for k in FIELDS if k in bound})
             first = [bound.pop(k) for k in (*lead, "B", "C")]
             return fn(*first, params, **bound)
 
