@@ -6,6 +6,7 @@ import os
 import shutil
 import subprocess
 import sys
+import zipfile
 
 import pytest
 
@@ -67,6 +68,9 @@ def test_saved_model_loads_after_pip_install_in_a_fresh_venv(tmp_path):
                           "-w", str(tmp_path / "wheel"), str(src)], capture_output=True, text=True, cwd=tmp_path)
     assert res.returncode == 0, res.stderr[-3000:]
     wheel = next((tmp_path / "wheel").glob("mixcon-*.whl"))
+    shipped = set(zipfile.ZipFile(wheel).namelist())  # the CPU kernels' sources, built at first use
+    csrc = os.path.join(ROOT, "mixcon", "ops", "cpu", "csrc")
+    assert {f"mixcon/ops/cpu/csrc/{f}" for f in os.listdir(csrc)} <= shipped
     res = subprocess.run([py, "-m", "pip", "install", "-q", "--no-deps", "--no-index", str(wheel)],
                          capture_output=True, text=True, cwd=tmp_path)
     assert res.returncode == 0, res.stderr[-3000:]

@@ -36,8 +36,8 @@ SCAN_SETTINGS = {"P=64": dict(control=True, P=64), "P=16": dict(control=True, P=
                  "P=1": dict(control=True, P=1), "control off": dict(control=False, P=1)}
 
 
-def medians(fns: dict, reps: int) -> dict:
-    """Median seconds of each function, the functions run interleaved ``reps`` times (after one warm-up
+def interleaved_times(fns: dict, reps: int) -> dict:
+    """Seconds of each of ``reps`` runs of each function, the functions run interleaved (after one warm-up
     each), so that a load change on a shared machine hits all of them alike."""
     for f in fns.values():
         f()
@@ -47,7 +47,12 @@ def medians(fns: dict, reps: int) -> dict:
             t0 = time.perf_counter()
             f()
             times[k].append(time.perf_counter() - t0)
-    return {k: sorted(v)[len(v) // 2] for k, v in times.items()}
+    return times
+
+
+def medians(fns: dict, reps: int) -> dict:
+    """Median seconds of each function over ``reps`` interleaved runs (`interleaved_times`)."""
+    return {k: sorted(v)[len(v) // 2] for k, v in interleaved_times(fns, reps).items()}
 
 
 # ---------------------------------------------------------------------------------------- layer
@@ -325,14 +330,7 @@ def mechanism_rows(reps, width=64, depth=2, batch=64, T=64, d_state=16, P=16, vo
         keys = step_key(0, torch.arange(batch), torch.arange(T)[:, None].expand(T, batch)).contiguous()
         # one layer's noise alone, as the kernels draw it: ξ's N lanes and ζ's per (t, row, channel)
         fns["noise draw"] = lambda: [cpu.noise(keys, d_inner, d_state, j) for j in range(d_state + 1)]
-    for f in fns.values():
-        f()
-    times = {k: [] for k in fns}
-    for _ in range(reps):
-        for k, f in fns.items():
-            t0 = time.perf_counter()
-            f()
-            times[k].append(time.perf_counter() - t0)
+    times = interleaved_times(fns, reps)
     best = {k: min(v) for k, v in times.items()}
     base = best.get("mamba")
     rows = []

@@ -250,14 +250,13 @@ class ConbaMixer(nn.Module):
 
     def _fused_step(self, xz, mask, state):
         """`_step` from in_proj's output to out_proj's input in one compiled call (ops/conba/cpu.py,
-        `decode_layer`), or None where it does not apply. Runs once per layer and token: the weights
-        are read from the modules' parameter dicts directly (nn.Module's attribute lookup cost more
-        than the rest of this function), A = −exp(A_log) is kept until A_log changes."""
+        `decode_layer`), or None where it does not apply. Runs once per layer and token: the weights are
+        handed over by name (`cpu.DECODE_WEIGHTS`, found in the modules' parameter dicts by
+        `cpu.find_decode_weights`), A = −exp(A_log) is kept until A_log changes."""
         if self.conv1d.weight.dtype != xz.dtype:
             return None
-        mods, own = self._modules, self._parameters
-        e = cpu.empty(xz.dtype)
-        A_log = own["A_log"]
+        mods = self._modules
+        A_log = self._parameters["A_log"]
         traced = tracing()
         if traced:  # in the graph: no host-side cache keyed by data_ptr under a trace
             A_neg = -torch.exp(A_log)
@@ -266,16 +265,7 @@ class ConbaMixer(nn.Module):
             if getattr(self, "_A_key", None) != key:
                 self._A_neg, self._A_key = (-torch.exp(A_log)).contiguous(), key
             A_neg = self._A_neg
-        conv, dt = mods["conv1d"]._parameters, mods["dt_proj"]._parameters
-        swiglu = self.selection == "swiglu"
-        norms = [mods[n]._parameters["weight"] for n in ("dt_layernorm", "b_layernorm", "c_layernorm")] \
-            if self.ssm_norm else [e, e, e]
-        w = [conv["weight"], conv["bias"] if conv["bias"] is not None else e,
-             mods["x_proj"]._parameters["weight"],
-             *([mods[n]._parameters["weight"] for n in ("sel_gate", "sel_value", "sel_out")] if swiglu else [e, e, e]),
-             *norms, dt["weight"], dt["bias"], A_neg, own["D"],
-             own["alpha_bias"] if self.state_scaling else e, own["rho_raw"] if self.tau > 0 else e,
-             *((own["eta_raw"], own["lam_raw"], own["w_r"]) if self.control else (e, e, e))]
+        w = cpu.find_decode_weights(self, {"A": A_neg}, cpu.empty(xz.dtype))
         eps = mods["dt_layernorm"].variance_epsilon if self.ssm_norm else 0.0
         m = mask[:, 0] if mask is not None else None
         if traced:  # the same kernel as one opaque op of the graph; the state is written in place

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .conba import cpu
+from . import cpu
 
 try:  # optional fast path; its import fails without the compiled extension
     from causal_conv1d import causal_conv1d_fn as _cc1d_fn  # type: ignore
@@ -20,7 +20,7 @@ except Exception:  # pragma: no cover - depends on the machine
 
 
 def _compiled_applies(x, weight, bias, initial_state) -> bool:
-    """The compiled CPU conv (ops/conba/cpu.py) for a sequence: see `cpu.applies`."""
+    """The compiled CPU conv (mixcon/ops/cpu, ``conv_prefill``) for a sequence: see `cpu.applies`."""
     return cpu.applies(x, weight, bias, initial_state)
 
 

@@ -1,12 +1,11 @@
 """F.linear for a decode token on CPU: a few rows against a weight streamed from memory.
 
-At decode time every projection is a matrix–vector product whose cost is reading the weight. ATen's
-CPU GEMV for one row streams it at ~8 GB/s on the 2-core machine here, on one thread whatever the
-thread count; the compiled kernel (csrc/conba_cpu.cpp, ``linear_rows``: four output rows at a time,
-split over torch's threads) reads it at ~10.5 GB/s on one thread and ~16.6 GB/s on two (a 1024×256
-weight, 64 of them cycled so none stays in cache). Used for at most ``MAX_ROWS`` rows, on CPU, in
-float32/float64, when no gradient is wanted and not under a trace; F.linear everywhere else, and
-where the kernels cannot be built.
+At decode time every projection is a matrix–vector product whose cost is reading the weight. The
+compiled kernel (mixcon/ops/cpu/csrc/dense.cpp, ``linear_rows``: four output rows at a time, split over
+torch's threads) reads it faster than ATen's one-row GEMV, which runs on one thread whatever the thread
+count (measured: docs/kernels.md, "Compiled on CPU"). Used for at most ``MAX_ROWS`` rows, on CPU, in
+float32/float64, when no gradient is wanted and not under a trace; F.linear everywhere else, and where the
+kernels cannot be built.
 """
 
 from __future__ import annotations
@@ -14,7 +13,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .conba import cpu
+from . import cpu
 
 MAX_ROWS = 4
 

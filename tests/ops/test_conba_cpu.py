@@ -1,4 +1,4 @@
-"""The compiled CPU kernels (mixcon/ops/conba/cpu.py, csrc/conba_cpu.cpp) against the float64 loop in
+"""The compiled CPU kernels (mixcon/ops/conba/cpu.py, mixcon/ops/cpu/csrc/) against the float64 loop in
 naive.py and against the PyTorch block scan they replace: the block scan with its gradients, the
 whole chunk_torch scan both ways, memory under no_grad, large steps, and the decode step across
 sampling instants."""
@@ -306,6 +306,60 @@ def test_decode_layer_dispatch(monkeypatch):
     with torch.no_grad():
         m(x, None, st)
     assert calls == [1]
+
+
+
+def test_loader_builds_from_every_source():
+    """mixcon/ops/cpu builds the module from every file of csrc/ and names the build by all of them (a
+    header left out of the digest would let a changed header reuse a stale build)."""
+    import os
+
+    from mixcon.ops import cpu as loader
+
+    assert sorted(os.listdir(loader.CSRC)) == sorted(loader.SOURCES + loader.HEADERS)
+    assert loader.built() and cpu.kernels() is loader.kernels()
+
+def test_decode_weights_contract():
+    """The layer hands the decode kernel its tensors by name: the kernel's own list (the order it reads them)
+    is DECODE_WEIGHTS, and a disagreement is a clear error at load, not one tensor read for another."""
+    from mixcon.ops import cpu as loader
+
+    assert tuple(cpu.kernels().decode_weights()) == cpu.DECODE_WEIGHTS
+    assert cpu.check_decode_weights in loader._checks  # registered: run once when the module is loaded
+    swapped = list(cpu.DECODE_WEIGHTS)
+    swapped[1], swapped[2] = swapped[2], swapped[1]
+
+    class Swapped:
+        def decode_weights(self):
+            return swapped
+
+    with pytest.raises(RuntimeError, match="DECODE_WEIGHTS"):
+        cpu.check_decode_weights(Swapped())
+
+
+@pytest.mark.parametrize("case", ["all, P=4", "linear selection, ssm_norm, τ=0", "mamba"])
+def test_decode_weights_found_by_name(case):
+    """Every name of DECODE_WEIGHTS is a parameter of the layer (or the derived A) where its mechanism is
+    on, and absent where it is off; find_decode_weights returns those very tensors, in that order."""
+    m = _mixer(torch.float32, **LAYER_CASES[case])
+    params = dict(m.named_parameters())
+    A = torch.zeros(1)
+    absent = cpu.empty(torch.float32)
+    w = cpu.find_decode_weights(m, {"A": A}, absent)
+    assert len(w) == len(cpu.DECODE_WEIGHTS)
+    for name, t in zip(cpu.DECODE_WEIGHTS, w):
+        if name == "A":
+            assert t is A
+        elif name in params:
+            assert t is params[name], name
+        else:
+            assert t is absent, name
+    on = {n for n, t in zip(cpu.DECODE_WEIGHTS, w) if t is not absent}
+    assert {"conv1d.weight", "x_proj.weight", "dt_proj.weight", "dt_proj.bias", "A", "D"} <= on
+    assert ("sel_gate.weight" in on) == (m.selection == "swiglu")
+    assert ("dt_layernorm.weight" in on) == bool(m.ssm_norm)
+    assert ("rho_raw" in on) == (m.tau > 0) and ("w_r" in on) == bool(m.control)
+    assert ("alpha_bias" in on) == bool(m.state_scaling)
 
 
 # ------------------------------------------------------------------------------------- training noise

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from mixcon.ops import conv
-from mixcon.ops.conba import cpu
+from mixcon.ops import cpu
 
 
 def _loop(x, w, bias, state, silu):

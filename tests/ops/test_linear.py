@@ -1,4 +1,4 @@
-"""The few-row CPU linear (mixcon/ops/linear.py, csrc ``linear_rows``) against F.linear, and where it
+"""The few-row CPU linear (mixcon/ops/linear.py, mixcon/ops/cpu ``linear_rows``) against F.linear, and where it
 must not run."""
 
 import pytest
@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 from mixcon.layers.linear import Linear
 from mixcon.ops import linear as lin
-from mixcon.ops.conba import cpu
+from mixcon.ops import cpu
 
 pytestmark = pytest.mark.skipif(cpu.kernels() is None, reason="the CPU kernels could not be built (no compiler)")
 

@@ -1,96 +1,33 @@
-"""Conba's plant on CPU, compiled: the fused block scan (forward and backward) and the decode step
-of csrc/conba_cpu.cpp, built at first use with torch.utils.cpp_extension.
+"""Conba's plant on CPU, compiled: the Python side of the fused block scan (forward and backward), the
+prefill, the decode step and a whole layer's decode token, whose C++ is in mixcon/ops/cpu/csrc/ (built and
+loaded by `mixcon.ops.cpu`; `kernels()` is its module, or None where it cannot be built: callers then run
+the pure-PyTorch path, chunk_torch.py and naive.py, which gives the same results).
 
-`kernels()` returns the built module, or None where it cannot be built (no C++ compiler or ninja,
-``MIXCON_CPU_KERNELS=0``, a failed build): callers then run the pure-PyTorch path (chunk_torch.py,
-naive.py), which gives the same results. `pip install` needs no compiler; the build happens once
-per machine and is cached by torch (TORCH_EXTENSIONS_DIR, default ~/.cache/torch_extensions).
+A task of the kernels holds one (row, tile of channels) state in cache and runs the whole time line over
+it: nothing of size (L, batch, N, d_inner) is formed, forward or backward (the backward recomputes the
+states from checkpoints every 32 steps). Why, and what it measured: docs/kernels.md, "Compiled on CPU".
 
-Why compiled (measured, README "Kernels"): the pure-PyTorch block scan forms (L, batch, N, d_inner)
-tensors for Ā, the inputs, the states and, in the backward, the adjoints and their products, a
-dozen full-size passes over memory per block. A task here holds one (row, tile of channels) state
-in cache and runs the whole time line over it: nothing of size (L, batch, N, d_inner) is formed,
-forward or backward (the backward recomputes the states from checkpoints every 32 steps).
+The layer's decode token (`decode_layer`) takes the layer's tensors by name: `DECODE_WEIGHTS`, checked
+against the names the kernel reads (its ``decode_weights()``) once when the module is loaded.
 """
 
 from __future__ import annotations
 
-import hashlib
-import os
-import shutil
-import threading
-import warnings
 from typing import Optional
 
 import torch
 
-from .. import tracing
-
+from .. import cpu as _cpu
+from ..cpu import applies, empty, kernels
 from .params import keyword_interface
 
-__all__ = ["kernels", "block_scan", "p1_scan", "decode_step", "decode_layer", "LAYER_WEIGHTS", "NoiseKeys", "noise"]
+__all__ = ["kernels", "applies", "empty", "block_scan", "p1_scan", "decode_step", "decode_layer", "DECODE_WEIGHTS",
+           "find_decode_weights", "check_decode_weights", "NoiseKeys", "noise"]
 
 # With training noise the forward keeps its states (L, b, N, d) for the backward instead of the backward
-# drawing every ξ again (docs/kernels.md, "Training noise on CPU": measured faster, the memory the
-# materialised noise took before). False: the backward recomputes the states and draws the noise again.
+# drawing every ξ again (why: docs/kernels.md, "Training noise on CPU"). False: the backward recomputes the
+# states and draws the noise again.
 KEEP_NOISY_STATES = True
-
-_lock = threading.Lock()
-_module = None
-_tried = False
-
-
-def _flags() -> list[str]:
-    # OpenMP where torch runs on it, so that at::parallel_for splits the tasks over torch's threads (the
-    # module then uses the libgomp torch has already loaded); without it the kernels run on one thread
-    omp = ["-fopenmp"] if "OpenMP" in torch.__config__.parallel_info() else []
-    cap = torch.backends.cpu.get_cpu_capability()
-    if cap in ("AVX2", "AVX512"):  # ATen's 256-bit vectors (and Sleef's exp) exported by libtorch_cpu
-        return ["-O3", "-mavx2", "-mfma", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2", *omp]
-    return ["-O3", *omp]  # ATen's portable vectors: correct everywhere, slower
-
-
-def kernels():
-    """The compiled module, or None (then use the PyTorch path)."""
-    global _module, _tried
-    if _tried:
-        return _module
-    with _lock:
-        if _tried:
-            return _module
-        _tried = True
-        if os.environ.get("MIXCON_CPU_KERNELS", "1") == "0":
-            return None
-        if shutil.which(os.environ.get("CXX", "c++")) is None or shutil.which("ninja") is None:
-            return None
-        try:
-            from torch.utils.cpp_extension import load
-
-            src = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc", "conba_cpu.cpp")
-            flags = _flags()
-            with open(src, "rb") as f:  # one build per source version: two checkouts never rebuild each other's
-                digest = hashlib.sha1(f.read() + " ".join(flags).encode()).hexdigest()[:10]
-            name = "mixcon_conba_cpu_" + ("avx2" if "-mavx2" in flags else "base") + "_" + digest
-            _module = load(name=name, sources=[src], extra_cflags=flags,
-                           extra_ldflags=["-fopenmp"] if "-fopenmp" in flags else [], verbose=False)
-        except Exception as exc:  # noqa: BLE001 — any build failure means: use the PyTorch path
-            warnings.warn(f"mixcon: the compiled CPU Conba kernels could not be built ({type(exc).__name__}: "
-                          f"{str(exc)[:200]}); using the pure-PyTorch path (same results, slower). "
-                          f"Set MIXCON_CPU_KERNELS=0 to skip the attempt.")
-            _module = None
-    return _module
-
-
-def applies(*tensors) -> bool:
-    """Whether a compiled call may replace PyTorch for these tensors (None ones skipped): on CPU, one
-    dtype of float32/float64 throughout, no gradient wanted, not under a trace, the kernels built."""
-    ts = [t for t in tensors if t is not None]
-    dtype = ts[0].dtype
-    if ts[0].device.type != "cpu" or dtype not in (torch.float32, torch.float64) or any(t.dtype != dtype for t in ts):
-        return False
-    if (torch.is_grad_enabled() and any(t.requires_grad for t in ts)) or tracing():
-        return False
-    return kernels() is not None
 
 
 def _empty(like: torch.Tensor) -> torch.Tensor:
@@ -134,7 +71,7 @@ def _noise_args(xi, like):
 
 
 class _FusedBlockScan(torch.autograd.Function):
-    """(y, h_last, dl_last) of the block scan (csrc/conba_cpu.cpp): row b runs its first steps[b]
+    """(y, h_last, dl_last) of the block scan (csrc/scan_fwd.cpp, scan_bwd.cpp): row b runs its first steps[b]
     steps, y is 0 after them, h_last = h_{steps−1} (h0 when none) and dl_last[i] = h_{steps−1−i}
     (from the delay line dl0 before the block). ``xi``: a `NoiseKeys` or None.
 
@@ -173,7 +110,7 @@ class _FusedBlockScan(torch.autograd.Function):
 
 class _FusedP1Scan(torch.autograd.Function):
     """The block scan of a whole line with the per-step controller (control period 1) inside the kernels
-    (csrc/conba_cpu.cpp, Ctl1): f_t = k_t tanh(e_{t−1}) subtracted from u_t, the error e_t = y_t + extra_t −
+    (csrc/scan.h, Ctl1): f_t = k_t tanh(e_{t−1}) subtracted from u_t, the error e_t = y_t + extra_t −
     w_r u_t and the gain law after every step. Returns (y, h_last, dl_last, k, e) — y without ``extra``
     (D u + σ_v ζ), k and e after each row's last step. The kernels keep k_t and e_t of every step (the size
     of y) for the backward, which runs the controller's adjoint inside the plant's."""
@@ -291,18 +228,41 @@ def prefill(delta, delta_bias, softplus, u, alpha, rho, At, B, C, D, z, xi, zeta
         ph, int(P), *(_c(x.to(like.dtype) if x is not None else None, like) for x in (eta, lam, w_r)), float(k_max))
 
 
-# the order of csrc/conba_cpu.cpp's enum W: a Conba layer's tensors, as decode_layer takes them
-LAYER_WEIGHTS = ("conv_w", "conv_b", "x_proj", "sel_gate", "sel_value", "sel_out", "dt_norm", "b_norm", "c_norm",
-                 "dt_proj", "dt_bias", "A", "D", "alpha_bias", "rho_raw", "eta_raw", "lam_raw", "w_r")
-_EMPTY: dict = {}
+# The tensors of a Conba layer that its decode token (`decode_layer`) takes, in this order, by their names
+# in the layer (mixcon/layers/conba.py, ConbaMixer): a parameter's path, or "A" = −exp(A_log), which the
+# layer derives. One absent from the layer (its mechanism off) is passed as `empty(dtype)`. The kernel's
+# own list (mixcon/ops/cpu/csrc/layer_decode.cpp, MIXCON_DECODE_WEIGHTS) must be this one: checked at load.
+DECODE_WEIGHTS = ("conv1d.weight", "conv1d.bias", "x_proj.weight", "sel_gate.weight", "sel_value.weight",
+                  "sel_out.weight", "dt_layernorm.weight", "b_layernorm.weight", "c_layernorm.weight",
+                  "dt_proj.weight", "dt_proj.bias", "A", "D", "alpha_bias", "rho_raw", "eta_raw", "lam_raw", "w_r")
+_DECODE_PATHS = tuple((name, *name.rpartition(".")[::2]) for name in DECODE_WEIGHTS)  # (name, submodule, attribute)
 
 
-def empty(dtype) -> torch.Tensor:
-    """The placeholder decode_layer takes for a weight that is off (one per dtype, never written)."""
-    e = _EMPTY.get(dtype)
-    if e is None:
-        e = _EMPTY[dtype] = torch.empty(0, dtype=dtype)
-    return e
+def find_decode_weights(layer: torch.nn.Module, derived: dict, absent: torch.Tensor) -> list:
+    """`DECODE_WEIGHTS` of ``layer``, in order: ``derived[name]`` where given (the layer's "A"), else the
+    parameter of that name, looked up in the modules' parameter dicts (once per layer and token: nn.Module's
+    attribute lookup would cost more than the rest of the hand-off), else ``absent``."""
+    mods, own = layer._modules, layer._parameters
+    out = []
+    for name, owner, attr in _DECODE_PATHS:
+        t = derived.get(name)
+        if t is None:
+            params = own if not owner else getattr(mods.get(owner), "_parameters", None)
+            t = params.get(attr) if params is not None else None
+        out.append(absent if t is None else t)
+    return out
+
+
+@_cpu.after_load
+def check_decode_weights(mod) -> None:
+    """The kernel's decode weights (its ``decode_weights()``) against `DECODE_WEIGHTS`: a clear error if
+    they disagree, which would hand the kernel one tensor for another."""
+    names = tuple(mod.decode_weights())
+    if names != DECODE_WEIGHTS:
+        raise RuntimeError(f"mixcon: the compiled layer decode (mixcon/ops/cpu/csrc/layer_decode.cpp, "
+                           f"MIXCON_DECODE_WEIGHTS) reads its weights as {names}, but DECODE_WEIGHTS "
+                           f"(mixcon/ops/conba/cpu.py) is {DECODE_WEIGHTS}: the two must name the same tensors "
+                           f"in the same order")
 
 
 def decode_layer(xz, mask, conv_state, state, weights: list, dt_rank: int, tau: int, group_size: int,
@@ -310,10 +270,10 @@ def decode_layer(xz, mask, conv_state, state, weights: list, dt_rank: int, tau: 
     """A Conba layer's decode token from in_proj's output ``xz`` (b, 2·d_inner) to the gated y
     (b, d_inner) that goes into out_proj, in one compiled call (ConbaMixer._step: mask, conv step,
     selection, Δ, parameter transforms, `conba_step`); ``conv_state`` and ``state`` are updated in
-    place. ``weights``: the tensors named by LAYER_WEIGHTS, in that order (`empty(dtype)` where that
-    part is off), contiguous, on CPU, of the state's dtype (the kernel checks). Returns None where the
-    call does not apply (no module, a group wider than 64, xz or the state not float32/float64 of one
-    dtype): then run the PyTorch step. Called once per layer and token, so it checks little: the
+    place. ``weights``: the tensors named by DECODE_WEIGHTS, in that order (`find_decode_weights`;
+    `empty(dtype)` where that part is off), contiguous, on CPU, of the state's dtype (the kernel checks).
+    Returns None where the call does not apply (no module, a group wider than 64, xz or the state not
+    float32/float64 of one dtype): then run the PyTorch step. Called once per layer and token, so it checks little: the
     weights' checks are the kernel's."""
     mod = kernels()
     acc = state.h.dtype

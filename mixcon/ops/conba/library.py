@@ -72,17 +72,17 @@ def conba_step_compiled(state: ConbaState, u, delta, B, C, params: ConbaParams, 
 
 
 # ---------------------------------------------------------------------------------------------------------
-# The compiled CPU layer step (cpu.py `decode_layer`, csrc/conba_cpu.cpp) as a custom op: a pybind call that
-# torch.compile would otherwise not trace (a graph break). Registered, it is one opaque call in the decode
-# graph on CPU, as the Triton step is on a GPU; the conv window and the state (h, delay line, k, e, phase)
-# are written in place and declared so (``mutates_args``). The kernels must be built before tracing
-# (`cpu.kernels()`, which a static-cache prefill on CPU does): the op itself never builds them.
+# The compiled CPU layer step (cpu.py `decode_layer`, mixcon/ops/cpu/csrc/layer_decode.cpp) as a custom op:
+# a pybind call that torch.compile would otherwise not trace (a graph break). Registered, it is one opaque
+# call in the decode graph on CPU, as the Triton step is on a GPU; the conv window and the state (h, delay
+# line, k, e, phase) are written in place and declared so (``mutates_args``). The kernels must be built
+# before tracing (`cpu.kernels()`, which a static-cache prefill on CPU does): the op itself never builds them.
 
 def cpu_kernels_built() -> bool:
     """Whether the compiled CPU kernels are built (never builds them: safe to call under a trace)."""
-    from . import cpu
+    from .. import cpu
 
-    return cpu._module is not None
+    return cpu.built()
 
 
 @torch.library.custom_op("mixcon::conba_decode_layer", mutates_args=("conv_state", "h", "delay", "k", "e", "phase"))
@@ -92,7 +92,7 @@ def conba_decode_layer_op(
     k_max: float, eps: float,
 ) -> Tensor:
     """A Conba layer's decode token, in_proj's output ``xz`` (b, 2·d_inner) → the gated y (b, d_inner):
-    `cpu.decode_layer` (``mask``: (b,) int64, or empty for no padding; ``weights``: cpu.LAYER_WEIGHTS)."""
+    `cpu.decode_layer` (``mask``: (b,) int64, or empty for no padding; ``weights``: cpu.DECODE_WEIGHTS)."""
     from . import cpu
 
     return cpu.kernels().decode_layer(xz, mask, conv_state, h, delay, k, e, phase, weights, dt_rank, tau,
