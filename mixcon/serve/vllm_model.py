@@ -56,7 +56,7 @@ def conba_state_layout(config, tp: int = 1) -> tuple[tuple[str, tuple[int, ...],
     """(name, shape of one slot, dtype) of every state a Conba layer keeps between tokens, on one of
     ``tp`` tensor-parallel ranks (each holds d_inner / tp channels and their control groups).
 
-    conv (d_inner, d_conv − 1): the conv window; h (d_inner, N): the SSM state; delay (τ, d_inner, N):
+    conv (d_inner, d_conv − 1): the conv window; h (d_inner, N): the SSM state; line (τ, d_inner, N):
     the delay line (only with τ > 0); k (d_inner / G,), e (d_inner,), phase (1,): the controller's gain,
     the error sampled at its last instant and the steps since (only with control). Everything is
     float32 (the scan accumulates in float32; the conv window holds inputs of the model's dtype, which
@@ -64,7 +64,7 @@ def conba_state_layout(config, tp: int = 1) -> tuple[tuple[str, tuple[int, ...],
     d, N = config.d_inner // tp, config.d_state
     out = [("conv", (d, config.d_conv - 1), torch.float32), ("h", (d, N), torch.float32)]
     if config.delay > 0:
-        out.append(("delay", (config.delay, d, N), torch.float32))
+        out.append(("line", (config.delay, d, N), torch.float32))
     if config.control:
         out += [("k", (d // config.control_group,), torch.float32), ("e", (d,), torch.float32),
                 ("phase", (1,), torch.int32)]
@@ -288,12 +288,12 @@ class VllmConbaMixer(ConbaMixer, MambaBase):
         conv0, empty = self.empty_state(n, device)
         conv = slots["conv"][idx].to(conv0.dtype)
         h = slots["h"][idx]
-        delay = slots["delay"][idx] if self.tau > 0 else empty.delay
+        line = slots["line"][idx] if self.tau > 0 else empty.line
         if self.control:
             k, e, phase = slots["k"][idx], slots["e"][idx], slots["phase"][idx, 0].long()
         else:
             k, e, phase = empty.k, empty.e, empty.phase
-        state = ConbaState(h, delay, k, e, phase)
+        state = ConbaState(h, line, k, e, phase)
         if fresh is not None:
             conv = torch.where(fresh[:, None, None], conv0, conv)
             state = ConbaState(*(torch.where(fresh.view(-1, *[1] * (a.dim() - 1)), b.to(a.dtype), a)
@@ -305,7 +305,7 @@ class VllmConbaMixer(ConbaMixer, MambaBase):
         s = state["ssm"]
         slots["h"][idx] = s.h.float()
         if self.tau > 0:
-            slots["delay"][idx] = s.delay.float()
+            slots["line"][idx] = s.line.float()
         if self.control:
             slots["k"][idx] = s.k.float()
             slots["e"][idx] = s.e.float()

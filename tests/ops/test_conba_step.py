@@ -103,7 +103,7 @@ def test_each_token_equals_the_reference_step_and_a_padded_token_changes_nothing
             y_f = conba_step(s_fused, **tok, **rest, t=t, backend="triton", control_period=P)
             assert rel_rms(y_f, y_r) <= 1e-5, t
             assert torch.equal(s_fused.phase, s_ref.phase), t
-            for f in ("h", "delay", "k", "e"):
+            for f in ("h", "line", "k", "e"):
                 a, b = getattr(s_fused, f), getattr(s_ref, f)
                 assert rel_rms(a, b) <= 1e-5 or (a - b).abs().max() < 1e-6, (t, f)
             for r in range(2):
@@ -154,8 +154,8 @@ def test_dispatch_every_period_uses_the_kernel_and_triton_never_falls_back(monke
             conba_step(state(P), **tok, **rest, backend="triton", control_period=P)
         conba_step(state(8), **tok, **off, backend="triton", control_period=8)
         # as on CUDA: "auto" resolves to Triton, and the compiled CPU step (CPU tensors only) does not apply
-        monkeypatch.setattr(api, "resolve_backend", lambda b, d: "triton" if b == "auto" else b)
-        monkeypatch.setattr(api, "_cpu_step_applies", lambda *a: False)
+        real_dispatch = api.dispatch
+        monkeypatch.setattr(api, "dispatch", lambda b, d, *a, **k: real_dispatch(b, torch.device("cuda"), *a, **k))
         conba_step(state(64), **tok, **rest, backend="auto", control_period=64)
     assert launches == [1, 8, 64, 8, 64]
     grad = {k: (v.clone().requires_grad_() if k == "u" else v) for k, v in tok.items()}
@@ -189,7 +189,7 @@ def test_periodic_step_traces_through_its_registered_op():
         y = step(s_op)
     assert rel_rms(y, y_ref) <= 1e-5
     assert s_op.phase.tolist() == s_ref.phase.tolist() == [0, 2]
-    for f in ("h", "delay", "k", "e"):
+    for f in ("h", "line", "k", "e"):
         assert rel_rms(getattr(s_op, f), getattr(s_ref, f)) <= 1e-5, f
     assert not torch.equal(s_op.k[0], init.k[0]) and torch.equal(s_op.k[1], init.k[1])
     s = _clone(init)

@@ -17,7 +17,7 @@ from helpers import SEQ_INPUTS as SEQ  # noqa: E402
 from helpers import KERNEL_DEVICE as DEVICE  # noqa: E402
 from helpers import KERNEL_MECHANISMS as MECHANISMS  # noqa: E402
 from helpers import compare_to_reference, conba_inputs, kernel_inputs, nan_prefill, random_state, rel_rms  # noqa: E402
-from mixcon.ops.conba import ConbaState, conba_scan, conba_step, empty_state, resolve_backend  # noqa: E402
+from mixcon.ops.conba import ConbaState, conba_scan, conba_step, dispatch, empty_state  # noqa: E402
 from mixcon.ops.conba import fused_recurrent as fr  # noqa: E402
 
 
@@ -125,13 +125,6 @@ def test_split_scan_with_state_equals_one_scan():
     assert rel_rms(s2.h, fin.h) <= 1e-5
 
 
-def test_auto_backend_is_reference_on_cpu():
-    assert resolve_backend("auto", torch.device("cpu")) == "ref"
-    assert resolve_backend("triton", torch.device("cpu")) == "triton"
-    with pytest.raises(ValueError, match="backend"):
-        resolve_backend("cuda", torch.device("cpu"))
-
-
 def test_model_with_triton_backend_matches_reference():
     from helpers import randomize_, tiny_config
     from mixcon import MixConForCausalLM
@@ -155,7 +148,8 @@ def test_model_with_triton_backend_matches_reference():
 
 @pytest.mark.gpu
 def test_gpu_auto_backend_and_realistic_shape_bf16():
-    assert resolve_backend("auto", torch.device("cuda")) == "triton"
+    assert dispatch("auto", torch.device("cuda"), 1) == "fused_recurrent"
+    assert dispatch("auto", torch.device("cuda"), 8) == "chunk"
     x = _inputs("all", b=2, T=700, d=512, n=16, dtype=torch.bfloat16)
     _compare(x, 1e-2, init=_init_state(x))
 

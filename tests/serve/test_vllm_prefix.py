@@ -109,4 +109,4 @@ def test_copy_functions_cover_every_state(exported):
     inst.config = model.config
     funcs = inst.get_mamba_state_copy_funcs({MambaAttentionBackendEnum.MAMBA1})[MambaAttentionBackendEnum.MAMBA1]
     names = [n for n, _, _ in conba_state_layout(model.config)]
-    assert names == ["conv", "h", "delay", "k", "e", "phase"] and len(funcs) == len(names)
+    assert names == ["conv", "h", "line", "k", "e", "phase"] and len(funcs) == len(names)

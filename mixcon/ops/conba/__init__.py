@@ -1,12 +1,13 @@
 """Conba's selective scan with control (docs/conba.md, step 6): the public op API.
 
-`conba_scan` runs a whole sequence, `conba_step` one decode token. Both dispatch to a
-backend: ``"ref"`` (the pure-PyTorch loop in `naive.py`, the oracle), ``"triton"`` (the fused
-kernels: `chunk.py`, chunk-parallel, for a control period P > 1; `fused_recurrent.py`, per step,
-for P = 1), ``"chunk_torch"`` (`chunk_torch.py`: one control period per block, the CPU path; its
-blocks, a prefill and the decode step run compiled (`cpu.py`) where a C++ compiler is present, pure
-PyTorch otherwise), or ``"auto"`` (Triton on a CUDA device when it is importable; ``chunk_torch`` on
-CPU — see `_auto_cpu`).
+`conba_scan` runs a whole sequence, `conba_step` one decode token. The ``backend`` asked for
+is ``"ref"`` (the pure-PyTorch loop in `naive.py`, the oracle), ``"triton"`` (the fused kernels),
+``"chunk_torch"`` (the CPU path) or ``"auto"`` (Triton on a CUDA device when it is importable,
+chunk_torch on CPU); `dispatch` turns it into the path that runs — ``"chunk"`` (`chunk.py`,
+chunk-parallel, a Triton scan with P > 1), ``"fused_recurrent"`` (`fused_recurrent.py`, per step),
+``"chunk_torch"`` (`chunk_torch.py`, one control period per block, compiled where a C++ compiler is
+present), ``"cpu"`` (the compiled decode step, `cpu.py`) or ``"ref"`` — and both functions run
+exactly what it says.
 
 With none of the extras given (alpha, rho/tau, k0/eta/lam/w_r, noise, mask) `conba_scan` is
 exactly Mamba-1's selective scan, in time-major layout.
@@ -23,8 +24,8 @@ from .. import tracing as _tracing
 from .naive import conba_scan_ref, conba_step_ref
 from .params import BACKENDS, MAX_DELAY, ConbaParams, ConbaState, check_tensor, empty_state, keyword_interface
 
-__all__ = ["ConbaParams", "ConbaState", "conba_scan", "conba_step", "empty_state", "conba_scan_ref",
-           "conba_step_ref", "MAX_DELAY"]
+__all__ = ["ConbaParams", "ConbaState", "conba_scan", "conba_step", "dispatch", "empty_state", "conba_scan_ref",
+           "conba_step_ref", "MAX_DELAY", "PATHS"]
 
 
 def _triton_available() -> bool:
@@ -33,23 +34,46 @@ def _triton_available() -> bool:
             and importlib.util.find_spec(__name__ + ".fused_recurrent") is not None)
 
 
-def resolve_backend(backend: str, device: torch.device) -> str:
+PATHS = ("ref", "chunk_torch", "cpu", "chunk", "fused_recurrent")
+
+
+def dispatch(backend: str, device: torch.device, control_period: int = 1, *, step: bool = False,
+             state: Optional[ConbaState] = None, params: Optional[ConbaParams] = None, dtype=torch.float32,
+             needs_grad: bool = False) -> str:
+    """The path a scan (or, with ``step=True``, a decode step) runs: the one decision `conba_scan` and
+    `conba_step` take, so what it returns is what runs.
+
+    - ``"chunk_torch"``: a scan on CPU (chunk_torch.py: one control period per block, its blocks
+      compiled where the CPU kernels are built); ``"auto"`` takes it for every period, faster than the
+      loop for all of them (docs/kernels.md, the chunk_torch table), except under torch.compile /
+      torch.export, which cannot follow its data-dependent blocking: the loop runs there.
+    - ``"cpu"``: a decode step on CPU in one compiled call (cpu.py), where it applies: the kernels
+      built, no noise, no gradient, not under a trace, the state in the accumulation dtype.
+    - ``"chunk"``: a Triton scan with P > 1 (chunk.py, chunk-parallel over the held signal).
+    - ``"fused_recurrent"``: a Triton scan with P = 1, and every Triton decode step
+      (fused_recurrent.py). ``"auto"`` on CUDA takes Triton when it is importable; a step that needs a
+      gradient takes the loop there (the fused step has no backward; ``"triton"`` raises instead).
+    - ``"ref"``: the loop (naive.py), the oracle: asked for, or where nothing above applies.
+    """
     if backend not in BACKENDS:
         raise ValueError(f"backend={backend!r} is not one of {BACKENDS}")
-    if backend == "auto":
-        return "triton" if device.type == "cuda" and _triton_available() else "ref"
     if backend == "triton" and not _triton_available():
         raise ValueError("backend='triton' needs the triton package and mixcon's fused Conba kernels; use 'ref'")
-    return backend
+    if backend == "ref":
+        return "ref"
+    if backend == "chunk_torch" or (backend == "auto" and device.type == "cpu"):
+        if step:
+            if device.type != "cpu" or needs_grad or _tracing() or params is None or params.noisy:
+                return "ref"
+            from .cpu import step_applies
 
-
-def _auto_cpu(control: bool, control_period: int) -> bool:
-    """Whether "auto" runs `chunk_torch` on CPU: always — faster than the loop for every period,
-    P = 1 (blocks of one step) included (docs/kernels.md, the chunk_torch table). The loop stays the oracle
-    ("ref").
-    Under torch.compile / torch.export the loop runs instead: chunk_torch compacts masks and splits
-    blocks by values read from the data, which a trace cannot follow."""
-    return not _tracing()
+            return "cpu" if state is not None and step_applies(state, params, dtype) else "ref"
+        return "chunk_torch" if backend == "chunk_torch" or not _tracing() else "ref"
+    if backend == "auto" and not (device.type == "cuda" and _triton_available()):
+        return "ref"
+    if step:  # "triton", or "auto" on CUDA
+        return "ref" if backend == "auto" and needs_grad else "fused_recurrent"
+    return "chunk" if control_period > 1 else "fused_recurrent"
 
 
 def _validate(u, delta, B, C, params, z, alpha, mask, initial_state, lead):
@@ -77,7 +101,7 @@ def _validate(u, delta, B, C, params, z, alpha, mask, initial_state, lead):
         b = lead[0]
         expected = ConbaState((b, d, n), (b, tau, d, n), (b, ng), (b, d), (b,))
         if not isinstance(initial_state, tuple) or len(initial_state) != len(ConbaState._fields):
-            raise ValueError("the state must be a ConbaState(h, delay, k, e, phase)")
+            raise ValueError("the state must be a ConbaState(h, line, k, e, phase)")
         if initial_state.phase.is_floating_point():
             raise ValueError(f"state.phase must be an integer tensor (real steps since the last sampling "
                              f"instant), got {initial_state.phase.dtype}")
@@ -124,27 +148,20 @@ def conba_scan(
         raise ValueError(f"u must be a (batch, time, d_inner) tensor, got {getattr(u, 'shape', type(u))}")
     _validate(u, delta, B, C, params, z, alpha, mask, initial_state, tuple(u.shape[:2]))
     kw = dict(z=z, alpha=alpha, mask=mask, initial_state=initial_state, return_final_state=return_final_state)
-    P = params.control_period
-    resolved = resolve_backend(backend, u.device)
-    if resolved == "chunk_torch" or (backend == "auto" and u.device.type == "cpu" and _auto_cpu(params.control, P)):
+    path = dispatch(backend, u.device, params.control_period)
+    if path == "chunk_torch":
         from .chunk_torch import conba_scan_chunk_torch
 
         return conba_scan_chunk_torch(u, delta, B, C, params, **kw)
-    if resolved == "triton" and P > 1:
-        # the held signal (and, without control, any P > 1): the chunk-parallel scan
+    if path == "chunk":  # the held signal (and, without control, any P > 1): the chunk-parallel scan
         from .chunk import conba_scan_chunk
 
         return conba_scan_chunk(u, delta, B, C, params, **kw)
-    if resolved == "triton":  # P = 1: the per-step kernels
+    if path == "fused_recurrent":  # P = 1: the per-step kernels
         from .fused_recurrent import conba_scan_fused_recurrent
 
         return conba_scan_fused_recurrent(u, delta, B, C, params, **kw)
     return conba_scan_ref(u, delta, B, C, params, **kw)
-
-
-def _cpu_step_applies(state, params, *tensors) -> bool:
-    """Whether a CPU decode step can run compiled: no noise, no gradient wanted, not under a trace."""
-    return not (params.noisy or _tracing() or _needs_grad(params, *tensors, *state[:4]))
 
 
 @keyword_interface("state", "u", "delta")
@@ -170,16 +187,14 @@ def conba_step(
     if not isinstance(u, torch.Tensor) or u.dim() != 2:
         raise ValueError(f"u must be a (batch, d_inner) tensor, got {getattr(u, 'shape', type(u))}")
     _validate(u, delta, B, C, params, z, alpha, mask, state, (u.shape[0],))
-    if u.device.type == "cpu" and backend in ("auto", "chunk_torch") and _cpu_step_applies(
-            state, params, u, delta, B, C, z, alpha):
-        from .cpu import decode_step  # every control period: one compiled call (cpu.py)
-
-        y = decode_step(state, u, delta, B, C, params, z=z, alpha=alpha, mask=mask)
-        if y is not None:
-            return y
     kw = dict(z=z, alpha=alpha, mask=mask, t=t)
-    if resolve_backend(backend, u.device) == "triton" and not (
-            backend == "auto" and _needs_grad(params, u, delta, B, C, z, alpha)):
+    path = dispatch(backend, u.device, params.control_period, step=True, state=state, params=params, dtype=u.dtype,
+                    needs_grad=_needs_grad(params, u, delta, B, C, z, alpha, *state[:4]))
+    if path == "cpu":  # every control period: one compiled call (cpu.py)
+        from .cpu import decode_step
+
+        return decode_step(state, u, delta, B, C, params, z=z, alpha=alpha, mask=mask)
+    if path == "fused_recurrent":
         # the fused step serves every control period (the phase advances inside the kernel); it has no
         # backward: "auto" takes the reference step when a gradient is needed, "triton" raises
         if torch.compiler.is_compiling():  # the registered op: traceable, capturable (library.py)

@@ -260,7 +260,7 @@ def conba_scan_chunk_torch(u, delta, B, C, params: ConbaParams, *, z=None, alpha
                               return_final_state=return_final_state)
     # the state is laid out (N, d_inner) inside: h (b, N, d), the delay line (τ, b, N, d)
     h_init = initial_state.h.to(acc).transpose(1, 2)
-    dl_init = initial_state.delay.to(acc).permute(1, 0, 3, 2)  # dl[i] = h_{-1-i}
+    dl_init = initial_state.line.to(acc).permute(1, 0, 3, 2)  # dl[i] = h_{-1-i}
     k, e = initial_state.k.to(acc), initial_state.e.to(acc)
 
     # --- the compacted, time-major line: real steps of each row gathered to the left ---------

@@ -17,6 +17,7 @@ from typing import Optional
 
 import torch
 
+from .. import acc_dtype
 from .. import cpu as _cpu
 from ..cpu import applies, empty, kernels
 from .params import keyword_interface
@@ -179,25 +180,30 @@ def block_scan(dt, ut, coef, r, At, B, C, xi, h0, dl0, tau, steps=None, out=None
     return _FusedBlockScan.apply(dt, ut, coef, r, At, B, C, xi, h0, dl0, steps, tau)
 
 
+def step_applies(state, params, dtype: torch.dtype) -> bool:
+    """Whether `decode_step` can take this step (`ops.conba.dispatch` asks): the kernels built, a control
+    group of at most 64 channels, the state on CPU, contiguous, in the accumulation dtype of inputs of
+    ``dtype``, its phase int64. Noise, gradients and tracing are the dispatcher's own conditions."""
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    return (kernels() is not None and params.group_size <= 64 and state.phase.dtype == torch.long
+            and state.phase.is_contiguous()
+            and all(s.dtype == acc and s.is_contiguous() and s.device.type == "cpu" for s in state[:4]))
+
+
 @keyword_interface("state", "u", "delta")
 def decode_step(state, u, delta, B, C, params, *, z=None, alpha=None, mask=None):
     """`naive.conba_step_ref` (noise off — ``params``' sigma_w, sigma_v are not read — no gradient) in
-    one compiled call; the state is updated in place. Returns y (b, d) in u's dtype, or None where the
-    kernel does not apply (no module, a state not in the accumulation dtype or not contiguous, a group
-    wider than 64): then run the loop."""
+    one compiled call, where `step_applies`; the state is updated in place. Returns y (b, d) in u's
+    dtype."""
     p = params
     group_size = p.group_size
     mod = kernels()
-    acc = torch.float64 if u.dtype == torch.float64 else torch.float32
-    if (mod is None or group_size > 64 or state.phase.dtype != torch.long
-            or not state.phase.is_contiguous()
-            or any(s.dtype != acc or not s.is_contiguous() or s.device.type != "cpu" for s in state[:4])):
-        return None
+    acc = acc_dtype(u)
     e = u.new_empty(0, dtype=acc)
     c = lambda x: e if x is None else x.to(acc).contiguous()  # noqa: E731
     m = mask.to(torch.long).contiguous() if mask is not None else e.long()
     y = torch.empty(u.shape, dtype=acc)
-    mod.step(state.h, state.delay, state.k, state.e, state.phase, c(u), c(delta), c(p.A), c(B), c(C), c(p.D), c(z),
+    mod.step(state.h, state.line, state.k, state.e, state.phase, c(u), c(delta), c(p.A), c(B), c(C), c(p.D), c(z),
              c(p.delta_bias), bool(p.delta_softplus), c(alpha), c(p.rho), int(p.tau), p.control, c(p.eta),
              c(p.lam), c(p.w_r), float(p.k_max), int(group_size), m, int(p.control_period), y)
     return y.to(u.dtype)
@@ -280,5 +286,5 @@ def decode_layer(xz, mask, conv_state, state, weights: list, dt_rank: int, tau: 
     if mod is None or group_size > 64 or xz.dtype != acc or acc not in (torch.float32, torch.float64):
         return None
     m = mask.to(torch.long).contiguous() if mask is not None else empty(torch.long)
-    return mod.decode_layer(xz, m, conv_state, state.h, state.delay, state.k, state.e, state.phase, weights,
+    return mod.decode_layer(xz, m, conv_state, state.h, state.line, state.k, state.e, state.phase, weights,
                             dt_rank, tau, group_size, control_period, control, k_max, eps)

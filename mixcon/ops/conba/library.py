@@ -29,9 +29,9 @@ from .params import ConbaParams, ConbaState, keyword_interface
 __all__ = ["conba_step_op", "conba_step_compiled", "conba_decode_layer_op", "cpu_kernels_built"]
 
 
-@torch.library.custom_op("mixcon::conba_step", mutates_args=("h", "delay", "k", "e", "phase"))
+@torch.library.custom_op("mixcon::conba_step", mutates_args=("h", "line", "k", "e", "phase"))
 def conba_step_op(
-    h: Tensor, delay: Tensor, k: Tensor, e: Tensor, phase: Tensor,
+    h: Tensor, line: Tensor, k: Tensor, e: Tensor, phase: Tensor,
     u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor,
     D: Optional[Tensor], z: Optional[Tensor], delta_bias: Optional[Tensor], delta_softplus: bool,
     alpha: Optional[Tensor], rho: Optional[Tensor], tau: int,
@@ -40,18 +40,18 @@ def conba_step_op(
     mask: Optional[Tensor], t: int, control_period: int,
 ) -> Tensor:
     """One fused decode step (see `fused_recurrent.conba_step_fused_recurrent`): y (batch, d_inner); the
-    state tensors h, delay, k, e and (with control at P > 1) the phase are updated in place."""
+    state tensors h, line, k, e and (with control at P > 1) the phase are updated in place."""
     from .fused_recurrent import conba_step_fused_recurrent
 
     params = ConbaParams(A, D=D, delta_bias=delta_bias, delta_softplus=delta_softplus, rho=rho, tau=tau, k0=k0,
                          eta=eta, lam=lam, w_r=w_r, k_max=k_max, group_size=group_size, control_period=control_period,
                          sigma_w=sigma_w, sigma_v=sigma_v, seed=seed)
-    return conba_step_fused_recurrent(ConbaState(h, delay, k, e, phase), u, delta, B, C, params, z=z, alpha=alpha,
+    return conba_step_fused_recurrent(ConbaState(h, line, k, e, phase), u, delta, B, C, params, z=z, alpha=alpha,
                                       mask=mask, t=t)
 
 
 @conba_step_op.register_fake
-def _(h, delay, k, e, phase, u, delta, A, B, C, D, z, delta_bias, delta_softplus, alpha, rho, tau, k0, eta, lam,
+def _(h, line, k, e, phase, u, delta, A, B, C, D, z, delta_bias, delta_softplus, alpha, rho, tau, k0, eta, lam,
       w_r, k_max, group_size, sigma_w, sigma_v, seed, mask, t, control_period):
     return torch.empty_like(u)
 
@@ -85,9 +85,9 @@ def cpu_kernels_built() -> bool:
     return cpu.built()
 
 
-@torch.library.custom_op("mixcon::conba_decode_layer", mutates_args=("conv_state", "h", "delay", "k", "e", "phase"))
+@torch.library.custom_op("mixcon::conba_decode_layer", mutates_args=("conv_state", "h", "line", "k", "e", "phase"))
 def conba_decode_layer_op(
-    xz: Tensor, mask: Tensor, conv_state: Tensor, h: Tensor, delay: Tensor, k: Tensor, e: Tensor, phase: Tensor,
+    xz: Tensor, mask: Tensor, conv_state: Tensor, h: Tensor, line: Tensor, k: Tensor, e: Tensor, phase: Tensor,
     weights: list[Tensor], dt_rank: int, tau: int, group_size: int, control_period: int, control: bool,
     k_max: float, eps: float,
 ) -> Tensor:
@@ -95,11 +95,11 @@ def conba_decode_layer_op(
     `cpu.decode_layer` (``mask``: (b,) int64, or empty for no padding; ``weights``: cpu.DECODE_WEIGHTS)."""
     from . import cpu
 
-    return cpu.kernels().decode_layer(xz, mask, conv_state, h, delay, k, e, phase, weights, dt_rank, tau,
+    return cpu.kernels().decode_layer(xz, mask, conv_state, h, line, k, e, phase, weights, dt_rank, tau,
                                       group_size, control_period, control, k_max, eps)
 
 
 @conba_decode_layer_op.register_fake
-def _(xz, mask, conv_state, h, delay, k, e, phase, weights, dt_rank, tau, group_size, control_period, control,
+def _(xz, mask, conv_state, h, line, k, e, phase, weights, dt_rank, tau, group_size, control_period, control,
       k_max, eps):
     return xz.new_empty(xz.shape[0], xz.shape[1] // 2)

@@ -25,12 +25,12 @@ def _per_channel(x: torch.Tensor, group_size: int) -> torch.Tensor:
 
 
 def _one_step(
-    h, delay, k, e, phase,  # state before the step (float32; phase int64)
+    h, line, k, e, phase,  # state before the step (float32; phase int64)
     u_t, dt_t, B_t, C_t,  # (b, d), (b, d) after bias/softplus, (b, N), (b, N); float32
     A, D, alpha_t, rho, tau, control, eta, lam, w_r, k_max, group_size,
     sigma_w, sigma_v, seed, t, mask_t, control_period=1,
 ):
-    """One step of docs/conba.md (6). Returns (y_t, h, delay, k, e, phase) after the step."""
+    """One step of docs/conba.md (6). Returns (y_t, h, line, k, e, phase) after the step."""
     dA = torch.exp(dt_t[:, :, None] * A[None])  # Ā_t (b, d, N)
     if control:
         # ũ_t = u_t − f with the held signal f = k[g] · tanh(e) set at the last sampling instant
@@ -41,7 +41,7 @@ def _one_step(
     h_new = dA * h
     if tau > 0:
         rho_c = _per_channel(rho.to(h.dtype), group_size)[None, :, None]
-        h_new = (1.0 - rho_c) * h_new + rho_c * delay[:, tau - 1]  # delay[:, tau-1] = h_{t-τ}
+        h_new = (1.0 - rho_c) * h_new + rho_c * line[:, tau - 1]  # line[:, tau-1] = h_{t-τ}
     if alpha_t is not None:
         h_new = _per_channel(alpha_t, group_size)[:, :, None] * h_new
     h_new = h_new + (dt_t * u_ctl)[:, :, None] * B_t[:, None, :]
@@ -70,15 +70,15 @@ def _one_step(
         phase_new = torch.where(sample, torch.zeros_like(phase_new), phase_new)
     else:
         e_new, k_new, phase_new = e, k, phase
-    delay_new = torch.cat([h_new[:, None], delay[:, :-1]], dim=1) if tau > 0 else delay
+    line_new = torch.cat([h_new[:, None], line[:, :-1]], dim=1) if tau > 0 else line
     if m is not None:
         # A padded step leaves h, the delay line, k, e and the phase exactly as they were
         # (k, e and the phase above already); its output is 0.
         h_new = torch.where(m[:, None, None], h_new, h)
         if tau > 0:
-            delay_new = torch.where(m[:, None, None, None], delay_new, delay)
+            line_new = torch.where(m[:, None, None, None], line_new, line)
         y = torch.where(m[:, None], y, torch.zeros_like(y))
-    return y, h_new, delay_new, k_new, e_new, phase_new
+    return y, h_new, line_new, k_new, e_new, phase_new
 
 
 def _prepare(delta, delta_bias, delta_softplus, A, eta, lam, w_r, k0, d_inner, n_groups, device, acc):
@@ -117,7 +117,7 @@ def conba_scan_ref(u, delta, B, C, params: ConbaParams, *, z=None, alpha=None, m
     )
     if initial_state is None:
         initial_state = empty_state(b, d, A.shape[1], tau, group_size, k0 if control else None, u.device, acc)
-    h, delay, k, e = (s.to(acc) for s in initial_state[:4])
+    h, line, k, e = (s.to(acc) for s in initial_state[:4])
     phase = initial_state.phase
     u32, B32, C32 = u.to(acc), B.to(acc), C.to(acc)
     alpha32 = alpha.to(acc) if alpha is not None else None
@@ -125,8 +125,8 @@ def conba_scan_ref(u, delta, B, C, params: ConbaParams, *, z=None, alpha=None, m
     for t in range(T):
         if return_internals:
             fs.append(_per_channel(k, group_size) * torch.tanh(e) if control else torch.zeros_like(u32[:, t]))
-        y, h, delay, k, e, phase = _one_step(
-            h, delay, k, e, phase, u32[:, t], dt[:, t], B32[:, t], C32[:, t], A32, D,
+        y, h, line, k, e, phase = _one_step(
+            h, line, k, e, phase, u32[:, t], dt[:, t], B32[:, t], C32[:, t], A32, D,
             alpha32[:, t] if alpha32 is not None else None, rho, tau, control, eta_f, lam_f,
             w_r_f, p.k_max, group_size, p.sigma_w, p.sigma_v, p.seed, t,
             mask[:, t] if mask is not None else None, control_period,
@@ -145,7 +145,7 @@ def conba_scan_ref(u, delta, B, C, params: ConbaParams, *, z=None, alpha=None, m
     if z is not None:
         y = y * F.silu(z.to(acc))
     y = y.to(u.dtype)
-    out = (y, ConbaState(h, delay, k, e, phase)) if return_final_state else (y,)
+    out = (y, ConbaState(h, line, k, e, phase)) if return_final_state else (y,)
     if return_internals:
         out = out + (internals,)
     return out if len(out) > 1 else out[0]
@@ -163,14 +163,14 @@ def conba_step_ref(state: ConbaState, u, delta, B, C, params: ConbaParams, *, z=
     dt, A32, control, eta_f, lam_f, w_r_f = _prepare(
         delta, p.delta_bias, p.delta_softplus, A, p.eta, p.lam, p.w_r, p.k0, d, n_groups, u.device, acc
     )
-    y, h, delay, k, e, phase = _one_step(
-        state.h.to(acc), state.delay.to(acc), state.k.to(acc), state.e.to(acc), state.phase,
+    y, h, line, k, e, phase = _one_step(
+        state.h.to(acc), state.line.to(acc), state.k.to(acc), state.e.to(acc), state.phase,
         u.to(acc), dt, B.to(acc), C.to(acc), A32, p.D,
         alpha.to(acc) if alpha is not None else None, p.rho, p.tau, control, eta_f, lam_f, w_r_f,
         p.k_max, group_size, p.sigma_w, p.sigma_v, p.seed, t, mask, p.control_period,
     )
     state.h.copy_(h)
-    state.delay.copy_(delay)
+    state.line.copy_(line)
     state.k.copy_(k)
     state.e.copy_(e)
     state.phase.copy_(phase)

@@ -4,7 +4,7 @@ The noise ξ_t[c, n] (process) and ζ_t[c] (observation) must be regenerable by 
 backward pass without storing it, so it is a pure function of the key
 (seed, batch, time, channel, state-index): a 32-bit integer hash (Wang/"lowbias32"
 mixing) turned into two uniforms and then a normal by Box-Muller. The Triton kernels
-implement the same arithmetic on uint32, and the compiled CPU kernels (csrc/conba_cpu.cpp) the
+implement the same arithmetic on uint32, and the compiled CPU kernels (mixcon/ops/cpu/csrc/noise.h) the
 same bit for bit (with the log, sqrt and cos torch itself calls); this file is the definition.
 
 Index layout inside one (seed, b, t): ``lane = c * (N + 1) + n`` with n in [0, N) for

@@ -167,7 +167,7 @@ def keyword_interface(*lead: str):
 
 class _ConbaStateFields(NamedTuple):
     h: torch.Tensor
-    delay: torch.Tensor
+    line: torch.Tensor
     k: torch.Tensor
     e: torch.Tensor
     phase: torch.Tensor
@@ -177,7 +177,7 @@ class ConbaState(_ConbaStateFields):
     """Decode state of one Conba scan (docs/conba.md, "Decode state"); float32 (float64 for float64 inputs).
 
     h:     (batch, d_inner, N)         the latest state h_t
-    delay: (batch, tau, d_inner, N)    delay[:, j] = h_{t-j} for j = 0..tau-1 (delay[:, 0] == h)
+    line:  (batch, tau, d_inner, N)    the delay line: line[:, j] = h_{t-j} for j = 0..tau-1 (line[:, 0] == h)
     k:     (batch, d_inner // G)       the control gain set at the last sampling instant
     e:     (batch, d_inner)            the tracking error sampled at that instant (held signal
                                        f = k · tanh(e))
@@ -187,7 +187,7 @@ class ConbaState(_ConbaStateFields):
     e is e_t of the latest step and the phase stays 0. Without control k, e and the phase pass
     through untouched.
 
-    ``ConbaState(h, delay, k, e, phase)``, or ``ConbaState(iterable of the five)`` as a plain tuple type is
+    ``ConbaState(h, line, k, e, phase)``, or ``ConbaState(iterable of the five)`` as a plain tuple type is
     called: code that rebuilds every tuple it walks as ``type(x)(generator)`` (transformers' exporters
     cast a cache's tensors that way) gets a ConbaState back.
     """
@@ -205,11 +205,11 @@ def empty_state(batch, d_inner, d_state, tau=0, group_size=8, k0=None, device=No
     """The state before the first token: h = 0, delay line 0, k = k_0, e = 0, phase 0."""
     n_groups = d_inner // group_size
     h = torch.zeros(batch, d_inner, d_state, dtype=dtype, device=device)
-    delay = torch.zeros(batch, tau, d_inner, d_state, dtype=dtype, device=device)
+    line = torch.zeros(batch, tau, d_inner, d_state, dtype=dtype, device=device)
     if k0 is None:
         k = torch.zeros(batch, n_groups, dtype=dtype, device=device)
     else:
         k = k0.to(device=device, dtype=dtype).expand(batch, n_groups).clone()  # keeps k0 in the graph
     e = torch.zeros(batch, d_inner, dtype=dtype, device=device)
     phase = torch.zeros(batch, dtype=torch.long, device=device)
-    return ConbaState(h, delay, k, e, phase)
+    return ConbaState(h, line, k, e, phase)
