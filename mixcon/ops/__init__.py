@@ -18,10 +18,11 @@ def tracing() -> bool:
     return is_fx_symbolic_tracing()
 
 
-def acc_dtype(x: torch.Tensor) -> torch.dtype:
-    """The accumulation dtype of every scan, reduction and routing softmax: float64 for float64 inputs
-    (the exact oracles of the tests), float32 otherwise (docs/conba.md, step 6)."""
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
+def acc_dtype(x) -> torch.dtype:
+    """The accumulation dtype of every scan, reduction and routing softmax for a tensor (or a dtype)
+    ``x``: float64 for float64 inputs (the exact oracles of the tests), float32 otherwise
+    (docs/conba.md, step 6)."""
+    return torch.float64 if (x if isinstance(x, torch.dtype) else x.dtype) == torch.float64 else torch.float32
 
 
 def to_acc(x: torch.Tensor) -> torch.Tensor:

@@ -107,7 +107,7 @@ def test_scan_with_masks_state_and_gradients(P, tau, compiled, monkeypatch):
     assert rel_rms(y2, y1) < 1e-12 and torch.all(y2[mask == 0] == 0)
     for f, a, c in zip(ConbaState._fields, s1, s2):
         assert a.shape == c.shape and (torch.equal(a, c) if f == "phase" else a.numel() == 0 or rel_rms(c, a) < 1e-12)
-    assert s2.h.is_contiguous() and s2.delay.is_contiguous()  # the decode step updates them in place
+    assert s2.h.is_contiguous() and s2.line.is_contiguous()  # the decode step updates them in place
     with torch.no_grad():  # the prefill path: every block written into one buffer
         y3, s3 = conba_scan_chunk_torch(**x, mask=mask, initial_state=ConbaState(*[t.clone() for t in state]),
                                         return_final_state=True, control_period=P)

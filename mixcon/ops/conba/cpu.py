@@ -184,7 +184,7 @@ def step_applies(state, params, dtype: torch.dtype) -> bool:
     """Whether `decode_step` can take this step (`ops.conba.dispatch` asks): the kernels built, a control
     group of at most 64 channels, the state on CPU, contiguous, in the accumulation dtype of inputs of
     ``dtype``, its phase int64. Noise, gradients and tracing are the dispatcher's own conditions."""
-    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    acc = acc_dtype(dtype)
     return (kernels() is not None and params.group_size <= 64 and state.phase.dtype == torch.long
             and state.phase.is_contiguous()
             and all(s.dtype == acc and s.is_contiguous() and s.device.type == "cpu" for s in state[:4]))
