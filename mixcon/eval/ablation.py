@@ -66,7 +66,7 @@ GRIDS = {
             for a, desc in ((0, "all Conba"), (1, "Jamba's ratio"), (2, "MixCon's ratio"), (4, "half attention"),
                             (8, "all attention (RoPE)"))
         }),
-    # issue 17: the tiny MixCon as shipped (delay, scaling, control, SwiGLU selection; noise off) with the
+    # the control period: the tiny MixCon as shipped (delay, scaling, control, SwiGLU selection; noise off) with the
     # controller acting every P steps, beside control off and every mechanism off; P = 1 is the reference
     "period": dict(
         reference="MixCon P=1",
