@@ -130,12 +130,28 @@ _DCP_CLASSES = {
 }
 
 
+def _enum_member(cls, name: str):
+    """``getattr`` as some Pythons pickle an enum member (3.11.0–3.11.4 pickle DCP's
+    ``_MEM_FORMAT_ENCODING.TORCH_CONTIGUOUS_FORMAT`` as ``getattr(cls, "TORCH_CONTIGUOUS_FORMAT")``):
+    only a member of an enum this unpickler admits, nothing else."""
+    import enum
+
+    allowed = isinstance(cls, type) and issubclass(cls, enum.Enum) and cls.__name__ in _DCP_CLASSES.get(
+        cls.__module__, ())
+    if not allowed or not isinstance(name, str) or name not in cls.__members__:
+        raise UnsafeCheckpointError(f"checkpoint metadata asks for getattr({cls!r}, {name!r}); only a member of "
+                                    f"one of DCP's metadata enums is read")
+    return cls[name]
+
+
 class _MetadataUnpickler(pickle.Unpickler):
     """Builds DCP's metadata records and refuses every other global (functions, ``os.system``...)."""
 
     def find_class(self, module, name):
         if name in _DCP_CLASSES.get(module, ()):
             return super().find_class(module, name)
+        if (module, name) == ("builtins", "getattr"):
+            return _enum_member
         if module == "torch" and isinstance(getattr(torch, name, None), (torch.dtype, torch.layout,
                                                                           torch.memory_format)):
             return getattr(torch, name)

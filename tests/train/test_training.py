@@ -330,3 +330,33 @@ def test_model_from_checkpoint_casts_each_tensor_and_keeps_tied_embeddings(tmp_p
         got = loaded.state_dict()[k]
         assert got.dtype == (torch.float32 if k.endswith("A_log") else torch.bfloat16), k  # A_log stays fp32
         assert torch.equal(got, v.to(got.dtype)), k
+
+
+class _ByName:
+    """Pickles as ``getattr(target, name)``: how Python 3.11.0–3.11.4 pickle an enum member."""
+
+    def __init__(self, target, name):
+        self.target, self.name = target, name
+
+    def __reduce__(self):
+        return getattr, (self.target, self.name)
+
+
+def test_metadata_reads_enum_members_pickled_by_name_and_nothing_else():
+    import io
+    import os as os_module
+    import pickle
+
+    from torch.distributed.checkpoint.metadata import _MEM_FORMAT_ENCODING
+
+    from mixcon.train.checkpoint import UnsafeCheckpointError, _MetadataUnpickler
+
+    def load(obj):
+        return _MetadataUnpickler(io.BytesIO(pickle.dumps(obj))).load()
+
+    member = _MEM_FORMAT_ENCODING.TORCH_CHANNELS_LAST
+    assert load(_ByName(_MEM_FORMAT_ENCODING, member.name)) is member
+    for target, name in ((str, "format"), (_MEM_FORMAT_ENCODING, "__class__"), (_MEM_FORMAT_ENCODING, "mro"),
+                         (torch.Tensor, "add"), (os_module.stat_result, "n_fields")):
+        with pytest.raises(UnsafeCheckpointError, match="getattr|refusing"):
+            load(_ByName(target, name))
