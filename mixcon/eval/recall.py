@@ -369,9 +369,11 @@ def gate(rows: list, width: int, seq_len: int, pairs: int, threshold: float) -> 
                 passed=bool(accs) and min(accs) >= threshold, lr=att[0]["lr"] if att else None)
 
 
-def summarize(rows: list) -> list:
+def summarize(rows: list, solved_at: float = 0.95) -> list:
     """Per (member, width, seq_len, pairs), at the chosen learning rate: accuracy over seeds (mean, std,
-    min, max), with f ≡ 0, the controller's share, the answer loss and the step time."""
+    min, max), ``solved`` (the seeds whose accuracy reaches ``solved_at``, the gate's threshold: a run either
+    leaves the 1/pairs plateau or stays near it, so the count says more than the mean), with f ≡ 0, the
+    controller's share, the answer loss and the step time."""
     groups = {}
     for r in final_rows(rows):
         groups.setdefault((r["member"], r["width"], r["seq_len"], r["pairs"]), []).append(r)
@@ -381,6 +383,7 @@ def summarize(rows: list) -> list:
         out.append(dict(member=member, width=width, seq_len=seq_len, pairs=pairs, depth=rs[0]["depth"],
                         lr=rs[0]["lr"], accuracy=acc["mean"], accuracy_std=acc["std"], seeds=acc["n"],
                         accuracy_min=acc["min"], accuracy_max=acc["max"],
+                        solved=sum(x["accuracy"] >= solved_at for x in rs),
                         accuracy_f0=grid.spread(x.get("accuracy_f0") for x in rs)["mean"],
                         ctl_effect=grid.spread(x.get("ctl_effect") for x in rs)["mean"],
                         ctl_feedback=grid.spread(x.get("ctl_feedback") for x in rs)["mean"],
@@ -464,13 +467,13 @@ def write_markdown(rows, members, gates, meta, path):
         lines.append(f"Pilot gate, L = {seq_len}, {pairs} pairs, width {width}: attention's lowest seed "
                      f"{grid.fmt(g['min_accuracy'])} over {g['seeds']} seeds at lr {g['lr']} → "
                      f"**{'passed' if g['passed'] else 'FAILED'}** (threshold {a['gate']}).")
-    lines += ["", "| member | cell | depth | lr | seeds | accuracy mean (min–max) | f≡0 | answer loss | steps | "
-              "ms/step |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
-    summary = summarize(rows)
+    lines += ["", f"| member | cell | depth | lr | seeds | ≥ {a['gate']} | accuracy mean (min–max) | f≡0 | "
+              "answer loss | steps | ms/step |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    summary = summarize(rows, a["gate"])
     order = {m: i for i, m in enumerate(members)}
     for s in sorted(summary, key=lambda s: (s["seq_len"], s["pairs"], s["width"], order.get(s["member"], 99))):
         lines.append(f"| {s['member']} | L={s['seq_len']} p={s['pairs']} w={s['width']} | {s['depth']} | "
-                     f"{s['lr']:g} | {s['seeds']} | {s['accuracy']:.3f} ({s['accuracy_min']:.3f}–"
+                     f"{s['lr']:g} | {s['seeds']} | {s['solved']}/{s['seeds']} | {s['accuracy']:.3f} ({s['accuracy_min']:.3f}–"
                      f"{s['accuracy_max']:.3f}) | {grid.fmt(s['accuracy_f0'])} | {s['answer_loss']:.3f} | "
                      f"{s['steps']:.0f} | {s['step_time_s'] * 1e3:.0f} |")
     lines += ["", "Paired by seed (same data and initial-weight seed; each member at its own chosen learning rate): "

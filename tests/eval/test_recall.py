@@ -195,3 +195,14 @@ def test_study_verb_lists_the_studies_and_refuses_bad_cells(capsys):
     assert err.count("\n") == 1 and "vocab=64 must be > seq_len=64" in err
     assert main(["study", "recall", "--heads", "3"]) == 2
     assert "--heads 3 must divide" in capsys.readouterr().err
+
+
+def test_summary_counts_the_seeds_that_solve_the_cell():
+    from mixcon.eval.recall import summarize
+
+    base = dict(member="m", width=8, seq_len=16, pairs=2, depth=2, lr=1e-3, answer_loss=0.1, steps=10,
+                step_time_s=0.1)
+    rows = [dict(base, seed=s, accuracy=a) for s, a in enumerate((0.99, 0.46, 0.95))]
+    s, = summarize(rows)
+    assert (s["solved"], s["seeds"]) == (2, 3)
+    assert summarize(rows, solved_at=0.99)[0]["solved"] == 1
