@@ -420,6 +420,32 @@ def paired_table(rows: list) -> list:
     return out
 
 
+def matched_table(rows: list) -> list:
+    """The comparisons of `PAIRS` at each learning rate both members ran with a seed in common (the seed-0
+    sweeps, and seeds run at a learning rate other than a member's chosen one), leaving out the one the
+    chosen-rate table already has: differences in one ingredient only, the learning rate held fixed."""
+    chosen = {(r["member"], r["width"], r["seq_len"], r["pairs"]): r["lr"] for r in final_rows(rows)}
+    by = {}
+    for r in rows:
+        by.setdefault((r["width"], r["seq_len"], r["pairs"]), {}).setdefault(r["member"], {}).setdefault(
+            float(r["lr"]), {})[r["seed"]] = r
+    out = []
+    for (width, seq_len, pairs), members in sorted(by.items()):
+        for name, a, b in PAIRS:
+            if a not in members or b not in members:
+                continue
+            for lr in sorted(set(members[a]) & set(members[b])):
+                ra, rb = members[a][lr], members[b][lr]
+                cell = (width, seq_len, pairs)
+                if not set(ra) & set(rb) or chosen.get((a, *cell)) == chosen.get((b, *cell)) == lr:
+                    continue
+                for metric in ("accuracy", "answer_loss"):
+                    p = grid.paired({s: r[metric] for s, r in ra.items()}, {s: r[metric] for s, r in rb.items()})
+                    out.append(dict(width=width, seq_len=seq_len, pairs=pairs, comparison=name, a=a, b=b, lr=lr,
+                                    metric=metric, **p))
+    return out
+
+
 def plot_cell(rows: list, members: list, width: int, seq_len: int, pairs: int, path: str, title: str) -> None:
     """One cell: each member's test accuracy per seed (dots) and their mean (bar), f ≡ 0 as open marks."""
     plt = grid.pyplot()
@@ -480,12 +506,22 @@ def write_markdown(rows, members, gates, meta, path):
               "the difference a − b per seed, its mean, the paired t (df = seeds − 1) and whether the sign holds "
               "in every seed. An effect is called when the sign holds in every seed and |t| exceeds the 0.975 "
               "quantile of t (4.30 at df 2).", "",
-              "| cell | comparison | metric | seeds | per-seed a − b | mean | t | verdict |",
-              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
-    for p in paired_table(rows):
-        lines.append(f"| L={p['seq_len']} p={p['pairs']} w={p['width']} | {p['comparison']} | {p['metric']} | {p['n']} | "
-                     + ", ".join(f"{d:+.3f}" for d in p["diffs"]) + f" | {p['mean']:+.3f} | {grid.fmt(p['t'], 2)} | "
-                     f"{p['verdict']} |")
+              "| cell | comparison | metric | seeds | per-seed a − b | mean | t | d_z | verdict |",
+              "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+
+    def row(p: dict, lr: str = "") -> str:
+        return (f"| L={p['seq_len']} p={p['pairs']} w={p['width']} | {p['comparison']} |{lr} {p['metric']} | "
+                f"{p['n']} | " + ", ".join(f"{d:+.3f}" for d in p["diffs"]) + f" | {p['mean']:+.3f} | "
+                f"{grid.fmt(p['t'], 2)} | {grid.fmt(p['d_z'], 2)} | {p['verdict']} |")
+
+    lines += [row(p) for p in paired_table(rows)]
+    matched = matched_table(rows)
+    if matched:
+        lines += ["", "The same comparisons at a learning rate both members ran (the seed-0 sweeps, and seeds run at "
+                  "a rate other than a member's chosen one): only the members differ, the rate held fixed.", "",
+                  "| cell | comparison | lr | metric | seeds | per-seed a − b | mean | t | d_z | verdict |",
+                  "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+        lines += [row(p, f" {p['lr']:g} |") for p in matched]
     grid.write_text(path, "\n".join(lines) + "\n")
 
 
@@ -495,6 +531,7 @@ def write_outputs(out: str, rows: list, members: list, gates: dict, meta: dict) 
     from mixcon.bench.common import save_results
 
     save_results(out, rows, COLS, meta, summary=summarize(rows), paired=paired_table(rows),
+                 paired_matched_lr=matched_table(rows),
                  gates={f"{w}:{s}:{p}": g for (w, s, p), g in gates.items()})
     os.replace(os.path.join(out, "results.csv"), os.path.join(out, "summary.csv"))
     write_markdown(rows, members, gates, meta, os.path.join(out, "recall.md"))

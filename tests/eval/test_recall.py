@@ -206,3 +206,26 @@ def test_summary_counts_the_seeds_that_solve_the_cell():
     s, = summarize(rows)
     assert (s["solved"], s["seeds"]) == (2, 3)
     assert summarize(rows, solved_at=0.99)[0]["solved"] == 1
+
+
+def test_matched_lr_table_pairs_the_runs_at_a_shared_learning_rate():
+    from mixcon.eval.recall import final_rows, matched_table
+
+    base = dict(width=8, seq_len=16, pairs=2, steps=3000, answer_loss=1.0)
+    on = [dict(base, member="conba-all", lr=lr, seed=0, accuracy=a) for lr, a in ((1e-3, 0.26), (1e-2, 0.46))]
+    on += [dict(base, member="conba-all", lr=1e-2, seed=s, accuracy=a) for s, a in ((1, 0.99), (2, 0.5))]
+    off = [dict(base, member="conba-noctl", lr=lr, seed=0, accuracy=a) for lr, a in ((1e-3, 0.27), (1e-2, 0.14))]
+    off += [dict(base, member="conba-noctl", lr=lr, seed=s, accuracy=a)
+            for lr, s, a in ((1e-3, 1, 0.25), (1e-3, 2, 0.24), (1e-2, 1, 0.2), (1e-2, 2, 0.1))]
+    rows = on + off
+    # chosen: on at 1e-2, off at 1e-3 (its best seed-0 run), so neither rate is the chosen-rate table's
+    assert {(r["member"], r["lr"]) for r in final_rows(rows)} == {("conba-all", 1e-2), ("conba-noctl", 1e-3)}
+    acc = {p["lr"]: p for p in matched_table(rows) if p["metric"] == "accuracy" and p["a"] == "conba-all"}
+    assert set(acc) == {1e-3, 1e-2}
+    assert acc[1e-3]["seeds"] == [0] and abs(acc[1e-3]["diffs"][0] - (0.26 - 0.27)) < 1e-12
+    assert acc[1e-2]["seeds"] == [0, 1, 2]
+    assert [round(d, 6) for d in acc[1e-2]["diffs"]] == [0.32, 0.79, 0.4]
+    # a rate that is both members' chosen one is left to the chosen-rate table
+    same = [dict(r, lr=1e-2) if r["member"] == "conba-noctl" and r["lr"] == 1e-3 else r for r in rows
+            if not (r["member"] == "conba-noctl" and r["lr"] == 1e-2)]
+    assert all(p["lr"] != 1e-2 for p in matched_table(same) if p["a"] == "conba-all")
