@@ -430,13 +430,13 @@ def matched_table(rows: list) -> list:
         by.setdefault((r["width"], r["seq_len"], r["pairs"]), {}).setdefault(r["member"], {}).setdefault(
             float(r["lr"]), {})[r["seed"]] = r
     out = []
-    for (width, seq_len, pairs), members in sorted(by.items()):
+    for cell, members in sorted(by.items()):
+        width, seq_len, pairs = cell
         for name, a, b in PAIRS:
             if a not in members or b not in members:
                 continue
             for lr in sorted(set(members[a]) & set(members[b])):
                 ra, rb = members[a][lr], members[b][lr]
-                cell = (width, seq_len, pairs)
                 if not set(ra) & set(rb) or chosen.get((a, *cell)) == chosen.get((b, *cell)) == lr:
                     continue
                 for metric in ("accuracy", "answer_loss"):
@@ -477,7 +477,7 @@ def plot_cell(rows: list, members: list, width: int, seq_len: int, pairs: int, p
     grid.save_figure(fig, path)
 
 
-def write_markdown(rows, members, gates, meta, path):
+def write_markdown(rows, members, gates, meta, path, summary, paired, matched):
     a = meta["args"]
     lines = [f"MQAR (Zoology's task: filler 0, keys never elsewhere) — vocabulary {a['vocab']}, width(s) {a['widths']}, "
              f"depth {a['depth']} (hybrids: their block's; conba-deep 8), attention heads {a['heads']} (RoPE; "
@@ -495,7 +495,6 @@ def write_markdown(rows, members, gates, meta, path):
                      f"**{'passed' if g['passed'] else 'FAILED'}** (threshold {a['gate']}).")
     lines += ["", f"| member | cell | depth | lr | seeds | ≥ {a['gate']} | accuracy mean (min–max) | f≡0 | "
               "answer loss | steps | ms/step |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
-    summary = summarize(rows, a["gate"])
     order = {m: i for i, m in enumerate(members)}
     for s in sorted(summary, key=lambda s: (s["seq_len"], s["pairs"], s["width"], order.get(s["member"], 99))):
         lines.append(f"| {s['member']} | L={s['seq_len']} p={s['pairs']} w={s['width']} | {s['depth']} | "
@@ -514,8 +513,7 @@ def write_markdown(rows, members, gates, meta, path):
                 f"{p['n']} | " + ", ".join(f"{d:+.3f}" for d in p["diffs"]) + f" | {p['mean']:+.3f} | "
                 f"{grid.fmt(p['t'], 2)} | {grid.fmt(p['d_z'], 2)} | {p['verdict']} |")
 
-    lines += [row(p) for p in paired_table(rows)]
-    matched = matched_table(rows)
+    lines += [row(p) for p in paired]
     if matched:
         lines += ["", "The same comparisons at a learning rate both members ran (the seed-0 sweeps, and seeds run at "
                   "a rate other than a member's chosen one): only the members differ, the rate held fixed.", "",
@@ -530,11 +528,11 @@ def write_outputs(out: str, rows: list, members: list, gates: dict, meta: dict) 
     table, the gates and every run), recall.md and one plot per cell."""
     from mixcon.bench.common import save_results
 
-    save_results(out, rows, COLS, meta, summary=summarize(rows), paired=paired_table(rows),
-                 paired_matched_lr=matched_table(rows),
+    summary, paired, matched = summarize(rows, meta["args"]["gate"]), paired_table(rows), matched_table(rows)
+    save_results(out, rows, COLS, meta, summary=summary, paired=paired, paired_matched_lr=matched,
                  gates={f"{w}:{s}:{p}": g for (w, s, p), g in gates.items()})
     os.replace(os.path.join(out, "results.csv"), os.path.join(out, "summary.csv"))
-    write_markdown(rows, members, gates, meta, os.path.join(out, "recall.md"))
+    write_markdown(rows, members, gates, meta, os.path.join(out, "recall.md"), summary, paired, matched)
     for width, seq_len, pairs in sorted({(r["width"], r["seq_len"], r["pairs"]) for r in rows}):
         plot_cell(rows, members, width, seq_len, pairs, os.path.join(out, f"recall-L{seq_len}-p{pairs}-w{width}.png"),
                   f"MQAR L={seq_len}, {pairs} pairs, vocab {meta['args']['vocab']}, width {width} "
