@@ -77,10 +77,12 @@ def _mean(a) -> float:
 
 
 def _train(member, seq_len, vocab, width, depth, steps, batch, lr, warmup, seed, batch_fn, max_len, extra=None,
-           stop=None, eval_every=100):
+           stop=None, eval_every=100, checkpoint=None):
     """A member trained on next-token loss over ``batch_fn(step)`` (int64 numpy (batch, seq_len)), AdamW with
     weight decay 0.1 and cosine to 0 at ``steps``; every ``eval_every`` steps ``stop(model)`` (in eval mode)
-    may end the training early. Returns (model in eval mode, train losses, seconds per step)."""
+    may end the training early, and otherwise the training state is saved to ``checkpoint``
+    (`grid.Checkpoint`; a run of the same settings stopped part-way continues from there). Returns (model in
+    eval mode, train losses, seconds per step)."""
     import torch
 
     from mixcon import MixConForCausalLM
@@ -94,8 +96,10 @@ def _train(member, seq_len, vocab, width, depth, steps, batch, lr, warmup, seed,
     torch.manual_seed(seed)
     model = MixConForCausalLM(config).train()
     optimizer = make_optimizer(model, r, torch.device("cpu"))
-    losses, t0 = [], time.perf_counter()
-    for step in range(1, steps + 1):
+    carry = (checkpoint.load(model, optimizer) if checkpoint is not None else None) or dict(step=0, losses=[],
+                                                                                         seconds=0.0)
+    losses, t0 = carry["losses"], time.perf_counter() - carry["seconds"]
+    for step in range(carry["step"] + 1, steps + 1):
         for g in optimizer.param_groups:
             g["lr"] = lr_at(step, r)
         ids = torch.from_numpy(batch_fn(step))
@@ -105,12 +109,15 @@ def _train(member, seq_len, vocab, width, depth, steps, batch, lr, warmup, seed,
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         losses.append(loss.item())
-        if stop is not None and step % eval_every == 0 and step < steps:
-            model.eval()
-            done = stop(model)
-            model.train()
-            if done:
-                break
+        if step % eval_every == 0 and step < steps:
+            if stop is not None:
+                model.eval()
+                done = stop(model)
+                model.train()
+                if done:
+                    break
+            if checkpoint is not None:
+                checkpoint.save(model, optimizer, dict(step=step, losses=losses, seconds=time.perf_counter() - t0))
     return model.eval(), losses, (time.perf_counter() - t0) / len(losses)
 
 
@@ -135,6 +142,14 @@ def _control(model, ids, label, out_dir):
     return instrument(model, torch.from_numpy(ids), label, out_dir)
 
 
+RUN_ONLY = ("out", "resume", "no_progress", "budget_min", "threads", "members", "seeds", "smoke")  # not a run's
+
+
+def checkpoint(task, member, seed, a):
+    """The checkpoint of one run (`grid.Checkpoint`, under OUT), fingerprinted by the study's settings."""
+    return grid.Checkpoint(a["out"], (task, member, seed), {k: v for k, v in a.items() if k not in RUN_ONLY})
+
+
 def run_shift(member, seed, a) -> dict:
     vocab, T = a["vocab"], a["seq_len"]
     fn = lambda step: piecewise_unigram((seed, step), a["batch"], T, vocab, a["support"])[0]  # noqa: E731
@@ -147,7 +162,7 @@ def run_shift(member, seed, a) -> dict:
 
     model, losses, step_s = _train(member, T, vocab, a["width"], a["depth"], a["steps"], a["batch"], a["lr"],
                                    a["warmup"], seed, fn, T, stop=stop if a["target_gap"] is not None else None,
-                                   eval_every=a["eval_every"])
+                                   eval_every=a["eval_every"], checkpoint=checkpoint("shift", member, seed, a))
     x, change = piecewise_unigram((seed, 2**32 - 1), a["eval_examples"], T, vocab, a["support"])
     since = np.arange(T - 1)[None, :] + 1 - change[:, None]  # target position − change
     tl = _token_losses(model, x, a["batch"])  # tl[:, t] predicts x[:, t + 1]
@@ -176,7 +191,8 @@ def run_extrapolation(member, seed, a) -> dict:
     L = max(a["eval_lens"])
     gen = lambda s, n, t: piecewise_unigram(s, n, t, vocab, a["support"], "many", a["segment"])[0]  # noqa: E731
     model, losses, step_s = _train(member, T, vocab, a["width"], a["depth"], a["steps"], a["batch"], a["lr"],
-                                   a["warmup"], seed, lambda step: gen((seed, step), a["batch"], T), L)
+                                   a["warmup"], seed, lambda step: gen((seed, step), a["batch"], T), L,
+                                   eval_every=a["eval_every"], checkpoint=checkpoint("extrapolation", member, seed, a))
     x = gen((seed, 2**32 - 1), a["eval_examples"], L)
     tl = _token_losses(model, x, 1)  # (n, L − 1)
     row = dict(member=member, seed=seed, steps=a["steps"], train_len=T, step_time_s=step_s,
@@ -417,6 +433,7 @@ def main(argv=None):
 
     def report(key, row):
         runlog.add(key, row)
+        checkpoint(args.task, *key, a).clear()
         print(f"{key[0]:12s} seed={key[1]}: " + ", ".join(
             f"{c} {row[c]:.4g}" for c in cols[4:] if isinstance(row.get(c), float)), flush=True)
 

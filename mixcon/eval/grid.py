@@ -11,6 +11,7 @@ import dataclasses
 import json
 import math
 import os
+import shutil
 import statistics
 import sys
 import time
@@ -213,7 +214,8 @@ def run_jobs(jobs: list, budget_s: Optional[float], n_jobs: int = 1, progress: b
 class RunLog:
     """The runs of a grid as they end, one JSON line each (``runs.jsonl`` under ``out``), so that a study
     cut short keeps what finished: with ``resume`` the runs already there are kept and their jobs
-    dropped from ``jobs``; without it the log starts empty."""
+    dropped from ``jobs``; without it the log starts empty (and the runs' checkpoints, `Checkpoint`, are
+    removed)."""
 
     def __init__(self, out: str, resume: bool):
         self.path = os.path.join(out, "runs.jsonl")
@@ -223,8 +225,10 @@ class RunLog:
                 for line in f:
                     rec = json.loads(line)
                     self.done[tuple(rec["key"])] = rec["row"]
-        elif os.path.exists(self.path):
-            os.remove(self.path)
+        elif not resume:
+            if os.path.exists(self.path):
+                os.remove(self.path)
+            shutil.rmtree(os.path.join(out, CHECKPOINTS), ignore_errors=True)
 
     def pending(self, jobs: list) -> list:
         return [j for j in jobs if j.key not in self.done]
@@ -232,6 +236,57 @@ class RunLog:
     def add(self, key, row) -> None:
         with open(self.path, "a") as f:
             f.write(json.dumps(dict(key=list(key), row=row)) + "\n")
+
+
+CHECKPOINTS = "checkpoints"  # under a study's OUT; not committed (.gitignore)
+
+
+class Checkpoint:
+    """One run's training state, saved every few steps, so that a run stopped part-way (a session's end, a
+    kill) continues from its last save rather than from step 0, and ends as the uninterrupted run would
+    have: the model's and the optimizer's state, the torch RNG (the training noise draws from it), the step
+    and whatever the loop carries (losses, seconds so far). The data of a step is a pure function of the
+    step, so nothing else is needed. ``fingerprint`` (the run's settings) is stored with it; a checkpoint
+    whose fingerprint differs is ignored, not resumed. Saved through a temporary file and a rename;
+    ``clear`` once the run's row is in the log. With ``out`` None every call does nothing."""
+
+    def __init__(self, out: Optional[str], key, fingerprint: Optional[dict] = None):
+        name = "_".join(str(k) for k in key).replace("/", "-").replace(":", "-").replace(" ", "")
+        self.path = os.path.join(out, CHECKPOINTS, name + ".pt") if out else None
+        self.fingerprint = json.loads(json.dumps(fingerprint, sort_keys=True, default=str))
+
+    def load(self, model, optimizer) -> Optional[dict]:
+        """The saved ``carry`` (with ``step``) after restoring model, optimizer and RNG; None if there is no
+        checkpoint of these settings."""
+        import torch
+
+        if self.path is None or not os.path.exists(self.path):
+            return None
+        state = torch.load(self.path, map_location="cpu", weights_only=True)
+        if state.get("fingerprint") != json.dumps(self.fingerprint, sort_keys=True):
+            return None
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        torch.set_rng_state(state["rng"])
+        if state.get("cuda_rng") is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda_rng"])
+        return state["carry"]
+
+    def save(self, model, optimizer, carry: dict) -> None:
+        import torch
+
+        if self.path is None:
+            return
+        os.makedirs(os.path.dirname(self.path), exist_ok=True)
+        tmp = self.path + ".tmp"
+        torch.save(dict(fingerprint=json.dumps(self.fingerprint, sort_keys=True), model=model.state_dict(),
+                        optimizer=optimizer.state_dict(), rng=torch.get_rng_state(), carry=carry,
+                        cuda_rng=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None), tmp)
+        os.replace(tmp, self.path)
+
+    def clear(self) -> None:
+        if self.path is not None and os.path.exists(self.path):
+            os.remove(self.path)
 
 
 def pyplot():

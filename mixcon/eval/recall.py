@@ -212,14 +212,16 @@ def evaluate(model, x, y, batch: int) -> tuple[float, float]:
 
 def train_member(member, width, depth, seq_len, pairs, vocab, steps, batch, lr, warmup, seed, data_seed,
                  eval_examples, extra=None, instrument_dir=None, heads=None, eval_every=100, val_examples=256,
-                 target=0.99, role="seed", progress=False) -> dict:
+                 target=0.99, role="seed", progress=False, checkpoint_dir=None) -> dict:
     """Train one member on fresh MQAR batches (step s draws seed (data_seed, s)): AdamW with weight decay
     0.1 on the matrices, ``warmup`` linear steps, cosine to 0 at ``steps``; every ``eval_every`` steps the
     accuracy on ``val_examples`` held-out sequences (seed (data_seed, VAL_SEED)), stopping once it reaches
     ``target``. Then the test: ``eval_examples`` sequences of seed (data_seed, TEST_SEED), with the
     controller as trained and, for a member with one, with f ≡ 0 in every layer (``*_f0``). A member with
     Conba's controller is instrumented after training (`mixcon.eval.control`, on 4 test sequences: ctl_*
-    columns, the mean over layers); with ``instrument_dir`` the per-layer plot and table go there."""
+    columns, the mean over layers); with ``instrument_dir`` the per-layer plot and table go there. With
+    ``checkpoint_dir`` (a study's OUT) the training state is saved after every held-out check
+    (`grid.Checkpoint`) and a run of the same settings stopped part-way continues from there."""
     import torch
     from tqdm import tqdm
 
@@ -237,10 +239,17 @@ def train_member(member, width, depth, seq_len, pairs, vocab, steps, batch, lr, 
     tensors = lambda a: (torch.from_numpy(v).to(device) for v in a)  # noqa: E731
     xv, yv = tensors(mqar((data_seed, VAL_SEED), val_examples, seq_len, pairs, vocab))
 
-    t0, c0 = time.perf_counter(), time.process_time()
-    losses, val_acc, step = [], float("nan"), 0
-    bar = tqdm(total=steps, desc=f"{member} lr={lr:g} seed={seed}", leave=False, disable=not progress)
-    for step in range(1, steps + 1):
+    ckpt = grid.Checkpoint(checkpoint_dir, run_key(member, width, seq_len, pairs, lr, seed), dict(
+        member=member, width=width, depth=depth, seq_len=seq_len, pairs=pairs, vocab=vocab, steps=steps,
+        batch=batch, lr=lr, warmup=warmup, seed=seed, data_seed=data_seed, extra=extra, heads=heads,
+        eval_every=eval_every, val_examples=val_examples, target=target))
+    carry = ckpt.load(model, optimizer) or dict(step=0, losses=[], val_acc=float("nan"), train_s=0.0, train_cpu=0.0)
+    losses, val_acc, step = carry["losses"], carry["val_acc"], carry["step"]
+    t0 = time.perf_counter() - carry["train_s"]
+    c0 = time.process_time() - carry["train_cpu"]
+    bar = tqdm(total=steps, initial=step, desc=f"{member} lr={lr:g} seed={seed}", leave=False,
+               disable=not progress)
+    for step in range(step + 1, steps + 1):
         for g in optimizer.param_groups:
             g["lr"] = lr_at(step, r)
         x, y = tensors(mqar((data_seed, step), batch, seq_len, pairs, vocab))
@@ -260,6 +269,8 @@ def train_member(member, width, depth, seq_len, pairs, vocab, steps, batch, lr, 
             bar.set_postfix(loss=f"{losses[-1]:.3f}", val=f"{val_acc:.3f}")
             if val_acc >= target:
                 break
+            ckpt.save(model, optimizer, dict(step=step, losses=losses, val_acc=val_acc,
+                                             train_s=time.perf_counter() - t0, train_cpu=time.process_time() - c0))
     bar.close()
     train_s, train_cpu = time.perf_counter() - t0, time.process_time() - c0
     model.eval()
@@ -309,7 +320,8 @@ def best_lr(rows: list):
 def run_member(spec: dict, done: dict, log_dir: str | None = None) -> list:
     """One member in one cell: the learning-rate sweep at the first seed (``spec['lrs']``), then the other
     seeds at the best learning rate. ``done``: {key: row} of runs already made (skipped). Each new run is
-    appended to ``log_dir``'s run log as it ends (so a stopped study loses at most the run in progress).
+    appended to ``log_dir``'s run log as it ends, and a run in progress is checkpointed under ``spec['out']``
+    (`grid.Checkpoint`), so a stopped study loses at most the steps since the run's last held-out check.
     Returns every row of the member in the cell, old and new."""
     seeds, lrs = spec["seeds"], spec["lrs"]
     kw = {k: v for k, v in spec.items() if k not in ("seeds", "lrs", "instruments", "out", "sweep_stop")}
@@ -321,9 +333,11 @@ def run_member(spec: dict, done: dict, log_dir: str | None = None) -> list:
         if key in done:
             return done[key]
         inst = os.path.join(spec["out"], "instruments") if spec.get("instruments") and seed == seeds[0] else None
-        row = train_member(lr=lr, seed=seed, data_seed=seed, role=role, instrument_dir=inst, **kw)
+        row = train_member(lr=lr, seed=seed, data_seed=seed, role=role, instrument_dir=inst,
+                           checkpoint_dir=spec["out"], **kw)
         if log is not None:
             log.add(key, row)
+        grid.Checkpoint(spec["out"], key).clear()
         print(f"{row['member']:12s} w={row['width']:<3d} L={row['seq_len']:<4d} pairs={row['pairs']:<3d} "
               f"lr={lr:.0e} seed={seed} ({role}): accuracy {row['accuracy']:.3f}"
               + (f" (f≡0: {row['accuracy_f0']:.3f})" if row["accuracy_f0"] is not None else "")

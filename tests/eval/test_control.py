@@ -129,3 +129,35 @@ def test_study_smoke_and_resume(tmp_path):
                                                               ("mamba", 1)]
     assert [json.loads(line)["key"][5] for line in open(f"{out}/runs.jsonl")] == [0, 0, 1, 1]
     assert next(r for r in again if r["seed"] == 0 and r["member"] == "mamba") == rows[0]
+
+
+def test_a_shift_run_stopped_part_way_continues_from_its_checkpoint(tmp_path, monkeypatch):
+    """Killed at its second stop check (step 4), the run resumes from the checkpoint of step 2, ends exactly
+    as the uninterrupted run (conba-all's training noise included), and its checkpoint is gone once the run
+    is in the log."""
+    from mixcon.eval import control_study
+
+    args = ["shift", "--members", "conba-all", "--width", "16", "--steps", "6", "--batch", "2", "--seeds", "0",
+            "--eval-examples", "2", "--val-examples", "2", "--eval-every", "2", "--seq-len", "48", "--no-progress"]
+    whole = control_study.main(args + ["--out", str(tmp_path / "a")])[0]
+    assert whole["steps"] == 6
+    real, calls = control_study._token_losses, []
+
+    def dies_at_the_second_check(*a, **k):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(control_study, "_token_losses", dies_at_the_second_check)
+    with pytest.raises(KeyboardInterrupt):
+        control_study.main(args + ["--out", str(tmp_path / "b")])
+    assert len(list((tmp_path / "b" / "checkpoints").iterdir())) == 1
+    monkeypatch.setattr(control_study, "_token_losses", real)
+    gen, drawn = control_study.piecewise_unigram, []
+    monkeypatch.setattr(control_study, "piecewise_unigram", lambda seed, *a, **k: drawn.append(seed) or gen(seed, *a, **k))
+    resumed = control_study.main(args + ["--out", str(tmp_path / "b"), "--resume"])[0]
+    assert [s[1] for s in drawn if s[1] < 2**31] == [3, 4, 5, 6]  # the steps after the checkpoint only
+    for k in ("steps", "train_loss", "loss_before", "loss_after", "loss_after_f0", "ctl_effect"):
+        assert resumed[k] == whole[k], k
+    assert not list((tmp_path / "b" / "checkpoints").iterdir())

@@ -229,3 +229,45 @@ def test_matched_lr_table_pairs_the_runs_at_a_shared_learning_rate():
     same = [dict(r, lr=1e-2) if r["member"] == "conba-noctl" and r["lr"] == 1e-3 else r for r in rows
             if not (r["member"] == "conba-noctl" and r["lr"] == 1e-2)]
     assert all(p["lr"] != 1e-2 for p in matched_table(same) if p["a"] == "conba-all")
+
+
+def test_a_run_stopped_part_way_continues_from_its_checkpoint(tmp_path, monkeypatch):
+    """A run killed after its second held-out check continues from the checkpoint of the first (the data of
+    steps 3.. only, not 1..) and ends exactly as the uninterrupted run; the training noise (conba-all's)
+    draws from the restored RNG. A checkpoint of other settings is not resumed."""
+    import torch
+
+    from mixcon.eval import grid, recall
+
+    kw = dict(member="conba-all", width=16, depth=2, seq_len=16, pairs=2, vocab=32, steps=6, batch=4, lr=3e-3,
+              warmup=1, seed=3, data_seed=3, eval_examples=16, eval_every=2, val_examples=8, target=2.0,
+              extra=dict(control_period=4))
+    whole = recall.train_member(**kw, checkpoint_dir=str(tmp_path / "a"))
+
+    real_eval, real_mqar, calls, drawn = recall.evaluate, recall.mqar, [], []
+
+    def dies_at_the_second_check(*a, **k):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real_eval(*a, **k)
+
+    monkeypatch.setattr(recall, "evaluate", dies_at_the_second_check)
+    with pytest.raises(KeyboardInterrupt):
+        recall.train_member(**kw, checkpoint_dir=str(tmp_path / "b"))
+    monkeypatch.setattr(recall, "evaluate", real_eval)
+    monkeypatch.setattr(recall, "mqar", lambda seed, *a, **k: drawn.append(seed) or real_mqar(seed, *a, **k))
+    torch.manual_seed(12345)  # the resumed run must not depend on the RNG it starts with
+    resumed = recall.train_member(**kw, checkpoint_dir=str(tmp_path / "b"))
+    assert [s[1] for s in drawn if s[1] < 2**31] == [3, 4, 5, 6]
+    for k in ("steps", "accuracy", "answer_loss", "accuracy_f0", "answer_loss_f0", "train_loss", "val_accuracy"):
+        assert resumed[k] == whole[k], k
+
+    ck = grid.Checkpoint(str(tmp_path / "c"), ("x", 1), dict(lr=1.0))
+    model, opt = torch.nn.Linear(2, 2), None
+    opt = torch.optim.AdamW(model.parameters())
+    ck.save(model, opt, dict(step=4))
+    assert ck.load(model, opt) == dict(step=4)
+    assert grid.Checkpoint(str(tmp_path / "c"), ("x", 1), dict(lr=2.0)).load(model, opt) is None
+    ck.clear()
+    assert ck.load(model, opt) is None
