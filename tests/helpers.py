@@ -272,3 +272,16 @@ def token_lists(seed, lengths, low=3, high=512):
     """Random prompts as lists of token ids (one list per length), a pure function of ``seed``."""
     g = torch.Generator().manual_seed(seed)
     return [torch.randint(low, high, (n,), generator=g).tolist() for n in lengths]
+
+
+def dies_at_call(fn, n):
+    """``fn`` that raises KeyboardInterrupt (a kill) at its ``n``-th call, to stop a run part-way."""
+    calls = []
+
+    def wrapper(*a, **k):
+        calls.append(1)
+        if len(calls) == n:
+            raise KeyboardInterrupt
+        return fn(*a, **k)
+
+    return wrapper

@@ -135,21 +135,16 @@ def test_a_shift_run_stopped_part_way_continues_from_its_checkpoint(tmp_path, mo
     """Killed at its second stop check (step 4), the run resumes from the checkpoint of step 2, ends exactly
     as the uninterrupted run (conba-all's training noise included), and its checkpoint is gone once the run
     is in the log."""
+    from helpers import dies_at_call
     from mixcon.eval import control_study
 
     args = ["shift", "--members", "conba-all", "--width", "16", "--steps", "6", "--batch", "2", "--seeds", "0",
             "--eval-examples", "2", "--val-examples", "2", "--eval-every", "2", "--seq-len", "48", "--no-progress"]
     whole = control_study.main(args + ["--out", str(tmp_path / "a")])[0]
     assert whole["steps"] == 6
-    real, calls = control_study._token_losses, []
+    real = control_study._token_losses
 
-    def dies_at_the_second_check(*a, **k):
-        calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        return real(*a, **k)
-
-    monkeypatch.setattr(control_study, "_token_losses", dies_at_the_second_check)
+    monkeypatch.setattr(control_study, "_token_losses", dies_at_call(real, 2))
     with pytest.raises(KeyboardInterrupt):
         control_study.main(args + ["--out", str(tmp_path / "b")])
     assert len(list((tmp_path / "b" / "checkpoints").iterdir())) == 1

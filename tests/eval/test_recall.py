@@ -235,6 +235,7 @@ def test_a_run_stopped_part_way_continues_from_its_checkpoint(tmp_path, monkeypa
     """A run killed after its second held-out check continues from the checkpoint of the first (the data of
     steps 3.. only, not 1..) and ends exactly as the uninterrupted run; the training noise (conba-all's)
     draws from the restored RNG. A checkpoint of other settings is not resumed."""
+    from helpers import dies_at_call
     import torch
 
     from mixcon.eval import grid, recall
@@ -244,15 +245,9 @@ def test_a_run_stopped_part_way_continues_from_its_checkpoint(tmp_path, monkeypa
               extra=dict(control_period=4))
     whole = recall.train_member(**kw, checkpoint_dir=str(tmp_path / "a"))
 
-    real_eval, real_mqar, calls, drawn = recall.evaluate, recall.mqar, [], []
+    real_eval, real_mqar, drawn = recall.evaluate, recall.mqar, []
 
-    def dies_at_the_second_check(*a, **k):
-        calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        return real_eval(*a, **k)
-
-    monkeypatch.setattr(recall, "evaluate", dies_at_the_second_check)
+    monkeypatch.setattr(recall, "evaluate", dies_at_call(real_eval, 2))
     with pytest.raises(KeyboardInterrupt):
         recall.train_member(**kw, checkpoint_dir=str(tmp_path / "b"))
     monkeypatch.setattr(recall, "evaluate", real_eval)
