@@ -142,6 +142,7 @@ def _control(model, ids, label, out_dir):
     return instrument(model, torch.from_numpy(ids), label, out_dir)
 
 
+SETTINGS = ("width", "depth", "vocab", "support", "batch", "lr", "warmup")  # in every row, checked on --resume
 RUN_ONLY = ("out", "resume", "no_progress", "budget_min", "threads", "members", "seeds", "smoke")  # not a run's
 
 
@@ -171,6 +172,7 @@ def run_shift(member, seed, a) -> dict:
     with feedback_off(model) as n_switched:
         tl0 = _token_losses(model, x, a["batch"]) if n_switched else None
     row = dict(member=member, seed=seed, steps=len(losses), max_steps=a["steps"], seq_len=T, step_time_s=step_s,
+               **{k: a[k] for k in SETTINGS},
                train_loss=float(np.mean(losses[-max(1, len(losses) // 10):])),
                loss_before=_mean(tl[since < 0]), loss_after=_mean(tl[since >= 0]))
     row["before_gap"] = row["loss_before"] - math.log(a["support"])
@@ -196,6 +198,7 @@ def run_extrapolation(member, seed, a) -> dict:
     x = gen((seed, 2**32 - 1), a["eval_examples"], L)
     tl = _token_losses(model, x, 1)  # (n, L − 1)
     row = dict(member=member, seed=seed, steps=a["steps"], train_len=T, step_time_s=step_s,
+               **{k: a[k] for k in SETTINGS},
                train_loss=float(np.mean(losses[-max(1, a["steps"] // 10):])),
                loss_train_len=float(tl[:, :T - 1].mean()))
     for n in a["eval_lens"]:
@@ -399,6 +402,15 @@ def main(argv=None):
         args.seq_len, args.train_len, args.eval_lens, args.segment, args.bin = 64, 32, [64, 128], 16, 16
     if args.task == "extrapolation" and min(args.eval_lens) <= args.train_len:
         ap.error(f"--eval-lens {args.eval_lens} must be longer than --train-len {args.train_len}")
+    if args.resume and args.task != "init":
+        settings = {k: (f"--{k.replace('_', '-')}", getattr(args, k)) for k in SETTINGS}
+        settings["max_steps" if shift else "steps"] = ("--steps", args.steps)
+        settings["seq_len" if shift else "train_len"] = ("--seq-len", args.seq_len) if shift else ("--train-len",
+                                                                                                   args.train_len)
+        try:
+            grid.check_resume(args.out, settings)
+        except ValueError as e:
+            ap.error(str(e))
     import torch
 
     from mixcon.bench.common import header, save_results

@@ -238,6 +238,20 @@ class RunLog:
             f.write(json.dumps(dict(key=list(key), row=row)) + "\n")
 
 
+def check_resume(out: str, settings: dict) -> None:
+    """Refuse (ValueError) to resume into ``out`` whose kept runs were made with other settings: a run is
+    kept by its key alone, so a call that changed, say, --steps would mix two budgets in one table.
+    ``settings``: {row field: (option, this call's value)}; a row without the field (an older run) is not
+    checked for it."""
+    path = os.path.join(out, "runs.jsonl")
+    for row in RunLog(out, resume=True).done.values():
+        for field, (option, value) in settings.items():
+            if field in row and row[field] != value:
+                which = ", ".join(f"{k} {row[k]}" for k in ("member", "lr", "seed") if k in row)
+                raise ValueError(f"--resume: {path} holds runs made with {option} {row[field]} ({which}); this "
+                                 f"call says {option} {value}: resume with that setting, or write to another --out")
+
+
 CHECKPOINTS = "checkpoints"  # under a study's OUT; not committed (.gitignore)
 
 

@@ -287,6 +287,8 @@ def train_member(member, width, depth, seq_len, pairs, vocab, steps, batch, lr, 
                 control_period=config.control_period, **ctl, depth=config.num_hidden_layers, seq_len=seq_len,
                 pairs=pairs, vocab=vocab, lr=lr, seed=seed, role=role,
                 params_M=sum(p.numel() for p in model.parameters()) / 1e6, steps=step, max_steps=steps,
+                batch=batch, warmup=warmup, target=target, eval_every=eval_every, val_examples=val_examples,
+                eval_examples=eval_examples,
                 stopped_early=step < steps, accuracy=accuracy, answer_loss=answer_loss, accuracy_f0=acc_f0,
                 answer_loss_f0=loss_f0, val_accuracy=val_acc, train_loss=sum(tail) / len(tail),
                 step_time_s=train_s / step, step_cpu_s=train_cpu / step, seconds=time.perf_counter() - t0)
@@ -638,6 +640,10 @@ def build_parser(ap: argparse.ArgumentParser | None = None) -> argparse.Argument
     return ap
 
 
+PROTOCOL = dict(max_steps="steps", vocab="vocab", batch="batch", warmup="warmup", target="target",
+                eval_every="eval_every", val_examples="val_examples", eval_examples="eval_examples")  # row: option
+
+
 def check_args(args) -> None:
     """One message per bad argument (ValueError), before any run."""
     for s, p in args.cells:
@@ -652,6 +658,8 @@ def check_args(args) -> None:
             raise ValueError(f"--heads {args.heads} must divide every width (got {w})")
     if not 0 < args.target <= 1 or not 0 < args.gate <= 1:
         raise ValueError(f"--target {args.target} and --gate {args.gate} must be in (0, 1]")
+    if args.resume and not args.report:
+        grid.check_resume(args.out, {f: (f"--{a.replace('_', '-')}", getattr(args, a)) for f, a in PROTOCOL.items()})
 
 
 def main(argv=None):

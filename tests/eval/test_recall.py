@@ -266,3 +266,24 @@ def test_a_run_stopped_part_way_continues_from_its_checkpoint(tmp_path, monkeypa
     assert grid.Checkpoint(str(tmp_path / "c"), ("x", 1), dict(lr=2.0)).load(model, opt) is None
     ck.clear()
     assert ck.load(model, opt) is None
+
+
+def test_resume_refuses_runs_made_with_other_settings(tmp_path, capsys):
+    """A run is kept by its key alone, so --resume with another --steps (or vocabulary, batch, ...) would
+    put two budgets in one table: refused with one line naming both values; the same settings resume."""
+    from mixcon.cli import main
+    from mixcon.eval import control_study, grid
+
+    grid.RunLog(str(tmp_path), resume=False).add(("attention", 16, 16, 2, 1e-3, 0), dict(
+        member="attention", lr=1e-3, seed=0, max_steps=3, vocab=32, batch=4))
+    assert main(["study", "recall", "--cells", "16:2", "--vocab", "32", "--batch", "4", "--steps", "5", "--out",
+                 str(tmp_path), "--resume", "--members", "attention", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--steps 3" in err and "--steps 5" in err
+    (tmp_path / "s").mkdir()
+    grid.RunLog(str(tmp_path / "s"), resume=False).add(("mamba", 0), dict(member="mamba", seed=0, max_steps=30,
+                                                                          seq_len=48, batch=8))
+    with pytest.raises(SystemExit):
+        control_study.main(["shift", "--members", "mamba", "--steps", "30", "--seq-len", "48", "--batch", "4",
+                            "--resume", "--out", str(tmp_path / "s"), "--no-progress"])
+    assert "--batch 8" in capsys.readouterr().err
