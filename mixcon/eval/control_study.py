@@ -390,8 +390,11 @@ def main(argv=None):
     ap.add_argument("--resume", action="store_true", help="keep the runs in OUT/runs.jsonl, run the rest")
     ap.add_argument("--out", required=True)
     ap.add_argument("--smoke", action="store_true", help="seconds: tiny sizes, 3 steps, one seed")
+    ap.add_argument("--report", action="store_true",
+                    help="train nothing: the tables, the paired comparisons and the plot from OUT/runs.jsonl")
     ap.add_argument("--no-progress", action="store_true")
     args = ap.parse_args(argv)
+    args.resume = args.resume or args.report
     shift = args.task == "shift"
     args.steps = args.steps or (3000 if shift else 600)
     args.batch = args.batch or (8 if shift else 4)
@@ -441,7 +444,9 @@ def main(argv=None):
     jobs = [grid.Job(key=(m, s), fn=fn, args=(m, s, a), cost_key=m) for s in args.seeds for m in args.members]
     runlog = grid.RunLog(args.out, args.resume)
     done = runlog.done
-    jobs = runlog.pending(jobs)
+    jobs = runlog.pending(jobs) if not args.report else []
+    if args.report and not done:
+        ap.error(f"--report: no runs in {runlog.path}")
 
     def report(key, row):
         runlog.add(key, row)
@@ -452,7 +457,7 @@ def main(argv=None):
     results, skipped = grid.run_jobs(jobs, args.budget_min * 60 if args.budget_min else None, 1, progress=not args.no_progress,
                                      desc=f"{args.task} runs", on_result=report)
     results = {**done, **results}
-    rows = [results[k] for k in sorted(results, key=lambda k: (args.members.index(k[0]), k[1]))]
+    rows = [results[k] for k in sorted(results, key=lambda k: (list(MEMBERS).index(k[0]), k[1]))]
     summary = summarize(rows, cols)
     metrics = (["loss_before", "loss_after_0_16", "loss_after_16_64", "loss_after_64_end", "loss_after"] if shift else
                ["loss_train_len"] + [f"loss_{n}" for n in args.eval_lens] + [f"loss_last_{n}" for n in args.eval_lens])

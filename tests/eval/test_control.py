@@ -118,6 +118,11 @@ def test_study_smoke_and_resume(tmp_path):
                                "--seq-len", "48", "--out", str(tmp_path / "s")])
     assert [r["member"] for r in rows] == ["mamba", "conba-all"] and all(r["loss_after"] > 0 for r in rows)
     assert (tmp_path / "s" / "shift.md").exists() and (tmp_path / "s" / "runs.jsonl").exists()
+    (tmp_path / "s" / "shift.md").unlink()
+    reported = control_study.main(["shift", "--smoke", "--members", "attention", "--no-progress", "--seq-len", "48",
+                                   "--out", str(tmp_path / "s"), "--report"])  # trains nothing, reports every run
+    key = lambda rs: [(r["member"], r["seed"], r["loss_after"]) for r in rs]  # noqa: E731
+    assert key(reported) == key(rows) and (tmp_path / "s" / "shift.md").exists()
     out = str(tmp_path / "r")
     args = ["--smoke", "--members", "mamba", "conba-live", "--control-period", "2", "--out", out, "--no-progress",
             "--lrs", "1e-3"]
