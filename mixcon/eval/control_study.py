@@ -468,7 +468,11 @@ def main(argv=None):
     plot(args.task, rows, a, os.path.join(args.out, f"{args.task}.png"),
          f"{args.task}: {args.steps} steps × {args.batch}, width {args.width}, depth {args.depth}, "
          f"rev {meta['rev']} (mean, min–max band over seeds)")
-    print(f"wrote {args.out}/{args.task}.md, summary.csv, results.json, {args.task}.png", flush=True)
+    grid.plot_paired(paired, metrics, os.path.join(args.out, f"{args.task}-paired.png"),
+                     f"{args.task}: paired by seed, loss a − b (negative: a lower; bar: mean, line: 95 % interval), "
+                     f"rev {meta['rev']}")
+    print(f"wrote {args.out}/{args.task}.md, summary.csv, results.json, {args.task}.png, {args.task}-paired.png",
+          flush=True)
     return rows
 
 

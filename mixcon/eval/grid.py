@@ -315,6 +315,42 @@ def pyplot():
     return plt
 
 
+def plot_paired(paired_rows: list, metrics: list, path: str, title: str) -> None:
+    """The paired comparisons as they are read: one row per comparison, one panel per metric; each seed's
+    difference a − b (dots), their mean (a bar) and its 95 % interval (mean ± t·sd/√n, `t_critical`), the
+    zero line, and the verdict at the right. ``paired_rows``: dicts with comparison, metric and `paired`'s
+    fields. Nothing is drawn without matplotlib or rows."""
+    plt = pyplot()
+    names = list(dict.fromkeys(r["comparison"] for r in paired_rows if r["metric"] in metrics and r["n"]))
+    if plt is None or not names:
+        return
+    fig, axes = plt.subplots(1, len(metrics), figsize=(3.2 * len(metrics) + 2.5, 0.42 * len(names) + 1.2),
+                             sharey=True, squeeze=False)
+    for ax, metric in zip(axes[0], metrics):
+        for i, name in enumerate(names):
+            r = next((r for r in paired_rows if r["comparison"] == name and r["metric"] == metric), None)
+            if r is None or not r["n"]:
+                continue
+            ax.plot(r["diffs"], [i] * r["n"], "o", color="C0", ms=3.5, alpha=0.8)
+            ax.plot([r["mean"]], [i], "|", color="k", ms=12, mew=2)
+            if r["n"] > 1 and math.isfinite(r["sd"]):
+                half = t_critical(r["n"] - 1) * r["sd"] / math.sqrt(r["n"])
+                ax.plot([r["mean"] - half, r["mean"] + half], [i, i], "-", color="k", lw=1)
+            called = r["verdict"] in ("a > b", "a < b")
+            ax.annotate(f"{r['verdict']} (n={r['n']})", (1.0, i), xycoords=("axes fraction", "data"), xytext=(4, 0),
+                        textcoords="offset points", va="center", fontsize=6, color="C3" if called else "gray")
+        ax.axvline(0, color="gray", lw=0.8)
+        ax.set_title(metric, fontsize=8)
+        ax.set_xlabel("a − b per seed", fontsize=7)
+        ax.tick_params(labelsize=7)
+        ax.grid(alpha=0.3, axis="x")
+    axes[0][0].set_yticks(range(len(names)), names, fontsize=7)
+    axes[0][0].invert_yaxis()
+    fig.suptitle(title, fontsize=8)
+    fig.tight_layout()
+    save_figure(fig, path)
+
+
 def save_figure(fig, path: str) -> None:
     """Through a temporary file and a rename."""
     plt = pyplot()

@@ -541,7 +541,8 @@ def write_markdown(rows, members, gates, meta, path, summary, paired, matched):
 
 def write_outputs(out: str, rows: list, members: list, gates: dict, meta: dict) -> None:
     """summary.csv (every run: the COLS), results.json (the header, the per-member summary, the paired
-    table, the gates and every run), recall.md and one plot per cell."""
+    table, the gates and every run), recall.md and two plots per cell (accuracy per member; the paired
+    differences)."""
     from mixcon.bench.common import save_results
 
     summary, paired, matched = summarize(rows, meta["args"]["gate"]), paired_table(rows), matched_table(rows)
@@ -550,9 +551,14 @@ def write_outputs(out: str, rows: list, members: list, gates: dict, meta: dict) 
     os.replace(os.path.join(out, "results.csv"), os.path.join(out, "summary.csv"))
     write_markdown(rows, members, gates, meta, os.path.join(out, "recall.md"), summary, paired, matched)
     for width, seq_len, pairs in sorted({(r["width"], r["seq_len"], r["pairs"]) for r in rows}):
-        plot_cell(rows, members, width, seq_len, pairs, os.path.join(out, f"recall-L{seq_len}-p{pairs}-w{width}.png"),
+        name = f"recall-L{seq_len}-p{pairs}-w{width}"
+        plot_cell(rows, members, width, seq_len, pairs, os.path.join(out, name + ".png"),
                   f"MQAR L={seq_len}, {pairs} pairs, vocab {meta['args']['vocab']}, width {width} "
                   f"(rev {meta['rev']}; bars: mean of seeds; dotted: 1/pairs)")
+        grid.plot_paired([p for p in paired if (p["width"], p["seq_len"], p["pairs"]) == (width, seq_len, pairs)],
+                         ["accuracy", "answer_loss"], os.path.join(out, name + "-paired.png"),
+                         f"MQAR L={seq_len}, {pairs} pairs, width {width}: paired by seed, each member at its "
+                         f"chosen rate (bar: mean, line: 95 % interval)")
 
 
 def estimate(args) -> float:

@@ -118,6 +118,7 @@ def test_study_smoke_and_resume(tmp_path):
                                "--seq-len", "48", "--out", str(tmp_path / "s")])
     assert [r["member"] for r in rows] == ["mamba", "conba-all"] and all(r["loss_after"] > 0 for r in rows)
     assert (tmp_path / "s" / "shift.md").exists() and (tmp_path / "s" / "runs.jsonl").exists()
+    assert (tmp_path / "s" / "shift-paired.png").stat().st_size > 10_000  # Conba − Mamba, as trained − f≡0
     (tmp_path / "s" / "shift.md").unlink()
     reported = control_study.main(["shift", "--smoke", "--members", "attention", "--no-progress", "--seq-len", "48",
                                    "--out", str(tmp_path / "s"), "--report"])  # trains nothing, reports every run

@@ -139,6 +139,7 @@ def test_recall_smoke(tmp_path):
     header = (tmp_path / "summary.csv").read_text().splitlines()[0].split(",")
     assert header[:9] == ["member", "width", "depth", "heads", "seq_len", "pairs", "vocab", "lr", "seed"]
     assert (tmp_path / "recall-L16-p2-w16.png").exists() and "Pilot gate" in (tmp_path / "recall.md").read_text()
+    assert (tmp_path / "recall-L16-p2-w16-paired.png").stat().st_size > 10_000
     # resumable: a second call runs nothing new
     again, _ = recall.main(["--smoke", "--out", str(tmp_path), "--no-progress", "--members", "attention", "mamba",
                             "--resume"])
