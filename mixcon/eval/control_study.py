@@ -317,10 +317,9 @@ def write_markdown(task, summary, cols, meta, not_run, path, paired=()):
                 cells.append(f"{v:.2e}")
             elif c == "step_time_s":
                 cells.append(f"{v:.3f}")
-            elif s["seeds"] > 1:
-                cells.append(f"{v:.3f} ({s[c + '_min']:.3f}–{s[c + '_max']:.3f})")
             else:
-                cells.append(f"{v:.3f}")
+                p = 0 if c == "steps" else 3
+                cells.append(f"{v:.{p}f}" + (f" ({s[c + '_min']:.{p}f}–{s[c + '_max']:.{p}f})" if s["seeds"] > 1 else ""))
         lines.append(f"| {s['member']} | {s['seeds']} | " + " | ".join(cells) + " |")
     if paired:
         lines += paired_markdown(paired)
