@@ -689,7 +689,7 @@ def run(args):
         torch.set_num_threads(args.threads or 1)
     if args.estimate:
         return estimate(args)
-    meta = header(device, dtype="bf16 autocast" if device.type == "cuda" else "float32", args=vars(args),
+    meta = header(device, dtype="float32", args=vars(args),  # train_member runs float32 everywhere (no autocast)
                   config_defaults=grid.config_defaults("control_period", "delay", "k_max"))
     meta["args"]["cells"] = [list(c) for c in args.cells]
     print(json.dumps({k: v for k, v in meta.items() if k != "args"}), flush=True)
