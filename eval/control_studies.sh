@@ -6,8 +6,14 @@ set -x
 R=eval/results
 # MQAR, Zoology's task and protocol: the deciding cell (64 tokens = 8 periods of P = 8, 4 pairs, every
 # query after the first sampling instant), attention's pilot gate first, then the claim members
-nice -n 5 mixcon study recall --cells 64:4 --vocab 128 --widths 64 --heads 1 --control-period 8 --no-progress \
-    --out $R/recall/L64-p4-P8 "$@"
+CELL="--cells 64:4 --vocab 128 --widths 64 --heads 1 --control-period 8 --no-progress --out $R/recall/L64-p4-P8"
+nice -n 5 mixcon study recall $CELL --members attention mamba conba-all conba-noctl conba-live hybrid-1:3 hybrid-2:6 \
+    hybrid-1:7 "$@"
+# a pure Conba of the hybrids' depth (8): its sweep from the top, conba-all's rate first (~1.3 CPU-hours a run)
+nice -n 5 mixcon study recall $CELL --members conba-deep --lrs 1e-2 3e-3 1e-3 "$@"
+# more pairs per state: attention's pilot at a 6000-step cap (the 3000-step one failed its gate)
+nice -n 5 mixcon study recall --cells 64:8 --vocab 128 --widths 64 --heads 1 --control-period 8 --steps 6000 \
+    --members attention --no-progress --out $R/recall/L64-p8-P8-s6000 "$@"
 # the controller's own tasks, trained until the loss before the change is within 0.2 nats of ln(support)
 nice -n 5 mixcon study control shift --no-progress --out $R/control/shift-trained "$@"
 nice -n 5 mixcon study control extrapolation --no-progress --out $R/control/extrapolation-16 "$@"
