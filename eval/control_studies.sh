@@ -17,3 +17,5 @@ nice -n 5 mixcon study recall --cells 64:8 --vocab 128 --widths 64 --heads 1 --c
 # the controller's own tasks, trained until the loss before the change is within 0.2 nats of ln(support)
 nice -n 5 mixcon study control shift --no-progress --out $R/control/shift-trained "$@"
 nice -n 5 mixcon study control extrapolation --no-progress --out $R/control/extrapolation-16 "$@"
+# the same at 3000 steps: the 600-step run above ends undertrained (loss 2.8 at the training length)
+nice -n 5 mixcon study control extrapolation --steps 3000 --no-progress --out $R/control/extrapolation-16-s3000 "$@"
