@@ -1,6 +1,8 @@
-"""Shared pieces of the grid studies (`mixcon study recall | ablation | family`): the built-in
+"""Shared pieces of the grid studies (`mixcon study recall | control | ablation | family`): the built-in
 corpus, Conba's mechanism switches as config overrides, members the installed config cannot express,
-a wall-clock budget over a list of runs (optionally in parallel processes), and mean ± spread.
+a wall-clock budget over a list of runs (optionally in parallel processes), the run log, the check that
+a resumed study keeps its settings and the checkpoint of a run in progress, mean ± spread, the paired
+comparison and its plot.
 
 Imports stay light (no torch at import) so that worker processes start quickly.
 """
