@@ -7,7 +7,9 @@
   from another. A model must notice the change in context and follow it; the loss after the change (overall
   and in windows of positions since it) is what feedback should help;
 * ``extrapolation``: the same kind of stream with a change every ~``segment`` tokens (exponential gaps),
-  trained at ``--train-len`` tokens and evaluated at ``--eval-lens`` (e.g. 4K, 8K): loss per position bin.
+  trained at ``--train-len`` tokens and evaluated at ``--eval-lens`` (e.g. 4K, 8K): loss per position bin,
+  and in the windows 0–16 and ≥ 64 tokens after a change (where a segment has settled, the training target
+  applies: ``after_64_gap``, the gap to ln(support) at the training length).
 
 Members (the MQAR study's): attention (RoPE), Mamba, Conba with every mechanism (control on, P = 64),
 control off, control on with ``control_init="live"``. Same steps, batch, lr for every member; ≥ 3 seeds.
@@ -49,7 +51,8 @@ def piecewise_unigram(seed, n: int, seq_len: int, vocab: int, support: int = 8, 
     Each segment draws its tokens i.i.d. from a distribution over ``support`` random tokens (weights from a
     flat Dirichlet). ``changes="one"``: one change at a uniform position in [seq_len/4, 3·seq_len/4);
     returns (x, change) with change (n,). ``changes="many"``: a change after every exponential gap of mean
-    ``segment``; returns (x, None). A pure function of ``seed``."""
+    ``segment``; returns (x, since) with since (n, seq_len) the positions since the start of each token's
+    segment (0 at a segment's first token). A pure function of ``seed``."""
     if not 1 <= support <= vocab:
         raise ValueError(f"support={support} must be in [1, vocab={vocab}]")
     if changes not in ("one", "many"):
@@ -57,6 +60,7 @@ def piecewise_unigram(seed, n: int, seq_len: int, vocab: int, support: int = 8, 
     rng = np.random.default_rng(seed)
     x = np.empty((n, seq_len), dtype=np.int64)
     change = rng.integers(seq_len // 4, 3 * seq_len // 4, n) if changes == "one" else None
+    since = np.empty((n, seq_len), dtype=np.int64) if changes == "many" else None
     for i in range(n):
         if changes == "one":
             bounds = [0, int(change[i]), seq_len]
@@ -68,7 +72,9 @@ def piecewise_unigram(seed, n: int, seq_len: int, vocab: int, support: int = 8, 
             toks = rng.choice(vocab, support, replace=False)
             p = rng.dirichlet(np.ones(support))
             x[i, a:b] = toks[rng.choice(support, b - a, p=p)]
-    return x, change
+            if since is not None:
+                since[i, a:b] = np.arange(b - a)
+    return x, (change if changes == "one" else since)
 
 
 def _mean(a) -> float:
@@ -189,14 +195,26 @@ def run_shift(member, seed, a) -> dict:
 
 
 def run_extrapolation(member, seed, a) -> dict:
+    """One member trained at ``train_len`` tokens and tested on ``eval_examples`` streams of the longest
+    ``eval_lens``: the mean loss over the first n positions (``loss_{n}``) and over the last half training
+    length before n (``loss_last_{n}``); over the targets 0–16 and ≥ 64 tokens after a change
+    (``loss_after_0_16_{n}``, ``loss_after_64_end_{n}``), n the training length and each test length; and
+    ``after_64_gap``: ``loss_after_64_end`` at the training length − ln(support), how far the trained model
+    is from knowing the support where a segment has settled (the shift task's ``before_gap``). A member with
+    a controller is tested again with f ≡ 0 in every layer at the longest length (``*_f0``)."""
+    from mixcon.eval.recall import feedback_off
+
     vocab, T = a["vocab"], a["train_len"]
     L = max(a["eval_lens"])
-    gen = lambda s, n, t: piecewise_unigram(s, n, t, vocab, a["support"], "many", a["segment"])[0]  # noqa: E731
+    gen = lambda s, n, t: piecewise_unigram(s, n, t, vocab, a["support"], "many", a["segment"])  # noqa: E731
     model, losses, step_s = _train(member, T, vocab, a["width"], a["depth"], a["steps"], a["batch"], a["lr"],
-                                   a["warmup"], seed, lambda step: gen((seed, step), a["batch"], T), L,
+                                   a["warmup"], seed, lambda step: gen((seed, step), a["batch"], T)[0], L,
                                    eval_every=a["eval_every"], checkpoint=checkpoint("extrapolation", member, seed, a))
-    x = gen((seed, 2**32 - 1), a["eval_examples"], L)
+    x, since = gen((seed, 2**32 - 1), a["eval_examples"], L)
+    since = since[:, 1:]  # of each target: tl[:, t] predicts x[:, t + 1]
     tl = _token_losses(model, x, 1)  # (n, L − 1)
+    with feedback_off(model) as n_switched:
+        tl0 = _token_losses(model, x, 1) if n_switched else None
     row = dict(member=member, seed=seed, steps=a["steps"], train_len=T, step_time_s=step_s,
                **{k: a[k] for k in SETTINGS},
                train_loss=float(np.mean(losses[-max(1, a["steps"] // 10):])),
@@ -204,6 +222,14 @@ def run_extrapolation(member, seed, a) -> dict:
     for n in a["eval_lens"]:
         row[f"loss_{n}"] = float(tl[:, :n - 1].mean())
         row[f"loss_last_{n}"] = float(tl[:, n - 1 - T // 2:n - 1].mean())  # the last half-train-length
+    for n in [T, *a["eval_lens"]]:
+        for lo, hi in (WINDOWS[0], WINDOWS[-1]):
+            sel = (since[:, :n - 1] >= lo) & (since[:, :n - 1] < (hi or L))
+            row[f"loss_after_{lo}_{hi or 'end'}_{n}"] = _mean(tl[:, :n - 1][sel])
+            if n == L:
+                row[f"loss_after_{lo}_{hi or 'end'}_{n}_f0"] = _mean(tl0[:, :n - 1][sel]) if tl0 is not None else None
+    row[f"loss_{L}_f0"] = float(tl0.mean()) if tl0 is not None else None
+    row["after_64_gap"] = row[f"loss_after_64_end_{T}"] - math.log(a["support"])
     bin_ = a["bin"]
     row["curve"] = [float(tl[:, i:i + bin_].mean()) for i in range(0, L - 1, bin_)]
     out_dir = os.path.join(a["out"], "instruments") if seed == a["seeds"][0] else None
@@ -244,6 +270,15 @@ SHIFT_COLS = ["member", "seed", "steps", "seq_len", "loss_before", "before_gap",
               "loss_after_16_64", "loss_after_64_end", "loss_after_f0", "loss_after_0_16_f0", "loss_after_16_64_f0",
               "loss_after_64_end_f0", "train_loss", "ctl_effect", "ctl_feedback", "ctl_k_end", "ctl_k_max_dev",
               "step_time_s"]
+
+
+def extrapolation_cols(train_len: int, eval_lens: list) -> list:
+    L = max(eval_lens)
+    windows = [f"loss_after_{w}_{n}" for n in [train_len, *eval_lens] for w in ("0_16", "64_end")]
+    return (["member", "seed", "steps", "train_len", "loss_train_len", "after_64_gap"]
+            + [f"loss_{n}" for n in eval_lens] + [f"loss_last_{n}" for n in eval_lens] + windows
+            + [f"loss_{L}_f0", f"loss_after_0_16_{L}_f0", f"loss_after_64_end_{L}_f0"]
+            + ["train_loss", "ctl_effect", "ctl_feedback", "ctl_k_end", "ctl_k_max_dev", "step_time_s"])
 
 
 def summarize(rows, cols) -> list:
@@ -435,10 +470,7 @@ def main(argv=None):
                         f"command `{meta['command']}`.\n\n" + control.format_table(rows) + "\n")
         print(f"wrote {args.out}/init.md", flush=True)
         return rows
-    cols = SHIFT_COLS if shift else (
-        ["member", "seed", "steps", "train_len", "loss_train_len"] + [f"loss_{n}" for n in args.eval_lens]
-        + [f"loss_last_{n}" for n in args.eval_lens]
-        + ["train_loss", "ctl_effect", "ctl_feedback", "ctl_k_end", "ctl_k_max_dev", "step_time_s"])
+    cols = SHIFT_COLS if shift else extrapolation_cols(args.train_len, args.eval_lens)
     fn = run_shift if shift else run_extrapolation
     jobs = [grid.Job(key=(m, s), fn=fn, args=(m, s, a), cost_key=m) for s in args.seeds for m in args.members]
     runlog = grid.RunLog(args.out, args.resume)
@@ -459,7 +491,9 @@ def main(argv=None):
     rows = [results[k] for k in sorted(results, key=lambda k: (list(MEMBERS).index(k[0]), k[1]))]
     summary = summarize(rows, cols)
     metrics = (["loss_before", "loss_after_0_16", "loss_after_16_64", "loss_after_64_end", "loss_after"] if shift else
-               ["loss_train_len"] + [f"loss_{n}" for n in args.eval_lens] + [f"loss_last_{n}" for n in args.eval_lens])
+               ["loss_train_len", f"loss_after_64_end_{args.train_len}"]
+               + [f"{c}_{max(args.eval_lens)}" for c in ("loss", "loss_last", "loss_after_0_16", "loss_after_64_end")])
+    metrics = [m for m in metrics if all(m in r for r in rows)]  # runs of an older revision lack the newer columns
     paired = paired_rows(rows, metrics)
     save_results(args.out, rows, cols, meta, summary=summary, paired=paired, not_run=[list(k) for k in skipped])
     os.replace(os.path.join(args.out, "results.csv"), os.path.join(args.out, "summary.csv"))

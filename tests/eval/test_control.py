@@ -5,6 +5,7 @@ Control is tested over >= 4·P tokens: it acts only at sampling instants."""
 import json
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -107,8 +108,50 @@ def test_piecewise_unigram():
     assert ((change >= 50) & (change < 150)).all()
     for row, c in zip(x, change):
         assert len(set(row[:c])) <= 4 and len(set(row[c:])) <= 4 and set(row[:c]) != set(row[c:])
-    y, none = piecewise_unigram(5, 2, 300, 64, support=4, changes="many", segment=30)
-    assert none is None and len(set(y[0])) > 8
+    y, since = piecewise_unigram(5, 2, 300, 64, support=4, changes="many", segment=30)
+    assert since.shape == y.shape and len(set(y[0])) > 8 and (since[:, 0] == 0).all()
+    for row, s in zip(y, since):
+        starts = np.flatnonzero(s == 0)
+        assert len(starts) > 4 and (np.diff(s)[np.diff(s) != 1] == -s[:-1][np.diff(s) != 1]).all()  # +1 or reset
+        segments = np.split(row, starts[1:])
+        assert all(len(set(seg)) <= 4 for seg in segments)
+        assert any(set(a) != set(b) for a, b in zip(segments, segments[1:]))
+    assert (piecewise_unigram(5, 2, 300, 64, support=4, changes="many", segment=30)[0] == y).all()
+
+
+def test_extrapolation_windows(tmp_path, monkeypatch):
+    """The window losses of an extrapolation run select the targets 0–16 and >= 64 tokens after a change,
+    at each length: checked against the stream's own segments, with per-token losses that name the target
+    (the token's id) in place of the model's."""
+    from mixcon.eval import control_study
+
+    monkeypatch.setattr(control_study, "_token_losses", lambda model, ids, batch: ids[:, 1:].astype(float))
+    a = dict(vocab=64, support=4, train_len=32, eval_lens=[160, 320], segment=48, width=16, depth=2, steps=2,
+             batch=2, lr=1e-3, warmup=1, eval_every=2, eval_examples=3, bin=32, out=str(tmp_path), seeds=[1])
+    row = control_study.run_extrapolation("conba-all", 0, a)
+    x, since = control_study.piecewise_unigram((0, 2**32 - 1), 3, 320, 64, 4, "many", 48)
+    for n in (32, 160, 320):
+        fresh = [x[i, t] for i in range(3) for t in range(1, n) if since[i, t] < 16]
+        settled = [x[i, t] for i in range(3) for t in range(1, n) if since[i, t] >= 64]
+        assert row[f"loss_after_0_16_{n}"] == pytest.approx(np.mean(fresh))
+        assert math.isnan(row[f"loss_after_64_end_{n}"]) if not settled else (
+            row[f"loss_after_64_end_{n}"] == pytest.approx(np.mean(settled)))
+    assert len([t for t in range(1, 320) if since[0, t] >= 64]) > 20  # the window is not empty at 320
+    assert row["loss_after_0_16_320_f0"] == pytest.approx(row["loss_after_0_16_320"])  # the same fake losses
+    assert (math.isnan(row["after_64_gap"]) and math.isnan(row["loss_after_64_end_32"])) or (
+        row["after_64_gap"] == pytest.approx(row["loss_after_64_end_32"] - math.log(4)))
+
+
+def test_extrapolation_smoke(tmp_path):
+    from mixcon.eval import control_study
+
+    rows = control_study.main(["extrapolation", "--smoke", "--members", "mamba", "conba-all", "--no-progress",
+                               "--out", str(tmp_path)])
+    mamba, conba = rows
+    assert mamba["loss_128_f0"] is None and isinstance(conba["loss_128_f0"], float)
+    assert conba["after_64_gap"] == pytest.approx(conba["loss_after_64_end_32"] - math.log(8), nan_ok=True)
+    md = (tmp_path / "extrapolation.md").read_text()
+    assert "loss_after_0_16_128" in md and "conba-all: as trained − f≡0 | loss_after_0_16_128 |" in md
 
 
 def test_study_smoke_and_resume(tmp_path):
