@@ -11,11 +11,12 @@ nice -n 5 mixcon study recall $CELL --members attention mamba conba-all conba-no
     hybrid-1:7 "$@"
 # a pure Conba of the hybrids' depth (8): its sweep from the top, conba-all's rate first (~1.3 CPU-hours a run)
 nice -n 5 mixcon study recall $CELL --members conba-deep --lrs 1e-2 3e-3 1e-3 "$@"
-# more pairs per state: attention's pilot at a 6000-step cap (the 3000-step one failed its gate)
-nice -n 5 mixcon study recall --cells 64:8 --vocab 128 --widths 64 --heads 1 --control-period 8 --steps 6000 \
-    --members attention --no-progress --out $R/recall/L64-p8-P8-s6000 "$@"
 # the controller's own tasks, trained until the loss before the change is within 0.2 nats of ln(support)
 nice -n 5 mixcon study control shift --no-progress --out $R/control/shift-trained "$@"
 nice -n 5 mixcon study control extrapolation --no-progress --out $R/control/extrapolation-16 "$@"
 # the same at 3000 steps: the 600-step run above ends undertrained (loss 2.8 at the training length)
 nice -n 5 mixcon study control extrapolation --steps 3000 --no-progress --out $R/control/extrapolation-16-s3000 "$@"
+# more pairs per state at a 6000-step cap (the 3000-step one failed attention's gate): the pilot gate, then
+# every member (~25 CPU-hours; last, being the longest)
+nice -n 5 mixcon study recall --cells 64:8 --vocab 128 --widths 64 --heads 1 --control-period 8 --steps 6000 \
+    --no-progress --out $R/recall/L64-p8-P8-s6000 "$@"
