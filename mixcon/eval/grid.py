@@ -343,7 +343,10 @@ def plot_paired(paired_rows: list, metrics: list, path: str, title: str) -> None
                         textcoords="offset points", va="center", fontsize=6, color="C3" if called else "gray")
         ax.axvline(0, color="gray", lw=0.8)
         ax.set_title(metric, fontsize=8)
-        ax.set_xlabel("a − b per seed", fontsize=7)
+        linear = symlog_threshold([r["diffs"] for r in paired_rows if r["metric"] == metric and r["n"]])
+        if linear is not None:  # one comparison dwarfs another: linear within ±linear, logarithmic beyond
+            ax.set_xscale("symlog", linthresh=linear)
+        ax.set_xlabel("a − b per seed" + (" (symlog)" if linear is not None else ""), fontsize=7)
         ax.tick_params(labelsize=7)
         ax.grid(alpha=0.3, axis="x")
     axes[0][0].set_yticks(range(len(names)), names, fontsize=7)
@@ -351,6 +354,17 @@ def plot_paired(paired_rows: list, metrics: list, path: str, title: str) -> None
     fig.suptitle(title, fontsize=8)
     fig.tight_layout()
     save_figure(fig, path)
+
+
+def symlog_threshold(groups: list, ratio: float = 20.0):
+    """For one panel of `plot_paired`: where the largest |difference| of some comparison is more than
+    ``ratio`` times that of another (so on a linear axis the smaller one would be a dot at 0), the
+    smaller one's largest |difference|, the linear range of a symlog axis; else None."""
+    spans = [max(abs(d) for d in g if math.isfinite(d)) for g in groups if any(math.isfinite(d) for d in g)]
+    spans = [v for v in spans if v > 0]
+    if not spans or max(spans) <= ratio * min(spans):
+        return None
+    return min(spans)
 
 
 def save_figure(fig, path: str) -> None:

@@ -234,3 +234,22 @@ def test_estimates_time_every_member(small_corpus, capsys):
     assert rows[-1]["cpu_s_per_step"] < rows[0]["cpu_s_per_step"]
     assert recall.main(["--smoke", "--estimate", "--members", "attention", "mamba"]) > 0
     assert "CPU min" in capsys.readouterr().out
+
+
+def test_plot_paired_uses_symlog_only_where_one_comparison_dwarfs_another(tmp_path, monkeypatch):
+    from mixcon.eval import grid
+
+    pytest.importorskip("matplotlib")
+    rng = np.random.default_rng(3)
+    small, large = list(rng.normal(0.01, 0.005, 3)), list(rng.normal(-1.5, 0.2, 3))
+    assert grid.symlog_threshold([small, large]) == pytest.approx(max(abs(d) for d in small))
+    assert grid.symlog_threshold([small, [d * 5 for d in small]]) is None
+    assert grid.symlog_threshold([[0.0, 0.0], [float("nan")], small]) is None
+    rows = [dict(comparison=c, metric=m, **grid.paired(dict(enumerate(d)), dict(enumerate([0.0] * 3))))
+            for m, groups in (("wide", (small, large)), ("narrow", (small, small))) for c, d in zip("ab", groups)]
+    figs = []
+    monkeypatch.setattr(grid, "save_figure", lambda fig, path: figs.append(fig))
+    grid.plot_paired(rows, ["wide", "narrow"], str(tmp_path / "p.png"), "t")
+    wide, narrow = figs[0].axes[:2]
+    assert wide.get_xscale() == "symlog" and narrow.get_xscale() == "linear"
+    assert "(symlog)" in wide.get_xlabel()
