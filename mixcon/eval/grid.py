@@ -356,15 +356,16 @@ def plot_paired(paired_rows: list, metrics: list, path: str, title: str) -> None
     save_figure(fig, path)
 
 
-def symlog_threshold(groups: list, ratio: float = 20.0):
+def symlog_threshold(groups: list, ratio: float = 20.0, decades: float = 2.0):
     """For one panel of `plot_paired`: where the largest |difference| of some comparison is more than
-    ``ratio`` times that of another (so on a linear axis the smaller one would be a dot at 0), the
-    smaller one's largest |difference|, the linear range of a symlog axis; else None."""
+    ``ratio`` times that of another (so on a linear axis the smaller one would be a dot at 0), the linear
+    range of a symlog axis: the smaller one's largest |difference|, but at most ``decades`` decades below
+    the largest (differences smaller still are drawn at 0, as they are); else None."""
     spans = [max(abs(d) for d in g if math.isfinite(d)) for g in groups if any(math.isfinite(d) for d in g)]
     spans = [v for v in spans if v > 0]
     if not spans or max(spans) <= ratio * min(spans):
         return None
-    return min(spans)
+    return max(min(spans), max(spans) / 10**decades)
 
 
 def save_figure(fig, path: str) -> None:

@@ -243,6 +243,7 @@ def test_plot_paired_uses_symlog_only_where_one_comparison_dwarfs_another(tmp_pa
     rng = np.random.default_rng(3)
     small, large = list(rng.normal(0.01, 0.005, 3)), list(rng.normal(-1.5, 0.2, 3))
     assert grid.symlog_threshold([small, large]) == pytest.approx(max(abs(d) for d in small))
+    assert grid.symlog_threshold([[1e-6], small, large]) == pytest.approx(max(abs(d) for d in large) / 100)
     assert grid.symlog_threshold([small, [d * 5 for d in small]]) is None
     assert grid.symlog_threshold([[0.0, 0.0], [float("nan")], small]) is None
     rows = [dict(comparison=c, metric=m, **grid.paired(dict(enumerate(d)), dict(enumerate([0.0] * 3))))
