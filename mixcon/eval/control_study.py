@@ -42,6 +42,12 @@ from mixcon.eval import grid
 
 MEMBERS = ("attention", "mamba", "conba-all", "conba-noctl", "conba-live")
 WINDOWS = ((0, 16), (16, 64), (64, None))  # positions since the change
+EXTRAPOLATION_WINDOWS = (WINDOWS[0], WINDOWS[-1])  # right after a change, and where a segment has settled
+
+
+def window(lo: int, hi: int | None) -> tuple:
+    """(column name, mask of ``since`` (positions since the change) in [lo, hi)) of one window."""
+    return f"loss_after_{lo}_{hi or 'end'}", lambda since: (since >= lo) & (since < hi) if hi else since >= lo
 
 
 def piecewise_unigram(seed, n: int, seq_len: int, vocab: int, support: int = 8, changes: str = "one",
@@ -182,10 +188,10 @@ def run_shift(member, seed, a) -> dict:
                train_loss=float(np.mean(losses[-max(1, len(losses) // 10):])),
                loss_before=_mean(tl[since < 0]), loss_after=_mean(tl[since >= 0]))
     row["before_gap"] = row["loss_before"] - math.log(a["support"])
-    for lo, hi in WINDOWS:
-        sel = (since >= lo) & (since < (hi if hi is not None else T))
-        row[f"loss_after_{lo}_{hi or 'end'}"] = _mean(tl[sel])
-        row[f"loss_after_{lo}_{hi or 'end'}_f0"] = _mean(tl0[sel]) if tl0 is not None else None
+    for name, mask in (window(*w) for w in WINDOWS):
+        sel = mask(since)
+        row[name] = _mean(tl[sel])
+        row[name + "_f0"] = _mean(tl0[sel]) if tl0 is not None else None
     row["loss_after_f0"] = _mean(tl0[since >= 0]) if tl0 is not None else None
     curve = [_mean(tl[(since >= lo) & (since < lo + 8)]) for lo in range(-64, 192, 8)]
     row["curve"] = curve  # loss in bins of 8 positions from 64 before the change to 192 after
@@ -223,11 +229,11 @@ def run_extrapolation(member, seed, a) -> dict:
         row[f"loss_{n}"] = float(tl[:, :n - 1].mean())
         row[f"loss_last_{n}"] = float(tl[:, n - 1 - T // 2:n - 1].mean())  # the last half-train-length
     for n in [T, *a["eval_lens"]]:
-        for lo, hi in (WINDOWS[0], WINDOWS[-1]):
-            sel = (since[:, :n - 1] >= lo) & (since[:, :n - 1] < (hi or L))
-            row[f"loss_after_{lo}_{hi or 'end'}_{n}"] = _mean(tl[:, :n - 1][sel])
+        for name, mask in (window(*w) for w in EXTRAPOLATION_WINDOWS):
+            sel = mask(since[:, :n - 1])
+            row[f"{name}_{n}"] = _mean(tl[:, :n - 1][sel])
             if n == L:
-                row[f"loss_after_{lo}_{hi or 'end'}_{n}_f0"] = _mean(tl0[:, :n - 1][sel]) if tl0 is not None else None
+                row[f"{name}_{n}_f0"] = _mean(tl0[:, :n - 1][sel]) if tl0 is not None else None
     row[f"loss_{L}_f0"] = float(tl0.mean()) if tl0 is not None else None
     row["after_64_gap"] = row[f"loss_after_64_end_{T}"] - math.log(a["support"])
     bin_ = a["bin"]
@@ -274,10 +280,11 @@ SHIFT_COLS = ["member", "seed", "steps", "seq_len", "loss_before", "before_gap",
 
 def extrapolation_cols(train_len: int, eval_lens: list) -> list:
     L = max(eval_lens)
-    windows = [f"loss_after_{w}_{n}" for n in [train_len, *eval_lens] for w in ("0_16", "64_end")]
+    names = [window(*w)[0] for w in EXTRAPOLATION_WINDOWS]
     return (["member", "seed", "steps", "train_len", "loss_train_len", "after_64_gap"]
-            + [f"loss_{n}" for n in eval_lens] + [f"loss_last_{n}" for n in eval_lens] + windows
-            + [f"loss_{L}_f0", f"loss_after_0_16_{L}_f0", f"loss_after_64_end_{L}_f0"]
+            + [f"loss_{n}" for n in eval_lens] + [f"loss_last_{n}" for n in eval_lens]
+            + [f"{w}_{n}" for n in [train_len, *eval_lens] for w in names]
+            + [f"loss_{L}_f0"] + [f"{w}_{L}_f0" for w in names]
             + ["train_loss", "ctl_effect", "ctl_feedback", "ctl_k_end", "ctl_k_max_dev", "step_time_s"])
 
 
