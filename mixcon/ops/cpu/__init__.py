@@ -4,8 +4,11 @@ torch.utils.cpp_extension, and the checks of when a compiled call may replace Py
 `kernels()` returns the built module, or None where it cannot be built (no C++ compiler or ninja,
 ``MIXCON_CPU_KERNELS=0``, a failed build: then a warning): callers then run their pure-PyTorch path,
 which gives the same results. `pip install` needs no compiler; the build happens once per machine and
-source version and is cached by torch (TORCH_EXTENSIONS_DIR, default ~/.cache/torch_extensions), under a
-name that carries a digest of every source, header and flag, so two checkouts never rebuild each other's.
+source version and is cached (`build_directory`: under TORCH_EXTENSIONS_DIR, default
+~/.cache/torch_extensions, a folder per Python and torch version), under a name that carries a digest
+of every source, header and flag, so two checkouts never rebuild each other's.
+A build killed part-way (SIGKILL, a machine taken away) leaves torch's lock file behind, on which every
+later build would wait forever: a lock older than `STALE_LOCK_S` is removed, with a warning.
 
 ``csrc/`` by job (common.h lists them): the training noise, the Conba block scan forward and backward,
 the decode step, a whole Conba layer's decode token, and general kernels (gemv, the few-row linear,
@@ -22,7 +25,9 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+import sys
 import threading
+import time
 import warnings
 from typing import Callable
 
@@ -35,6 +40,8 @@ __all__ = ["kernels", "built", "after_load", "applies", "empty", "SOURCES", "HEA
 CSRC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc")
 SOURCES = ("noise.cpp", "scan_fwd.cpp", "scan_bwd.cpp", "step.cpp", "layer_decode.cpp", "dense.cpp", "bindings.cpp")
 HEADERS = ("common.h", "noise.h", "scan.h")
+
+STALE_LOCK_S = 600.0  # a build takes about a minute on 2 cores: a lock this old outlived a killed build
 
 _lock = threading.RLock()
 _module = None
@@ -61,6 +68,38 @@ def _digest(flags: list[str]) -> str:
             h.update(name.encode() + b"\0" + f.read() + b"\0")
     h.update(" ".join(flags).encode())
     return h.hexdigest()[:10]
+
+
+def build_directory(name: str) -> str:
+    """Where extension ``name`` is built and cached: under TORCH_EXTENSIONS_DIR (else torch's default
+    root), a folder per Python and torch version (a module built against another libtorch must not be
+    loaded), then ``name``. Made here, not by torch, so that its lock can be read."""
+    from torch.utils.cpp_extension import get_default_build_root
+
+    root = os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root()
+    python = f"py{sys.version_info.major}{sys.version_info.minor}{getattr(sys, 'abiflags', '')}"
+    return os.path.join(root, f"{python}-torch{torch.__version__}", name)
+
+
+def clear_stale_lock(build_dir: str, stale_s: float = STALE_LOCK_S, poll_s: float = 0.5) -> bool:
+    """Wait while ``build_dir``'s build lock is younger than ``stale_s`` (another process is building);
+    remove it, with a warning naming it, once it is older (its build was killed: torch would wait on it
+    forever). Returns whether a lock was removed."""
+    lock = os.path.join(build_dir, "lock")
+    while True:
+        try:
+            age = time.time() - os.path.getmtime(lock)
+        except FileNotFoundError:
+            return False
+        if age >= stale_s:
+            warnings.warn(f"mixcon: removing the build lock {lock}, {age / 60:.0f} minutes old: a build of the CPU "
+                          f"kernels was killed part-way and left it (a build takes about a minute)")
+            try:
+                os.remove(lock)
+            except FileNotFoundError:
+                pass
+            return True
+        time.sleep(min(poll_s, stale_s - age))
 
 
 def _run_checks(checks) -> None:
@@ -94,8 +133,12 @@ def kernels():
 
             flags = _flags()
             name = "mixcon_cpu_" + ("avx2" if "-mavx2" in flags else "base") + "_" + _digest(flags)
+            build_dir = build_directory(name)
+            os.makedirs(build_dir, exist_ok=True)
+            clear_stale_lock(build_dir)
             _module = load(name=name, sources=[os.path.join(CSRC, s) for s in SOURCES], extra_cflags=flags,
-                           extra_ldflags=["-fopenmp"] if "-fopenmp" in flags else [], verbose=False)
+                           extra_ldflags=["-fopenmp"] if "-fopenmp" in flags else [], build_directory=build_dir,
+                           verbose=False)
         except Exception as exc:  # noqa: BLE001 — any build failure means: use the PyTorch path
             warnings.warn(f"mixcon: the compiled CPU kernels could not be built ({type(exc).__name__}: "
                           f"{str(exc)[:200]}); using the pure-PyTorch path (same results, slower). "
