@@ -33,7 +33,6 @@ import argparse
 import json
 import math
 import os
-import time
 
 import numpy as np
 
@@ -91,46 +90,29 @@ def _mean(a) -> float:
 def _train(member, seq_len, vocab, width, depth, steps, batch, lr, warmup, seed, batch_fn, max_len, extra=None,
            stop=None, eval_every=100, checkpoint=None):
     """A member trained on next-token loss over ``batch_fn(step)`` (int64 numpy (batch, seq_len)), AdamW with
-    weight decay 0.1 and cosine to 0 at ``steps``; every ``eval_every`` steps ``stop(model)`` (in eval mode)
-    may end the training early, and otherwise the training state is saved to ``checkpoint``
-    (`grid.Checkpoint`; a run of the same settings stopped part-way continues from there). Returns (model in
-    eval mode, train losses, seconds per step)."""
+    weight decay 0.1 and cosine to 0 at ``steps`` (`grid.train_steps`: every ``eval_every`` steps ``stop(model)``
+    may end the training early, and otherwise the state is saved to ``checkpoint``). Returns (model in eval
+    mode, train losses, seconds per step)."""
     import torch
 
     from mixcon import MixConForCausalLM
     from mixcon.eval.recall import member_config
-    from mixcon.train.loop import lr_at, make_optimizer
+    from mixcon.train.loop import make_optimizer
     from mixcon.train.recipe import Recipe
 
     r = Recipe(lr=lr, max_steps=steps, warmup_steps=warmup, batch_size=batch, seq_len=seq_len, seed=seed,
                weight_decay=0.1, min_lr_ratio=0.0)
     config = member_config(member, width, depth, vocab, max_len, extra)
     torch.manual_seed(seed)
-    model = MixConForCausalLM(config).train()
+    model = MixConForCausalLM(config)
     optimizer = make_optimizer(model, r, torch.device("cpu"))
-    carry = (checkpoint.load(model, optimizer) if checkpoint is not None else None) or dict(step=0, losses=[],
-                                                                                         seconds=0.0)
-    losses, t0 = carry["losses"], time.perf_counter() - carry["seconds"]
-    for step in range(carry["step"] + 1, steps + 1):
-        for g in optimizer.param_groups:
-            g["lr"] = lr_at(step, r)
+
+    def loss_at(model, step):
         ids = torch.from_numpy(batch_fn(step))
-        loss = model(ids, labels=ids, use_cache=False).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), r.grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        losses.append(loss.item())
-        if step % eval_every == 0 and step < steps:
-            if stop is not None:
-                model.eval()
-                done = stop(model)
-                model.train()
-                if done:
-                    break
-            if checkpoint is not None:
-                checkpoint.save(model, optimizer, dict(step=step, losses=losses, seconds=time.perf_counter() - t0))
-    return model.eval(), losses, (time.perf_counter() - t0) / len(losses)
+        return model(ids, labels=ids, use_cache=False).loss
+
+    model, run = grid.train_steps(model, optimizer, r, loss_at, stop, eval_every, checkpoint)
+    return model, run["losses"], run["seconds"] / len(run["losses"])
 
 
 def _token_losses(model, ids, batch: int):
@@ -170,8 +152,9 @@ def run_shift(member, seed, a) -> dict:
     since_v = np.arange(T - 1)[None, :] + 1 - change_v[:, None]
     goal = math.log(a["support"]) + a["target_gap"]  # knowing the support: ln(support) nats
 
-    def stop(model):  # the held-out loss before the change within target_gap of ln(support)
-        return _mean(_token_losses(model, xv, a["batch"])[since_v < 0]) <= goal
+    def stop(model):  # the held-out loss before the change, and whether it is within target_gap of ln(support)
+        loss = _mean(_token_losses(model, xv, a["batch"])[since_v < 0])
+        return loss, loss <= goal
 
     model, losses, step_s = _train(member, T, vocab, a["width"], a["depth"], a["steps"], a["batch"], a["lr"],
                                    a["warmup"], seed, fn, T, stop=stop if a["target_gap"] is not None else None,

@@ -1,8 +1,8 @@
 """Shared pieces of the grid studies (`mixcon study recall | control | ablation | family`): the built-in
 corpus, Conba's mechanism switches as config overrides, members the installed config cannot express,
 a wall-clock budget over a list of runs (optionally in parallel processes), the run log, the check that
-a resumed study keeps its settings and the checkpoint of a run in progress, mean ± spread, the paired
-comparison and its plot.
+a resumed study keeps its settings, the checkpoint of a run in progress and the training loop that
+saves and resumes it, mean ± spread, the paired comparison and its plot.
 
 Imports stay light (no torch at import) so that worker processes start quickly.
 """
@@ -303,6 +303,65 @@ class Checkpoint:
     def clear(self) -> None:
         if self.path is not None and os.path.exists(self.path):
             os.remove(self.path)
+
+
+def train_steps(model, optimizer, recipe, loss_at: Callable, check: Optional[Callable] = None,
+                eval_every: int = 100, checkpoint: Optional[Checkpoint] = None, desc: Optional[str] = None) -> dict:
+    """The studies' training loop. Steps 1 … ``recipe.max_steps``: the learning rate of `lr_at`, the loss
+    ``loss_at(model, step)`` (its batch a pure function of the step), backward, clipping at
+    ``recipe.grad_clip``, the optimizer's step. Every ``eval_every`` steps and at the last, ``check(model)``,
+    in eval mode, returns (value, stop): the value is kept (``checks``) and ``stop`` ends the training; after
+    a check that does not stop, the state goes to ``checkpoint``, from which a run of the same settings
+    stopped part-way continues and ends as the uninterrupted run would. ``desc``: a progress bar with that
+    title. Returns the model in eval mode and {step, losses, checks: [[step, value], …], seconds,
+    cpu_seconds} (the time of the whole run, its resumed parts added)."""
+    import torch
+    from tqdm import tqdm
+
+    from mixcon.train.loop import lr_at
+
+    steps = recipe.max_steps
+    carry = checkpoint.load(model, optimizer) if checkpoint is not None else None
+    carry = _carry(carry) if carry else dict(step=0, losses=[], checks=[], seconds=0.0, cpu_seconds=0.0)
+    t0, c0 = time.perf_counter() - carry["seconds"], time.process_time() - carry["cpu_seconds"]
+    bar = tqdm(total=steps, initial=carry["step"], desc=desc, leave=False, disable=desc is None)
+    model.train()
+    for step in range(carry["step"] + 1, steps + 1):
+        for g in optimizer.param_groups:
+            g["lr"] = lr_at(step, recipe)
+        loss = loss_at(model, step)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), recipe.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        carry["losses"].append(loss.item())
+        carry["step"] = step
+        bar.update(1)
+        if check is not None and (step % eval_every == 0 or step == steps):
+            model.eval()
+            value, stop = check(model)
+            model.train()
+            carry["checks"].append([step, value])
+            bar.set_postfix(loss=f"{carry['losses'][-1]:.3f}", check=f"{value:.3f}")
+            if stop:
+                break
+        if checkpoint is not None and step % eval_every == 0 and step < steps:
+            carry.update(seconds=time.perf_counter() - t0, cpu_seconds=time.process_time() - c0)
+            checkpoint.save(model, optimizer, carry)
+    bar.close()
+    carry.update(seconds=time.perf_counter() - t0, cpu_seconds=time.process_time() - c0)
+    return model.eval(), carry
+
+
+def _carry(old: dict) -> dict:
+    """A checkpoint's carry in `train_steps`' fields; checkpoints of runs started before the studies shared
+    one loop (rev 460d106 and earlier) named them per study (train_s, train_cpu, val_acc)."""
+    carry = dict(old)
+    carry.setdefault("seconds", carry.pop("train_s", 0.0))
+    carry.setdefault("cpu_seconds", carry.pop("train_cpu", 0.0))
+    acc = carry.pop("val_acc", None)
+    carry.setdefault("checks", [[carry["step"], acc]] if acc is not None else [])
+    return carry
 
 
 def pyplot():

@@ -223,10 +223,9 @@ def train_member(member, width, depth, seq_len, pairs, vocab, steps, batch, lr, 
     ``checkpoint_dir`` (a study's OUT) the training state is saved after every held-out check
     (`grid.Checkpoint`) and a run of the same settings stopped part-way continues from there."""
     import torch
-    from tqdm import tqdm
 
     from mixcon import MixConForCausalLM
-    from mixcon.train.loop import lr_at, make_optimizer
+    from mixcon.train.loop import make_optimizer
     from mixcon.train.recipe import Recipe
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -234,46 +233,29 @@ def train_member(member, width, depth, seq_len, pairs, vocab, steps, batch, lr, 
                weight_decay=0.1, min_lr_ratio=0.0)
     config = member_config(member, width, depth, vocab, seq_len, extra, heads)
     torch.manual_seed(seed)
-    model = MixConForCausalLM(config).to(device).train()
+    model = MixConForCausalLM(config).to(device)
     optimizer = make_optimizer(model, r, device)
     tensors = lambda a: (torch.from_numpy(v).to(device) for v in a)  # noqa: E731
     xv, yv = tensors(mqar((data_seed, VAL_SEED), val_examples, seq_len, pairs, vocab))
+
+    def loss_at(model, step):
+        x, y = tensors(mqar((data_seed, step), batch, seq_len, pairs, vocab))
+        logits = model(x, use_cache=False).logits.float()
+        mask = y != -100
+        return torch.nn.functional.cross_entropy(logits[mask], y[mask])
+
+    def check(model):
+        acc = evaluate(model, xv, yv, batch)[0]
+        return acc, acc >= target
 
     ckpt = grid.Checkpoint(checkpoint_dir, run_key(member, width, seq_len, pairs, lr, seed), dict(
         member=member, width=width, depth=depth, seq_len=seq_len, pairs=pairs, vocab=vocab, steps=steps,
         batch=batch, lr=lr, warmup=warmup, seed=seed, data_seed=data_seed, extra=extra, heads=heads,
         eval_every=eval_every, val_examples=val_examples, target=target))
-    carry = ckpt.load(model, optimizer) or dict(step=0, losses=[], val_acc=float("nan"), train_s=0.0, train_cpu=0.0)
-    losses, val_acc, step = carry["losses"], carry["val_acc"], carry["step"]
-    t0 = time.perf_counter() - carry["train_s"]
-    c0 = time.process_time() - carry["train_cpu"]
-    bar = tqdm(total=steps, initial=step, desc=f"{member} lr={lr:g} seed={seed}", leave=False,
-               disable=not progress)
-    for step in range(step + 1, steps + 1):
-        for g in optimizer.param_groups:
-            g["lr"] = lr_at(step, r)
-        x, y = tensors(mqar((data_seed, step), batch, seq_len, pairs, vocab))
-        logits = model(x, use_cache=False).logits.float()
-        mask = y != -100
-        loss = torch.nn.functional.cross_entropy(logits[mask], y[mask])
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), r.grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        losses.append(loss.item())
-        bar.update(1)
-        if step % eval_every == 0 or step == steps:
-            model.eval()
-            val_acc, _ = evaluate(model, xv, yv, batch)
-            model.train()
-            bar.set_postfix(loss=f"{losses[-1]:.3f}", val=f"{val_acc:.3f}")
-            if val_acc >= target:
-                break
-            ckpt.save(model, optimizer, dict(step=step, losses=losses, val_acc=val_acc,
-                                             train_s=time.perf_counter() - t0, train_cpu=time.process_time() - c0))
-    bar.close()
-    train_s, train_cpu = time.perf_counter() - t0, time.process_time() - c0
-    model.eval()
+    model, run = grid.train_steps(model, optimizer, r, loss_at, check, eval_every, ckpt,
+                                  desc=f"{member} lr={lr:g} seed={seed}" if progress else None)
+    step, losses, t_trained = run["step"], run["losses"], time.perf_counter()
+    val_acc = run["checks"][-1][1] if run["checks"] else float("nan")
     x, y = tensors(mqar((data_seed, TEST_SEED), eval_examples, seq_len, pairs, vocab))
     accuracy, answer_loss = evaluate(model, x, y, batch)
     acc_f0 = loss_f0 = None
@@ -290,8 +272,8 @@ def train_member(member, width, depth, seq_len, pairs, vocab, steps, batch, lr, 
                 batch=batch, warmup=warmup, target=target, eval_every=eval_every, val_examples=val_examples,
                 eval_examples=eval_examples,
                 stopped_early=step < steps, accuracy=accuracy, answer_loss=answer_loss, accuracy_f0=acc_f0,
-                answer_loss_f0=loss_f0, val_accuracy=val_acc, train_loss=sum(tail) / len(tail),
-                step_time_s=train_s / step, step_cpu_s=train_cpu / step, seconds=time.perf_counter() - t0)
+                answer_loss_f0=loss_f0, val_accuracy=val_acc, val_curve=run["checks"], train_loss=sum(tail) / len(tail),
+                step_time_s=run["seconds"] / step, step_cpu_s=run["cpu_seconds"] / step, seconds=run["seconds"] + time.perf_counter() - t_trained)
 
 
 def instrument(model, ids, label: str, out_dir=None) -> dict:

@@ -254,3 +254,54 @@ def test_plot_paired_uses_symlog_only_where_one_comparison_dwarfs_another(tmp_pa
     wide, narrow = figs[0].axes[:2]
     assert wide.get_xscale() == "symlog" and narrow.get_xscale() == "linear"
     assert "(symlog)" in wide.get_xlabel()
+
+
+def _toy_run(tmp_path, steps=7, eval_every=3, stop_at=None):
+    """A linear model fitted by `grid.train_steps`; its checks record the step they ran at."""
+    import torch
+
+    from mixcon.eval import grid
+    from mixcon.train.recipe import Recipe
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 1)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    r = Recipe(lr=1e-2, max_steps=steps, warmup_steps=1, batch_size=8, seq_len=4, min_lr_ratio=0.0)
+    x = torch.randn(8, 4)
+    seen, modes = [], []
+
+    def check(m):
+        modes.append(m.training)
+        seen.append(len(seen))
+        return float(((m(x) - 1) ** 2).mean()), stop_at is not None and len(seen) >= stop_at
+
+    ck = grid.Checkpoint(str(tmp_path), ("toy",), dict(steps=steps))
+    return grid.train_steps(model, opt, r, lambda m, step: ((m(x) - 1) ** 2).mean(), check, eval_every, ck), modes
+
+
+def test_train_steps_checks_every_eval_every_and_at_the_end_and_stops(tmp_path):
+    (model, run), modes = _toy_run(tmp_path / "a")
+    assert run["step"] == 7 and len(run["losses"]) == 7 and run["losses"][-1] < run["losses"][0]
+    assert [s for s, _ in run["checks"]] == [3, 6, 7] and modes == [False] * 3 and not model.training
+    assert run["seconds"] > 0 and run["cpu_seconds"] > 0
+    (_, run), _ = _toy_run(tmp_path / "b", stop_at=1)
+    assert run["step"] == 3 and [s for s, _ in run["checks"]] == [3]
+
+
+def test_train_steps_resumes_a_checkpoint_of_an_older_revision(tmp_path):
+    """Checkpoints written while each study had its own loop carried train_s, train_cpu and val_acc
+    (recall) or seconds (control): they resume, their time and last held-out value kept."""
+    import torch
+
+    from mixcon.eval import grid
+    from mixcon.train.recipe import Recipe
+
+    for old, checks in ((dict(step=6, losses=[1.0] * 6, val_acc=0.5, train_s=2.0, train_cpu=1.5), [[6, 0.5]]),
+                        (dict(step=6, losses=[1.0] * 6, seconds=2.0), [])):
+        model = torch.nn.Linear(2, 1)
+        opt = torch.optim.AdamW(model.parameters())
+        ck = grid.Checkpoint(str(tmp_path), ("old",), dict(v=1))
+        ck.save(model, opt, old)
+        r = Recipe(lr=1e-2, max_steps=6, warmup_steps=1, batch_size=2, seq_len=2)
+        _, run = grid.train_steps(model, opt, r, lambda m, s: m(torch.ones(1, 2)).sum(), None, 3, ck)
+        assert run["step"] == 6 and run["checks"] == checks and run["seconds"] >= 2.0 and len(run["losses"]) == 6

@@ -256,7 +256,9 @@ def test_a_run_stopped_part_way_continues_from_its_checkpoint(tmp_path, monkeypa
     torch.manual_seed(12345)  # the resumed run must not depend on the RNG it starts with
     resumed = recall.train_member(**kw, checkpoint_dir=str(tmp_path / "b"))
     assert [s[1] for s in drawn if s[1] < 2**31] == [3, 4, 5, 6]
-    for k in ("steps", "accuracy", "answer_loss", "accuracy_f0", "answer_loss_f0", "train_loss", "val_accuracy"):
+    assert [s for s, _ in whole["val_curve"]] == [2, 4, 6] and whole["val_curve"][-1][1] == whole["val_accuracy"]
+    for k in ("steps", "accuracy", "answer_loss", "accuracy_f0", "answer_loss_f0", "train_loss", "val_accuracy",
+              "val_curve"):
         assert resumed[k] == whole[k], k
 
     ck = grid.Checkpoint(str(tmp_path / "c"), ("x", 1), dict(lr=1.0))
