@@ -88,11 +88,11 @@ def _mean(a) -> float:
 
 
 def _train(member, seq_len, vocab, width, depth, steps, batch, lr, warmup, seed, batch_fn, max_len, extra=None,
-           stop=None, eval_every=100, checkpoint=None):
+           stop=None, eval_every=100, checkpoint=None, desc=None):
     """A member trained on next-token loss over ``batch_fn(step)`` (int64 numpy (batch, seq_len)), AdamW with
     weight decay 0.1 and cosine to 0 at ``steps`` (`grid.train_steps`: every ``eval_every`` steps ``stop(model)``
-    may end the training early, and otherwise the state is saved to ``checkpoint``). Returns (model in eval
-    mode, train losses, seconds per step)."""
+    may end the training early, and otherwise the state is saved to ``checkpoint``; ``desc``: a progress bar
+    with that title). Returns (model in eval mode, train losses, seconds per step)."""
     import torch
 
     from mixcon import MixConForCausalLM
@@ -111,7 +111,7 @@ def _train(member, seq_len, vocab, width, depth, steps, batch, lr, warmup, seed,
         ids = torch.from_numpy(batch_fn(step))
         return model(ids, labels=ids, use_cache=False).loss
 
-    model, run = grid.train_steps(model, optimizer, r, loss_at, stop, eval_every, checkpoint)
+    model, run = grid.train_steps(model, optimizer, r, loss_at, stop, eval_every, checkpoint, desc)
     return model, run["losses"], run["seconds"] / len(run["losses"])
 
 
@@ -145,6 +145,11 @@ def checkpoint(task, member, seed, a):
     return grid.Checkpoint(a["out"], (task, member, seed), {k: v for k, v in a.items() if k not in RUN_ONLY})
 
 
+def _desc(task, member, seed, a):
+    """A run's progress-bar title, None (no bar) under --no-progress."""
+    return None if a.get("no_progress") else f"{task} {member} seed={seed}"
+
+
 def run_shift(member, seed, a) -> dict:
     vocab, T = a["vocab"], a["seq_len"]
     fn = lambda step: piecewise_unigram((seed, step), a["batch"], T, vocab, a["support"])[0]  # noqa: E731
@@ -158,7 +163,8 @@ def run_shift(member, seed, a) -> dict:
 
     model, losses, step_s = _train(member, T, vocab, a["width"], a["depth"], a["steps"], a["batch"], a["lr"],
                                    a["warmup"], seed, fn, T, stop=stop if a["target_gap"] is not None else None,
-                                   eval_every=a["eval_every"], checkpoint=checkpoint("shift", member, seed, a))
+                                   eval_every=a["eval_every"], checkpoint=checkpoint("shift", member, seed, a),
+                                   desc=_desc("shift", member, seed, a))
     x, change = piecewise_unigram((seed, 2**32 - 1), a["eval_examples"], T, vocab, a["support"])
     since = np.arange(T - 1)[None, :] + 1 - change[:, None]  # target position − change
     tl = _token_losses(model, x, a["batch"])  # tl[:, t] predicts x[:, t + 1]
@@ -198,7 +204,8 @@ def run_extrapolation(member, seed, a) -> dict:
     gen = lambda s, n, t: piecewise_unigram(s, n, t, vocab, a["support"], "many", a["segment"])  # noqa: E731
     model, losses, step_s = _train(member, T, vocab, a["width"], a["depth"], a["steps"], a["batch"], a["lr"],
                                    a["warmup"], seed, lambda step: gen((seed, step), a["batch"], T)[0], L,
-                                   eval_every=a["eval_every"], checkpoint=checkpoint("extrapolation", member, seed, a))
+                                   eval_every=a["eval_every"], checkpoint=checkpoint("extrapolation", member, seed, a),
+                                   desc=_desc("extrapolation", member, seed, a))
     x, since = gen((seed, 2**32 - 1), a["eval_examples"], L)
     since = since[:, 1:]  # of each target: tl[:, t] predicts x[:, t + 1]
     tl = _token_losses(model, x, 1)  # (n, L − 1)
