@@ -405,6 +405,9 @@ def plot_paired(paired_rows: list, metrics: list, path: str, title: str) -> None
         linear = symlog_threshold([r["diffs"] for r in paired_rows if r["metric"] == metric and r["n"]])
         if linear is not None:  # one comparison dwarfs another: linear within ±linear, logarithmic beyond
             ax.set_xscale("symlog", linthresh=linear)
+            fmt = ax.xaxis.get_major_formatter()  # decades inside the linear range sit on 0: no label there
+            ax.xaxis.set_major_formatter(plt.FuncFormatter(
+                lambda t, pos, lin=linear, fmt=fmt: "" if 0 < abs(t) < lin else fmt(t, pos)))
         ax.set_xlabel("a − b per seed" + (" (symlog)" if linear is not None else ""), fontsize=7)
         ax.tick_params(labelsize=7)
         ax.grid(alpha=0.3, axis="x")

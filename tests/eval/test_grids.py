@@ -254,6 +254,8 @@ def test_plot_paired_uses_symlog_only_where_one_comparison_dwarfs_another(tmp_pa
     wide, narrow = figs[0].axes[:2]
     assert wide.get_xscale() == "symlog" and narrow.get_xscale() == "linear"
     assert "(symlog)" in wide.get_xlabel()
+    lin, fmt = max(abs(d) for d in small), wide.xaxis.get_major_formatter()  # no labels piled up on 0
+    assert fmt(lin / 10, 0) == "" and fmt(-lin / 10, 0) == "" and fmt(0.0, 0) and fmt(1.0, 0) and fmt(-1.0, 0)
 
 
 def _toy_run(tmp_path, steps=7, eval_every=3, stop_at=None):
