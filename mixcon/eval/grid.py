@@ -306,7 +306,7 @@ class Checkpoint:
 
 
 def train_steps(model, optimizer, recipe, loss_at: Callable, check: Optional[Callable] = None,
-                eval_every: int = 100, checkpoint: Optional[Checkpoint] = None, desc: Optional[str] = None) -> dict:
+                eval_every: int = 100, checkpoint: Optional[Checkpoint] = None, desc: Optional[str] = None) -> tuple:
     """The studies' training loop. Steps 1 … ``recipe.max_steps``: the learning rate of `lr_at`, the loss
     ``loss_at(model, step)`` (its batch a pure function of the step), backward, clipping at
     ``recipe.grad_clip``, the optimizer's step. Every ``eval_every`` steps and at the last, ``check(model)``,
@@ -355,7 +355,7 @@ def train_steps(model, optimizer, recipe, loss_at: Callable, check: Optional[Cal
 
 def _carry(old: dict) -> dict:
     """A checkpoint's carry in `train_steps`' fields; checkpoints of runs started before the studies shared
-    one loop (rev 460d106 and earlier) named them per study (train_s, train_cpu, val_acc)."""
+    one loop (before rev 9e183d7) named them per study (train_s, train_cpu, val_acc)."""
     carry = dict(old)
     carry.setdefault("seconds", carry.pop("train_s", 0.0))
     carry.setdefault("cpu_seconds", carry.pop("train_cpu", 0.0))
