@@ -272,8 +272,9 @@ def train_member(member, width, depth, seq_len, pairs, vocab, steps, batch, lr, 
                 batch=batch, warmup=warmup, target=target, eval_every=eval_every, val_examples=val_examples,
                 eval_examples=eval_examples,
                 stopped_early=step < steps, accuracy=accuracy, answer_loss=answer_loss, accuracy_f0=acc_f0,
-                answer_loss_f0=loss_f0, val_accuracy=val_acc, val_curve=run["checks"], train_loss=sum(tail) / len(tail),
-                step_time_s=run["seconds"] / step, step_cpu_s=run["cpu_seconds"] / step, seconds=run["seconds"] + time.perf_counter() - t_trained)
+                answer_loss_f0=loss_f0, val_accuracy=val_acc, val_curve=run["checks"],
+                train_loss=sum(tail) / len(tail), step_time_s=run["seconds"] / step,
+                step_cpu_s=run["cpu_seconds"] / step, seconds=run["seconds"] + time.perf_counter() - t_trained)
 
 
 def instrument(model, ids, label: str, out_dir=None) -> dict:

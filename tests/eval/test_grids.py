@@ -259,7 +259,8 @@ def test_plot_paired_uses_symlog_only_where_one_comparison_dwarfs_another(tmp_pa
 
 
 def _toy_run(tmp_path, steps=7, eval_every=3, stop_at=None):
-    """A linear model fitted by `grid.train_steps`; its checks record the step they ran at."""
+    """A linear model fitted by `grid.train_steps`; its checks record the model's mode; ``stop_at``: the
+    check that stops it."""
     import torch
 
     from mixcon.eval import grid
@@ -270,12 +271,11 @@ def _toy_run(tmp_path, steps=7, eval_every=3, stop_at=None):
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     r = Recipe(lr=1e-2, max_steps=steps, warmup_steps=1, batch_size=8, seq_len=4, min_lr_ratio=0.0)
     x = torch.randn(8, 4)
-    seen, modes = [], []
+    modes = []  # the model's training flag at each check
 
     def check(m):
         modes.append(m.training)
-        seen.append(len(seen))
-        return float(((m(x) - 1) ** 2).mean()), stop_at is not None and len(seen) >= stop_at
+        return float(((m(x) - 1) ** 2).mean()), stop_at is not None and len(modes) >= stop_at
 
     ck = grid.Checkpoint(str(tmp_path), ("toy",), dict(steps=steps))
     return grid.train_steps(model, opt, r, lambda m, step: ((m(x) - 1) ** 2).mean(), check, eval_every, ck), modes
